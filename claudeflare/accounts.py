@@ -1,0 +1,288 @@
+"""Accounts: `accounts.toml` (what the user edits) joined with the credential store (the secrets).
+
+The proxy never re-reads files per request: a `PoolWatcher` thread polls both files and publishes an
+immutable `Pool` snapshot; request hooks only read the latest snapshot.
+"""
+
+import hashlib
+import logging
+import os
+import re
+import threading
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomlkit
+
+from .config import ACCOUNTS_FILE, check_strategy
+from .credentials import Credential, CredentialStore, write_private
+
+logger = logging.getLogger(__name__)
+
+MODES = ("max", "console", "api-key")
+TIERS = (1, 5, 20)
+# Names end up in headers, log lines and SQL rows: keep them plain.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ACCOUNT_KEYS = {"name", "mode", "tier", "priority", "paused", "api_key_env"}
+
+
+class AccountsError(ValueError):
+    pass
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise AccountsError(
+            f"invalid name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    mode: str
+    tier: int = 1
+    priority: int = 0
+    paused: bool = False
+    api_key_env: str | None = None
+
+    @property
+    def oauth(self) -> bool:
+        return self.mode in ("max", "console")
+
+
+@dataclass(frozen=True)
+class AccountsFile:
+    accounts: tuple[Account, ...] = ()
+    strategy: str | None = None  # overrides the proxy option while set
+
+
+def parse_accounts(text: str, source: str = ACCOUNTS_FILE) -> AccountsFile:
+    """Parse and validate accounts.toml; errors name the file and line."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise AccountsError(f"{source}: {e}") from None
+    # Line of each [[accounts]] header, so semantic errors can point at the table.
+    header_lines = [i for i, line in enumerate(text.splitlines(), 1) if re.match(r"\s*\[\[\s*accounts\s*\]\]", line)]
+    strategy = doc.get("strategy")
+    if strategy is not None:
+        try:
+            check_strategy(strategy if isinstance(strategy, str) else repr(strategy))
+        except ValueError as e:
+            raise AccountsError(f"{source}: {e}") from None
+    unknown = set(doc) - {"strategy", "accounts"}
+    if unknown:
+        raise AccountsError(f"{source}: unknown top-level key(s): {', '.join(sorted(unknown))}")
+    tables = doc.get("accounts", [])
+    if not isinstance(tables, list):
+        raise AccountsError(f"{source}: 'accounts' must be a list of [[accounts]] tables")
+    accounts, seen = [], set()
+    for i, table in enumerate(tables):
+        where = f"{source} line {header_lines[i]}" if i < len(header_lines) else f"{source} account #{i + 1}"
+        try:
+            account = _account(table)
+        except AccountsError as e:
+            raise AccountsError(f"{where}: {e}") from None
+        if account.name in seen:
+            raise AccountsError(f"{where}: duplicate account name {account.name!r}")
+        seen.add(account.name)
+        accounts.append(account)
+    return AccountsFile(tuple(accounts), strategy)
+
+
+def _account(table: dict) -> Account:
+    if not isinstance(table, dict):
+        raise AccountsError("each account must be a table")
+    unknown = set(table) - ACCOUNT_KEYS
+    if unknown:
+        raise AccountsError(f"unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(ACCOUNT_KEYS))}")
+    name = table.get("name")
+    if not isinstance(name, str):
+        raise AccountsError("'name' is required and must be a string")
+    check_name(name)
+    mode = table.get("mode")
+    if mode not in MODES:
+        raise AccountsError(f"account {name!r}: 'mode' must be one of {', '.join(MODES)}, got {mode!r}")
+    tier = table.get("tier", 1)
+    if tier not in TIERS or isinstance(tier, bool):
+        raise AccountsError(f"account {name!r}: 'tier' must be 1, 5 or 20, got {tier!r}")
+    priority = table.get("priority", 0)
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise AccountsError(f"account {name!r}: 'priority' must be an integer, got {priority!r}")
+    paused = table.get("paused", False)
+    if not isinstance(paused, bool):
+        raise AccountsError(f"account {name!r}: 'paused' must be true or false, got {paused!r}")
+    key_env = table.get("api_key_env")
+    if key_env is not None and (mode != "api-key" or not isinstance(key_env, str) or not key_env):
+        raise AccountsError(f"account {name!r}: 'api_key_env' is a variable name, for api-key accounts only")
+    return Account(name, mode, tier, priority, paused, key_env)
+
+
+def load_accounts(home: Path) -> AccountsFile:
+    path = home / ACCOUNTS_FILE
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return AccountsFile()
+    return parse_accounts(text, str(path))
+
+
+# --- editing (CLI) -------------------------------------------------------------------------------
+# tomlkit keeps the user's comments and layout; the result is validated before it replaces the file.
+
+
+def edit_accounts(home: Path, change: Callable[[tomlkit.TOMLDocument], None]) -> AccountsFile:
+    path = home / ACCOUNTS_FILE
+    store = CredentialStore(home)
+    with store.locked():  # one CLI edit at a time
+        try:
+            doc = tomlkit.parse(path.read_text())
+        except FileNotFoundError:
+            doc = tomlkit.document()
+        change(doc)
+        text = tomlkit.dumps(doc)
+        parsed = parse_accounts(text, str(path))
+        write_private(path, text)
+    return parsed
+
+
+def account_table(doc: tomlkit.TOMLDocument, name: str):
+    for table in doc.get("accounts", []):
+        if table.get("name") == name:
+            return table
+    raise AccountsError(f"no account named {name!r} (see `claudeflare list`)")
+
+
+def add_account_table(doc: tomlkit.TOMLDocument, account: Account) -> None:
+    if any(t.get("name") == account.name for t in doc.get("accounts", [])):
+        raise AccountsError(f"an account named {account.name!r} already exists")
+    table = tomlkit.table()
+    table.update({"name": account.name, "mode": account.mode, "tier": account.tier})
+    if account.priority:
+        table["priority"] = account.priority
+    if account.api_key_env:
+        table["api_key_env"] = account.api_key_env
+    if "accounts" not in doc:
+        doc["accounts"] = tomlkit.aot()
+    doc["accounts"].append(table)
+
+
+# --- the snapshot the proxy routes with ----------------------------------------------------------
+
+
+def hash_client_key(key: str) -> str:
+    # Client keys are long random strings, so a plain SHA-256 is enough to store them safely.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Pool:
+    accounts: tuple[Account, ...] = ()
+    credentials: dict[str, Credential] = field(default_factory=dict)
+    client_keys: dict[str, str] = field(default_factory=dict)  # sha256 hex -> client name
+    strategy: str | None = None
+
+    def credential(self, account: Account) -> Credential | None:
+        if account.api_key_env:
+            key = os.environ.get(account.api_key_env)
+            return Credential(api_key=key) if key else None
+        return self.credentials.get(account.name)
+
+    def usable(self, now: float | None = None) -> list[Account]:
+        """Accounts that may take traffic: not paused and holding a credential that works now."""
+        return [a for a in self.accounts if not a.paused and self.state(a, now) == "ok"]
+
+    def state(self, account: Account, now: float | None = None) -> str:
+        if account.paused:
+            return "paused"
+        cred = self.credential(account)
+        if cred is None:
+            return "no-credentials"
+        if cred.api_key:
+            return "ok"
+        if not cred.access_token:
+            return "no-credentials"
+        return "ok" if cred.valid_token(now) else "token-expired"
+
+    def client_for(self, presented: str | None) -> str | None:
+        return self.client_keys.get(hash_client_key(presented)) if presented else None
+
+
+def load_pool(home: Path) -> Pool:
+    accounts_file = load_accounts(home)
+    data = CredentialStore(home).read()
+    credentials = {n: Credential.from_json(c) for n, c in data["accounts"].items() if isinstance(c, dict)}
+    client_keys = {c["sha256"]: n for n, c in data["client_keys"].items() if isinstance(c, dict) and "sha256" in c}
+    return Pool(accounts_file.accounts, credentials, client_keys, accounts_file.strategy)
+
+
+class PoolWatcher:
+    """Polls accounts.toml and credentials.json; publishes a new `Pool` when either changes.
+
+    A file that fails to parse is reported once (with its line) and the last good pool stays.
+    """
+
+    def __init__(self, home: Path, interval: float = 0.5, on_change: Callable[[Pool], None] | None = None):
+        self.home = home
+        self.interval = interval
+        self.on_change = on_change
+        self.pool = Pool()
+        self.error: str | None = None
+        self._signature: tuple | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _stat_signature(self) -> tuple:
+        sig = []
+        for name in (ACCOUNTS_FILE, CredentialStore(self.home).path.name):
+            try:
+                st = (self.home / name).stat()
+                sig.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except FileNotFoundError:
+                sig.append(None)
+        return tuple(sig)
+
+    def poll(self) -> bool:
+        """Reload if the files changed; True when a new pool was published."""
+        signature = self._stat_signature()
+        if signature == self._signature:
+            return False
+        self._signature = signature
+        try:
+            pool = load_pool(self.home)
+        except Exception as e:  # any parse error: keep serving with the last good pool
+            message = str(e)
+            if message != self.error:
+                logger.error("claudeflare: keeping the last good accounts: %s", message)
+            self.error = message
+            return False
+        if self.error:
+            logger.info("claudeflare: accounts file fixed, reloaded")
+        self.error = None
+        self.pool = pool
+        logger.info("claudeflare: %d account(s) loaded, %d usable", len(pool.accounts), len(pool.usable()))
+        if self.on_change:
+            self.on_change(pool)
+        return True
+
+    def start(self) -> None:
+        self.poll()
+        self._thread = threading.Thread(target=self._run, name="claudeflare-accounts", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.poll()
+            except Exception:  # the watcher must outlive any surprise
+                logger.exception("claudeflare: account watcher error")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+

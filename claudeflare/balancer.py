@@ -1,0 +1,118 @@
+"""Choosing the account for each request.
+
+Pure and synchronous: the proxy calls it from mitmproxy's event loop only, so it needs no locks.
+The caller passes the accounts usable right now; the balancer keeps the routing state (in-flight
+counts, conversation bindings, rotation cursors) keyed by account name, so a reloaded pool keeps it.
+"""
+
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+from .accounts import Account
+from .config import DEFAULT_STRATEGY, check_strategy
+
+PRUNE_EVERY = 60.0  # seconds between sweeps of expired conversation bindings
+
+
+class Balancer:
+    def __init__(
+        self,
+        strategy: str = DEFAULT_STRATEGY,
+        session_seconds: float = 5 * 3600,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.strategy = check_strategy(strategy)
+        self.session_seconds = session_seconds
+        self.clock = clock
+        self.in_flight: Counter[str] = Counter()
+        # Latest known utilization (0..1) of each account's binding window; 0 when unknown.
+        self.utilization: dict[str, float] = {}
+        self.sessions: dict[str, tuple[str, float]] = {}  # conversation key -> (account, expiry)
+        self.session_counts: Counter[str] = Counter()  # live conversations per account
+        self._cursor = 0
+        self._smooth_weights: dict[str, float] = {}
+        self._next_prune = clock() + PRUNE_EVERY
+
+    def pick(self, accounts: Sequence[Account], key: str | None = None) -> Account | None:
+        """The account for a request, or None when no account is usable.
+
+        Only the best (lowest) priority present takes new work; `session` keeps an existing
+        conversation on its account even if a better-priority account has come back since.
+        """
+        if not accounts:
+            return None
+        if self.strategy == "session" and key:
+            bound = self._bound(accounts, key)
+            if bound:
+                return bound
+        best = min(a.priority for a in accounts)
+        group = sorted((a for a in accounts if a.priority == best), key=lambda a: a.name)
+        match self.strategy:
+            case "session":
+                choice = max(group, key=self._headroom)
+                if key:
+                    self._bind(key, choice.name)
+                return choice
+            case "round-robin":
+                self._cursor += 1
+                return group[self._cursor % len(group)]
+            case "weighted":
+                return self._smooth_weighted(group)
+            case "least-requests":
+                self._cursor += 1
+                start = self._cursor % len(group)
+                rotated = group[start:] + group[:start]  # ties rotate instead of piling on one account
+                return min(rotated, key=lambda a: self.in_flight[a.name])
+        raise AssertionError(self.strategy)
+
+    def acquire(self, name: str) -> None:
+        self.in_flight[name] += 1
+
+    def release(self, name: str) -> None:
+        self.in_flight[name] -= 1
+        if self.in_flight[name] <= 0:
+            del self.in_flight[name]
+
+    def _headroom(self, account: Account) -> float:
+        free = max(0.0, 1.0 - self.utilization.get(account.name, 0.0))
+        load = 1 + self.session_counts[account.name] + self.in_flight[account.name]
+        return account.tier * free / load
+
+    def _bound(self, accounts: Sequence[Account], key: str) -> Account | None:
+        now = self.clock()
+        if now >= self._next_prune:
+            self._prune(now)
+        bound = self.sessions.get(key)
+        if not bound or bound[1] <= now:
+            return None
+        return next((a for a in accounts if a.name == bound[0]), None)
+
+    def _bind(self, key: str, name: str) -> None:
+        old = self.sessions.get(key)
+        if old:
+            self._forget(old[0])
+        self.sessions[key] = (name, self.clock() + self.session_seconds)
+        self.session_counts[name] += 1
+
+    def _forget(self, name: str) -> None:
+        self.session_counts[name] -= 1
+        if self.session_counts[name] <= 0:
+            del self.session_counts[name]
+
+    def _prune(self, now: float) -> None:
+        for key, (name, expiry) in list(self.sessions.items()):
+            if expiry <= now:
+                del self.sessions[key]
+                self._forget(name)
+        self._next_prune = now + PRUNE_EVERY
+
+    def _smooth_weighted(self, group: list[Account]) -> Account:
+        # nginx's smooth weighted round-robin: exact tier proportions, evenly interleaved.
+        total = 0
+        for a in group:
+            self._smooth_weights[a.name] = self._smooth_weights.get(a.name, 0.0) + a.tier
+            total += a.tier
+        choice = max(group, key=lambda a: self._smooth_weights[a.name])
+        self._smooth_weights[choice.name] -= total
+        return choice

@@ -1,0 +1,349 @@
+"""`claudeflare`: enrol and manage the pool's accounts and client keys.
+
+Every command edits files in the home folder; a running proxy notices within a second.
+Secrets are read from a hidden prompt or standard input, never from the command line.
+"""
+
+import json
+import os
+import re
+import secrets
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+
+from .accounts import (
+    MODES,
+    TIERS,
+    Account,
+    AccountsError,
+    account_table,
+    add_account_table,
+    check_name,
+    edit_accounts,
+    hash_client_key,
+    load_accounts,
+    load_pool,
+)
+from .config import DB_FILE, STRATEGIES, default_strategy, ensure_home, resolve_home
+from .credentials import Credential, CredentialStore, CredentialStoreError
+from .flowlog import open_db, requests_per_account
+
+CLAUDE_CODE_CREDENTIALS = Path("~/.claude/.credentials.json")
+METADATA = Path(__file__).resolve().parent.parent / "datasette-metadata.yml"
+# A secret goes into an HTTP header: printable ASCII without spaces, or it could inject headers.
+SECRET_RE = re.compile(r"^[\x21-\x7e]{8,512}$")
+
+
+class Context:
+    def __init__(self, home: Path):
+        self.home = home
+
+    def edit(self, change) -> None:
+        try:
+            edit_accounts(ensure_home(self.home), change)
+        except AccountsError as e:
+            raise click.ClickException(str(e)) from None
+
+    def store(self) -> CredentialStore:
+        return CredentialStore(ensure_home(self.home))
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--home",
+    envvar="CLAUDEFLARE_HOME",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder with accounts.toml, credentials and the flow log (env CLAUDEFLARE_HOME; default ~/.config/claudeflare).",
+)
+@click.pass_context
+def cli(ctx: click.Context, home: Path | None) -> None:
+    """Pool Claude subscriptions and API keys behind one endpoint."""
+    ctx.obj = Context(resolve_home(home))
+
+
+def read_secret(what: str) -> str:
+    if sys.stdin.isatty():
+        value = click.prompt(what, hide_input=True)
+    else:
+        value = sys.stdin.readline()
+    value = value.strip()
+    if not SECRET_RE.match(value):
+        raise click.ClickException(f"that does not look like {what.lower()}: expected 8-512 printable characters without spaces")
+    return value
+
+
+def checked_name(name: str) -> str:
+    try:
+        return check_name(name)
+    except AccountsError as e:
+        raise click.BadParameter(str(e), param_hint="NAME") from None
+
+
+def enrol(obj: Context, account: Account, credential: Credential | None) -> None:
+    """Store the secret, then add the account; undo the secret if the account can't be added."""
+    if any(a.name == account.name for a in load_accounts_or_fail(obj.home).accounts):
+        raise click.ClickException(f"an account named {account.name!r} already exists (see `claudeflare list`)")
+    if credential:
+        obj.store().set_account(account.name, credential)
+    try:
+        obj.edit(lambda doc: add_account_table(doc, account))
+    except click.ClickException:
+        if credential:
+            obj.store().remove_account(account.name)
+        raise
+
+
+def load_accounts_or_fail(home: Path):
+    try:
+        return load_accounts(home)
+    except AccountsError as e:
+        raise click.ClickException(str(e)) from None
+
+
+tier_option = click.option("--tier", type=click.Choice([str(t) for t in TIERS]), default="1", show_default=True,
+                           help="Capacity weight: 1 = Pro or API key, 5 = Max 5x, 20 = Max 20x.")
+priority_option = click.option("--priority", type=int, default=0, show_default=True, help="Lower is preferred.")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--mode", type=click.Choice(MODES), required=True, help="api-key: a Console API key; max/console: OAuth.")
+@tier_option
+@priority_option
+@click.option("--api-key-env", metavar="VAR", help="Read the key from this environment variable of the proxy instead of storing it.")
+@pass_ctx
+def add(obj: Context, name: str, mode: str, tier: str, priority: int, api_key_env: str | None) -> None:
+    """Add an account. The API key is read from a hidden prompt or standard input."""
+    checked_name(name)
+    if mode != "api-key":
+        raise click.UsageError(
+            f"--mode {mode} needs the OAuth login, which is not built yet; bring tokens with "
+            f"`claudeflare import {name} --mode {mode} --tier {tier}` instead"
+        )
+    credential = None if api_key_env else Credential(api_key=read_secret("API key"))
+    enrol(obj, Account(name, mode, int(tier), priority, api_key_env=api_key_env), credential)
+    click.echo(f"added {name} (api-key, tier {tier})")
+
+
+@cli.command("import")
+@click.argument("name")
+@click.option("--mode", type=click.Choice(["max", "console"]), required=True, help="max: Pro/Max subscription; console: Console OAuth.")
+@tier_option
+@priority_option
+@click.option("--from", "source", type=click.Path(dir_okay=False, path_type=Path), default=str(CLAUDE_CODE_CREDENTIALS),
+              show_default=True, help="Claude Code's credentials JSON.")
+@pass_ctx
+def import_(obj: Context, name: str, mode: str, tier: str, priority: int, source: Path) -> None:
+    """Add an OAuth account from Claude Code's saved login."""
+    checked_name(name)
+    credential = read_claude_code_credentials(source.expanduser())
+    enrol(obj, Account(name, mode, int(tier), priority), credential)
+    click.echo(f"imported {name} ({mode}, tier {tier}), token {describe_expiry(credential.expires_at)}")
+
+
+def read_claude_code_credentials(path: Path) -> Credential:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise click.ClickException(f"{path} not found: log in with Claude Code first, or pass --from FILE") from None
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"cannot read {path}: {type(e).__name__}") from None
+    oauth = data.get("claudeAiOauth") if isinstance(data, dict) else None
+    if not isinstance(oauth, dict) or not all(isinstance(oauth.get(k), str) and oauth[k] for k in ("accessToken", "refreshToken")):
+        raise click.ClickException(f"{path} has no claudeAiOauth.accessToken and refreshToken")
+    for key in ("accessToken", "refreshToken"):
+        if not SECRET_RE.match(oauth[key]):
+            raise click.ClickException(f"{path}: claudeAiOauth.{key} is malformed")
+    expires_ms = oauth.get("expiresAt")
+    expires_at = expires_ms / 1000 if isinstance(expires_ms, (int, float)) and not isinstance(expires_ms, bool) else None
+    return Credential(access_token=oauth["accessToken"], refresh_token=oauth["refreshToken"], expires_at=expires_at)
+
+
+def describe_expiry(expires_at: float | None, now: float | None = None) -> str:
+    if expires_at is None:
+        return "-"
+    left = expires_at - (time.time() if now is None else now)
+    if left <= 0:
+        return "expired"
+    hours, minutes = divmod(int(left // 60), 60)
+    return f"expires in {hours}h{minutes:02d}m" if hours else f"expires in {minutes}m"
+
+
+def print_table(rows: list[dict]) -> None:
+    if not rows:
+        return
+    headers = list(rows[0])
+    widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in headers]
+    click.echo("  ".join(h.upper().replace("_", " ").ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for row in rows:
+        click.echo("  ".join(str(row[h]).ljust(w) for h, w in zip(headers, widths)).rstrip())
+
+
+@cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+def list_(obj: Context, as_json: bool) -> None:
+    """Show the accounts: mode, tier, priority, state, token expiry, requests today."""
+    try:
+        pool = load_pool(obj.home)
+    except (AccountsError, CredentialStoreError) as e:
+        raise click.ClickException(str(e)) from None
+    midnight = datetime.now().astimezone().replace(hour=0, minute=0, second=0, microsecond=0)
+    today = requests_per_account(obj.home / DB_FILE, midnight.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    rows = []
+    for account in pool.accounts:
+        credential = pool.credential(account)
+        expires_at = credential.expires_at if credential and not credential.api_key else None
+        rows.append({
+            "name": account.name,
+            "mode": account.mode,
+            "tier": account.tier,
+            "priority": account.priority,
+            "state": pool.state(account),
+            "token_expires_at": expires_at,
+            "requests_today": today.get(account.name, 0),
+        })
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    elif not rows:
+        click.echo("no accounts yet: `claudeflare add NAME --mode api-key` or `claudeflare import NAME --mode max --tier 5`")
+    else:
+        print_table([
+            {**r, "token_expires_at": describe_expiry(r["token_expires_at"]), "requests_today": r["requests_today"]}
+            for r in rows
+        ])
+
+
+def set_paused(obj: Context, name: str, paused: bool) -> None:
+    def change(doc):
+        account_table(doc, name)["paused"] = paused
+
+    obj.edit(change)
+    click.echo(f"{name} {'paused' if paused else 'resumed'}")
+
+
+@cli.command()
+@click.argument("name")
+@pass_ctx
+def pause(obj: Context, name: str) -> None:
+    """Stop sending requests to an account."""
+    set_paused(obj, name, True)
+
+
+@cli.command()
+@click.argument("name")
+@pass_ctx
+def resume(obj: Context, name: str) -> None:
+    """Send requests to a paused account again."""
+    set_paused(obj, name, False)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_ctx
+def remove(obj: Context, name: str, yes: bool) -> None:
+    """Remove an account and its stored credentials."""
+    if not yes:
+        click.confirm(f"remove account {name} and its stored credentials?", abort=True)
+
+    def change(doc):
+        doc["accounts"].remove(account_table(doc, name))
+
+    obj.edit(change)
+    obj.store().remove_account(name)
+    click.echo(f"removed {name}")
+
+
+@cli.command()
+@click.argument("name", required=False, type=click.Choice(STRATEGIES))
+@pass_ctx
+def strategy(obj: Context, name: str | None) -> None:
+    """Show the load-balancing strategy, or switch the running proxy to NAME."""
+    if name is None:
+        chosen = load_accounts_or_fail(obj.home).strategy
+        click.echo(chosen or f"{default_strategy()} (proxy option; not set in accounts.toml)")
+        return
+
+    def change(doc):
+        doc["strategy"] = name
+
+    obj.edit(change)
+    click.echo(f"strategy: {name}")
+
+
+@cli.group("client-key")
+def client_key() -> None:
+    """Keys the proxy's own clients must present (required for clients beyond loopback)."""
+
+
+@client_key.command("create")
+@click.argument("name")
+@pass_ctx
+def client_key_create(obj: Context, name: str) -> None:
+    """Create a client key; it is shown once and stored only as a hash."""
+    checked_name(name)
+    key = "cfk-" + secrets.token_urlsafe(32)
+
+    def change(data):
+        if name in data["client_keys"]:
+            raise click.ClickException(f"a client key named {name!r} already exists")
+        data["client_keys"][name] = {"sha256": hash_client_key(key), "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
+
+    obj.store().update(change)
+    click.echo(key)
+    click.echo(f"client key {name!r} created; clients send it as x-api-key (ANTHROPIC_API_KEY). It is not shown again.", err=True)
+
+
+@client_key.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+def client_key_list(obj: Context, as_json: bool) -> None:
+    """List client keys by name (the keys themselves are not stored)."""
+    keys = obj.store().read()["client_keys"]
+    rows = [{"name": n, "created_at": k.get("created_at", "")} for n, k in sorted(keys.items())]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    elif rows:
+        print_table(rows)
+    else:
+        click.echo("no client keys: the proxy serves loopback clients without one")
+
+
+@client_key.command("revoke")
+@click.argument("name")
+@pass_ctx
+def client_key_revoke(obj: Context, name: str) -> None:
+    """Delete a client key; clients using it are refused from then on."""
+
+    def change(data):
+        if data["client_keys"].pop(name, None) is None:
+            raise click.ClickException(f"no client key named {name!r}")
+
+    obj.store().update(change)
+    click.echo(f"client key {name!r} revoked")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8001, show_default=True, help="Port to listen on.")
+@click.option("--metadata", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=str(METADATA),
+              show_default=True, help="Datasette metadata (charts and canned queries).")
+@pass_ctx
+def dashboard(obj: Context, host: str, port: int, metadata: Path) -> None:
+    """Serve the analytics dashboard (Datasette) over the live flow log."""
+    db_path = ensure_home(obj.home) / DB_FILE
+    open_db(db_path).close()  # create and migrate, so the dashboard has its tables before the first request
+    args = [sys.executable, "-m", "datasette", "serve", str(db_path), "--metadata", str(metadata), "--host", host, "--port", str(port)]
+    os.execv(sys.executable, args)
+
+
+def main() -> None:
+    cli(prog_name="claudeflare")

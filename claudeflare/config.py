@@ -1,0 +1,59 @@
+"""Where Claudeflare keeps its files, and the settings shared by the proxy and the CLI."""
+
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ACCOUNTS_FILE = "accounts.toml"
+CREDENTIALS_FILE = "credentials.json"
+DB_FILE = "claudeflare.db"
+
+DEFAULT_UPSTREAM = "https://api.anthropic.com"
+STRATEGIES = ("session", "round-robin", "weighted", "least-requests")
+DEFAULT_STRATEGY = "session"
+
+
+def default_home() -> Path:
+    """`CLAUDEFLARE_HOME`, else `$XDG_CONFIG_HOME/claudeflare`, else `~/.config/claudeflare`."""
+    env = os.environ.get("CLAUDEFLARE_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".config"
+    return base / "claudeflare"
+
+
+def resolve_home(value: str | os.PathLike | None) -> Path:
+    """The home folder as an absolute path; a relative one is taken from the working directory."""
+    return Path(value).expanduser().resolve() if value else default_home().resolve()
+
+
+def ensure_home(home: Path) -> Path:
+    # The home holds credentials: nobody else gets to list it.
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return home
+
+
+def default_upstream() -> str:
+    return os.environ.get("CLAUDEFLARE_UPSTREAM") or DEFAULT_UPSTREAM
+
+
+def default_strategy() -> str:
+    return os.environ.get("LB_STRATEGY") or DEFAULT_STRATEGY
+
+
+def check_strategy(name: str) -> str:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
+    return name
+
+
+def parse_upstream(url: str) -> tuple[str, str, int]:
+    """`https://api.anthropic.com` → ("https", "api.anthropic.com", 443)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"upstream must be an http(s) URL such as {DEFAULT_UPSTREAM}, got {url!r}")
+    if parts.path not in ("", "/") or parts.query:
+        raise ValueError(f"upstream must not have a path or query, got {url!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, parts.hostname, port

@@ -1,0 +1,117 @@
+"""The credential store: tokens, API keys and client-key hashes, apart from the TOML users edit.
+
+One JSON file, mode 0600, replaced atomically (write a temp file, fsync, rename, fsync the folder)
+so a crash at any instant leaves either the old or the new file, never a torn one. Writers take an
+exclusive `flock` on a side lock file, so several processes sharing a home folder serialise their
+read-modify-write cycles.
+"""
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from .config import CREDENTIALS_FILE
+
+
+@dataclass(frozen=True)
+class Credential:
+    access_token: str | None = None
+    refresh_token: str | None = None
+    expires_at: float | None = None  # epoch seconds
+    api_key: str | None = None
+
+    def __repr__(self) -> str:
+        # Never let a token reach a log line or a traceback through repr().
+        held = [f.name for f in fields(self) if getattr(self, f.name) and f.name != "expires_at"]
+        return f"Credential(holds={held}, expires_at={self.expires_at})"
+
+    def valid_token(self, now: float | None = None, margin: float = 0.0) -> bool:
+        if not self.access_token:
+            return False
+        if self.expires_at is None:
+            return True
+        return self.expires_at - margin > (time.time() if now is None else now)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Credential":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class CredentialStore:
+    """`credentials.json` in the home folder: `{"accounts": {name: {...}}, "client_keys": {name: {...}}}`."""
+
+    def __init__(self, home: Path):
+        self.path = home / CREDENTIALS_FILE
+        self.lock_path = home / (CREDENTIALS_FILE + ".lock")
+
+    def read(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {"accounts": {}, "client_keys": {}}
+        except (OSError, ValueError) as e:
+            # The message names the file only: its content is secret.
+            raise CredentialStoreError(f"cannot read {self.path}: {type(e).__name__}") from None
+        data.setdefault("accounts", {})
+        data.setdefault("client_keys", {})
+        return data
+
+    def credentials(self) -> dict[str, Credential]:
+        return {
+            name: Credential.from_json(raw)
+            for name, raw in self.read()["accounts"].items()
+            if isinstance(raw, dict)
+        }
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def update(self, change: Callable[[dict], None]) -> dict:
+        """Apply `change` to the stored data under the lock and persist the result durably."""
+        with self.locked():
+            data = self.read()
+            change(data)
+            write_private(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+            return data
+
+    def set_account(self, name: str, credential: Credential) -> None:
+        self.update(lambda d: d["accounts"].__setitem__(name, credential.to_json()))
+
+    def remove_account(self, name: str) -> None:
+        self.update(lambda d: d["accounts"].pop(name, None))
+
+
+class CredentialStoreError(Exception):
+    pass
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace `path` with `text` atomically and durably, readable by the owner only."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a leftover temp file
+        f.write(text.encode())
+        f.flush()
+        os.fsync(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

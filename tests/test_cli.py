@@ -1,0 +1,174 @@
+import json
+import os
+import stat
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from claudeflare.accounts import hash_client_key, load_accounts, load_pool
+from claudeflare.cli import cli
+from claudeflare.credentials import CredentialStore
+from claudeflare.flowlog import open_db
+
+KEY = "sk-ant-api03-" + "k" * 40
+
+
+@pytest.fixture
+def home(tmp_path):
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def run(home):
+    runner = CliRunner()
+
+    def run(*args, input=None, ok=True):
+        result = runner.invoke(cli, ["--home", str(home), *args], input=input)
+        if ok:
+            assert result.exit_code == 0, result.output
+        else:
+            assert result.exit_code != 0, result.output
+        return result
+
+    return run
+
+
+def claude_code_login(path, access="sk-ant-oat01-" + "a" * 40, refresh="sk-ant-ort01-" + "r" * 40, hours=8):
+    path.write_text(json.dumps({"claudeAiOauth": {
+        "accessToken": access, "refreshToken": refresh,
+        "expiresAt": int((time.time() + hours * 3600) * 1000), "scopes": ["user:inference"], "subscriptionType": "max",
+    }}))
+    return path
+
+
+def test_add_api_key_from_stdin(run, home):
+    result = run("add", "work-key", "--mode", "api-key", "--tier", "1", input=KEY + "\n")
+    assert "added work-key" in result.output and KEY not in result.output
+    assert [a.name for a in load_accounts(home).accounts] == ["work-key"]
+    assert CredentialStore(home).credentials()["work-key"].api_key == KEY
+    assert KEY not in (home / "accounts.toml").read_text()
+    for name in ("credentials.json", "accounts.toml"):
+        assert stat.S_IMODE(os.stat(home / name).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(home).st_mode) == 0o700
+
+
+def test_add_refuses_a_duplicate_and_keeps_the_first_key(run, home):
+    run("add", "k", "--mode", "api-key", input=KEY + "\n")
+    result = run("add", "k", "--mode", "api-key", input="sk-ant-api03-other-key-xxxxxxxx\n", ok=False)
+    assert "already exists" in result.output
+    assert CredentialStore(home).credentials()["k"].api_key == KEY
+
+
+@pytest.mark.parametrize("bad", ["", "short", "has space inside it", "sk-ant\r\nX-Injected: 1"])
+def test_add_rejects_malformed_keys(run, home, bad):
+    result = run("add", "k", "--mode", "api-key", input=bad + "\n", ok=False)
+    assert "does not look like" in result.output
+    assert not (home / "accounts.toml").exists()
+
+
+def test_add_rejects_bad_names(run):
+    result = run("add", "bad name", "--mode", "api-key", input=KEY + "\n", ok=False)
+    assert "invalid name" in result.output
+
+
+def test_add_with_key_from_environment_variable(run, home):
+    run("add", "envy", "--mode", "api-key", "--api-key-env", "WORK_KEY")
+    assert load_accounts(home).accounts[0].api_key_env == "WORK_KEY"
+    assert "envy" not in CredentialStore(home).credentials()
+
+
+def test_add_oauth_modes_point_to_import_for_now(run):
+    result = run("add", "m", "--mode", "max", "--tier", "5", ok=False)
+    assert "claudeflare import m --mode max --tier 5" in result.output
+
+
+def test_import_claude_code_login(run, home, tmp_path):
+    source = claude_code_login(tmp_path / "creds.json")
+    result = run("import", "my-max", "--mode", "max", "--tier", "5", "--from", str(source))
+    assert "imported my-max (max, tier 5), token expires in 7h59m" in result.output
+    cred = CredentialStore(home).credentials()["my-max"]
+    assert cred.access_token.startswith("sk-ant-oat01-") and cred.refresh_token.startswith("sk-ant-ort01-")
+    assert abs(cred.expires_at - (time.time() + 8 * 3600)) < 60
+    assert load_accounts(home).accounts[0].tier == 5
+
+
+def test_import_errors(run, tmp_path):
+    assert "not found" in run("import", "m", "--mode", "max", "--from", str(tmp_path / "none.json"), ok=False).output
+    (tmp_path / "bad.json").write_text("{not json")
+    assert "cannot read" in run("import", "m", "--mode", "max", "--from", str(tmp_path / "bad.json"), ok=False).output
+    (tmp_path / "empty.json").write_text("{}")
+    assert "no claudeAiOauth" in run("import", "m", "--mode", "max", "--from", str(tmp_path / "empty.json"), ok=False).output
+
+
+def test_list_table_and_json(run, home, tmp_path):
+    run("add", "key", "--mode", "api-key", "--priority", "2", input=KEY + "\n")
+    run("import", "sub", "--mode", "max", "--tier", "20", "--from", str(claude_code_login(tmp_path / "c.json")))
+    db = open_db(home / "claudeflare.db")
+    now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+    db["requests"].insert_all([{"id": str(i), "started_at": now, "account": "sub"} for i in range(3)])
+    db["requests"].insert({"id": "old", "started_at": "2001-01-01T00:00:00.000Z", "account": "sub"})
+    db.close()
+
+    table = run("list").output.splitlines()
+    assert table[0].split() == ["NAME", "MODE", "TIER", "PRIORITY", "STATE", "TOKEN", "EXPIRES", "AT", "REQUESTS", "TODAY"]
+    assert table[1].split()[:5] == ["key", "api-key", "1", "2", "ok"]
+    assert table[2].split()[:5] == ["sub", "max", "20", "0", "ok"] and table[2].split()[-1] == "3"
+
+    rows = json.loads(run("list", "--json").output)
+    assert [(r["name"], r["requests_today"]) for r in rows] == [("key", 0), ("sub", 3)]
+    assert rows[1]["token_expires_at"] > time.time()
+    assert "sk-ant" not in run("list", "--json").output
+
+
+def test_list_with_no_accounts(run):
+    assert "no accounts yet" in run("list").output
+
+
+def test_list_reports_a_broken_file_with_its_line(run, home):
+    home.mkdir()
+    (home / "accounts.toml").write_text('[[accounts]]\nname = "a"\nmode = "max"\ntier = 7\n')
+    assert "line 1: account 'a': 'tier' must be 1, 5 or 20" in run("list", ok=False).output
+
+
+def test_pause_resume_remove(run, home):
+    run("add", "a", "--mode", "api-key", input=KEY + "\n")
+    (home / "accounts.toml").write_text("# my comment\n" + (home / "accounts.toml").read_text())
+    run("pause", "a")
+    assert load_accounts(home).accounts[0].paused
+    assert "# my comment" in (home / "accounts.toml").read_text()  # edits keep the user's comments
+    run("resume", "a")
+    assert not load_accounts(home).accounts[0].paused
+    assert "no account named 'zz'" in run("pause", "zz", ok=False).output
+    run("remove", "a", input="n\n", ok=False)
+    assert load_accounts(home).accounts
+    run("remove", "a", "--yes")
+    assert not load_accounts(home).accounts and "a" not in CredentialStore(home).credentials()
+
+
+def test_strategy_show_and_switch(run, home, monkeypatch):
+    monkeypatch.delenv("LB_STRATEGY", raising=False)
+    assert run("strategy").output.startswith("session (proxy option")
+    run("strategy", "round-robin")
+    assert load_accounts(home).strategy == "round-robin"
+    assert run("strategy").output.strip() == "round-robin"
+    assert "'fastest' is not one of" in run("strategy", "fastest", ok=False).output
+
+
+def test_client_keys(run, home):
+    result = run("client-key", "create", "laptop")
+    key = result.stdout.strip()
+    assert key.startswith("cfk-") and len(key) > 40
+    assert key not in (home / "credentials.json").read_text()
+    assert load_pool(home).client_for(key) == "laptop"
+    assert hash_client_key(key) in (home / "credentials.json").read_text()
+    assert "already exists" in run("client-key", "create", "laptop", ok=False).output
+    assert [r["name"] for r in json.loads(run("client-key", "list", "--json").output)] == ["laptop"]
+    run("client-key", "revoke", "laptop")
+    assert load_pool(home).client_for(key) is None
+    assert "no client key named" in run("client-key", "revoke", "laptop", ok=False).output
+
+
+def test_every_command_has_help(run):
+    for command in ("add", "import", "list", "pause", "resume", "remove", "strategy", "dashboard", "client-key"):
+        assert "Usage:" in run(command, "--help").output
