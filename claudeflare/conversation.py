@@ -1,0 +1,84 @@
+"""The conversation key: which requests belong to one conversation, so it can stay on one account.
+
+Claude Code names its session in a header and again in `metadata.user_id`; both give the same key.
+Other clients get a hash of how the conversation starts (system prompt and first user message),
+which later turns repeat unchanged.
+"""
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+
+SESSION_HEADER = "x-claude-code-session-id"
+MAX_KEY_LEN = 200
+
+_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+# What Claude Code sent in metadata.user_id before it switched to a JSON string.
+_LEGACY_USER_ID = re.compile(rf"user_[0-9a-fA-F]+_account_(?:{_UUID})?_session_({_UUID})")
+
+
+def conversation_key(headers: Mapping[str, str], body: bytes | None) -> str | None:
+    """The session id Claude Code sends, else "h:" + a hash of the conversation's start; None if neither."""
+    if key := _clean(_header(headers, SESSION_HEADER)):
+        return key
+    if not body:
+        return None
+    try:
+        parsed = json.loads(body)
+        if not isinstance(parsed, dict):
+            return None
+        return _metadata_session(parsed) or _start_hash(parsed)
+    except (ValueError, TypeError, RecursionError):  # not JSON, not UTF-8, or nested too deep
+        return None
+
+
+def _header(headers: Mapping[str, str], name: str) -> object:
+    """`headers[name]`, case-insensitively even when `headers` is a plain dict."""
+    value = headers.get(name)
+    if value is None:
+        value = next((v for k, v in headers.items() if isinstance(k, str) and k.lower() == name), None)
+    return value
+
+
+def _clean(value: object) -> str | None:
+    """`value` stripped, if it is a plausible id: a short, printable, non-empty string."""
+    if not isinstance(value, str):
+        return None
+    value = value.strip()
+    return value if 0 < len(value) <= MAX_KEY_LEN and value.isprintable() else None
+
+
+def _metadata_session(body: dict) -> str | None:
+    metadata = body.get("metadata")
+    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+    if not isinstance(user_id, str):
+        return None
+    if user_id.lstrip().startswith("{"):  # Claude Code 2.1+: a JSON object serialised into the string
+        try:
+            inner = json.loads(user_id)
+        except ValueError:
+            return None  # a malformed user_id still leaves the hash to fall back on
+        return _clean(inner.get("session_id")) if isinstance(inner, dict) else None
+    match = _LEGACY_USER_ID.fullmatch(user_id.strip())
+    return match[1] if match else None
+
+
+def _start_hash(body: dict) -> str | None:
+    system = body.get("system")
+    messages = body.get("messages")
+    messages = messages if isinstance(messages, list) else []
+    first_user = next((m for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
+    if not system and first_user is None:
+        return None
+    canonical = json.dumps([_without_cache_control(system), _without_cache_control(first_user)], sort_keys=True, separators=(",", ":"))
+    return "h:" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def _without_cache_control(value: object) -> object:
+    """A copy of `value` without `cache_control` keys: clients move cache breakpoints between turns."""
+    if isinstance(value, dict):
+        return {k: _without_cache_control(v) for k, v in value.items() if k != "cache_control"}
+    if isinstance(value, list):
+        return [_without_cache_control(v) for v in value]
+    return value
