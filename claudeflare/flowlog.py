@@ -95,7 +95,8 @@ class FlowLog:
         pending: list[dict] = []
         failing_since = None
         while True:
-            self._drain(pending, wait=not pending)
+            # Once closing, the wake-up sentinel may already be consumed: never block again.
+            self._drain(pending, wait=not pending and not self._closing.is_set())
             if not pending:
                 if self._closing.is_set() and self._queue.empty():
                     break

@@ -114,6 +114,12 @@ def inject_credential(request: http.Request, account: Account, credential: Crede
         request.headers["anthropic-beta"] = merge_beta(request.headers.get("anthropic-beta"), OAUTH_BETA)
 
 
+def redact_credential(request: http.Request) -> None:
+    for name in ("authorization", "x-api-key"):
+        if name in request.headers:
+            request.headers[name] = "[redacted by claudeflare]"
+
+
 class Claudeflare:
     """Decides which flows belong to the pool, authenticates clients and routes to an account."""
 
@@ -238,11 +244,19 @@ class Claudeflare:
         state.attempts += 1
         self.balancer.acquire(account.name)
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        # The request is on the wire by now: keep secrets out of flow dumps
+        # (`mitmdump -v`, `-w` files, mitmweb) from here on.
+        if flow.metadata.get(STATE):
+            redact_credential(flow.request)
+
     def response(self, flow: http.HTTPFlow) -> None:
         self.release(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.release(flow)
+        if flow.metadata.get(STATE):
+            redact_credential(flow.request)
 
     def release(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(STATE)

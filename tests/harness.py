@@ -1,0 +1,99 @@
+"""Running a real `mitmdump -s addon/claudeflare.py` for end-to-end tests and benchmarks."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from claudeflare.accounts import Account, add_account_table, edit_accounts
+from claudeflare.config import ensure_home
+from claudeflare.credentials import Credential, CredentialStore
+
+ROOT = Path(__file__).resolve().parent.parent
+ADDON = ROOT / "addon" / "claudeflare.py"
+MITMDUMP = Path(sys.executable).parent / "mitmdump"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float, alive=lambda: True) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError("process exited before listening")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def add_account(home: Path, name: str, mode: str = "api-key", tier: int = 1, priority: int = 0, **secret) -> None:
+    """Enrol an account the way the CLI does: secret in the store, table in accounts.toml."""
+    ensure_home(home)
+    if secret:
+        CredentialStore(home).set_account(name, Credential(**secret))
+    edit_accounts(home, lambda doc: add_account_table(doc, Account(name, mode, tier, priority)))
+
+
+class Mitmdump:
+    """A mitmdump subprocess on a free loopback port; its output goes to a log file."""
+
+    def __init__(self, *args: str, log: Path, env: dict | None = None, addon: bool = True):
+        self.port = free_port()
+        self.log = log
+        self.args = [
+            str(MITMDUMP),
+            *(["-s", str(ADDON)] if addon else []),
+            "--listen-host", "127.0.0.1",
+            "--listen-port", str(self.port),
+            "--set", "termlog_verbosity=info",
+            *args,
+        ]
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30) -> "Mitmdump":
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+        try:
+            wait_for_port(self.port, timeout, alive=lambda: self.proc.poll() is None)
+        except Exception:
+            self.stop()
+            raise RuntimeError(f"mitmdump did not start:\n{self.output()}") from None
+        return self
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+
+def claudeflare_proxy(home: Path, upstream: str, log: Path, *extra: str, env: dict | None = None) -> Mitmdump:
+    return Mitmdump(
+        "--set", f"claudeflare_home={home}",
+        "--set", f"claudeflare_upstream={upstream}",
+        *extra,
+        log=log,
+        env=env,
+    )

@@ -1,0 +1,84 @@
+import sqlite3
+import threading
+import time
+
+from claudeflare.flowlog import FlowLog, migrations, open_db, requests_per_account
+
+
+def rows(path):
+    conn = sqlite3.connect(path)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("select * from requests order by id")]
+    finally:
+        conn.close()
+
+
+def test_schema_by_migrations_in_wal_mode(tmp_path):
+    db = open_db(tmp_path / "log.db")
+    assert db.journal_mode == "wal"
+    assert [m.name for m in migrations.applied(db)] == ["m001_requests"]
+    columns = set(db["requests"].columns_dict)
+    assert {
+        "id", "started_at", "account", "strategy", "session", "method", "path", "model", "stream", "status", "error",
+        "ttfb_ms", "duration_ms", "input_tokens", "output_tokens", "cache_read_input_tokens",
+        "cache_creation_input_tokens", "cost_usd", "attempts", "client",
+    } <= columns
+    db.close()
+    assert migrations.pending(open_db(tmp_path / "log.db")) == []  # reopening applies nothing twice
+
+
+def test_rows_are_written_in_batches_and_flushed_on_close(tmp_path):
+    log = FlowLog(tmp_path / "log.db", interval=60).start()  # a long interval: only close() can flush
+    for i in range(1234):
+        log.log({"id": f"{i:05d}", "started_at": "2026-01-01T00:00:00Z", "account": "a"})
+    log.close()
+    assert len(rows(tmp_path / "log.db")) == 1234 and log.written == 1234
+
+
+def test_rows_appear_while_running(tmp_path):
+    log = FlowLog(tmp_path / "log.db", interval=0.05).start()
+    log.log({"id": "x", "started_at": "2026-01-01T00:00:00Z"})
+    deadline = time.monotonic() + 5
+    while log.written < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [r["id"] for r in rows(tmp_path / "log.db")] == ["x"]
+    log.close()
+
+
+def test_a_locked_database_delays_rows_but_loses_none(tmp_path):
+    path = tmp_path / "log.db"
+    open_db(path).close()
+    blocker = sqlite3.connect(path, timeout=0, check_same_thread=False)
+    blocker.execute("begin exclusive")
+    log = FlowLog(path, interval=0.05)
+    log.start()
+    for i in range(10):
+        log.log({"id": str(i), "started_at": "2026-01-01T00:00:00Z"})
+    time.sleep(1)
+    assert log.written == 0
+    threading.Timer(6, blocker.rollback).start()  # longer than sqlite's busy timeout: the writer must retry
+    log.close(timeout=30)
+    assert len(rows(path)) == 10
+
+
+def test_a_duplicated_row_id_is_written_once(tmp_path):
+    log = FlowLog(tmp_path / "log.db").start()
+    log.log({"id": "same", "started_at": "2026-01-01T00:00:00Z", "status": 200})
+    log.log({"id": "same", "started_at": "2026-01-01T00:00:00Z", "status": 200})
+    log.close()
+    assert len(rows(tmp_path / "log.db")) == 1
+
+
+def test_requests_per_account(tmp_path):
+    path = tmp_path / "log.db"
+    assert requests_per_account(path, "2026-01-01") == {}
+    db = open_db(path)
+    db["requests"].insert_all([
+        {"id": "1", "started_at": "2026-01-02T10:00:00.000Z", "account": "a"},
+        {"id": "2", "started_at": "2026-01-02T11:00:00.000Z", "account": "a"},
+        {"id": "3", "started_at": "2026-01-01T23:00:00.000Z", "account": "a"},
+        {"id": "4", "started_at": "2026-01-02T11:00:00.000Z", "account": None},
+    ])
+    db.close()
+    assert requests_per_account(path, "2026-01-02T00:00:00") == {"a": 2}
