@@ -204,6 +204,10 @@ class Pool:
             return "no-credentials"
         if cred.api_key:
             return "ok"
+        if cred.needs_login:
+            return "needs-login"
+        if cred.refresh_token:
+            return "ok"  # an expired access token is refreshed on the way
         if not cred.access_token:
             return "no-credentials"
         return "ok" if cred.valid_token(now) else "token-expired"

@@ -10,6 +10,7 @@ import re
 import secrets
 import sys
 import time
+import webbrowser
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from .accounts import (
 from .config import DB_FILE, STRATEGIES, default_strategy, ensure_home, resolve_home
 from .credentials import Credential, CredentialStore, CredentialStoreError
 from .flowlog import open_db, requests_per_account
+from .oauth import LoginFlow, OAuthError, OAuthSettings, create_api_key, exchange_code
+from .refresh import TokenRefresher
 
 CLAUDE_CODE_CREDENTIALS = Path("~/.claude/.credentials.json")
 METADATA = Path(__file__).resolve().parent.parent / "datasette-metadata.yml"
@@ -88,8 +91,7 @@ def checked_name(name: str) -> str:
 
 def enrol(obj: Context, account: Account, credential: Credential | None) -> None:
     """Store the secret, then add the account; undo the secret if the account can't be added."""
-    if any(a.name == account.name for a in load_accounts_or_fail(obj.home).accounts):
-        raise click.ClickException(f"an account named {account.name!r} already exists (see `claudeflare list`)")
+    refuse_duplicate(obj, account.name)
     if credential:
         obj.store().set_account(account.name, credential)
     try:
@@ -112,24 +114,87 @@ tier_option = click.option("--tier", type=click.Choice([str(t) for t in TIERS]),
 priority_option = click.option("--priority", type=int, default=0, show_default=True, help="Lower is preferred.")
 
 
+def oauth_login(mode: str) -> Credential:
+    """The PKCE flow: print the link, read the pasted CODE#STATE, exchange it for tokens."""
+    settings = OAuthSettings.from_env()
+    flow = LoginFlow.start(mode)
+    url = flow.authorize_url(settings)
+    click.echo(f"Open this link, log in, then paste the code the page shows:\n\n  {url}\n", err=True)
+    if os.environ.get("DISPLAY") or sys.platform == "darwin":
+        webbrowser.open(url)
+    pasted = click.prompt("Code", hide_input=True, err=True)
+    try:
+        credential = exchange_code(settings, flow, flow.parse_pasted(pasted))
+        if mode == "console":
+            # Console log-ins serve through an API key minted once; the OAuth tokens are not kept.
+            credential = Credential(api_key=create_api_key(settings, credential.access_token))
+    except OAuthError as e:
+        raise click.ClickException(str(e)) from None
+    return credential
+
+
 @cli.command()
 @click.argument("name")
-@click.option("--mode", type=click.Choice(MODES), required=True, help="api-key: a Console API key; max/console: OAuth.")
+@click.option("--mode", type=click.Choice(MODES), required=True,
+              help="max: Pro/Max subscription (OAuth); console: Console OAuth, mints an API key; api-key: a Console API key.")
 @tier_option
 @priority_option
-@click.option("--api-key-env", metavar="VAR", help="Read the key from this environment variable of the proxy instead of storing it.")
+@click.option("--api-key-env", metavar="VAR", help="api-key mode: read the key from this environment variable of the proxy instead.")
 @pass_ctx
 def add(obj: Context, name: str, mode: str, tier: str, priority: int, api_key_env: str | None) -> None:
-    """Add an account. The API key is read from a hidden prompt or standard input."""
+    """Add an account: log in with OAuth, or give an API key (hidden prompt or standard input)."""
     checked_name(name)
-    if mode != "api-key":
-        raise click.UsageError(
-            f"--mode {mode} needs the OAuth login, which is not built yet; bring tokens with "
-            f"`claudeflare import {name} --mode {mode} --tier {tier}` instead"
-        )
-    credential = None if api_key_env else Credential(api_key=read_secret("API key"))
+    if api_key_env and mode != "api-key":
+        raise click.UsageError("--api-key-env is for --mode api-key")
+    refuse_duplicate(obj, name)
+    if mode == "api-key":
+        credential = None if api_key_env else Credential(api_key=read_secret("API key"))
+    else:
+        credential = oauth_login(mode)
     enrol(obj, Account(name, mode, int(tier), priority, api_key_env=api_key_env), credential)
-    click.echo(f"added {name} (api-key, tier {tier})")
+    click.echo(f"added {name} ({mode}, tier {tier})")
+
+
+@cli.command()
+@click.argument("name")
+@pass_ctx
+def login(obj: Context, name: str) -> None:
+    """Log an existing OAuth account in again (e.g. when it shows needs-login)."""
+    account = find_account(obj, name)
+    if not account.oauth:
+        raise click.ClickException(f"{name} is an api-key account; replace its key with `remove` and `add`")
+    obj.store().set_account(name, oauth_login(account.mode))
+    click.echo(f"logged in {name}")
+
+
+@cli.command()
+@click.argument("name")
+@pass_ctx
+def refresh(obj: Context, name: str) -> None:
+    """Refresh an OAuth account's token now."""
+    find_account(obj, name)
+    store = obj.store()
+    current = store.credentials().get(name)
+    if current is None or not current.refresh_token:
+        raise click.ClickException(f"{name} has no refresh token (api-key accounts need none)")
+    refresher = TokenRefresher(obj.home, OAuthSettings.from_env())
+    try:
+        fresh = refresher.refresh_sync(name, rejected=current.access_token)
+    except OAuthError as e:
+        raise click.ClickException(f"{name}: {e}") from None
+    click.echo(f"refreshed {name}, token {describe_expiry(fresh.expires_at)}")
+
+
+def find_account(obj: Context, name: str) -> Account:
+    for account in load_accounts_or_fail(obj.home).accounts:
+        if account.name == name:
+            return account
+    raise click.ClickException(f"no account named {name!r} (see `claudeflare list`)")
+
+
+def refuse_duplicate(obj: Context, name: str) -> None:
+    if any(a.name == name for a in load_accounts_or_fail(obj.home).accounts):
+        raise click.ClickException(f"an account named {name!r} already exists (see `claudeflare list`)")
 
 
 @cli.command("import")
@@ -143,6 +208,7 @@ def add(obj: Context, name: str, mode: str, tier: str, priority: int, api_key_en
 def import_(obj: Context, name: str, mode: str, tier: str, priority: int, source: Path) -> None:
     """Add an OAuth account from Claude Code's saved login."""
     checked_name(name)
+    refuse_duplicate(obj, name)
     credential = read_claude_code_credentials(source.expanduser())
     enrol(obj, Account(name, mode, int(tier), priority), credential)
     click.echo(f"imported {name} ({mode}, tier {tier}), token {describe_expiry(credential.expires_at)}")
@@ -260,6 +326,27 @@ def remove(obj: Context, name: str, yes: bool) -> None:
     obj.edit(change)
     obj.store().remove_account(name)
     click.echo(f"removed {name}")
+
+
+@cli.command("set")
+@click.argument("name")
+@click.option("--tier", type=click.Choice([str(t) for t in TIERS]), help="Capacity weight: 1, 5 or 20.")
+@click.option("--priority", type=int, help="Lower is preferred.")
+@pass_ctx
+def set_(obj: Context, name: str, tier: str | None, priority: int | None) -> None:
+    """Change an account's tier or priority."""
+    if tier is None and priority is None:
+        raise click.UsageError("give --tier and/or --priority")
+
+    def change(doc):
+        table = account_table(doc, name)
+        if tier is not None:
+            table["tier"] = int(tier)
+        if priority is not None:
+            table["priority"] = priority
+
+    obj.edit(change)
+    click.echo(f"{name}: " + ", ".join(f"{k} {v}" for k, v in (("tier", tier), ("priority", priority)) if v is not None))
 
 
 @cli.command()

@@ -24,11 +24,12 @@ class Credential:
     refresh_token: str | None = None
     expires_at: float | None = None  # epoch seconds
     api_key: str | None = None
+    needs_login: bool = False  # the refresh token was refused: only a new log-in helps
 
     def __repr__(self) -> str:
         # Never let a token reach a log line or a traceback through repr().
-        held = [f.name for f in fields(self) if getattr(self, f.name) and f.name != "expires_at"]
-        return f"Credential(holds={held}, expires_at={self.expires_at})"
+        held = [f.name for f in fields(self) if getattr(self, f.name) and f.name.endswith(("token", "key"))]
+        return f"Credential(holds={held}, expires_at={self.expires_at}, needs_login={self.needs_login})"
 
     def valid_token(self, now: float | None = None, margin: float = 0.0) -> bool:
         if not self.access_token:
@@ -38,7 +39,7 @@ class Credential:
         return self.expires_at - margin > (time.time() if now is None else now)
 
     def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return {k: v for k, v in asdict(self).items() if v is not None and v is not False}
 
     @classmethod
     def from_json(cls, data: dict) -> "Credential":
@@ -88,6 +89,16 @@ class CredentialStore:
             change(data)
             write_private(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n")
             return data
+
+    @contextlib.contextmanager
+    def account_lock(self, name: str) -> Iterator[None]:
+        """Held across a token refresh, so processes sharing this home refresh an account once."""
+        fd = os.open(self.path.with_name(f".refresh-{name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def set_account(self, name: str, credential: Credential) -> None:
         self.update(lambda d: d["accounts"].__setitem__(name, credential.to_json()))

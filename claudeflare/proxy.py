@@ -4,12 +4,13 @@
 (accounts, balancer, conversation, usage, pricing, flowlog); the hooks only connect them to flows.
 """
 
+import asyncio
 import ipaddress
 import json
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from .config import (
 from .conversation import conversation_key
 from .credentials import Credential
 from .flowlog import FlowLog
+from .oauth import OAuthSettings
+from .refresh import TokenRefresher
 from .pricing import cost_usd
 from .usage import SSEUsageParser, Usage, usage_from_json
 
@@ -127,8 +130,12 @@ class Claudeflare:
         self.home: Path | None = None
         self.watcher: PoolWatcher | None = None
         self.balancer = Balancer()
+        self.refresher: TokenRefresher | None = None
         self.upstream = parse_upstream(default_upstream())
         self.strategy_option = default_strategy()
+        self.oauth = OAuthSettings.from_env()
+        self.refresh_margin = 300.0
+        self._background: asyncio.Task | None = None
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -139,6 +146,8 @@ class Claudeflare:
             "claudeflare_strategy", str, default_strategy(), "Load balancing: session, round-robin, weighted or least-requests."
         )
         loader.add_option("claudeflare_session_hours", float, 5.0, "How long a conversation stays on its account (session strategy).")
+        loader.add_option("claudeflare_token_url", str, self.oauth.token_url, "OAuth token endpoint used to refresh tokens.")
+        loader.add_option("claudeflare_refresh_margin", int, 300, "Refresh OAuth tokens this many seconds before they expire.")
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -156,6 +165,15 @@ class Claudeflare:
             if opts.claudeflare_session_hours <= 0:
                 raise exceptions.OptionsError("claudeflare_session_hours must be positive")
             self.balancer.session_seconds = opts.claudeflare_session_hours * 3600
+        if "claudeflare_token_url" in updated or "claudeflare_refresh_margin" in updated:
+            if not opts.claudeflare_token_url.startswith(("https://", "http://")):
+                raise exceptions.OptionsError("claudeflare_token_url must be an http(s) URL")
+            if opts.claudeflare_refresh_margin < 0:
+                raise exceptions.OptionsError("claudeflare_refresh_margin must not be negative")
+            self.oauth = replace(self.oauth, token_url=opts.claudeflare_token_url)
+            self.refresh_margin = float(opts.claudeflare_refresh_margin)
+            if self.refresher:
+                self.refresher.settings, self.refresher.margin = self.oauth, self.refresh_margin
         if "claudeflare_home" in updated:
             home = resolve_home(opts.claudeflare_home)
             try:
@@ -167,9 +185,25 @@ class Claudeflare:
             self.home = home
             self.watcher = PoolWatcher(home)
             self.watcher.start()
+            self.refresher = TokenRefresher(home, self.oauth, self.refresh_margin)
             logger.info("claudeflare: home %s, upstream %s://%s:%d", home, *self.upstream)
 
+    def running(self) -> None:
+        self._background = asyncio.get_running_loop().create_task(self.refresh_ahead())
+
+    async def refresh_ahead(self, every: float = 30.0) -> None:
+        """Refresh tokens before they expire, so requests rarely wait for a refresh."""
+        while True:
+            pool = self.pool
+            for account in pool.usable():
+                credential = pool.credential(account)
+                if self.refresher and credential and self.refresher.needs_refresh(credential):
+                    await self.refresher.fresh(account.name, credential)
+            await asyncio.sleep(every)
+
     def done(self) -> None:
+        if self._background:
+            self._background.cancel()
         if self.watcher:
             self.watcher.stop()
 
@@ -216,7 +250,7 @@ class Claudeflare:
                 "`claudeflare client-key create NAME` and send the key as x-api-key.",
             )
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(STATE)
         if state is None or flow.response:
             return
@@ -225,13 +259,23 @@ class Claudeflare:
         state.session = conversation_key(flow.request.headers, body)
         pool = self.pool
         self.balancer.strategy = state.strategy = pool.strategy or self.strategy_option
-        account = self.balancer.pick(pool.usable(), state.session)
-        if account is None:
-            flow.response = no_account_response(pool)
-            return
-        credential = pool.credential(account)
-        assert credential is not None  # usable() vouches for it
+        candidates = pool.usable()
+        while True:
+            account = self.balancer.pick(candidates, state.session)
+            if account is None:
+                flow.response = no_account_response(pool)
+                return
+            credential = await self.credential(pool, account)
+            if credential:
+                break
+            candidates = [a for a in candidates if a is not account]
         self.send(flow, state, account, credential)
+
+    async def credential(self, pool: Pool, account: Account) -> Credential | None:
+        credential = pool.credential(account)
+        if credential is None or self.refresher is None:
+            return credential
+        return await self.refresher.fresh(account.name, credential)
 
     def send(self, flow: http.HTTPFlow, state: FlowState, account: Account, credential: Credential) -> None:
         request = flow.request

@@ -78,12 +78,20 @@ api_key_env = "CF_TEST_KEY"
 [[accounts]]
 name = "nothing"
 mode = "max"
+[[accounts]]
+name = "relogin"
+mode = "max"
+[[accounts]]
+name = "refreshable"
+mode = "max"
 """
     )
     store = CredentialStore(tmp_path)
     store.set_account("key", Credential(api_key="sk-ant-api03-aaaaaaaa"))
     store.set_account("fresh", Credential(access_token="at-fresh", refresh_token="rt", expires_at=time.time() + 3600))
-    store.set_account("stale", Credential(access_token="at-stale", refresh_token="rt", expires_at=time.time() - 1))
+    store.set_account("stale", Credential(access_token="at-stale", expires_at=time.time() - 1))
+    store.set_account("relogin", Credential(access_token="at", refresh_token="rt", needs_login=True))
+    store.set_account("refreshable", Credential(access_token="at", refresh_token="rt", expires_at=time.time() - 1))
     store.set_account("resting", Credential(api_key="sk-ant-api03-bbbbbbbb"))
     monkeypatch.delenv("CF_TEST_KEY", raising=False)
     pool = load_pool(tmp_path)
@@ -95,9 +103,11 @@ mode = "max"
         "resting": "paused",
         "envkey": "no-credentials",
         "nothing": "no-credentials",
+        "relogin": "needs-login",
+        "refreshable": "ok",
     }
     monkeypatch.setenv("CF_TEST_KEY", "sk-ant-api03-fromenv")
-    assert [a.name for a in pool.usable()] == ["key", "fresh", "envkey"]
+    assert [a.name for a in pool.usable()] == ["key", "fresh", "envkey", "refreshable"]
     assert pool.credential(pool.accounts[4]).api_key == "sk-ant-api03-fromenv"
 
 

@@ -78,11 +78,6 @@ def test_add_with_key_from_environment_variable(run, home):
     assert "envy" not in CredentialStore(home).credentials()
 
 
-def test_add_oauth_modes_point_to_import_for_now(run):
-    result = run("add", "m", "--mode", "max", "--tier", "5", ok=False)
-    assert "claudeflare import m --mode max --tier 5" in result.output
-
-
 def test_import_claude_code_login(run, home, tmp_path):
     source = claude_code_login(tmp_path / "creds.json")
     result = run("import", "my-max", "--mode", "max", "--tier", "5", "--from", str(source))
