@@ -54,6 +54,47 @@ def m001_requests(db: sqlite_utils.Database) -> None:
         db["requests"].create_index([column])
 
 
+@migrations()
+def m002_account_status(db: sqlite_utils.Database) -> None:
+    # The proxy's view of each account, rewritten as it changes; no secrets in it.
+    db["account_status"].create(
+        {
+            "name": str,
+            "mode": str,
+            "tier": int,
+            "priority": int,
+            "state": str,  # ok / warning / limited / overloaded / needs-login / paused / no-credentials
+            "reason": str,
+            "limited_until": str,  # ISO 8601 UTC
+            "utilization_5h": float,
+            "utilization_7d": float,
+            "reset_5h": str,
+            "reset_7d": str,
+            "token_expires_at": str,
+            "requests_in_flight": int,
+            "updated_at": str,
+        },
+        pk="name",
+    )
+
+
+@migrations()
+def m003_control(db: sqlite_utils.Database) -> None:
+    # Requests from the dashboard (pause, resume, strategy) that the proxy applies to accounts.toml.
+    db["control"].create(
+        {
+            "id": int,
+            "created_at": str,
+            "action": str,  # pause | resume | strategy
+            "account": str,
+            "value": str,
+            "applied_at": str,
+            "result": str,
+        },
+        pk="id",
+    )
+
+
 def open_db(path: Path) -> sqlite_utils.Database:
     """Open (creating and migrating) the analytics database in WAL mode."""
     path.parent.mkdir(parents=True, exist_ok=True)
