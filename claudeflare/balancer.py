@@ -5,12 +5,15 @@ The caller passes the accounts usable right now; the balancer keeps the routing 
 counts, conversation bindings, rotation cursors) keyed by account name, so a reloaded pool keeps it.
 """
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 
 from .accounts import Account
 from .config import DEFAULT_STRATEGY, check_strategy
+
+logger = logging.getLogger(__name__)
 
 PRUNE_EVERY = 60.0  # seconds between sweeps of expired conversation bindings
 
@@ -28,6 +31,8 @@ class Balancer:
         self.in_flight: Counter[str] = Counter()
         # Latest known utilization (0..1) of each account's binding window; 0 when unknown.
         self.utilization: dict[str, float] = {}
+        self.warning: set[str] = set()  # accounts Anthropic says are close to their limit
+        self.switch_utilization = 0.95  # a conversation leaves its account past this utilization
         self.sessions: dict[str, tuple[str, float]] = {}  # conversation key -> (account, expiry)
         self.session_counts: Counter[str] = Counter()  # live conversations per account
         self._cursor = 0
@@ -37,22 +42,26 @@ class Balancer:
     def pick(self, accounts: Sequence[Account], key: str | None = None) -> Account | None:
         """The account for a request, or None when no account is usable.
 
-        Only the best (lowest) priority present takes new work; `session` keeps an existing
-        conversation on its account even if a better-priority account has come back since.
+        Only the best (lowest) priority present takes new work, and accounts near their limit
+        (`warning`, or utilization past `switch_utilization`) only when nothing else is left.
+        `session` keeps an existing conversation on its account while that account is usable and
+        under the threshold, even if a better-priority account has come back since.
         """
         if not accounts:
             return None
+        moved = None
         if self.strategy == "session" and key:
-            bound = self._bound(accounts, key)
+            bound, moved = self._bound(accounts, key)
             if bound:
                 return bound
-        best = min(a.priority for a in accounts)
-        group = sorted((a for a in accounts if a.priority == best), key=lambda a: a.name)
+        roomy = [a for a in accounts if not self._near_limit(a.name)] or accounts
+        best = min(a.priority for a in roomy)
+        group = sorted((a for a in roomy if a.priority == best), key=lambda a: a.name)
         match self.strategy:
             case "session":
                 choice = max(group, key=self._headroom)
                 if key:
-                    self._bind(key, choice.name)
+                    self._bind(key, choice.name, moved)
                 return choice
             case "round-robin":
                 self._cursor += 1
@@ -79,19 +88,30 @@ class Balancer:
         load = 1 + self.session_counts[account.name] + self.in_flight[account.name]
         return account.tier * free / load
 
-    def _bound(self, accounts: Sequence[Account], key: str) -> Account | None:
+    def _near_limit(self, name: str) -> bool:
+        return name in self.warning or self.utilization.get(name, 0.0) > self.switch_utilization
+
+    def _bound(self, accounts: Sequence[Account], key: str) -> tuple[Account | None, str | None]:
+        """The conversation's live account if it may keep it, else (None, why it must move)."""
         now = self.clock()
         if now >= self._next_prune:
             self._prune(now)
         bound = self.sessions.get(key)
         if not bound or bound[1] <= now:
-            return None
-        return next((a for a in accounts if a.name == bound[0]), None)
+            return None, None
+        account = next((a for a in accounts if a.name == bound[0]), None)
+        if account is None:
+            return None, f"{bound[0]} is not usable"
+        if self.utilization.get(account.name, 0.0) > self.switch_utilization:
+            return None, f"{bound[0]} is past {self.switch_utilization:.0%} of its limit"
+        return account, None
 
-    def _bind(self, key: str, name: str) -> None:
+    def _bind(self, key: str, name: str, moved: str | None = None) -> None:
         old = self.sessions.get(key)
         if old:
             self._forget(old[0])
+            if moved:
+                logger.info("claudeflare: conversation %s moved from %s to %s: %s", key, old[0], name, moved)
         self.sessions[key] = (name, self.clock() + self.session_seconds)
         self.session_counts[name] += 1
 

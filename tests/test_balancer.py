@@ -129,3 +129,21 @@ def test_switching_strategy_keeps_in_flight_counts():
     balancer.acquire("a")
     balancer.strategy = "least-requests"
     assert balancer.pick([A, B], None) == B
+
+
+def test_a_conversation_leaves_an_account_past_the_threshold_and_says_so(caplog):
+    caplog.set_level("INFO")
+    balancer = Balancer("session")
+    assert balancer.pick([A, C], "conv") == C
+    balancer.utilization["c"] = 0.90
+    assert balancer.pick([A, C], "conv") == C  # under the threshold: stays for the warm cache
+    balancer.utilization["c"] = 0.96
+    assert balancer.pick([A, C], "conv") == A
+    assert "conversation conv moved from c to a: c is past 95% of its limit" in caplog.text
+
+
+def test_new_conversations_avoid_accounts_in_warning_while_others_have_room():
+    balancer = Balancer("session")
+    balancer.warning = {"c"}
+    assert {balancer.pick([A, C], f"k{i}").name for i in range(5)} == {"a"}
+    assert balancer.pick([C], "only") == C  # but a warning account still serves when it is the last

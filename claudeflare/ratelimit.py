@@ -1,0 +1,218 @@
+"""Rate-limit signals (contract §4) and what they mean for each account.
+
+`read_signals` turns one reply's headers into plain data; `Health` keeps, per account, the state
+the balancer routes by (ok / warning / limited / overloaded / needs-login), until when, and why.
+Both are pure and synchronous: the proxy calls them from its event loop.
+"""
+
+import math
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+
+MAX_BENCH = 24 * 3600  # never trust a reset further away than this
+COOLDOWN_MIN, COOLDOWN_MAX = 30.0, 300.0  # limited with no reset given: 30 s, 60 s, … 5 min
+OVERLOAD_BENCH = 5.0  # 529 is Anthropic-wide: seconds, never hours
+
+UNIFIED = "anthropic-ratelimit-unified-"
+WINDOW_RE = re.compile(r"^anthropic-ratelimit-unified-(?P<window>[a-z0-9_]+)-(?P<field>status|utilization|reset)$")
+CONSOLE_RE = re.compile(r"^anthropic-ratelimit-(?P<kind>requests|tokens|input-tokens|output-tokens)-(?P<field>limit|remaining|reset)$")
+
+
+@dataclass
+class Window:
+    status: str | None = None
+    utilization: float | None = None
+    reset: float | None = None  # epoch seconds
+
+
+@dataclass
+class Signals:
+    status: str | None = None  # allowed | allowed_warning | rejected
+    reset: float | None = None
+    claim: str | None = None  # representative claim: five_hour, seven_day, …
+    windows: dict[str, Window] = field(default_factory=dict)  # "5h", "7d", …
+    overage_status: str | None = None
+    overage_reason: str | None = None
+    console_remaining: dict[str, int] = field(default_factory=dict)
+    console_reset: dict[str, float] = field(default_factory=dict)
+    retry_after: float | None = None  # seconds
+    should_retry: bool | None = None
+
+    @property
+    def has_limits(self) -> bool:
+        """Whether the reply said anything about a limit window (a windowless 429 says nothing)."""
+        return bool(self.status or self.windows or self.console_remaining)
+
+    def utilization(self) -> float | None:
+        values = [w.utilization for w in self.windows.values() if w.utilization is not None]
+        return max(values) if values else None
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _rfc3339(value: str | None) -> float | None:
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
+        return None
+
+
+def _retry_after(value: str | None, now: float) -> float | None:
+    seconds = _float(value)
+    if seconds is not None:
+        return max(0.0, seconds)
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - now)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def read_signals(headers: Mapping[str, str], now: float | None = None) -> Signals:
+    now = time.time() if now is None else now
+    s = Signals()
+    for raw_name, value in headers.items():
+        name = raw_name.lower()
+        if not name.startswith("anthropic-ratelimit-"):
+            continue
+        if name.startswith(UNIFIED):
+            rest = name[len(UNIFIED):]
+            if rest == "status":
+                s.status = value.strip()
+            elif rest == "reset":
+                s.reset = _float(value)
+            elif rest == "representative-claim":
+                s.claim = value.strip()
+            elif rest == "overage-status":
+                s.overage_status = value.strip()
+            elif rest == "overage-disabled-reason":
+                s.overage_reason = value.strip()
+            elif m := WINDOW_RE.match(name):
+                window = s.windows.setdefault(m["window"], Window())
+                if m["field"] == "status":
+                    window.status = value.strip()
+                elif m["field"] == "utilization":
+                    window.utilization = _float(value)
+                else:
+                    window.reset = _float(value)
+        elif m := CONSOLE_RE.match(name):
+            if m["field"] == "remaining" and (number := _float(value)) is not None:
+                s.console_remaining[m["kind"]] = int(number)
+            elif m["field"] == "reset" and (when := _rfc3339(value)) is not None:
+                s.console_reset[m["kind"]] = when
+    s.retry_after = _retry_after(headers.get("retry-after"), now)
+    should = headers.get("x-should-retry")
+    s.should_retry = None if should is None else should.strip().lower() == "true"
+    return s
+
+
+def limit_reset(signals: Signals, now: float) -> float | None:
+    """When the binding limit lifts, from the most specific signal present."""
+    candidates = []
+    if signals.reset:
+        candidates.append(signals.reset)
+    candidates += [w.reset for w in signals.windows.values() if w.reset and w.status == "rejected"]
+    candidates += [signals.console_reset[k] for k, left in signals.console_remaining.items() if left <= 0 and k in signals.console_reset]
+    if signals.retry_after is not None:
+        candidates.append(now + signals.retry_after)
+    future = [c for c in candidates if c > now]
+    return max(future) if future else None
+
+
+@dataclass
+class AccountHealth:
+    state: str = "ok"  # ok | warning | limited | overloaded | needs-login
+    until: float | None = None  # limited / overloaded until (epoch seconds)
+    reason: str | None = None
+    utilization: dict[str, float] = field(default_factory=dict)  # window -> latest fraction
+    resets: dict[str, float] = field(default_factory=dict)
+    cooldowns: int = 0  # consecutive limits without a reset: the exponent of the cooldown
+
+
+class Health:
+    """Per-account state from the replies seen; decides who may take traffic now."""
+
+    def __init__(self, clock=time.time):
+        self.clock = clock
+        self.accounts: dict[str, AccountHealth] = {}
+
+    def get(self, name: str) -> AccountHealth:
+        return self.accounts.setdefault(name, AccountHealth())
+
+    def available(self, name: str, now: float | None = None) -> bool:
+        health = self.accounts.get(name)
+        if health is None or health.state in ("ok", "warning"):
+            return True
+        if health.state == "needs-login":
+            return False
+        now = self.clock() if now is None else now
+        if health.until is not None and now >= health.until:
+            health.state, health.until, health.reason = "ok", None, None  # the reset has come
+            return True
+        return False
+
+    def soonest(self, names) -> float | None:
+        """The earliest time one of these benched accounts comes back."""
+        times = [self.accounts[n].until for n in names if n in self.accounts and self.accounts[n].until]
+        return min(times) if times else None
+
+    def observe(self, name: str, status: int, signals: Signals, error_type: str | None = None, error_code: str | None = None) -> str:
+        """Record a reply; returns what it means: ok, limited, windowless, overloaded, auth, error."""
+        now = self.clock()
+        health = self.get(name)
+        for window_name, window in signals.windows.items():
+            if window.utilization is not None:
+                health.utilization[window_name] = window.utilization
+            if window.reset:
+                health.resets[window_name] = window.reset
+        if 200 <= status < 300 and error_type is None:
+            health.cooldowns = 0
+            warning = signals.status == "allowed_warning"
+            health.state, health.until = ("warning" if warning else "ok"), None
+            health.reason = f"near the {signals.claim or 'window'} limit" if warning else None
+            return "ok"
+        if status == 429 or error_type == "rate_limit_error":
+            return self._limited(health, signals, error_code, now)
+        if status == 529 or error_type == "overloaded_error":
+            delay = min(OVERLOAD_BENCH, signals.retry_after or OVERLOAD_BENCH)
+            health.state, health.until, health.reason = "overloaded", now + delay, "overloaded (529)"
+            return "overloaded"
+        if status == 401:
+            return "auth"
+        return "error"
+
+    def _limited(self, health: AccountHealth, signals: Signals, error_code: str | None, now: float) -> str:
+        spend = error_code == "enforced_spend_limit_reached" or (
+            signals.overage_status == "rejected" and signals.overage_reason == "out_of_credits"
+        )
+        if not spend and not signals.has_limits:
+            return "windowless"  # one request refused, not the account: fail over, don't bench
+        reset = limit_reset(signals, now)
+        if reset is None:
+            delay = min(COOLDOWN_MAX, COOLDOWN_MIN * 2**health.cooldowns)
+            health.cooldowns += 1
+            until, how = now + delay, f"no reset given, cooling down {delay:.0f}s"
+        else:
+            until, how = min(reset, now + MAX_BENCH), "until the reset"
+        if spend:
+            why = "spend limit reached" if error_code == "enforced_spend_limit_reached" else "out of credits"
+        else:
+            why = f"{signals.claim or 'rate'} limit"
+        health.state, health.until, health.reason = "limited", until, f"{why}, {how}"
+        return "limited"
+
+    def needs_login(self, name: str, reason: str) -> None:
+        health = self.get(name)
+        health.state, health.until, health.reason = "needs-login", None, reason
+
+    def clear(self, name: str) -> None:
+        self.accounts.pop(name, None)
