@@ -12,7 +12,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
 if str(_here.parent) not in sys.path:
     sys.path.append(str(_here.parent))  # a checkout run without `pip install -e .`
 
-from claudeflare.proxy import Claudeflare, Recorder  # noqa: E402
+from claudeflare import proxy  # noqa: E402
 
-# Fresh instances on every (re)load of this script; order matters: routing before recording.
-addons = [Claudeflare(), Recorder()]
+addons = proxy.addons()  # fresh instances on every (re)load of this script

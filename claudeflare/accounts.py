@@ -290,3 +290,18 @@ class PoolWatcher:
         if self._thread:
             self._thread.join(timeout=5)
 
+
+
+def apply_control(home: Path, action: str, account: str | None, value: str | None) -> str:
+    """Carry out a control request from the dashboard by editing accounts.toml, as the CLI would."""
+    try:
+        if action in ("pause", "resume"):
+            edit_accounts(home, lambda doc: account_table(doc, account or "").__setitem__("paused", action == "pause"))
+        elif action == "strategy":
+            check_strategy(value or "")
+            edit_accounts(home, lambda doc: doc.__setitem__("strategy", value))
+        else:
+            return f"error: unknown action {action!r}"
+    except ValueError as e:  # AccountsError included
+        return f"error: {e}"
+    return "ok"

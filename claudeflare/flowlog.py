@@ -10,6 +10,8 @@ import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlite_utils
@@ -18,6 +20,14 @@ from sqlite_utils import Migrations
 logger = logging.getLogger(__name__)
 
 migrations = Migrations("claudeflare")
+
+
+def utc_now() -> str:
+    return iso_utc(time.time())
+
+
+def iso_utc(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @migrations()
@@ -95,6 +105,11 @@ def m003_control(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations()
+def m004_failovers(db: sqlite_utils.Database) -> None:
+    db["requests"].add_column("failovers", str)  # JSON list of {"account", "status", "reason"}
+
+
 def open_db(path: Path) -> sqlite_utils.Database:
     """Open (creating and migrating) the analytics database in WAL mode."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,8 +121,21 @@ def open_db(path: Path) -> sqlite_utils.Database:
 
 
 class FlowLog:
-    def __init__(self, path: Path, batch_size: int = 500, interval: float = 0.2, max_pending: int = 1_000_000):
+    """Also the proxy's other database chores, on the same thread: publishing account status and
+    applying the dashboard's control requests (`control(action, account, value) -> result`)."""
+
+    def __init__(
+        self,
+        path: Path,
+        batch_size: int = 500,
+        interval: float = 0.2,
+        max_pending: int = 1_000_000,
+        control: Callable[[str, str | None, str | None], str] | None = None,
+    ):
         self.path = path
+        self.control = control
+        self._status: list[dict] | None = None
+        self._next_control = 0.0
         self.batch_size = batch_size
         self.interval = interval
         self.max_pending = max_pending  # rows held in memory while the database is unwritable
@@ -122,6 +150,10 @@ class FlowLog:
 
     def log(self, row: dict) -> None:
         self._queue.put(row)
+
+    def publish_status(self, rows: list[dict]) -> None:
+        """Replace table account_status with these rows (the latest call wins)."""
+        self._status = rows
 
     def close(self, timeout: float = 30.0) -> None:
         """Write every row logged so far, then stop. Called on shutdown."""
@@ -138,17 +170,20 @@ class FlowLog:
         while True:
             # Once closing, the wake-up sentinel may already be consumed: never block again.
             self._drain(pending, wait=not pending and not self._closing.is_set())
-            if not pending:
+            chores = self._status is not None or (self.control and time.monotonic() >= self._next_control)
+            if not pending and not chores:
                 if self._closing.is_set() and self._queue.empty():
                     break
                 continue
             try:
                 if db is None:
                     db = open_db(self.path)
-                with db.conn:
-                    db["requests"].insert_all(pending, ignore=True, batch_size=self.batch_size)
-                self.written += len(pending)
-                pending.clear()
+                if pending:
+                    with db.conn:
+                        db["requests"].insert_all(pending, ignore=True, batch_size=self.batch_size)
+                    self.written += len(pending)
+                    pending.clear()
+                self._chores(db)
                 if failing_since is not None:
                     logger.info("claudeflare: flow log writable again")
                     failing_since = None
@@ -170,6 +205,22 @@ class FlowLog:
 
         if db is not None:
             db.close()
+
+    def _chores(self, db: sqlite_utils.Database) -> None:
+        status, self._status = self._status, None
+        if status is not None:
+            with db.conn:
+                db["account_status"].delete_where()
+                db["account_status"].insert_all(status, pk="name", replace=True)
+        if self.control and time.monotonic() >= self._next_control:
+            self._next_control = time.monotonic() + 0.5
+            for row in db.query("select id, action, account, value from control where applied_at is null order by id"):
+                try:
+                    result = self.control(row["action"], row["account"], row["value"])
+                except Exception as e:  # a bad request from the dashboard must not stop the log
+                    result = f"error: {e}"
+                with db.conn:
+                    db["control"].update(row["id"], {"applied_at": utc_now(), "result": result})
 
     def _drain(self, pending: list[dict], wait: bool) -> None:
         """Move queued rows into `pending`; waits up to `interval` for the first one if asked."""

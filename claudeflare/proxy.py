@@ -1,153 +1,89 @@
-"""The mitmproxy glue: route pool flows to an account, stream replies, log every request.
+"""The Claudeflare addon: which flows belong to the pool, which account each goes to, and failover.
 
-`addon/claudeflare.py` loads `addons` from here. The logic lives in the modules these classes call
-(accounts, balancer, conversation, usage, pricing, flowlog); the hooks only connect them to flows.
+`addon/claudeflare.py` loads it with the Recorder. The decisions live in the modules it calls
+(accounts, balancer, ratelimit, refresh, conversation); the hooks connect them to flows.
 """
 
 import asyncio
-import ipaddress
-import json
 import logging
+import math
+import os
 import secrets
 import time
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
+import httpx
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from .accounts import Account, Pool, PoolWatcher
 from .balancer import Balancer
-from .config import (
-    DB_FILE,
-    check_strategy,
-    default_strategy,
-    default_upstream,
-    ensure_home,
-    parse_upstream,
-    resolve_home,
-)
+from .config import check_strategy, default_strategy, default_upstream, ensure_home, parse_upstream, resolve_home
 from .conversation import conversation_key
 from .credentials import Credential
-from .flowlog import FlowLog
+from .flowlog import iso_utc, utc_now
+from .flows import (
+    STATE,
+    FlowState,
+    error_response,
+    inject_credential,
+    is_loopback,
+    presented_key,
+    redact_credential,
+    request_summary,
+)
 from .oauth import OAuthSettings
+from .ratelimit import Health, Signals, error_details, read_signals
+from .recorder import Recorder
 from .refresh import TokenRefresher
-from .pricing import cost_usd
-from .usage import SSEUsageParser, Usage, usage_from_json
+from .resend import Resender
 
 logger = logging.getLogger(__name__)
 
-STATE = "claudeflare"  # key of FlowState in flow.metadata
-OAUTH_BETA = "oauth-2025-04-20"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+RETRY_STATUSES = {401, 429, 529}
+# What a refused attempt means (Health.observe) → whether another attempt may help.
+RETRY_OUTCOMES = {"limited", "windowless", "overloaded", "auth", "unreachable"}
 
 
-@dataclass
-class FlowState:
-    """What Claudeflare knows about one client request, kept in `flow.metadata`."""
-
-    id: str
-    started_at: str
-    client: str | None = None
-    session: str | None = None
-    strategy: str | None = None
-    account: str | None = None
-    model: str | None = None
-    stream: bool = False
-    attempts: int = 0
-    parser: SSEUsageParser | None = None
-    first_byte_at: float | None = None
-    released: bool = False
-    logged: bool = False
-
-
-def error_response(status: int, kind: str, message: str, headers: dict | None = None) -> http.Response:
-    """A reply in Anthropic's error shape, so SDKs and Claude Code show the message as is."""
-    body = {
-        "type": "error",
-        "error": {"type": kind, "message": message},
-        "request_id": f"req_claudeflare_{secrets.token_hex(8)}",
-    }
-    return http.Response.make(status, json.dumps(body), {"content-type": "application/json", **(headers or {})})
-
-
-def is_loopback(host: str) -> bool:
+def env_number(name: str, default: float) -> float:
     try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def presented_key(request: http.Request) -> str | None:
-    key = request.headers.get("x-api-key")
-    if key:
-        return key
-    auth = request.headers.get("authorization", "")
-    if auth[:7].lower() != "bearer ":
-        return None
-    return auth[7:].strip() or None
-
-
-def request_summary(body: bytes) -> tuple[str | None, bool]:
-    """(model, stream) from a /v1/messages body; the body itself is forwarded untouched."""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        return None, False
-    if not isinstance(data, dict):
-        return None, False
-    model = data.get("model")
-    return (model if isinstance(model, str) else None), data.get("stream") is True
-
-
-def merge_beta(existing: str | None, beta: str) -> str:
-    flags = [f.strip() for f in (existing or "").split(",") if f.strip()]
-    return ",".join(flags if beta in flags else [*flags, beta])
-
-
-def inject_credential(request: http.Request, account: Account, credential: Credential) -> None:
-    """Replace the client's credentials with the account's (contract §2): never both kinds."""
-    request.headers.pop("authorization", None)
-    request.headers.pop("x-api-key", None)
-    if credential.api_key:
-        request.headers["x-api-key"] = credential.api_key
-    else:
-        request.headers["authorization"] = f"Bearer {credential.access_token}"
-        request.headers["anthropic-beta"] = merge_beta(request.headers.get("anthropic-beta"), OAUTH_BETA)
-
-
-def redact_credential(request: http.Request) -> None:
-    for name in ("authorization", "x-api-key"):
-        if name in request.headers:
-            request.headers[name] = "[redacted by claudeflare]"
+        return float(os.environ[name])
+    except (KeyError, ValueError):
+        return default
 
 
 class Claudeflare:
-    """Decides which flows belong to the pool, authenticates clients and routes to an account."""
-
-    def __init__(self) -> None:
+    def __init__(self, recorder: Recorder | None = None) -> None:
+        self.recorder = recorder
         self.home: Path | None = None
         self.watcher: PoolWatcher | None = None
         self.balancer = Balancer()
+        self.health = Health()
         self.refresher: TokenRefresher | None = None
+        self.resender: Resender | None = None
         self.upstream = parse_upstream(default_upstream())
         self.strategy_option = default_strategy()
         self.oauth = OAuthSettings.from_env()
         self.refresh_margin = 300.0
-        self._background: asyncio.Task | None = None
+        self.retry_attempts, self.retry_delay, self.retry_backoff = 3, 1.0, 2.0
+        self._tasks: list[asyncio.Task] = []
+        self._seen_pool: Pool | None = None
 
     def load(self, loader) -> None:
-        loader.add_option(
-            "claudeflare_home", str, "", "Folder with accounts.toml, credentials and the flow log (default: $CLAUDEFLARE_HOME or ~/.config/claudeflare)."
-        )
-        loader.add_option("claudeflare_upstream", str, default_upstream(), "Anthropic API base URL that pool requests go to.")
-        loader.add_option(
-            "claudeflare_strategy", str, default_strategy(), "Load balancing: session, round-robin, weighted or least-requests."
-        )
-        loader.add_option("claudeflare_session_hours", float, 5.0, "How long a conversation stays on its account (session strategy).")
-        loader.add_option("claudeflare_token_url", str, self.oauth.token_url, "OAuth token endpoint used to refresh tokens.")
-        loader.add_option("claudeflare_refresh_margin", int, 300, "Refresh OAuth tokens this many seconds before they expire.")
+        add = loader.add_option
+        add("claudeflare_home", str, "", "Folder with accounts.toml, credentials and the flow log (default: $CLAUDEFLARE_HOME or ~/.config/claudeflare).")
+        add("claudeflare_upstream", str, default_upstream(), "Anthropic API base URL that pool requests go to.")
+        add("claudeflare_strategy", str, default_strategy(), "Load balancing: session, round-robin, weighted or least-requests.")
+        add("claudeflare_session_hours", float, 5.0, "How long a conversation stays on its account (session strategy).")
+        add("claudeflare_token_url", str, self.oauth.token_url, "OAuth token endpoint used to refresh tokens.")
+        add("claudeflare_refresh_margin", int, 300, "Refresh OAuth tokens this many seconds before they expire.")
+        add("claudeflare_retry_attempts", int, int(env_number("RETRY_ATTEMPTS", 3)), "Tries per account for 529s and connection errors.")
+        add("claudeflare_retry_delay_ms", int, int(env_number("RETRY_DELAY_MS", 1000)), "Wait before the first retry on the same account.")
+        add("claudeflare_retry_backoff", float, env_number("RETRY_BACKOFF", 2.0), "Each further retry on the same account waits this many times longer.")
+        add("claudeflare_switch_utilization", float, 0.95, "A conversation leaves its account past this utilization of its limit.")
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -165,7 +101,17 @@ class Claudeflare:
             if opts.claudeflare_session_hours <= 0:
                 raise exceptions.OptionsError("claudeflare_session_hours must be positive")
             self.balancer.session_seconds = opts.claudeflare_session_hours * 3600
-        if "claudeflare_token_url" in updated or "claudeflare_refresh_margin" in updated:
+        if {"claudeflare_retry_attempts", "claudeflare_retry_delay_ms", "claudeflare_retry_backoff"} & updated:
+            if opts.claudeflare_retry_attempts < 1 or opts.claudeflare_retry_delay_ms < 0 or opts.claudeflare_retry_backoff < 1:
+                raise exceptions.OptionsError("retries: attempts must be ≥ 1, delay ≥ 0 ms and backoff ≥ 1")
+            self.retry_attempts = opts.claudeflare_retry_attempts
+            self.retry_delay = opts.claudeflare_retry_delay_ms / 1000
+            self.retry_backoff = opts.claudeflare_retry_backoff
+        if "claudeflare_switch_utilization" in updated:
+            if not 0 < opts.claudeflare_switch_utilization <= 10:
+                raise exceptions.OptionsError("claudeflare_switch_utilization is a fraction such as 0.95")
+            self.balancer.switch_utilization = opts.claudeflare_switch_utilization
+        if {"claudeflare_token_url", "claudeflare_refresh_margin"} & updated:
             if not opts.claudeflare_token_url.startswith(("https://", "http://")):
                 raise exceptions.OptionsError("claudeflare_token_url must be an http(s) URL")
             if opts.claudeflare_refresh_margin < 0:
@@ -189,7 +135,30 @@ class Claudeflare:
             logger.info("claudeflare: home %s, upstream %s://%s:%d", home, *self.upstream)
 
     def running(self) -> None:
-        self._background = asyncio.get_running_loop().create_task(self.refresh_ahead())
+        self.resender = Resender()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self.refresh_ahead()), loop.create_task(self.publish_status())]
+
+    def done(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.resender:
+            asyncio.get_running_loop().create_task(self.resender.close())
+        if self.watcher:
+            self.watcher.stop()
+
+    @property
+    def pool(self) -> Pool:
+        pool = self.watcher.pool if self.watcher else Pool()
+        if pool is not self._seen_pool:
+            # New accounts or credentials: a refused key or login may have been replaced.
+            self._seen_pool = pool
+            for name, health in list(self.health.accounts.items()):
+                if health.state == "needs-login":
+                    self.health.clear(name)
+        return pool
+
+    # --- background ------------------------------------------------------------------------------
 
     async def refresh_ahead(self, every: float = 30.0) -> None:
         """Refresh tokens before they expire, so requests rarely wait for a refresh."""
@@ -201,15 +170,40 @@ class Claudeflare:
                     await self.refresher.fresh(account.name, credential)
             await asyncio.sleep(every)
 
-    def done(self) -> None:
-        if self._background:
-            self._background.cancel()
-        if self.watcher:
-            self.watcher.stop()
+    async def publish_status(self, every: float = 1.0) -> None:
+        """Each account's state, for `claudeflare list` and the dashboard (table account_status)."""
+        while True:
+            if self.recorder and self.recorder.flowlog:
+                self.recorder.flowlog.publish_status(self.status_rows())
+            await asyncio.sleep(every)
 
-    @property
-    def pool(self) -> Pool:
-        return self.watcher.pool if self.watcher else Pool()
+    def status_rows(self) -> list[dict]:
+        pool, now = self.pool, time.time()
+        rows = []
+        for account in pool.accounts:
+            self.health.available(account.name, now)  # lets an expired bench lapse
+            health = self.health.get(account.name)
+            credential = pool.credential(account)
+            state = pool.state(account, now)
+            rows.append({
+                "name": account.name,
+                "mode": account.mode,
+                "tier": account.tier,
+                "priority": account.priority,
+                "state": health.state if state == "ok" else state,
+                "reason": health.reason if state == "ok" else None,
+                "limited_until": iso_utc(health.until) if health.until else None,
+                "utilization_5h": health.utilization.get("5h"),
+                "utilization_7d": health.utilization.get("7d"),
+                "reset_5h": iso_utc(health.resets["5h"]) if "5h" in health.resets else None,
+                "reset_7d": iso_utc(health.resets["7d"]) if "7d" in health.resets else None,
+                "token_expires_at": iso_utc(credential.expires_at) if credential and credential.expires_at else None,
+                "requests_in_flight": self.balancer.in_flight[account.name],
+                "updated_at": utc_now(),
+            })
+        return rows
+
+    # --- request path ----------------------------------------------------------------------------
 
     def is_pool_flow(self, flow: http.HTTPFlow) -> bool:
         if isinstance(flow.client_conn.proxy_mode, ReverseMode):
@@ -224,20 +218,15 @@ class Claudeflare:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if not self.is_pool_flow(flow):
             return
-        state = FlowState(
-            id=secrets.token_hex(12),
-            started_at=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        )
-        flow.metadata[STATE] = state
+        state = flow.metadata[STATE] = FlowState(id=secrets.token_hex(12), started_at=utc_now())
         request = flow.request
         if request.method == "HEAD" and request.path == "/":
             # Claude Code's credential-less connection warm-up: answer it here, cheaply.
             flow.response = http.Response.make(200)
             return
         pool = self.pool
-        presented = presented_key(request)
         if pool.client_keys:
-            state.client = pool.client_for(presented)
+            state.client = pool.client_for(presented_key(request))
             if state.client is None:
                 flow.response = error_response(
                     401, "authentication_error", "Claudeflare: invalid client key. Use a key from `claudeflare client-key create NAME`."
@@ -257,174 +246,174 @@ class Claudeflare:
         body = flow.request.raw_content or b""
         state.model, state.stream = request_summary(body)
         state.session = conversation_key(flow.request.headers, body)
+        state.client_headers = flow.request.headers.copy()
         pool = self.pool
         self.balancer.strategy = state.strategy = pool.strategy or self.strategy_option
-        candidates = pool.usable()
-        while True:
+        chosen = await self.choose(pool, state, exclude=())
+        if chosen is None:
+            flow.response = self.no_account_response(pool)
+            return
+        self.route(flow)
+        self.attempt(flow.request.headers, state, *chosen)
+
+    async def choose(self, pool: Pool, state: FlowState, exclude) -> tuple[Account, Credential] | None:
+        """The strategy's pick among usable accounts, with a credential good to send now."""
+        self.balancer.warning = {n for n, h in self.health.accounts.items() if h.state == "warning"}
+        candidates = [a for a in pool.usable() if a.name not in exclude and self.health.available(a.name)]
+        while candidates:
             account = self.balancer.pick(candidates, state.session)
-            if account is None:
-                flow.response = no_account_response(pool)
-                return
-            credential = await self.credential(pool, account)
+            credential = pool.credential(account)
+            if credential and self.refresher:
+                credential = await self.refresher.fresh(account.name, credential)
             if credential:
-                break
-            candidates = [a for a in candidates if a is not account]
-        self.send(flow, state, account, credential)
+                return account, credential
+            candidates.remove(account)
+        return None
 
-    async def credential(self, pool: Pool, account: Account) -> Credential | None:
-        credential = pool.credential(account)
-        if credential is None or self.refresher is None:
-            return credential
-        return await self.refresher.fresh(account.name, credential)
-
-    def send(self, flow: http.HTTPFlow, state: FlowState, account: Account, credential: Credential) -> None:
+    def route(self, flow: http.HTTPFlow) -> None:
+        if isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            return  # the reverse target is the upstream
         request = flow.request
-        if not isinstance(flow.client_conn.proxy_mode, ReverseMode):
-            scheme, host, port = self.upstream
-            request.scheme, request.host, request.port = scheme, host, port
-            request.host_header = host if port == (443 if scheme == "https" else 80) else f"{host}:{port}"
-        inject_credential(request, account, credential)
+        scheme, host, port = self.upstream
+        request.scheme, request.host, request.port = scheme, host, port
+        request.host_header = host if port == (443 if scheme == "https" else 80) else f"{host}:{port}"
+
+    def attempt(self, headers: http.Headers, state: FlowState, account: Account, credential: Credential) -> None:
+        inject_credential(headers, account, credential)
         state.account = account.name
+        state.sent_token = credential.access_token
         state.attempts += 1
+        state.released = False
         self.balancer.acquire(account.name)
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        # The request is on the wire by now: keep secrets out of flow dumps
-        # (`mitmdump -v`, `-w` files, mitmweb) from here on.
-        if flow.metadata.get(STATE):
-            redact_credential(flow.request)
+    def no_account_response(self, pool: Pool) -> http.Response:
+        usable = [a.name for a in pool.usable()]
+        soonest = self.health.soonest(usable)
+        if usable and soonest:
+            wait = max(1, math.ceil(soonest - time.time()))
+            return error_response(
+                429,
+                "rate_limit_error",
+                f"Claudeflare: all {len(usable)} usable account(s) are rate limited; the first is back in {wait}s.",
+                {"retry-after": str(wait)},
+            )
+        if not pool.accounts:
+            why = "Claudeflare has no accounts. Add one with `claudeflare add NAME --mode api-key` or `claudeflare import NAME --mode max --tier 5`."
+        else:
+            states = ", ".join(f"{a.name}: {self.describe(pool, a)}" for a in pool.accounts)
+            why = (
+                f"Claudeflare has no usable account ({states}). Resume one with `claudeflare resume NAME`, "
+                "log one in again with `claudeflare login NAME`, or add one with `claudeflare add NAME --mode api-key`."
+            )
+        return error_response(503, "api_error", why)
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        self.release(flow)
+    def describe(self, pool: Pool, account: Account) -> str:
+        state = pool.state(account)
+        return self.health.get(account.name).state if state == "ok" else state
+
+    # --- response path ---------------------------------------------------------------------------
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        state: FlowState | None = flow.metadata.get(STATE)
+        if state is None:
+            return
+        # The request is on the wire by now: keep secrets out of flow dumps (`-v`, `-w`, mitmweb).
+        redact_credential(flow.request)
+        if state.account and flow.response:
+            self.observe_signals(state.account, state, flow.response)
+
+    def observe_signals(self, name: str, state: FlowState, response: http.Response) -> None:
+        state.signals = signals = read_signals(response.headers)
+        utilization = signals.utilization()
+        if utilization is not None:
+            self.balancer.utilization[name] = utilization
+        if response.status_code < 400:
+            self.health.observe(name, response.status_code, signals)
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        state: FlowState | None = flow.metadata.get(STATE)
+        if state is None or not state.account or flow.response is None:
+            return
+        if flow.response.status_code in RETRY_STATUSES:
+            outcome = self.observe_refusal(state.account, state, flow.response)
+            if outcome in RETRY_OUTCOMES:
+                await self.failover(flow, state, outcome)
+        elif state.parser and state.parser.usage.error_type:
+            # An error inside a stream that began with 200: too late to retry, but it tells on the account.
+            self.health.observe(state.account, 200, Signals(), state.parser.usage.error_type)
+        self.release(state)
+
+    def observe_refusal(self, name: str, state: FlowState, response: http.Response) -> str:
+        error_type, error_code = error_details(response.get_content(strict=False) or b"")
+        return self.health.observe(name, response.status_code, state.signals or Signals(), error_type, error_code)
+
+    async def failover(self, flow: http.HTTPFlow, state: FlowState, outcome: str) -> None:
+        """Send the request again — same account after a refresh or a pause, else the next one —
+        until one answers with something other than a refusal, or no account is left."""
+        pool = self.pool
+        tries = Counter({state.account: 1})
+        refreshed: set[str] = set()
+        while outcome in RETRY_OUTCOMES:
+            status = flow.response.status_code if flow.response and outcome != "unreachable" else None
+            state.failovers.append({"account": state.account, "status": status, "reason": outcome})
+            nxt = await self.next_attempt(pool, state, outcome, tries, refreshed)
+            self.release(state)
+            if nxt is None:
+                break
+            account, credential, delay = nxt
+            logger.info("claudeflare: %s on %s, retrying on %s", outcome, state.account, account.name)
+            if delay:
+                await asyncio.sleep(delay)
+            headers = state.client_headers.copy()
+            self.attempt(headers, state, account, credential)
+            tries[account.name] += 1
+            try:
+                response = await self.resender.send(flow.request, headers)
+            except httpx.TransportError as e:
+                logger.warning("claudeflare: %s unreachable: %s", account.name, type(e).__name__)
+                outcome = "unreachable"
+                continue
+            flow.response = response
+            state.parser = None
+            state.first_byte_at = None
+            self.observe_signals(account.name, state, response)
+            outcome = self.observe_refusal(account.name, state, response) if response.status_code in RETRY_STATUSES else "ok"
+        if outcome in ("limited", "unreachable", "auth") and not any(self.health.available(a.name) for a in pool.usable()):
+            flow.response = self.no_account_response(pool)  # nobody left: say why, and until when
+        elif outcome == "unreachable":
+            flow.response = error_response(502, "api_error", "Claudeflare: the Anthropic API could not be reached.")
+
+    async def next_attempt(self, pool, state, outcome, tries, refreshed) -> tuple[Account, Credential, float] | None:
+        current = next((a for a in pool.accounts if a.name == state.account), None)
+        if current and outcome == "auth":
+            if current.oauth and current.name not in refreshed and self.refresher:
+                refreshed.add(current.name)
+                credential = await self.refresher.fresh(current.name, pool.credential(current), rejected=state.sent_token)
+                if credential and credential.access_token != state.sent_token:
+                    return current, credential, 0.0
+            self.health.needs_login(current.name, "credentials refused (401)")
+        if current and outcome in ("overloaded", "unreachable") and tries[current.name] < self.retry_attempts:
+            # Overload is Anthropic-wide: waiting helps more than moving.
+            credential = pool.credential(current)
+            if credential:
+                return current, credential, self.retry_delay * self.retry_backoff ** (tries[current.name] - 1)
+        chosen = await self.choose(pool, state, exclude=set(tries))
+        return (*chosen, 0.0) if chosen else None
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self.release(flow)
-        if flow.metadata.get(STATE):
-            redact_credential(flow.request)
-
-    def release(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(STATE)
-        if state and state.account and not state.released:
+        if state is None:
+            return
+        redact_credential(flow.request)
+        self.release(state)
+
+    def release(self, state: FlowState) -> None:
+        if state.account and not state.released:
             state.released = True
             self.balancer.release(state.account)
 
 
-def no_account_response(pool: Pool) -> http.Response:
-    if not pool.accounts:
-        why = "Claudeflare has no accounts. Add one with `claudeflare add NAME --mode api-key` or `claudeflare import NAME --mode max --tier 5`."
-    else:
-        states = ", ".join(f"{a.name}: {pool.state(a)}" for a in pool.accounts)
-        why = (
-            f"Claudeflare has no usable account ({states}). Resume one with `claudeflare resume NAME`, "
-            "or add one with `claudeflare add NAME --mode api-key`."
-        )
-    return error_response(503, "api_error", why)
-
-
-class Recorder:
-    """Streams SSE replies through a usage parser and writes one flow-log row per pool request."""
-
-    def __init__(self) -> None:
-        self.flowlog: FlowLog | None = None
-        self.live: dict[str, http.HTTPFlow] = {}  # logged at shutdown if still open
-
-    def load(self, loader) -> None:
-        loader.add_option("claudeflare_db", str, "", f"SQLite flow log (default: {DB_FILE} in claudeflare_home).")
-
-    def configure(self, updated: set[str]) -> None:
-        if not {"claudeflare_db", "claudeflare_home"} & updated:
-            return
-        path = Path(ctx.options.claudeflare_db) if ctx.options.claudeflare_db else resolve_home(ctx.options.claudeflare_home) / DB_FILE
-        if self.flowlog and self.flowlog.path == path:
-            return
-        if self.flowlog:
-            self.flowlog.close()
-        self.flowlog = FlowLog(path.expanduser().resolve()).start()
-
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        state = flow.metadata.get(STATE)
-        if state:
-            self.live[state.id] = flow
-
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        state: FlowState | None = flow.metadata.get(STATE)
-        if state is None or flow.response is None:
-            return
-        if not flow.response.headers.get("content-type", "").startswith("text/event-stream"):
-            return
-        parser = state.parser = SSEUsageParser(flow.response.headers.get("content-encoding"))
-
-        def watch(chunk: bytes) -> bytes:
-            # Forward every chunk as received; usage is read on the side.
-            if chunk and state.first_byte_at is None:
-                state.first_byte_at = time.time()
-            parser.feed(chunk)
-            return chunk
-
-        flow.response.stream = watch
-
-    def response(self, flow: http.HTTPFlow) -> None:
-        self.record(flow)
-
-    def error(self, flow: http.HTTPFlow) -> None:
-        self.record(flow, flow.error.msg if flow.error else "error")
-
-    def done(self) -> None:
-        for flow in list(self.live.values()):
-            self.record(flow, "proxy shut down")
-        if self.flowlog:
-            self.flowlog.close()
-            self.flowlog = None
-
-    def record(self, flow: http.HTTPFlow, error: str | None = None) -> None:
-        state: FlowState | None = flow.metadata.get(STATE)
-        if state is None or state.logged or self.flowlog is None:
-            return
-        state.logged = True
-        self.live.pop(state.id, None)
-        self.flowlog.log(flow_row(flow, state, error))
-
-
-def reply_usage(flow: http.HTTPFlow, state: FlowState) -> Usage | None:
-    if state.parser:
-        return state.parser.usage
-    response = flow.response
-    if response is None or not response.raw_content:
-        return None
-    return usage_from_json(response.raw_content, response.headers.get("content-encoding"))
-
-
-def flow_row(flow: http.HTTPFlow, state: FlowState, error: str | None) -> dict:
-    request, response = flow.request, flow.response
-    usage = reply_usage(flow, state) or Usage()
-    usage.model = usage.model or state.model
-    cost = cost_usd(usage)
-    tokens = usage.input_tokens + usage.output_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens
-    first_byte = state.first_byte_at or (response.timestamp_start if response else None)
-    end = (response.timestamp_end if response else None) or time.time()
-    return {
-        "id": state.id,
-        "started_at": state.started_at,
-        "account": state.account,
-        "strategy": state.strategy,
-        "session": state.session,
-        "client": state.client,
-        "method": request.method,
-        "path": request.path.split("?", 1)[0],
-        "model": usage.model,
-        "stream": int(state.stream or state.parser is not None),
-        "status": response.status_code if response else None,
-        "error": usage.error_type or error,
-        "ttfb_ms": round((first_byte - request.timestamp_start) * 1000, 2) if first_byte else None,
-        "duration_ms": round((end - request.timestamp_start) * 1000, 2),
-        "input_tokens": usage.input_tokens,
-        "output_tokens": usage.output_tokens,
-        "cache_read_input_tokens": usage.cache_read_input_tokens,
-        "cache_creation_input_tokens": usage.cache_creation_input_tokens,
-        "cost_usd": cost or 0.0,
-        "priced": int(cost is not None or not tokens),  # 0 flags tokens of a model without a price
-        "attempts": state.attempts,
-        "stop_reason": usage.stop_reason,
-        "request_id": response.headers.get("request-id") if response else None,
-    }
-
+def addons() -> list:
+    """Fresh instances, in hook order: routing and failover before recording."""
+    recorder = Recorder()
+    return [Claudeflare(recorder), recorder]

@@ -5,6 +5,7 @@ the balancer routes by (ok / warning / limited / overloaded / needs-login), unti
 Both are pure and synchronous: the proxy calls them from its event loop.
 """
 
+import json
 import math
 import re
 import time
@@ -113,6 +114,20 @@ def read_signals(headers: Mapping[str, str], now: float | None = None) -> Signal
     should = headers.get("x-should-retry")
     s.should_retry = None if should is None else should.strip().lower() == "true"
     return s
+
+
+def error_details(body: bytes) -> tuple[str | None, str | None]:
+    """(error.type, error.details.error_code) of an Anthropic error body; Nones when it is not one."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError, RecursionError):
+        return None, None
+    if not isinstance(error, dict):
+        return None, None
+    details = error.get("details")
+    code = details.get("error_code") if isinstance(details, dict) else None
+    kind = error.get("type")
+    return (kind if isinstance(kind, str) else None), (code if isinstance(code, str) else None)
 
 
 def limit_reset(signals: Signals, now: float) -> float | None:

@@ -1,0 +1,104 @@
+"""Per-flow state and the small operations on mitmproxy requests and responses the addons share."""
+
+import ipaddress
+import json
+import secrets
+from dataclasses import dataclass, field
+
+from mitmproxy import http
+
+from .accounts import Account
+from .credentials import Credential
+from .ratelimit import Signals
+from .usage import SSEUsageParser
+
+STATE = "claudeflare"  # key of FlowState in flow.metadata
+OAUTH_BETA = "oauth-2025-04-20"
+
+
+@dataclass
+class FlowState:
+    """What Claudeflare knows about one client request, kept in `flow.metadata`."""
+
+    id: str
+    started_at: str
+    client: str | None = None
+    session: str | None = None
+    strategy: str | None = None
+    account: str | None = None  # the account of the current attempt
+    model: str | None = None
+    stream: bool = False
+    attempts: int = 0
+    failovers: list[dict] = field(default_factory=list)  # {"account", "status", "reason"} per failed attempt
+    client_headers: http.Headers | None = None  # as the client sent them, for a retry elsewhere
+    sent_token: str | None = None  # OAuth access token of the current attempt (to refresh after a 401)
+    signals: Signals | None = None
+    parser: SSEUsageParser | None = None
+    first_byte_at: float | None = None
+    released: bool = False
+    logged: bool = False
+
+
+def error_response(status: int, kind: str, message: str, headers: dict | None = None) -> http.Response:
+    """A reply in Anthropic's error shape, so SDKs and Claude Code show the message as is."""
+    body = {
+        "type": "error",
+        "error": {"type": kind, "message": message},
+        "request_id": f"req_claudeflare_{secrets.token_hex(8)}",
+    }
+    return http.Response.make(status, json.dumps(body), {"content-type": "application/json", **(headers or {})})
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def presented_key(request: http.Request) -> str | None:
+    key = request.headers.get("x-api-key")
+    if key:
+        return key
+    auth = request.headers.get("authorization", "")
+    if auth[:7].lower() != "bearer ":
+        return None
+    return auth[7:].strip() or None
+
+
+def request_summary(body: bytes) -> tuple[str | None, bool]:
+    """(model, stream) from a /v1/messages body; the body itself is forwarded untouched."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None, False
+    if not isinstance(data, dict):
+        return None, False
+    model = data.get("model")
+    return (model if isinstance(model, str) else None), data.get("stream") is True
+
+
+def merge_beta(existing: str | None, beta: str) -> str:
+    flags = [f.strip() for f in (existing or "").split(",") if f.strip()]
+    return ",".join(flags if beta in flags else [*flags, beta])
+
+
+def inject_credential(headers: http.Headers, account: Account, credential: Credential) -> None:
+    """Replace the client's credentials with the account's (contract §2): never both kinds."""
+    headers.pop("authorization", None)
+    headers.pop("x-api-key", None)
+    if credential.api_key:
+        headers["x-api-key"] = credential.api_key
+    else:
+        headers["authorization"] = f"Bearer {credential.access_token}"
+        headers["anthropic-beta"] = merge_beta(headers.get("anthropic-beta"), OAUTH_BETA)
+
+
+def redact_credential(request: http.Request) -> None:
+    for name in ("authorization", "x-api-key"):
+        if name in request.headers:
+            request.headers[name] = "[redacted by claudeflare]"
+
+
+def is_event_stream(response: http.Response) -> bool:
+    return response.headers.get("content-type", "").startswith("text/event-stream")

@@ -1,0 +1,126 @@
+"""The Recorder addon: reads usage on the side of each reply and writes one flow-log row per request."""
+
+import json
+import time
+from functools import partial
+from pathlib import Path
+
+from mitmproxy import ctx, http
+
+from .accounts import apply_control
+from .config import DB_FILE, resolve_home
+from .flows import STATE, FlowState, is_event_stream
+from .flowlog import FlowLog
+from .pricing import cost_usd
+from .usage import SSEUsageParser, Usage, usage_from_json
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.flowlog: FlowLog | None = None
+        self.live: dict[str, http.HTTPFlow] = {}  # logged at shutdown if still open
+
+    def load(self, loader) -> None:
+        loader.add_option("claudeflare_db", str, "", f"SQLite flow log (default: {DB_FILE} in claudeflare_home).")
+
+    def configure(self, updated: set[str]) -> None:
+        if not {"claudeflare_db", "claudeflare_home"} & updated:
+            return
+        home = resolve_home(ctx.options.claudeflare_home)
+        path = Path(ctx.options.claudeflare_db).expanduser().resolve() if ctx.options.claudeflare_db else home / DB_FILE
+        if self.flowlog and self.flowlog.path == path:
+            return
+        if self.flowlog:
+            self.flowlog.close()
+        self.flowlog = FlowLog(path, control=partial(apply_control, home)).start()
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        state = flow.metadata.get(STATE)
+        if state:
+            self.live[state.id] = flow
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        state: FlowState | None = flow.metadata.get(STATE)
+        if state is None or flow.response is None or not is_event_stream(flow.response):
+            return
+        parser = state.parser = SSEUsageParser(flow.response.headers.get("content-encoding"))
+
+        def watch(chunk: bytes) -> bytes:
+            # Forward every chunk as received; usage is read on the side.
+            if chunk and state.first_byte_at is None:
+                state.first_byte_at = time.time()
+            parser.feed(chunk)
+            return chunk
+
+        flow.response.stream = watch
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self.record(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.record(flow, flow.error.msg if flow.error else "error")
+
+    def done(self) -> None:
+        for flow in list(self.live.values()):
+            self.record(flow, "proxy shut down")
+        if self.flowlog:
+            self.flowlog.close()
+            self.flowlog = None
+
+    def record(self, flow: http.HTTPFlow, error: str | None = None) -> None:
+        state: FlowState | None = flow.metadata.get(STATE)
+        if state is None or state.logged or self.flowlog is None:
+            return
+        state.logged = True
+        self.live.pop(state.id, None)
+        self.flowlog.log(flow_row(flow, state, error))
+
+
+def reply_usage(flow: http.HTTPFlow, state: FlowState) -> Usage | None:
+    if state.parser:
+        return state.parser.usage
+    response = flow.response
+    if response is None or not response.raw_content:
+        return None
+    encoding = response.headers.get("content-encoding")
+    if is_event_stream(response):  # a stream that was retried arrives whole
+        parser = SSEUsageParser(encoding)
+        parser.feed(response.raw_content)
+        return parser.usage
+    return usage_from_json(response.raw_content, encoding)
+
+
+def flow_row(flow: http.HTTPFlow, state: FlowState, error: str | None) -> dict:
+    request, response = flow.request, flow.response
+    usage = reply_usage(flow, state) or Usage()
+    usage.model = usage.model or state.model
+    cost = cost_usd(usage)
+    tokens = usage.input_tokens + usage.output_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens
+    first_byte = state.first_byte_at or (response.timestamp_start if response else None)
+    end = (response.timestamp_end if response else None) or time.time()
+    return {
+        "id": state.id,
+        "started_at": state.started_at,
+        "account": state.account,
+        "strategy": state.strategy,
+        "session": state.session,
+        "client": state.client,
+        "method": request.method,
+        "path": request.path.split("?", 1)[0],
+        "model": usage.model,
+        "stream": int(state.stream or state.parser is not None),
+        "status": response.status_code if response else None,
+        "error": usage.error_type or error,
+        "ttfb_ms": round((first_byte - request.timestamp_start) * 1000, 2) if first_byte else None,
+        "duration_ms": round((end - request.timestamp_start) * 1000, 2),
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cache_read_input_tokens": usage.cache_read_input_tokens,
+        "cache_creation_input_tokens": usage.cache_creation_input_tokens,
+        "cost_usd": cost or 0.0,
+        "priced": int(cost is not None or not tokens),  # 0 flags tokens of a model without a price
+        "attempts": state.attempts,
+        "failovers": json.dumps(state.failovers) if state.failovers else None,
+        "stop_reason": usage.stop_reason,
+        "request_id": response.headers.get("request-id") if response else None,
+    }
