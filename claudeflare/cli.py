@@ -31,11 +31,12 @@ from .accounts import (
 )
 from .config import DB_FILE, STRATEGIES, default_strategy, ensure_home, resolve_home
 from .credentials import Credential, CredentialStore, CredentialStoreError
-from .flowlog import open_db, requests_per_account
+from .flowlog import account_status, open_db, requests_per_account
 from .oauth import LoginFlow, OAuthError, OAuthSettings, create_api_key, exchange_code
 from .refresh import TokenRefresher
 
 CLAUDE_CODE_CREDENTIALS = Path("~/.claude/.credentials.json")
+STATUS_FRESH = 10  # seconds: the proxy rewrites account_status every second while it runs
 METADATA = Path(__file__).resolve().parent.parent / "datasette-metadata.yml"
 # A secret goes into an HTTP header: printable ASCII without spaces, or it could inject headers.
 SECRET_RE = re.compile(r"^[\x21-\x7e]{8,512}$")
@@ -256,25 +257,33 @@ def print_table(rows: list[dict]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_ctx
 def list_(obj: Context, as_json: bool) -> None:
-    """Show the accounts: mode, tier, priority, state, token expiry, requests today."""
+    """Show the accounts: mode, tier, priority, state, token expiry, requests today, limits."""
     try:
         pool = load_pool(obj.home)
     except (AccountsError, CredentialStoreError) as e:
         raise click.ClickException(str(e)) from None
     midnight = datetime.now().astimezone().replace(hour=0, minute=0, second=0, microsecond=0)
     today = requests_per_account(obj.home / DB_FILE, midnight.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    # What the running proxy saw (rate limits); stale when the proxy is not running.
+    live_after = datetime.fromtimestamp(time.time() - STATUS_FRESH, UTC).isoformat()
+    status = {n: r for n, r in account_status(obj.home / DB_FILE).items() if (r["updated_at"] or "") >= live_after}
     rows = []
     for account in pool.accounts:
         credential = pool.credential(account)
-        expires_at = credential.expires_at if credential and not credential.api_key else None
+        seen = status.get(account.name, {})
+        state = pool.state(account)
         rows.append({
             "name": account.name,
             "mode": account.mode,
             "tier": account.tier,
             "priority": account.priority,
-            "state": pool.state(account),
-            "token_expires_at": expires_at,
+            "state": (seen.get("state") or state) if state == "ok" else state,
+            "token_expires_at": credential.expires_at if credential and not credential.api_key else None,
             "requests_today": today.get(account.name, 0),
+            "limited_until": seen.get("limited_until"),
+            "utilization_5h": seen.get("utilization_5h"),
+            "utilization_7d": seen.get("utilization_7d"),
+            "reason": seen.get("reason"),
         })
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -282,9 +291,18 @@ def list_(obj: Context, as_json: bool) -> None:
         click.echo("no accounts yet: `claudeflare add NAME --mode api-key` or `claudeflare import NAME --mode max --tier 5`")
     else:
         print_table([
-            {**r, "token_expires_at": describe_expiry(r["token_expires_at"]), "requests_today": r["requests_today"]}
+            {
+                "name": r["name"], "mode": r["mode"], "tier": r["tier"], "priority": r["priority"], "state": r["state"],
+                "token_expires_at": describe_expiry(r["token_expires_at"]), "requests_today": r["requests_today"],
+                "5h": percent(r["utilization_5h"]), "7d": percent(r["utilization_7d"]),
+                "limited_until": r["limited_until"] or "-", "reason": r["reason"] or "",
+            }
             for r in rows
         ])
+
+
+def percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{fraction:.0%}"
 
 
 def set_paused(obj: Context, name: str, paused: bool) -> None:

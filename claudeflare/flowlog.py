@@ -236,18 +236,30 @@ class FlowLog:
             return
 
 
-def requests_per_account(path: Path, since: str) -> dict[str, int]:
-    """Rows per account since an ISO timestamp, read-only; empty when there is no log yet."""
+def query_readonly(path: Path, sql: str, params=()) -> list[dict]:
+    """Rows of a query on the flow log opened read-only; empty when there is no log (or table) yet."""
     if not path.exists():
-        return {}
+        return []
     conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=5)
+    conn.row_factory = sqlite3.Row
     try:
-        rows = conn.execute(
-            "select account, count(*) from requests where started_at >= ? and account is not null group by account",
-            [since],
-        ).fetchall()
-    except sqlite3.OperationalError:  # no requests table yet
-        return {}
+        return [dict(r) for r in conn.execute(sql, params)]
+    except sqlite3.OperationalError:  # not migrated yet
+        return []
     finally:
         conn.close()
-    return dict(rows)
+
+
+def requests_per_account(path: Path, since: str) -> dict[str, int]:
+    """Rows per account since an ISO timestamp."""
+    rows = query_readonly(
+        path,
+        "select account, count(*) as n from requests where started_at >= ? and account is not null group by account",
+        [since],
+    )
+    return {r["account"]: r["n"] for r in rows}
+
+
+def account_status(path: Path) -> dict[str, dict]:
+    """The running proxy's view of each account (table account_status)."""
+    return {r["name"]: r for r in query_readonly(path, "select * from account_status")}

@@ -101,14 +101,21 @@ def test_list_table_and_json(run, home, tmp_path):
     run("import", "sub", "--mode", "max", "--tier", "20", "--from", str(claude_code_login(tmp_path / "c.json")))
     db = open_db(home / "claudeflare.db")
     now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+
     db["requests"].insert_all([{"id": str(i), "started_at": now, "account": "sub"} for i in range(3)])
     db["requests"].insert({"id": "old", "started_at": "2001-01-01T00:00:00.000Z", "account": "sub"})
+
+    db["account_status"].insert({"name": "sub", "state": "limited", "limited_until": "2030-01-01T00:00:00.000Z",
+                                 "utilization_5h": 1.02, "reason": "five_hour limit, until the reset", "updated_at": now})
+    db["account_status"].insert({"name": "key", "state": "limited", "updated_at": "2001-01-01T00:00:00.000Z"})  # stale
     db.close()
 
     table = run("list").output.splitlines()
-    assert table[0].split() == ["NAME", "MODE", "TIER", "PRIORITY", "STATE", "TOKEN", "EXPIRES", "AT", "REQUESTS", "TODAY"]
+    assert table[0].split() == ["NAME", "MODE", "TIER", "PRIORITY", "STATE", "TOKEN", "EXPIRES", "AT", "REQUESTS", "TODAY",
+                                "5H", "7D", "LIMITED", "UNTIL", "REASON"]
     assert table[1].split()[:5] == ["key", "api-key", "1", "2", "ok"]
-    assert table[2].split()[:5] == ["sub", "max", "20", "0", "ok"] and table[2].split()[-1] == "3"
+    assert table[2].split()[:5] == ["sub", "max", "20", "0", "limited"] and table[2].split()[8:10] == ["3", "102%"]
+    assert "2030-01-01T00:00:00.000Z  five_hour limit, until the reset" in table[2]
 
     rows = json.loads(run("list", "--json").output)
     assert [(r["name"], r["requests_today"]) for r in rows] == [("key", 0), ("sub", 3)]

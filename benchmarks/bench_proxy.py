@@ -1,0 +1,142 @@
+"""Claudeflare against a bare mitmdump reverse proxy, on the same fake upstream, in one run.
+
+    .venv/bin/python benchmarks/bench_proxy.py [--rounds 3] [--requests 200] [--concurrency 10]
+
+Measures, for streamed /v1/messages replies at N concurrent streams:
+- p50/p95 time to first byte (first body byte: the SSE message_start) through each proxy;
+- throughput (completed requests per second) through each proxy;
+- Claudeflare's p50 TTFB for 10-token against 2,000-token replies (streaming must not buffer).
+Both proxies are measured in alternating rounds so machine noise hits them alike. Prints ratios and
+the bars from issue 2; exits 1 if a bar is missed.
+"""
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from harness import Mitmdump, add_account, wait_for_port  # noqa: E402
+
+KEY = "sk-ant-api03-benchmark-" + "b" * 32
+BODY = {"model": "claude-sonnet-4-5-20250929", "max_tokens": 4096, "stream": True,
+        "messages": [{"role": "user", "content": "benchmark " * 200}]}
+
+
+def start_fake(tmp: Path) -> tuple[subprocess.Popen, str]:
+    port_file = tmp / "fake.port"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_anthropic.py"), "--port", "0",
+                             "--port-file", str(port_file), "--no-record"],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp / "fake.log", "wb"))
+    deadline = time.monotonic() + 20
+    while not (port_file.exists() and port_file.read_text().strip()):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError("fake upstream did not start: " + (tmp / "fake.log").read_text())
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{int(port_file.read_text())}"
+    wait_for_port(int(port_file.read_text()), 10)
+    import requests
+
+    requests.post(f"{url}/_fake/api_keys", json={"key": KEY, "account": "bench"}, timeout=5).raise_for_status()
+    return proc, url
+
+
+async def one(session: aiohttp.ClientSession, url: str, tokens: int) -> float:
+    start = time.perf_counter()
+    async with session.post(f"{url}/v1/messages", data=json.dumps(BODY),
+                            headers={"x-api-key": KEY, "content-type": "application/json",
+                                     "anthropic-version": "2023-06-01", "x-fake-tokens": str(tokens)}) as reply:
+        assert reply.status == 200, await reply.text()
+        first = None
+        async for _ in reply.content.iter_any():
+            if first is None:
+                first = time.perf_counter() - start
+    return first
+
+
+async def load(url: str, requests_n: int, concurrency: int, tokens: int) -> tuple[list[float], float]:
+    """Fire `requests_n` streamed requests, `concurrency` at a time; (TTFBs in s, requests per second)."""
+    ttfbs: list[float] = []
+    queue = list(range(requests_n))
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+        async def worker():
+            while queue:
+                queue.pop()
+                ttfbs.append(await one(session, url, tokens))
+
+        await one(session, url, tokens)  # warm the connection pool
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return ttfbs, requests_n / elapsed
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=200, help="per proxy per round")
+    parser.add_argument("--concurrency", type=int, default=10)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        fake, upstream = start_fake(tmp)
+        home = tmp / "home"
+        add_account(home, "bench", "api-key", 1, api_key=KEY)
+        quiet = ("--set", "flow_detail=0", "--set", "termlog_verbosity=warn")
+        bare = Mitmdump("--mode", f"reverse:{upstream}", *quiet, log=tmp / "bare.log", addon=False).start()
+        pool = Mitmdump("--set", f"claudeflare_home={home}", "--set", f"claudeflare_upstream={upstream}",
+                        *quiet, log=tmp / "claudeflare.log").start()
+        results = {"bare": ([], []), "claudeflare": ([], [])}
+        lengths = {10: [], 2000: []}
+        try:
+            for _ in range(args.rounds):
+                for name, proxy in (("bare", bare), ("claudeflare", pool)):
+                    ttfbs, rps = asyncio.run(load(proxy.url, args.requests, args.concurrency, 10))
+                    results[name][0].extend(ttfbs)
+                    results[name][1].append(rps)
+                for tokens in lengths:
+                    ttfbs, _ = asyncio.run(load(pool.url, args.requests // 4, args.concurrency, tokens))
+                    lengths[tokens].extend(ttfbs)
+        finally:
+            bare.stop()
+            pool.stop()
+            fake.terminate()
+
+    def summary(name):
+        ttfbs, rps = results[name]
+        return pct(ttfbs, 50) * 1000, pct(ttfbs, 95) * 1000, statistics.median(rps)
+
+    b50, b95, brps = summary("bare")
+    c50, c95, crps = summary("claudeflare")
+    short, long_ = statistics.median(lengths[10]) * 1000, statistics.median(lengths[2000]) * 1000
+    ttfb_ratio, rps_ratio, length_ratio = c50 / b50, crps / brps, long_ / short
+    print(f"{args.rounds} rounds × {args.requests} streamed requests per proxy, {args.concurrency} concurrent")
+    print(f"{'':14}{'p50 TTFB':>10}{'p95 TTFB':>10}{'req/s':>9}")
+    print(f"{'bare mitmdump':14}{b50:>8.2f}ms{b95:>8.2f}ms{brps:>9.1f}")
+    print(f"{'claudeflare':14}{c50:>8.2f}ms{c95:>8.2f}ms{crps:>9.1f}")
+    checks = [
+        (f"p50 TTFB ratio        {ttfb_ratio:.3f}  (bar ≤ 1.15)", ttfb_ratio <= 1.15),
+        (f"throughput ratio      {rps_ratio:.3f}  (bar ≥ 0.85)", rps_ratio >= 0.85),
+        (f"TTFB 2000 / 10 tokens {length_ratio:.3f}  (bar within ±10 %: {short:.2f}ms vs {long_:.2f}ms)", abs(length_ratio - 1) <= 0.10),
+    ]
+    for text, ok in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {text}")
+    return 0 if all(ok for _, ok in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

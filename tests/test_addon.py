@@ -1,0 +1,60 @@
+"""The addon's hooks on synthetic flows (mitmproxy's own test helpers), for cases no loopback test can reach."""
+
+import pytest
+from mitmproxy.test import taddons, tflow
+
+from claudeflare.proxy import addons
+from harness import add_account
+
+
+@pytest.fixture
+def addon(tmp_path):
+    home = tmp_path / "home"
+    add_account(home, "a", "api-key", api_key="sk-ant-api03-aaaaaaaaaaaa")
+    claudeflare, recorder = addons()
+    with taddons.context(claudeflare, recorder) as tctx:
+        tctx.configure(claudeflare, claudeflare_home=str(home), claudeflare_upstream="http://127.0.0.1:9")
+        tctx.configure(recorder, claudeflare_home=str(home))
+        yield claudeflare, home
+    recorder.done()
+    claudeflare.watcher.stop()
+
+
+def pool_flow(peer="127.0.0.1"):
+    flow = tflow.tflow()
+    flow.client_conn.sockname = ("127.0.0.1", 8080)
+    flow.client_conn.peername = (peer, 50000)
+    flow.request.host, flow.request.port, flow.request.path = "127.0.0.1", 8080, "/v1/messages"
+    return flow
+
+
+def test_remote_client_without_client_keys_is_refused(addon):
+    claudeflare, _ = addon
+    flow = pool_flow(peer="192.0.2.10")
+    claudeflare.requestheaders(flow)
+    assert flow.response.status_code == 403
+    assert b"client-key create" in flow.response.content
+
+
+def test_loopback_client_is_served_without_keys(addon):
+    claudeflare, _ = addon
+    flow = pool_flow()
+    claudeflare.requestheaders(flow)
+    assert flow.response is None
+
+
+def test_bad_options_are_refused(addon):
+    claudeflare, _ = addon
+    with taddons.context(claudeflare) as tctx:
+        for option, value in [("claudeflare_strategy", "fastest"), ("claudeflare_upstream", "ftp://x"),
+                              ("claudeflare_session_hours", 0.0), ("claudeflare_retry_backoff", 0.5)]:
+            with pytest.raises(Exception, match="claudeflare|retries|session"):
+                tctx.configure(claudeflare, **{option: value})
+
+
+def test_other_hosts_are_not_pool_flows(addon):
+    claudeflare, _ = addon
+    flow = tflow.tflow()
+    flow.request.host, flow.request.port = "example.com", 443
+    claudeflare.requestheaders(flow)
+    assert "claudeflare" not in flow.metadata and flow.response is None
