@@ -35,6 +35,7 @@ class FlowState:
     signals: Signals | None = None
     parser: SSEUsageParser | None = None
     first_byte_at: float | None = None
+    settled: bool = False  # the reply was fetched by our own client: no further failover in `response`
     released: bool = False
     logged: bool = False
 

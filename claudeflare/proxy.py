@@ -46,6 +46,7 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 RETRY_STATUSES = {401, 429, 529}
 # What a refused attempt means (Health.observe) → whether another attempt may help.
 RETRY_OUTCOMES = {"limited", "windowless", "overloaded", "auth", "unreachable"}
+CIRCUIT_SECONDS = 30.0  # after a failed connection, requests go through the retrying client this long
 
 
 def env_number(name: str, default: float) -> float:
@@ -71,6 +72,7 @@ class Claudeflare:
         self.retry_attempts, self.retry_delay, self.retry_backoff = 3, 1.0, 2.0
         self._tasks: list[asyncio.Task] = []
         self._seen_pool: Pool | None = None
+        self.upstream_down_at: float | None = None  # last failed connection to the upstream
 
     def load(self, loader) -> None:
         add = loader.add_option
@@ -255,6 +257,13 @@ class Claudeflare:
             return
         self.route(flow)
         self.attempt(flow.request.headers, state, *chosen)
+        if self.upstream_down_at and time.time() - self.upstream_down_at < CIRCUIT_SECONDS:
+            # Connections to the upstream failed lately, and mitmproxy can't retry its own attempt:
+            # send this one through our client, which can (the reply then arrives whole).
+            state.settled = True
+            outcome = await self.resend(flow, state, flow.request.headers)
+            if outcome in RETRY_OUTCOMES:
+                await self.failover(flow, state, outcome)
 
     async def choose(self, pool: Pool, state: FlowState, exclude) -> tuple[Account, Credential] | None:
         """The strategy's pick among usable accounts, with a credential good to send now."""
@@ -332,9 +341,11 @@ class Claudeflare:
 
     async def response(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(STATE)
-        if state is None or not state.account or flow.response is None:
+        if state is None or not state.account:
             return
-        if flow.response.status_code in RETRY_STATUSES:
+        if state.settled or flow.response is None:
+            pass
+        elif flow.response.status_code in RETRY_STATUSES:
             outcome = self.observe_refusal(state.account, state, flow.response)
             if outcome in RETRY_OUTCOMES:
                 await self.failover(flow, state, outcome)
@@ -367,21 +378,27 @@ class Claudeflare:
             headers = state.client_headers.copy()
             self.attempt(headers, state, account, credential)
             tries[account.name] += 1
-            try:
-                response = await self.resender.send(flow.request, headers)
-            except httpx.TransportError as e:
-                logger.warning("claudeflare: %s unreachable: %s", account.name, type(e).__name__)
-                outcome = "unreachable"
-                continue
-            flow.response = response
-            state.parser = None
-            state.first_byte_at = None
-            self.observe_signals(account.name, state, response)
-            outcome = self.observe_refusal(account.name, state, response) if response.status_code in RETRY_STATUSES else "ok"
+            outcome = await self.resend(flow, state, headers)
         if outcome in ("limited", "unreachable", "auth") and not any(self.health.available(a.name) for a in pool.usable()):
             flow.response = self.no_account_response(pool)  # nobody left: say why, and until when
         elif outcome == "unreachable":
             flow.response = error_response(502, "api_error", "Claudeflare: the Anthropic API could not be reached.")
+
+    async def resend(self, flow: http.HTTPFlow, state: FlowState, headers: http.Headers) -> str:
+        """One attempt through our own client; the reply, if any, becomes the flow's. Returns the outcome."""
+        try:
+            response = await self.resender.send(flow.request, headers)
+        except httpx.TransportError as e:
+            self.upstream_down_at = time.time()
+            logger.warning("claudeflare: upstream unreachable for %s: %s", state.account, type(e).__name__)
+            return "unreachable"
+        self.upstream_down_at = None
+        flow.response = response
+        state.parser = state.first_byte_at = None
+        self.observe_signals(state.account, state, response)
+        if response.status_code in RETRY_STATUSES:
+            return self.observe_refusal(state.account, state, response)
+        return "ok"
 
     async def next_attempt(self, pool, state, outcome, tries, refreshed) -> tuple[Account, Credential, float] | None:
         current = next((a for a in pool.accounts if a.name == state.account), None)
@@ -406,6 +423,8 @@ class Claudeflare:
             return
         redact_credential(flow.request)
         self.release(state)
+        if state.account and flow.response is None and flow.server_conn.timestamp_tcp_setup is None:
+            self.upstream_down_at = time.time()  # never connected: open the circuit (see request)
 
     def release(self, state: FlowState) -> None:
         if state.account and not state.released:
