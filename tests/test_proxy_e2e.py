@@ -17,7 +17,7 @@ from claudeflare.cli import cli
 from claudeflare.pricing import cost_usd
 from claudeflare.usage import Usage
 
-MODEL = "claude-sonnet-4-5-20250929"
+MODEL = "claude-sonnet-4-6"
 
 
 def key_for(name):
@@ -196,7 +196,8 @@ def test_least_requests_sends_to_the_idle_account(fake, home, start_proxy):
     api_key_accounts(fake, home, ("a", 1), ("b", 1))
     proxy = start_proxy(home, "--set", "claudeflare_strategy=least-requests")
     with ask_stream(proxy, 40, delay_ms=50) as slow:  # holds one account for ~2 s
-        next(slow.iter_content(chunk_size=None))
+        chunks = slow.iter_content(chunk_size=None)  # keep it: a dropped iterator closes the stream
+        next(chunks)
         busy = fake.requests[0]["account"]
         for _ in range(4):
             assert ask(proxy).status_code == 200
@@ -227,8 +228,9 @@ def test_session_key_from_metadata_and_from_prompt_hash(fake, home, start_proxy)
                 "messages": [{"role": "user", "content": f"turn {turn}"}]}
         assert requests.post(f"{proxy.url}/v1/messages", json=body, timeout=10).status_code == 200
     for turn in range(4):
-        messages = [{"role": "user", "content": "same opening"}] + [{"role": "assistant", "content": "ok"},
-                                                                    {"role": "user", "content": f"more {i}"}] * turn
+        messages = [{"role": "user", "content": "same opening"}]
+        for i in range(turn):
+            messages += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": f"more {i}"}]
         body = {"model": MODEL, "max_tokens": 10, "system": "You are terse.", "messages": messages}
         assert requests.post(f"{proxy.url}/v1/messages", json=body, timeout=10).status_code == 200
     accounts = served_by(fake)
@@ -262,7 +264,7 @@ def test_strategy_switch_while_running(fake, home, start_proxy):
     assert len(set(served_by(fake))) == 1
     assert CliRunner().invoke(cli, ["--home", str(home), "strategy", "round-robin"]).exit_code == 0
     time.sleep(1.2)
-    fake.reset()
+    fake.reset_requests()
     for _ in range(4):
         ask(proxy, session="one-conversation")
     assert Counter(served_by(fake)) == {"a": 2, "b": 2}

@@ -1,0 +1,171 @@
+"""Rate limits and failover through a real proxy, against per-account limits in the fake upstream."""
+
+import json
+import time
+from collections import Counter
+
+import anthropic
+import requests
+from conftest import db_rows, wait_until
+from harness import add_account, free_port
+
+MODEL = "claude-sonnet-4-6"
+FAST_RETRY = ("--set", "claudeflare_retry_delay_ms=50", "--set", "claudeflare_retry_backoff=2")
+
+
+def oauth_accounts(fake, home, *names, tier=5):
+    for name in names:
+        access, refresh = f"sk-ant-oat01-{name}-access", f"sk-ant-ort01-{name}-refresh"
+        fake.add_oauth(account=name, access_token=access, refresh_token=refresh, expires_in=7200)
+        add_account(home, name, "max", tier, access_token=access, refresh_token=refresh, expires_at=time.time() + 7200)
+
+
+def ask(proxy, stream=False, tokens=10, session=None):
+    headers = {"x-fake-tokens": str(tokens)}
+    if session:
+        headers["x-claude-code-session-id"] = session
+    body = {"model": MODEL, "max_tokens": 100, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+    return requests.post(f"{proxy.url}/v1/messages", json=body, headers=headers, timeout=30)
+
+
+def upstream_seen(fake):
+    return [(r["account"], r["status"]) for r in fake.requests if r["path"] == "/v1/messages"]
+
+
+def test_pool_serves_until_every_limit_is_spent_then_fast_429s(fake, home, start_proxy):
+    oauth_accounts(fake, home, "a", "b", "c")
+    for name in ("a", "b", "c"):
+        fake.set_limit(name, requests=4, window_s=3600, reset_in_s=3600)
+    proxy = start_proxy(home, *FAST_RETRY)
+    statuses = [ask(proxy, session="one conversation").status_code for _ in range(12)]
+    assert statuses == [200] * 12  # 3 × 4 requests: no 429 reached the client while any account had room
+
+    start = time.monotonic()
+    refused = ask(proxy)
+    assert refused.status_code == 429 and time.monotonic() - start < 1.0
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    retry_after = int(refused.headers["retry-after"])
+    assert 3500 <= retry_after <= 3600
+
+    seen = upstream_seen(fake)
+    assert Counter(a for a, s in seen if s == 200) == {"a": 4, "b": 4, "c": 4}
+    assert len([s for _, s in seen if s == 429]) == 2  # the two requests that found a and then b spent; c never overran
+    rows = db_rows(home, expect=13)
+    assert sum(r["attempts"] for r in rows) == len(seen)  # every upstream request is accounted for, none twice
+    failed_over = [r for r in rows if r["failovers"]]
+    assert all(json.loads(r["failovers"])[0]["reason"] == "limited" for r in failed_over) and len(failed_over) == 2
+
+
+def test_benched_account_gets_nothing_until_its_reset_then_traffic_again(fake, home, start_proxy):
+    oauth_accounts(fake, home, "a", "b")
+    fake.set_limit("a", requests=1, window_s=3, reset_in_s=3)
+    proxy = start_proxy(home, "--set", "claudeflare_strategy=round-robin")
+    for _ in range(6):
+        assert ask(proxy).status_code == 200
+    a_429 = [i for i, (acct, status) in enumerate(upstream_seen(fake)) if acct == "a" and status == 429]
+    assert len(a_429) == 1
+    assert [acct for acct, _ in upstream_seen(fake)[a_429[0] + 1:]] == ["b"] * (len(upstream_seen(fake)) - a_429[0] - 1)
+    time.sleep(3.2)
+    fake.reset_requests()
+    for _ in range(4):
+        assert ask(proxy).status_code == 200
+    assert Counter(a for a, _ in upstream_seen(fake)) == {"a": 2, "b": 2}
+
+
+def test_streamed_reply_that_was_retried_arrives_complete(fake, home, start_proxy):
+    oauth_accounts(fake, home, "a", "b")
+    fake.set_fault("a", "status:429", count=1)
+    fake.set_fault("b", "status:429", count=0)
+    proxy = start_proxy(home, "--set", "claudeflare_strategy=round-robin", *FAST_RETRY)
+    client = anthropic.Anthropic(base_url=proxy.url, api_key="x", max_retries=0)
+    outcomes = []
+    for _ in range(2):
+        with client.messages.stream(model=MODEL, max_tokens=100, messages=[{"role": "user", "content": "hi"}],
+                                    extra_headers={"x-fake-tokens": "30"}) as stream:
+            text = "".join(stream.text_stream)
+            outcomes.append((len(text) > 0, stream.get_final_message().usage.output_tokens))
+    assert outcomes == [(True, 30), (True, 30)]
+    rows = db_rows(home, expect=2)
+    assert [r["output_tokens"] for r in rows] == [30, 30] and sorted(r["attempts"] for r in rows) == [1, 2]
+
+
+def test_529_is_retried_on_the_same_account_first(fake, home, start_proxy):
+    oauth_accounts(fake, home, "a", "b")
+    fake.set_fault("a", "status:529", count=2)
+    proxy = start_proxy(home, "--set", "claudeflare_strategy=round-robin", "--set", "claudeflare_retry_attempts=3", *FAST_RETRY)
+    assert ask(proxy).status_code == 200
+    first = upstream_seen(fake)
+    assert first[0][1] in (200, 529)
+    if first[0][0] == "a":
+        assert first == [("a", 529), ("a", 529), ("a", 200)]
+    (row,) = db_rows(home, expect=1)
+    assert row["status"] == 200
+
+
+def test_529_burst_beyond_the_retries_moves_on_and_benches_only_briefly(fake, home, start_proxy):
+    oauth_accounts(fake, home, "a", "b")
+    fake.set_fault("a", "status:529", count=10)
+    proxy = start_proxy(home, "--set", "claudeflare_strategy=round-robin", "--set", "claudeflare_retry_attempts=2", *FAST_RETRY)
+    for _ in range(3):
+        assert ask(proxy).status_code == 200
+    a_tries = [s for acct, s in upstream_seen(fake) if acct == "a"]
+    assert a_tries == [529, 529]  # two tries, then elsewhere, then benched for seconds
+    time.sleep(5.5)
+    fake.clear_faults()
+    fake.reset_requests()
+    for _ in range(4):
+        assert ask(proxy).status_code == 200
+    assert Counter(a for a, _ in upstream_seen(fake)) == {"a": 2, "b": 2}
+
+
+def test_windowless_429_fails_over_without_benching(fake, home, start_proxy):
+    oauth_accounts(fake, home, "a", "b")
+    fake.set_fault("a", "status:429-windowless", count=1)
+    proxy = start_proxy(home, "--set", "claudeflare_strategy=round-robin")
+    for _ in range(4):
+        assert ask(proxy).status_code == 200
+    assert Counter(a for a, s in upstream_seen(fake) if s == 200) == {"a": 2, "b": 2}  # a kept its share
+    rows = db_rows(home, expect=4)
+    assert [json.loads(r["failovers"])[0]["reason"] for r in rows if r["failovers"]] == ["windowless"]
+
+
+def test_upstream_refusing_connections_gives_a_clear_error_and_recovers(fake, home, start_proxy):
+    oauth_accounts(fake, home, "a")
+    dead = f"http://127.0.0.1:{free_port()}"
+    proxy = start_proxy(home, upstream=dead, *FAST_RETRY)
+    first = ask(proxy)
+    assert first.status_code == 502
+    second = ask(proxy)
+    assert second.status_code in (502, 503, 429) and second.json()["type"] == "error"
+    rows = db_rows(home, expect=2)
+    assert rows[0]["error"] and rows[1]["attempts"] >= 1
+
+
+def test_in_stream_error_is_passed_through_and_recorded(fake, home, start_proxy):
+    oauth_accounts(fake, home, "a")
+    fake.set_fault("a", "in-stream-error", count=1)
+    proxy = start_proxy(home)
+    reply = ask(proxy, stream=True, tokens=20)
+    assert reply.status_code == 200 and "overloaded_error" in reply.text
+    (row,) = db_rows(home, expect=1)
+    assert row["error"] == "overloaded_error" and row["status"] == 200
+    assert wait_until(lambda: "overloaded" in (home / "claudeflare.db").read_bytes().decode(errors="replace"), timeout=3)
+
+
+def test_spend_limit_benches_and_says_so(fake, home, start_proxy):
+    oauth_accounts(fake, home, "a", "b")
+    fake.set_fault("a", "spend-limit", count=1)
+    proxy = start_proxy(home, "--set", "claudeflare_strategy=round-robin")
+    for _ in range(3):
+        assert ask(proxy).status_code == 200
+    assert [s for a, s in upstream_seen(fake) if a == "a"] == [429]
+
+    def reason():
+        import sqlite3
+        conn = sqlite3.connect(home / "claudeflare.db")
+        try:
+            return conn.execute("select state, reason from account_status where name = 'a'").fetchone()
+        finally:
+            conn.close()
+
+    assert wait_until(lambda: reason() and reason()[0] == "limited" and "spend limit" in reason()[1], timeout=3)
