@@ -56,6 +56,16 @@ def env_number(name: str, default: float) -> float:
         return default
 
 
+def fraction_option(opts, name: str, low: float, high: float, low_inclusive: bool = False) -> float:
+    try:
+        value = float(getattr(opts, name))
+    except ValueError:
+        value = math.nan
+    if not (low <= value if low_inclusive else low < value) or not value <= high:
+        raise exceptions.OptionsError(f"{name} must be a number {'≥' if low_inclusive else '>'} {low:g} and ≤ {high:g}")
+    return value
+
+
 class Claudeflare:
     def __init__(self, recorder: Recorder | None = None) -> None:
         self.recorder = recorder
@@ -79,13 +89,14 @@ class Claudeflare:
         add("claudeflare_home", str, "", "Folder with accounts.toml, credentials and the flow log (default: $CLAUDEFLARE_HOME or ~/.config/claudeflare).")
         add("claudeflare_upstream", str, default_upstream(), "Anthropic API base URL that pool requests go to.")
         add("claudeflare_strategy", str, default_strategy(), "Load balancing: session, round-robin, weighted or least-requests.")
-        add("claudeflare_session_hours", float, 5.0, "How long a conversation stays on its account (session strategy).")
+        # mitmproxy parses only str/int/bool options from the command line: fractions are strings.
+        add("claudeflare_session_hours", str, "5", "How long a conversation stays on its account (session strategy).")
         add("claudeflare_token_url", str, self.oauth.token_url, "OAuth token endpoint used to refresh tokens.")
         add("claudeflare_refresh_margin", int, 300, "Refresh OAuth tokens this many seconds before they expire.")
         add("claudeflare_retry_attempts", int, int(env_number("RETRY_ATTEMPTS", 3)), "Tries per account for 529s and connection errors.")
         add("claudeflare_retry_delay_ms", int, int(env_number("RETRY_DELAY_MS", 1000)), "Wait before the first retry on the same account.")
-        add("claudeflare_retry_backoff", float, env_number("RETRY_BACKOFF", 2.0), "Each further retry on the same account waits this many times longer.")
-        add("claudeflare_switch_utilization", float, 0.95, "A conversation leaves its account past this utilization of its limit.")
+        add("claudeflare_retry_backoff", str, os.environ.get("RETRY_BACKOFF", "2"), "Each further retry on the same account waits this many times longer.")
+        add("claudeflare_switch_utilization", str, "0.95", "A conversation leaves its account past this utilization of its limit.")
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -100,19 +111,15 @@ class Claudeflare:
             except ValueError as e:
                 raise exceptions.OptionsError(f"claudeflare_strategy: {e}") from None
         if "claudeflare_session_hours" in updated:
-            if opts.claudeflare_session_hours <= 0:
-                raise exceptions.OptionsError("claudeflare_session_hours must be positive")
-            self.balancer.session_seconds = opts.claudeflare_session_hours * 3600
+            self.balancer.session_seconds = fraction_option(opts, "claudeflare_session_hours", 0, 24 * 365) * 3600
         if {"claudeflare_retry_attempts", "claudeflare_retry_delay_ms", "claudeflare_retry_backoff"} & updated:
-            if opts.claudeflare_retry_attempts < 1 or opts.claudeflare_retry_delay_ms < 0 or opts.claudeflare_retry_backoff < 1:
-                raise exceptions.OptionsError("retries: attempts must be ≥ 1, delay ≥ 0 ms and backoff ≥ 1")
+            if opts.claudeflare_retry_attempts < 1 or opts.claudeflare_retry_delay_ms < 0:
+                raise exceptions.OptionsError("claudeflare_retry_attempts must be ≥ 1 and claudeflare_retry_delay_ms ≥ 0")
             self.retry_attempts = opts.claudeflare_retry_attempts
             self.retry_delay = opts.claudeflare_retry_delay_ms / 1000
-            self.retry_backoff = opts.claudeflare_retry_backoff
+            self.retry_backoff = fraction_option(opts, "claudeflare_retry_backoff", 1, 100, low_inclusive=True)
         if "claudeflare_switch_utilization" in updated:
-            if not 0 < opts.claudeflare_switch_utilization <= 10:
-                raise exceptions.OptionsError("claudeflare_switch_utilization is a fraction such as 0.95")
-            self.balancer.switch_utilization = opts.claudeflare_switch_utilization
+            self.balancer.switch_utilization = fraction_option(opts, "claudeflare_switch_utilization", 0, 10)
         if {"claudeflare_token_url", "claudeflare_refresh_margin"} & updated:
             if not opts.claudeflare_token_url.startswith(("https://", "http://")):
                 raise exceptions.OptionsError("claudeflare_token_url must be an http(s) URL")
@@ -267,7 +274,9 @@ class Claudeflare:
 
     async def choose(self, pool: Pool, state: FlowState, exclude) -> tuple[Account, Credential] | None:
         """The strategy's pick among usable accounts, with a credential good to send now."""
+        now = time.time()
         self.balancer.warning = {n for n, h in self.health.accounts.items() if h.state == "warning"}
+        self.balancer.utilization = {n: self.health.utilization_now(n, now) for n in self.health.accounts}
         candidates = [a for a in pool.usable() if a.name not in exclude and self.health.available(a.name)]
         while candidates:
             account = self.balancer.pick(candidates, state.session)
@@ -333,9 +342,6 @@ class Claudeflare:
 
     def observe_signals(self, name: str, state: FlowState, response: http.Response) -> None:
         state.signals = signals = read_signals(response.headers)
-        utilization = signals.utilization()
-        if utilization is not None:
-            self.balancer.utilization[name] = utilization
         if response.status_code < 400:
             self.health.observe(name, response.status_code, signals)
 

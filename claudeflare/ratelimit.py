@@ -175,6 +175,14 @@ class Health:
             return True
         return False
 
+    def utilization_now(self, name: str, now: float) -> float:
+        """The highest utilization of the account's windows that have not reset since it was seen."""
+        health = self.accounts.get(name)
+        if health is None:
+            return 0.0
+        current = [u for w, u in health.utilization.items() if health.resets.get(w, math.inf) > now]
+        return max(current, default=0.0)
+
     def soonest(self, names) -> float | None:
         """The earliest time one of these benched accounts comes back."""
         times = [self.accounts[n].until for n in names if n in self.accounts and self.accounts[n].until]

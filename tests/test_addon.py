@@ -47,8 +47,9 @@ def test_bad_options_are_refused(addon):
     claudeflare, _ = addon
     with taddons.context(claudeflare) as tctx:
         for option, value in [("claudeflare_strategy", "fastest"), ("claudeflare_upstream", "ftp://x"),
-                              ("claudeflare_session_hours", 0.0), ("claudeflare_retry_backoff", 0.5)]:
-            with pytest.raises(Exception, match="claudeflare|retries|session"):
+                              ("claudeflare_session_hours", "0"), ("claudeflare_retry_backoff", "0.5"),
+                              ("claudeflare_switch_utilization", "lots"), ("claudeflare_retry_attempts", 0)]:
+            with pytest.raises(Exception, match=option):
                 tctx.configure(claudeflare, **{option: value})
 
 

@@ -9,6 +9,8 @@ import requests
 from conftest import db_rows, wait_until
 from harness import add_account, free_port
 
+from claudeflare.flowlog import query_readonly
+
 MODEL = "claude-sonnet-4-6"
 FAST_RETRY = ("--set", "claudeflare_retry_delay_ms=50", "--set", "claudeflare_retry_backoff=2")
 
@@ -40,20 +42,23 @@ def test_pool_serves_until_every_limit_is_spent_then_fast_429s(fake, home, start
     statuses = [ask(proxy, session="one conversation").status_code for _ in range(12)]
     assert statuses == [200] * 12  # 3 × 4 requests: no 429 reached the client while any account had room
 
+    last_try = ask(proxy)  # c is spent too, which only this request finds out
+    assert last_try.status_code == 429 and last_try.json()["error"]["type"] == "rate_limit_error"
+    upstream_before = len(fake.requests)
     start = time.monotonic()
     refused = ask(proxy)
     assert refused.status_code == 429 and time.monotonic() - start < 1.0
+    assert len(fake.requests) == upstream_before  # answered without asking upstream
     assert refused.json()["error"]["type"] == "rate_limit_error"
-    retry_after = int(refused.headers["retry-after"])
-    assert 3500 <= retry_after <= 3600
+    assert 3500 <= int(refused.headers["retry-after"]) <= 3600 and int(last_try.headers["retry-after"]) >= 3500
 
     seen = upstream_seen(fake)
     assert Counter(a for a, s in seen if s == 200) == {"a": 4, "b": 4, "c": 4}
-    assert len([s for _, s in seen if s == 429]) == 2  # the two requests that found a and then b spent; c never overran
-    rows = db_rows(home, expect=13)
+    assert Counter(a for a, s in seen if s == 429) == {"a": 1, "b": 1, "c": 1}  # each found spent once, then benched
+    rows = db_rows(home, expect=14)
     assert sum(r["attempts"] for r in rows) == len(seen)  # every upstream request is accounted for, none twice
-    failed_over = [r for r in rows if r["failovers"]]
-    assert all(json.loads(r["failovers"])[0]["reason"] == "limited" for r in failed_over) and len(failed_over) == 2
+    reasons = [[f["reason"] for f in json.loads(r["failovers"])] for r in rows if r["failovers"]]
+    assert reasons == [["limited"], ["limited"], ["limited"]]
 
 
 def test_benched_account_gets_nothing_until_its_reset_then_traffic_again(fake, home, start_proxy):
@@ -66,6 +71,7 @@ def test_benched_account_gets_nothing_until_its_reset_then_traffic_again(fake, h
     assert len(a_429) == 1
     assert [acct for acct, _ in upstream_seen(fake)[a_429[0] + 1:]] == ["b"] * (len(upstream_seen(fake)) - a_429[0] - 1)
     time.sleep(3.2)
+    fake.set_limit("a", requests=100, window_s=3600)  # a has room again after its reset
     fake.reset_requests()
     for _ in range(4):
         assert ask(proxy).status_code == 200
@@ -122,10 +128,14 @@ def test_windowless_429_fails_over_without_benching(fake, home, start_proxy):
     oauth_accounts(fake, home, "a", "b")
     fake.set_fault("a", "status:429-windowless", count=1)
     proxy = start_proxy(home, "--set", "claudeflare_strategy=round-robin")
-    for _ in range(4):
+    for _ in range(6):
         assert ask(proxy).status_code == 200
-    assert Counter(a for a, s in upstream_seen(fake) if s == 200) == {"a": 2, "b": 2}  # a kept its share
-    rows = db_rows(home, expect=4)
+    seen = upstream_seen(fake)
+    refused = seen.index(("a", 429))
+    assert seen[refused + 1] == ("b", 200) and seen.count(("a", 429)) == 1
+    assert ("a", 200) in seen[refused + 2:]  # not benched: a serves again right away
+    assert account_state(home, "a")[0] == "ok"
+    rows = db_rows(home, expect=6)
     assert [json.loads(r["failovers"])[0]["reason"] for r in rows if r["failovers"]] == ["windowless"]
 
 
@@ -149,7 +159,7 @@ def test_in_stream_error_is_passed_through_and_recorded(fake, home, start_proxy)
     assert reply.status_code == 200 and "overloaded_error" in reply.text
     (row,) = db_rows(home, expect=1)
     assert row["error"] == "overloaded_error" and row["status"] == 200
-    assert wait_until(lambda: "overloaded" in (home / "claudeflare.db").read_bytes().decode(errors="replace"), timeout=3)
+    assert wait_until(lambda: account_state(home, "a")[0] == "overloaded", timeout=3)
 
 
 def test_spend_limit_benches_and_says_so(fake, home, start_proxy):
@@ -159,13 +169,11 @@ def test_spend_limit_benches_and_says_so(fake, home, start_proxy):
     for _ in range(3):
         assert ask(proxy).status_code == 200
     assert [s for a, s in upstream_seen(fake) if a == "a"] == [429]
+    assert wait_until(lambda: account_state(home, "a")[0] == "limited" and "spend limit" in account_state(home, "a")[1], timeout=3)
 
-    def reason():
-        import sqlite3
-        conn = sqlite3.connect(home / "claudeflare.db")
-        try:
-            return conn.execute("select state, reason from account_status where name = 'a'").fetchone()
-        finally:
-            conn.close()
 
-    assert wait_until(lambda: reason() and reason()[0] == "limited" and "spend limit" in reason()[1], timeout=3)
+def account_state(home, name):
+    """(state, reason) the proxy published for an account, after its next status tick."""
+    time.sleep(1.1)
+    rows = query_readonly(home / "claudeflare.db", "select state, reason from account_status where name = ?", [name])
+    return (rows[0]["state"], rows[0]["reason"] or "") if rows else (None, "")

@@ -1,0 +1,117 @@
+"""Datasette plugin for the Claudeflare dashboard, loaded by `claudeflare dashboard` (--plugins-dir).
+
+- The dashboard's charts fetch their data as `/<db>.json?sql=…`, which Datasette only serves with the
+  execute-sql permission. SQL editing is off by default, so this plugin grants execute-sql for exactly
+  the SQL of the charts configured under `plugins: datasette-dashboards:` (each variant that the
+  dashboard's filters can produce) and for the dashboard pages, to whoever may view the database.
+  Any other SQL stays refused.
+- `plugins: claudeflare: public: true` (set by `claudeflare dashboard --public`) lets anonymous
+  visitors read; management (the writable canned queries) still needs a login.
+- Anonymous visitors refused a page are sent to the login form; `/` opens the dashboard.
+"""
+
+import contextvars
+import itertools
+import re
+from urllib.parse import parse_qs
+
+from datasette import hookimpl
+from datasette.utils.asgi import Response
+from datasette_dashboards import replace_opts_in_query, sql_opt_pattern, sql_var_pattern
+
+PLUGIN = "claudeflare"
+DASHBOARD_PAGE = re.compile(r"^/-/dashboards/[^/]+(/[^/]+)?(/embed)?$")
+
+# The HTTP request being served, for permission checks (Datasette's hook does not receive it).
+current_scope: contextvars.ContextVar[dict | None] = contextvars.ContextVar("claudeflare_scope", default=None)
+
+
+def config(datasette) -> dict:
+    return datasette.plugin_config(PLUGIN) or {}
+
+
+def is_public(datasette) -> bool:
+    value = config(datasette).get("public")
+    return value is True or str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def query_variants(sql: str) -> set[str]:
+    """Every SQL text the dashboard sends for a chart: each `[[ … :var … ]]` block kept or dropped."""
+    names = sorted({m.group("var") for block in sql_opt_pattern.findall(sql) for m in [sql_var_pattern.search(block)] if m})
+    variants = set()
+    for kept in itertools.product((False, True), repeat=len(names)):
+        options = {name: "x" if keep else "" for name, keep in zip(names, kept)}
+        variants.add(replace_opts_in_query(sql, options))
+    return variants
+
+
+def chart_queries(datasette, database: str) -> set[str]:
+    dashboards = datasette.plugin_config("datasette-dashboards") or {}
+    allowed = set()
+    for dashboard in dashboards.values():
+        for chart in (dashboard.get("charts") or {}).values():
+            if chart.get("db") == database and chart.get("query"):
+                allowed |= query_variants(chart["query"])
+    return allowed
+
+
+def is_chart_request(datasette, scope: dict | None, database) -> bool:
+    if not scope or scope.get("type") != "http" or not isinstance(database, str):
+        return False
+    path = scope.get("path", "")
+    if DASHBOARD_PAGE.match(path):
+        return True
+    if path != f"/{database}.json":
+        return False
+    sql = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("sql")
+    return bool(sql) and len(sql) == 1 and sql[0] in chart_queries(datasette, database)
+
+
+@hookimpl
+def asgi_wrapper(datasette):
+    def wrap(app):
+        async def remember_scope(scope, receive, send):
+            token = current_scope.set(scope)
+            try:
+                await app(scope, receive, send)
+            finally:
+                current_scope.reset(token)
+
+        return remember_scope
+
+    return wrap
+
+
+@hookimpl(trylast=True)
+def permission_allowed(datasette, actor, action, resource):
+    if action == "view-instance" and actor is None and is_public(datasette):
+        return True
+    if action == "execute-sql" and is_chart_request(datasette, current_scope.get(), resource):
+
+        async def may_view():
+            return await datasette.permission_allowed(actor, "view-instance", default=True) and await datasette.permission_allowed(
+                actor, "view-database", resource, default=True
+            )
+
+        return may_view
+    return None
+
+
+@hookimpl
+def forbidden(datasette, request, message):
+    # Visitors who are not logged in get the login form instead of a bare 403 on pages.
+    if request.actor is None and request.method == "GET" and not request.path.endswith(".json"):
+        return Response.redirect(datasette.urls.path("/-/login"))
+    return None
+
+
+@hookimpl
+def register_routes(datasette):
+    slug = config(datasette).get("home_dashboard")
+    if not slug:
+        return []
+
+    async def home(request, datasette):
+        return Response.redirect(datasette.urls.path(f"/-/dashboards/{slug}"))
+
+    return [(r"^/$", home)]
