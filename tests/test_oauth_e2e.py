@@ -44,14 +44,20 @@ class Browser:
         self.pasted = ((self.paste or "{code}#{state}").format(code=code, state=query["state"]) + "\n").encode()
 
     def stdin(self):
+        """Standard input whose content exists only once the browser has been opened."""
         browser = self
 
-        class Paste(io.BytesIO):
-            def readline(self, *args):
-                return browser.pasted
+        class Paste(io.RawIOBase):
+            sent = 0
 
-            def read(self, *args):
-                return browser.pasted
+            def readable(self):
+                return True
+
+            def readinto(self, buffer):
+                data = browser.pasted[self.sent:self.sent + len(buffer)]
+                buffer[:len(data)] = data
+                self.sent += len(data)
+                return len(data)
 
         return Paste()
 
