@@ -5,7 +5,8 @@
 Measures, for streamed /v1/messages replies at N concurrent streams:
 - p50/p95 time to first byte (first body byte: the SSE message_start) through each proxy;
 - throughput (completed requests per second) through each proxy;
-- Claudeflare's p50 TTFB for 10-token against 2,000-token replies (streaming must not buffer).
+- Claudeflare's p50 TTFB for 10-token against 2,000-token replies, one stream at a time
+  (streaming must not buffer).
 Both proxies are measured in alternating rounds so machine noise hits them alike. Prints ratios and
 the bars from issue 2; exits 1 if a bar is missed.
 """
@@ -96,8 +97,10 @@ def main() -> int:
         fake, upstream = start_fake(tmp)
         home = tmp / "home"
         add_account(home, "bench", "api-key", 1, api_key=KEY)
-        quiet = ("--set", "flow_detail=0", "--set", "termlog_verbosity=warn")
-        bare = Mitmdump("--mode", f"reverse:{upstream}", *quiet, log=tmp / "bare.log", addon=False).start()
+        quiet = ("--set", "flow_detail=0")
+        # The bare proxy streams bodies too (stream_large_bodies=1), so both forward SSE as it comes.
+        bare = Mitmdump("--mode", f"reverse:{upstream}", "--set", "stream_large_bodies=1", *quiet,
+                        log=tmp / "bare.log", addon=False).start()
         pool = Mitmdump("--set", f"claudeflare_home={home}", "--set", f"claudeflare_upstream={upstream}",
                         *quiet, log=tmp / "claudeflare.log").start()
         results = {"bare": ([], []), "claudeflare": ([], [])}
@@ -109,7 +112,8 @@ def main() -> int:
                     results[name][0].extend(ttfbs)
                     results[name][1].append(rps)
                 for tokens in lengths:
-                    ttfbs, _ = asyncio.run(load(pool.url, args.requests // 4, args.concurrency, tokens))
+                    # One stream at a time: what is measured is buffering, not CPU shared with other streams.
+                    ttfbs, _ = asyncio.run(load(pool.url, args.requests // 5, 1, tokens))
                     lengths[tokens].extend(ttfbs)
         finally:
             bare.stop()

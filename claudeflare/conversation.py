@@ -36,7 +36,7 @@ def conversation_key(headers: Mapping[str, str], body: bytes | None) -> str | No
 def _header(headers: Mapping[str, str], name: str) -> object:
     """`headers[name]`, case-insensitively even when `headers` is a plain dict."""
     value = headers.get(name)
-    if value is None:
+    if value is None and isinstance(headers, dict):  # header maps (mitmproxy's) are case-insensitive already
         value = next((v for k, v in headers.items() if isinstance(k, str) and k.lower() == name), None)
     return value
 

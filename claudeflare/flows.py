@@ -26,11 +26,9 @@ class FlowState:
     session: str | None = None
     strategy: str | None = None
     account: str | None = None  # the account of the current attempt
-    model: str | None = None
-    stream: bool = False
     attempts: int = 0
     failovers: list[dict] = field(default_factory=list)  # {"account", "status", "reason"} per failed attempt
-    client_headers: http.Headers | None = None  # as the client sent them, for a retry elsewhere
+    client_beta: str | None = None  # the client's own anthropic-beta, for a retry on another kind of account
     sent_token: str | None = None  # OAuth access token of the current attempt (to refresh after a 401)
     signals: Signals | None = None
     parser: SSEUsageParser | None = None

@@ -32,7 +32,6 @@ from .flows import (
     is_loopback,
     presented_key,
     redact_credential,
-    request_summary,
 )
 from .oauth import OAuthSettings
 from .ratelimit import Health, Signals, error_details, read_signals
@@ -252,10 +251,9 @@ class Claudeflare:
         state: FlowState | None = flow.metadata.get(STATE)
         if state is None or flow.response:
             return
-        body = flow.request.raw_content or b""
-        state.model, state.stream = request_summary(body)
-        state.session = conversation_key(flow.request.headers, body)
-        state.client_headers = flow.request.headers.copy()
+        # No JSON parsing on the hot path: Claude Code's session header is the key, the reply names the model.
+        state.session = conversation_key(flow.request.headers, flow.request.raw_content)
+        state.client_beta = flow.request.headers.get("anthropic-beta")
         pool = self.pool
         self.balancer.strategy = state.strategy = pool.strategy or self.strategy_option
         chosen = await self.choose(pool, state, exclude=())
@@ -341,7 +339,7 @@ class Claudeflare:
             self.observe_signals(state.account, state, flow.response)
 
     def observe_signals(self, name: str, state: FlowState, response: http.Response) -> None:
-        state.signals = signals = read_signals(response.headers)
+        state.signals = signals = read_signals((k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.fields)
         if response.status_code < 400:
             self.health.observe(name, response.status_code, signals)
 
@@ -381,7 +379,7 @@ class Claudeflare:
             logger.info("claudeflare: %s on %s, retrying on %s", outcome, state.account, account.name)
             if delay:
                 await asyncio.sleep(delay)
-            headers = state.client_headers.copy()
+            headers = client_headers(flow.request, state)
             self.attempt(headers, state, account, credential)
             tries[account.name] += 1
             outcome = await self.resend(flow, state, headers)
@@ -436,6 +434,16 @@ class Claudeflare:
         if state.account and not state.released:
             state.released = True
             self.balancer.release(state.account)
+
+
+def client_headers(request: http.Request, state: FlowState) -> http.Headers:
+    """The headers as the client sent them, for another attempt: credentials are replaced anyway."""
+    headers = request.headers.copy()
+    if state.client_beta is None:
+        headers.pop("anthropic-beta", None)
+    else:
+        headers["anthropic-beta"] = state.client_beta  # without the OAuth flag a previous attempt added
+    return headers
 
 
 def addons() -> list:

@@ -9,7 +9,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import parsedate_to_datetime
@@ -78,11 +78,17 @@ def _retry_after(value: str | None, now: float) -> float | None:
         return None
 
 
-def read_signals(headers: Mapping[str, str], now: float | None = None) -> Signals:
+def read_signals(headers: Mapping[str, str] | Iterable[tuple[str, str]], now: float | None = None) -> Signals:
+    """From a mapping or (name, value) pairs; called on every reply, so it touches only what it needs."""
     now = time.time() if now is None else now
     s = Signals()
-    for raw_name, value in headers.items():
+    retry_after = should_retry = None
+    for raw_name, value in headers.items() if isinstance(headers, Mapping) else headers:
         name = raw_name.lower()
+        if name == "retry-after":
+            retry_after = value
+        elif name == "x-should-retry":
+            should_retry = value
         if not name.startswith("anthropic-ratelimit-"):
             continue
         if name.startswith(UNIFIED):
@@ -110,9 +116,8 @@ def read_signals(headers: Mapping[str, str], now: float | None = None) -> Signal
                 s.console_remaining[m["kind"]] = int(number)
             elif m["field"] == "reset" and (when := _rfc3339(value)) is not None:
                 s.console_reset[m["kind"]] = when
-    s.retry_after = _retry_after(headers.get("retry-after"), now)
-    should = headers.get("x-should-retry")
-    s.should_retry = None if should is None else should.strip().lower() == "true"
+    s.retry_after = _retry_after(retry_after, now)
+    s.should_retry = None if should_retry is None else should_retry.strip().lower() == "true"
     return s
 
 

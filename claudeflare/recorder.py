@@ -9,7 +9,7 @@ from mitmproxy import ctx, http
 
 from .accounts import apply_control
 from .config import DB_FILE, resolve_home
-from .flows import STATE, FlowState, is_event_stream
+from .flows import STATE, FlowState, is_event_stream, request_summary
 from .flowlog import FlowLog
 from .pricing import cost_usd
 from .usage import SSEUsageParser, Usage, usage_from_json
@@ -93,7 +93,8 @@ def reply_usage(flow: http.HTTPFlow, state: FlowState) -> Usage | None:
 def flow_row(flow: http.HTTPFlow, state: FlowState, error: str | None) -> dict:
     request, response = flow.request, flow.response
     usage = reply_usage(flow, state) or Usage()
-    usage.model = usage.model or state.model
+    model, stream = request_summary(request.raw_content or b"") if usage.model is None else (usage.model, False)
+    usage.model = model
     cost = cost_usd(usage)
     tokens = usage.input_tokens + usage.output_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens
     first_byte = state.first_byte_at or (response.timestamp_start if response else None)
@@ -108,7 +109,7 @@ def flow_row(flow: http.HTTPFlow, state: FlowState, error: str | None) -> dict:
         "method": request.method,
         "path": request.path.split("?", 1)[0],
         "model": usage.model,
-        "stream": int(state.stream or state.parser is not None),
+        "stream": int(stream or state.parser is not None or (response is not None and is_event_stream(response))),
         "status": response.status_code if response else None,
         "error": usage.error_type or error,
         "ttfb_ms": round((first_byte - request.timestamp_start) * 1000, 2) if first_byte else None,

@@ -220,6 +220,17 @@ class SSEUsageParser:
             self._stopped = True
 
     def _feed_text(self, data: bytes) -> None:
+        if (
+            self.seen_events
+            and not self._pending
+            and not self._dropping
+            and data.endswith(b"\n\n")
+            and b"message_" not in data
+            and b"error" not in data
+        ):
+            # Whole events, none of them usage or error (content deltas, pings): nothing to read.
+            self._event = None
+            return
         lines = data.split(b"\n")
         if len(lines) == 1:
             self._buffer(data)
