@@ -11,7 +11,7 @@ import secrets
 import sys
 import time
 import webbrowser
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
@@ -31,7 +31,7 @@ from .accounts import (
 )
 from .config import DB_FILE, STRATEGIES, default_strategy, ensure_home, resolve_home
 from .credentials import Credential, CredentialStore, CredentialStoreError
-from .flowlog import account_status, open_db, requests_per_account
+from .flowlog import account_status, open_db, query_readonly, requests_per_account, utc_now
 from .oauth import LoginFlow, OAuthError, OAuthSettings, create_api_key, exchange_code
 from .refresh import TokenRefresher
 
@@ -384,6 +384,92 @@ def strategy(obj: Context, name: str | None) -> None:
     click.echo(f"strategy: {name}")
 
 
+STATS_SINCE_FILE = "stats-since"
+SINCE_RE = re.compile(r"^(\d+)([mhd])$")
+
+
+def parse_since(value: str, now: datetime | None = None) -> str:
+    """`30m`, `24h`, `7d` or an ISO date/time → an ISO UTC timestamp to compare started_at with."""
+    now = now or datetime.now(UTC)
+    if m := SINCE_RE.match(value.strip()):
+        unit = {"m": 60, "h": 3600, "d": 86400}[m[2]]
+        return (now - timedelta(seconds=int(m[1]) * unit)).strftime("%Y-%m-%dT%H:%M:%S")
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use 30m, 24h, 7d or a date such as 2026-11-01") from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # a bare date is local time
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+@cli.command()
+@click.option("--since", default="24h", show_default=True, help="Window: 30m, 24h, 7d or a date (local time).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+def stats(obj: Context, since: str, as_json: bool) -> None:
+    """Per account: requests, tokens, cost, errors and rate-limit state over a window."""
+    start = parse_since(since)
+    reset_file = obj.home / STATS_SINCE_FILE
+    if reset_file.exists():
+        start = max(start, reset_file.read_text().strip())  # `reset-stats` moved the start
+    rows = query_readonly(
+        obj.home / DB_FILE,
+        """select account, count(*) as requests, sum(input_tokens) as input_tokens, sum(output_tokens) as output_tokens,
+                  sum(cache_read_input_tokens) as cache_read, sum(cache_creation_input_tokens) as cache_write,
+                  round(sum(cost_usd), 6) as cost_usd, sum(status >= 400 or error is not null) as errors,
+                  sum(status = 429) as rate_limited
+           from requests where started_at >= ? and account is not null group by account order by account""",
+        [start],
+    )
+    status = account_status(obj.home / DB_FILE)
+    for row in rows:
+        seen = status.get(row["account"], {})
+        row["state"] = seen.get("state") or "-"
+        row["limited_until"] = seen.get("limited_until")
+    if as_json:
+        click.echo(json.dumps({"since": start, "accounts": rows}, indent=2))
+    elif rows:
+        click.echo(f"since {start}")
+        print_table([{**r, "cost_usd": f"{r['cost_usd'] or 0:.4f}", "limited_until": r["limited_until"] or "-"} for r in rows])
+    else:
+        click.echo(f"no requests since {start}")
+
+
+@cli.command("reset-stats")
+@pass_ctx
+def reset_stats(obj: Context) -> None:
+    """Start `stats` from now on, keeping the request history."""
+    now = utc_now()
+    (ensure_home(obj.home) / STATS_SINCE_FILE).write_text(now + "\n")
+    click.echo(f"stats count from {now}")
+
+
+@cli.command("clear-history")
+@click.option("--before", help="Delete only requests before this date (local time), e.g. 2026-11-01; default: all.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_ctx
+def clear_history(obj: Context, before: str | None, yes: bool) -> None:
+    """Delete logged requests (all, or those before a date)."""
+    cutoff = parse_since(before) if before else None
+    what = f"requests logged before {cutoff}Z" if cutoff else "all logged requests"
+    if not yes:
+        click.confirm(f"delete {what}?", abort=True)
+    path = obj.home / DB_FILE
+    if not path.exists():
+        click.echo("no history yet")
+        return
+    db = open_db(path)
+    try:
+        with db.conn:
+            deleted = db.execute(
+                "delete from requests where started_at < ?" if cutoff else "delete from requests", [cutoff] if cutoff else []
+            ).rowcount
+    finally:
+        db.close()
+    click.echo(f"deleted {deleted} request(s)")
+
+
 @cli.group("client-key")
 def client_key() -> None:
     """Keys the proxy's own clients must present (required for clients beyond loopback)."""
@@ -436,18 +522,97 @@ def client_key_revoke(obj: Context, name: str) -> None:
     click.echo(f"client key {name!r} revoked")
 
 
+DASHBOARD_PLUGINS = Path(__file__).resolve().parent / "datasette_plugins"
+DASHBOARD_PASSWORD_FILE = "dashboard-password-hash"
+DASHBOARD_USER = "admin"  # datasette-auth-passwords: admin_password_hash in datasette-metadata.yml
+PASSWORD_HASH_ENV = "CLAUDEFLARE_DASHBOARD_PASSWORD_HASH"
+PUBLIC_ENV = "CLAUDEFLARE_DASHBOARD_PUBLIC"
+
+
+def dashboard_settings(allow_sql: bool = False) -> dict:
+    """Datasette settings of the dashboard (also used by the tests, so they check what runs)."""
+    return {
+        "default_allow_sql": allow_sql,  # the SQL editor; the dashboard's own chart SQL runs regardless
+        "sql_time_limit_ms": 5000,  # charts over 90 days of rows
+        "max_returned_rows": 5000,
+        "facet_time_limit_ms": 500,
+    }
+
+
+def dashboard_command(home: Path, host: str, port: int, metadata: Path, public: bool = False,
+                      allow_sql: bool = False) -> tuple[list[str], dict[str, str]]:
+    """The Datasette command line and environment. The password hash goes in the environment, never
+    on the command line (which `ps` shows to everyone)."""
+    args = [sys.executable, "-m", "datasette", "serve", str(home / DB_FILE), "--metadata", str(metadata),
+            "--plugins-dir", str(DASHBOARD_PLUGINS), "--host", host, "--port", str(port)]
+    for name, value in dashboard_settings(allow_sql).items():
+        args += ["--setting", name, ("on" if value else "off") if isinstance(value, bool) else str(value)]
+    env = {k: v for k, v in os.environ.items() if k not in (PASSWORD_HASH_ENV, PUBLIC_ENV)}
+    password_hash = read_password_hash(home)
+    if password_hash:
+        env[PASSWORD_HASH_ENV] = password_hash
+    env[PUBLIC_ENV] = "1" if public else "0"
+    return args, env
+
+
+def read_password_hash(home: Path) -> str | None:
+    try:
+        value = (home / DASHBOARD_PASSWORD_FILE).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return value or None
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", default=8001, show_default=True, help="Port to listen on.")
 @click.option("--metadata", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=str(METADATA),
               show_default=True, help="Datasette metadata (charts and canned queries).")
+@click.option("--public", is_flag=True, help="Let anyone who can reach the port read the dashboard (management still needs the login).")
+@click.option("--allow-sql", is_flag=True, help="Enable Datasette's SQL editor for those who may read.")
 @pass_ctx
-def dashboard(obj: Context, host: str, port: int, metadata: Path) -> None:
-    """Serve the analytics dashboard (Datasette) over the live flow log."""
-    db_path = ensure_home(obj.home) / DB_FILE
-    open_db(db_path).close()  # create and migrate, so the dashboard has its tables before the first request
-    args = [sys.executable, "-m", "datasette", "serve", str(db_path), "--metadata", str(metadata), "--host", host, "--port", str(port)]
-    os.execv(sys.executable, args)
+def dashboard(obj: Context, host: str, port: int, metadata: Path, public: bool, allow_sql: bool) -> None:
+    """Serve the analytics dashboard (Datasette) over the live flow log.
+
+    Log in as "admin" with the password set by `claudeflare dashboard-password`.
+    """
+    home = ensure_home(obj.home)
+    open_db(home / DB_FILE).close()  # create and migrate, so the dashboard has its tables before the first request
+    args, env = dashboard_command(home, host, port, metadata, public, allow_sql)
+    url = f"http://{host}:{port}/"
+    if PASSWORD_HASH_ENV not in env:
+        click.echo(f"claudeflare dashboard: {url} — no password set yet: run `claudeflare dashboard-password` "
+                   f"to log in{' and manage' if public else ''}, then restart the dashboard", err=True)
+    else:
+        click.echo(f"claudeflare dashboard: {url} (log in as {DASHBOARD_USER})", err=True)
+    os.execve(sys.executable, args, env)
+
+
+@cli.command("dashboard-password")
+@pass_ctx
+def dashboard_password(obj: Context) -> None:
+    """Set the dashboard's login password (user "admin"), from a hidden prompt or standard input.
+
+    Only a salted PBKDF2 hash is stored, in dashboard-password-hash (mode 0600) in the home folder;
+    restart `claudeflare dashboard` to use it.
+    """
+    from datasette_auth_passwords.utils import hash_password
+
+    if sys.stdin.isatty():
+        password = click.prompt("Dashboard password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 8:
+        raise click.ClickException("the password needs at least 8 characters")
+    home = ensure_home(obj.home)
+    path = home / DASHBOARD_PASSWORD_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(hash_password(password) + "\n")
+    os.replace(tmp, path)
+    click.echo(f"dashboard password set (user {DASHBOARD_USER}); restart `claudeflare dashboard` to use it")
 
 
 def main() -> None:

@@ -174,3 +174,67 @@ def test_client_keys(run, home):
 def test_every_command_has_help(run):
     for command in ("add", "import", "list", "pause", "resume", "remove", "strategy", "dashboard", "client-key"):
         assert "Usage:" in run(command, "--help").output
+
+
+def fill_history(home):
+    db = open_db(home / "claudeflare.db")
+    now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+    hour_ago = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(time.time() - 3600))
+    db["requests"].insert_all([
+        {"id": "1", "started_at": now, "account": "a", "status": 200, "input_tokens": 10, "output_tokens": 5, "cost_usd": 0.5},
+        {"id": "2", "started_at": now, "account": "a", "status": 429, "error": "rate_limit_error", "cost_usd": 0.0},
+        {"id": "3", "started_at": hour_ago, "account": "b", "status": 200, "input_tokens": 7, "output_tokens": 1, "cost_usd": 0.25},
+        {"id": "4", "started_at": "2020-01-01T00:00:00.000Z", "account": "b", "status": 200, "cost_usd": 9.0},
+    ])
+    db.close()
+
+
+def test_stats_over_a_window(run, home):
+    home.mkdir()
+    fill_history(home)
+    day = {r["account"]: r for r in json.loads(run("stats", "--json").output)["accounts"]}
+    assert (day["a"]["requests"], day["a"]["errors"], day["a"]["rate_limited"], day["a"]["cost_usd"]) == (2, 1, 1, 0.5)
+    assert (day["b"]["requests"], day["b"]["input_tokens"]) == (1, 7)
+    recent = json.loads(run("stats", "--since", "30m", "--json").output)["accounts"]
+    assert [r["account"] for r in recent] == ["a"]
+    ever = {r["account"]: r for r in json.loads(run("stats", "--since", "2019-01-01", "--json").output)["accounts"]}
+    assert ever["b"]["requests"] == 2 and ever["b"]["cost_usd"] == 9.25
+    assert "since" in run("stats").output and "rate_limited".upper().replace("_", " ") in run("stats").output
+    assert "use 30m, 24h, 7d" in run("stats", "--since", "yesterday-ish", ok=False).output
+
+
+def test_reset_stats_keeps_history(run, home):
+    home.mkdir()
+    fill_history(home)
+    run("reset-stats")
+    assert json.loads(run("stats", "--since", "2019-01-01", "--json").output)["accounts"] == []
+    assert "no requests since" in run("stats").output
+    assert len(json.loads(run("stats", "--json").output)["accounts"]) == 0
+    assert open_db(home / "claudeflare.db")["requests"].count == 4
+
+
+def test_clear_history(run, home):
+    home.mkdir()
+    fill_history(home)
+    run("clear-history", input="n\n", ok=False)
+    assert open_db(home / "claudeflare.db")["requests"].count == 4
+    assert "deleted 1 request(s)" in run("clear-history", "--before", "2021-01-01", "--yes").output
+    assert "deleted 3 request(s)" in run("clear-history", "--yes").output
+    assert "not-a-date" in run("clear-history", "--before", "not-a-date", "--yes", ok=False).output
+
+
+def test_set_tier_and_priority(run, home):
+    run("add", "a", "--mode", "api-key", input=KEY + "\n")
+    run("set", "a", "--tier", "20", "--priority", "3")
+    account = load_accounts(home).accounts[0]
+    assert (account.tier, account.priority) == (20, 3)
+    assert "give --tier and/or --priority" in run("set", "a", ok=False).output
+    assert "no account named" in run("set", "zz", "--tier", "5", ok=False).output
+    assert "'7' is not one of" in run("set", "a", "--tier", "7", ok=False).output
+
+
+def test_login_and_refresh_refuse_api_key_accounts(run):
+    run("add", "a", "--mode", "api-key", input=KEY + "\n")
+    assert "api-key account" in run("login", "a", ok=False).output
+    assert "no refresh token" in run("refresh", "a", ok=False).output
+    assert "no account named" in run("login", "zz", ok=False).output
