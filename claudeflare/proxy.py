@@ -96,6 +96,7 @@ class Claudeflare:
         add("claudeflare_retry_delay_ms", int, int(env_number("RETRY_DELAY_MS", 1000)), "Wait before the first retry on the same account.")
         add("claudeflare_retry_backoff", str, os.environ.get("RETRY_BACKOFF", "2"), "Each further retry on the same account waits this many times longer.")
         add("claudeflare_switch_utilization", str, "0.95", "A conversation leaves its account past this utilization of its limit.")
+        add("claudeflare_max_body_mb", int, 32, "Largest request body accepted, in MiB (Anthropic's own cap is 32 MB).")
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -231,6 +232,16 @@ class Claudeflare:
         if request.method == "HEAD" and request.path == "/":
             # Claude Code's credential-less connection warm-up: answer it here, cheaply.
             flow.response = http.Response.make(200)
+            return
+        try:
+            length = int(request.headers.get("content-length", "0"))
+        except ValueError:
+            length = 0
+        if length > ctx.options.claudeflare_max_body_mb * 1024 * 1024:
+            # Refused before the body is read: mitmproxy answers without buffering it.
+            flow.response = error_response(
+                413, "request_too_large", f"Claudeflare: request body over {ctx.options.claudeflare_max_body_mb} MiB."
+            )
             return
         pool = self.pool
         if pool.client_keys:

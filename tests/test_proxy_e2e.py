@@ -335,3 +335,24 @@ def test_secrets_stay_out_of_the_log_output(fake, home, start_proxy):
     for name in ("claudeflare.db", "claudeflare.db-wal"):
         if (home / name).exists():
             assert key_for("a").encode() not in (home / name).read_bytes()
+
+
+def test_oversized_body_is_refused_in_anthropic_shape(fake, home, start_proxy):
+    api_key_accounts(fake, home, ("a", 1))
+    proxy = start_proxy(home, "--set", "claudeflare_max_body_mb=1")
+    big = b'{"model": "m", "messages": [{"role": "user", "content": "' + b"x" * (2 * 1024 * 1024) + b'"}]}'
+    reply = requests.post(f"{proxy.url}/v1/messages", data=big, headers={"content-type": "application/json"}, timeout=30)
+    assert reply.status_code == 413 and reply.json()["error"]["type"] == "request_too_large"
+    assert served_by(fake) == []
+    assert ask(proxy).status_code == 200  # and the proxy serves on
+
+
+def test_garbage_bodies_are_forwarded_untouched_and_logged(fake, home, start_proxy):
+    api_key_accounts(fake, home, ("a", 1))
+    proxy = start_proxy(home)
+    for body in (b"not json at all", b"\xff\xfe\x00 invalid utf-8", b"[" * 100_000 + b"]" * 100_000):
+        reply = requests.post(f"{proxy.url}/v1/messages", data=body, timeout=10)
+        assert reply.status_code == 400 and reply.json()["error"]["type"] == "invalid_request_error"
+        assert fake.requests[-1]["body"] == body
+    assert ask(proxy).status_code == 200
+    assert [r["status"] for r in db_rows(home, expect=4)] == [400, 400, 400, 200]
