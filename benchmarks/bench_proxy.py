@@ -6,7 +6,8 @@ Measures, for streamed /v1/messages replies at N concurrent streams:
 - p50/p95 time to first byte (first body byte: the SSE message_start) through each proxy;
 - throughput (completed requests per second) through each proxy;
 - Claudeflare's p50 TTFB for 10-token against 2,000-token replies, one stream at a time
-  (streaming must not buffer).
+  (streaming must not buffer);
+- what failover costs: TTFB of streams retried on a second account after a 429, against direct ones.
 Both proxies are measured in alternating rounds so machine noise hits them alike. Prints ratios and
 the bars from issue 2; exits 1 if a bar is missed.
 """
@@ -28,6 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from harness import Mitmdump, add_account, wait_for_port  # noqa: E402
 
 KEY = "sk-ant-api03-benchmark-" + "b" * 32
+FIRST_KEY = "sk-ant-api03-benchmark-first-" + "f" * 26
 BODY = {"model": "claude-sonnet-4-5-20250929", "max_tokens": 4096, "stream": True,
         "messages": [{"role": "user", "content": "benchmark " * 200}]}
 
@@ -103,7 +105,20 @@ def main() -> int:
                         log=tmp / "bare.log", addon=False).start()
         pool = Mitmdump("--set", f"claudeflare_home={home}", "--set", f"claudeflare_upstream={upstream}",
                         *quiet, log=tmp / "claudeflare.log").start()
+        # A pool whose preferred account refuses every request with a windowless 429 (which benches
+        # nothing), so each request is retried on the second account: what failover costs.
+        import requests
+
+        requests.post(f"{upstream}/_fake/api_keys", json={"key": FIRST_KEY, "account": "first"}, timeout=5).raise_for_status()
+        requests.post(f"{upstream}/_fake/faults", json={"account": "first", "fault": "status:429-windowless",
+                                                        "count": 10**9}, timeout=5).raise_for_status()
+        retry_home = tmp / "retry-home"
+        add_account(retry_home, "first", "api-key", 1, 0, api_key=FIRST_KEY)
+        add_account(retry_home, "bench", "api-key", 1, 1, api_key=KEY)
+        failover = Mitmdump("--set", f"claudeflare_home={retry_home}", "--set", f"claudeflare_upstream={upstream}",
+                            *quiet, log=tmp / "failover.log").start()
         results = {"bare": ([], []), "claudeflare": ([], [])}
+        retried = {10: ([], []), 2000: ([], [])}  # tokens -> (direct TTFBs, retried TTFBs)
         lengths = {10: [], 2000: []}
         try:
             for _ in range(args.rounds):
@@ -115,9 +130,13 @@ def main() -> int:
                     # One stream at a time: what is measured is buffering, not CPU shared with other streams.
                     ttfbs, _ = asyncio.run(load(pool.url, args.requests // 5, 1, tokens))
                     lengths[tokens].extend(ttfbs)
+                    retried[tokens][0].extend(ttfbs)
+                    ttfbs, _ = asyncio.run(load(failover.url, args.requests // 10, 1, tokens))
+                    retried[tokens][1].extend(ttfbs)
         finally:
             bare.stop()
             pool.stop()
+            failover.stop()
             fake.terminate()
 
     def summary(name):
@@ -137,6 +156,9 @@ def main() -> int:
         (f"throughput ratio      {rps_ratio:.3f}  (bar ≥ 0.85)", rps_ratio >= 0.85),
         (f"TTFB 2000 / 10 tokens {length_ratio:.3f}  (bar within ±10 %: {short:.2f}ms vs {long_:.2f}ms)", abs(length_ratio - 1) <= 0.10),
     ]
+    for tokens, (direct, again) in retried.items():
+        print(f"failover, {tokens:>4}-token stream: p50 TTFB {statistics.median(again) * 1000:.2f}ms retried "
+              f"vs {statistics.median(direct) * 1000:.2f}ms direct (one stream at a time; no bar)")
     for text, ok in checks:
         print(f"{'PASS' if ok else 'FAIL'}  {text}")
     return 0 if all(ok for _, ok in checks) else 1

@@ -10,7 +10,6 @@ from mitmproxy import http
 from .accounts import Account
 from .credentials import Credential
 from .ratelimit import Signals
-from .usage import SSEUsageParser
 
 STATE = "claudeflare"  # key of FlowState in flow.metadata
 OAUTH_BETA = "oauth-2025-04-20"
@@ -31,7 +30,7 @@ class FlowState:
     client_beta: str | None = None  # the client's own anthropic-beta, for a retry on another kind of account
     sent_token: str | None = None  # OAuth access token of the current attempt (to refresh after a 401)
     signals: Signals | None = None
-    parser: SSEUsageParser | None = None
+    parser: "SideParser | None" = None  # recorder.SideParser, reading usage beside a stream
     first_byte_at: float | None = None
     settled: bool = False  # the reply was fetched by our own client: no further failover in `response`
     released: bool = False

@@ -1,5 +1,6 @@
 """The Recorder addon: reads usage on the side of each reply and writes one flow-log row per request."""
 
+import asyncio
 import json
 import time
 from functools import partial
@@ -13,6 +14,36 @@ from .flows import STATE, FlowState, is_event_stream, request_summary
 from .flowlog import FlowLog
 from .pricing import cost_usd
 from .usage import SSEUsageParser, Usage, usage_from_json
+
+
+class SideParser:
+    """The stream callback: passes each chunk on untouched at once and reads usage from it after the
+    chunk has been written, so parsing never delays the bytes the client waits for."""
+
+    def __init__(self, parser: SSEUsageParser, state: FlowState):
+        self.parser = parser
+        self.state = state
+        self.pending: list[bytes] = []
+        self.loop = asyncio.get_running_loop()
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if chunk:
+            if self.state.first_byte_at is None:
+                self.state.first_byte_at = time.time()
+            if not self.pending:
+                self.loop.call_soon(self.drain)
+            self.pending.append(chunk)
+        return chunk
+
+    def drain(self) -> None:
+        pending, self.pending = self.pending, []
+        for chunk in pending:
+            self.parser.feed(chunk)
+
+    @property
+    def usage(self) -> Usage:
+        self.drain()  # what has arrived so far, all of it
+        return self.parser.usage
 
 
 class Recorder:
@@ -43,16 +74,7 @@ class Recorder:
         state: FlowState | None = flow.metadata.get(STATE)
         if state is None or flow.response is None or not is_event_stream(flow.response):
             return
-        parser = state.parser = SSEUsageParser(flow.response.headers.get("content-encoding"))
-
-        def watch(chunk: bytes) -> bytes:
-            # Forward every chunk as received; usage is read on the side.
-            if chunk and state.first_byte_at is None:
-                state.first_byte_at = time.time()
-            parser.feed(chunk)
-            return chunk
-
-        flow.response.stream = watch
+        flow.response.stream = state.parser = SideParser(SSEUsageParser(flow.response.headers.get("content-encoding")), state)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self.record(flow)

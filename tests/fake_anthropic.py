@@ -1,133 +1,359 @@
-"""A stand-in for the Anthropic API and OAuth server, following ../shared/reference/anthropic-contract.md.
+"""A stand-in for the Anthropic API and OAuth server, following /work/shared/reference/anthropic-contract.md.
 
-The real API is out of reach here, so the tests talk to this: Messages (JSON and SSE), count_tokens,
-models, per-account rate limits with the real headers, faults (429/529/windowless/spend limit,
-in-stream errors, resets, stalls, malformed SSE), and OAuth with rotating single-use refresh tokens.
+The real API is out of reach, so the tests talk to this. It follows the contract, ugly parts included:
+Messages (JSON and SSE, optionally gzip, chunks cut inside UTF-8 characters), count_tokens, models,
+per-account rate limits with the real header families (unified for OAuth, Console for API keys),
+faults (429 with and without windows, spend limit, out of credits, 5xx/529, `event: error` inside a 200
+stream, connection reset, stall, malformed SSE, short body) and OAuth with PKCE and single-use
+(rotating) refresh tokens.
 
-In-process:   with FakeAnthropic() as fake: fake.add_api_key(...); fake.url; fake.requests
-Standalone:   python tests/fake_anthropic.py --port 0 --port-file F [--no-record]   (configure over /_fake/*)
+In-process (pytest)::
+
+    with FakeAnthropic() as fake:                       # 127.0.0.1, free port, own thread + event loop
+        fake.add_api_key("sk-ant-api03-x", account="a")
+        fake.add_oauth(account="m", access_token="at", refresh_token="rt", expires_in=3600)
+        ... requests to fake.url ...
+        fake.requests                                   # one dict per request received
+
+Standalone (benchmarks, soak)::
+
+    python tests/fake_anthropic.py --port 0 --port-file F [--config cfg.json] [--no-record]
+
+writes the bound port to F once listening; configure and inspect it over HTTP under /_fake/.
+
+Per-request control headers (the fake strips nothing; they reach it through the proxy):
+    x-fake-tokens N          output tokens = text deltas (default 10, 1..100000)
+    x-fake-input-tokens N    input_tokens (default max(1, len(raw body) // 4))
+    x-fake-cache-read N      cache_read_input_tokens (default 0)
+    x-fake-cache-write N     5-minute cache writes (default 0)
+    x-fake-cache-write-1h N  1-hour cache writes (default 0); cache_creation_input_tokens = 5m + 1h
+    x-fake-first-byte-ms N   delay before the reply's headers (default 0)
+    x-fake-delay-ms N        delay between text deltas (default 0: yield to the loop, no sleep)
+    x-fake-gzip: 1           gzip the SSE stream incrementally (Z_SYNC_FLUSH after every event)
+    x-fake-split: 1          write each SSE event in pieces, cut inside a UTF-8 character when there is one
+    x-fake-stop-reason S     stop_reason (default end_turn)
+    x-fake-fault F           one of FAULTS below, for this request only
 """
+
+from __future__ import annotations
 
 import argparse
 import asyncio
 import base64
 import hashlib
 import json
+import math
 import os
 import secrets
+import sys
 import threading
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiohttp import web
 
 CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
 OAUTH_BETA = "oauth-2025-04-20"
-STATUS_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error", 403: "permission_error",
-                 404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
-                 529: "overloaded_error"}
-TEXT = ["Hel", "lo", " wo", "rld", " — ", "café", " ✓", " ok", "."]
+STATUS_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                 403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                 429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
+# What the "tokens" of a reply are: cycled, one per text_delta; multi-byte UTF-8 on purpose.
+TEXT = ["Hel", "lo", " wo", "rld", " —", " café", " ✓", " ok", " 🙂", "."]
+MAX_TOKENS = 100_000
+FAULTS = (
+    "status:NNN",             # that HTTP status, Anthropic error body of the matching type (§4)
+    "status:429",             # rate limited WITH window headers (unified rejected / Console remaining 0), reset in 60 s
+    "status:429-windowless",  # retry-after + x-should-retry: true, no anthropic-ratelimit-* header at all
+    "spend-limit",            # 429, error.details.error_code = enforced_spend_limit_reached
+    "out-of-credits",         # 429, unified rejected + overage-status rejected / overage-disabled-reason out_of_credits
+    "reset-mid-stream",       # 200 stream, connection closed after a few deltas (no message_stop)
+    "stall",                  # headers sent, then nothing until the client leaves (at most 60 s)
+    "stall-mid-stream",       # a few events, then nothing until the client leaves (at most 60 s)
+    "malformed-sse",          # garbage lines, a truncated JSON data line and an unknown event between valid events
+    "bad-content-length",     # non-streamed JSON reply whose Content-Length claims more than is sent, then close
+    "in-stream-error",        # 200 stream, `event: error` overloaded_error after a few deltas, then the end
+)
+STALL_S = 60.0
+# The text_delta events of content block 0, precomputed: streaming costs no JSON encoding per token.
+DELTAS = [f'event: content_block_delta\ndata: {{"type":"content_block_delta","index":0,"delta":{{"type":"text_delta","text":{json.dumps(t, ensure_ascii=False)}}}}}\n\n'.encode() for t in TEXT]
+REC = web.RequestKey("fake_record", dict)
+
+
+def expected_text(n: int) -> str:
+    """The text of a reply with `n` output tokens (streamed: one TEXT token per delta)."""
+    return "".join(TEXT[i % len(TEXT)] for i in range(n))
+
+
+def rfc3339(epoch: float) -> str:
+    return datetime.fromtimestamp(int(epoch), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def pkce_challenge(verifier: str) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+
+
+def error_body(status: int, message: str, kind: str | None = None, details: dict | None = None,
+               request_id: str | None = None) -> dict:
+    if kind is None:
+        kind = STATUS_ERRORS.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
+    error = {"type": kind, "message": message}
+    if details:
+        error["details"] = details
+    return {"type": "error", "error": error, "request_id": request_id or new_request_id()}
+
+
+def new_request_id() -> str:
+    return "req_011C" + secrets.token_hex(10)
+
+
+def sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
+
+
+def _int_header(request: web.Request, name: str, default: int, lo: int = 0, hi: int = 10**9) -> int:
+    raw = request.headers.get(name)
+    if raw is None:
+        return default
+    try:
+        return max(lo, min(hi, int(raw.strip())))
+    except ValueError:
+        return default
+
+
+def _split_points(chunk: bytes) -> list[bytes]:
+    """Cut an event in two or three, inside a multi-byte UTF-8 character when there is one."""
+    for i, byte in enumerate(chunk):
+        if byte >= 0xC0:  # lead byte of a multi-byte character: cut right after it
+            return [chunk[:i + 1], chunk[i + 1:]]
+    third = max(1, len(chunk) // 3)
+    return [chunk[:third], chunk[third:2 * third], chunk[2 * third:]]
 
 
 @dataclass
 class Limit:
     requests: int
     window_s: float
-    reset_at: float | None = None
+    first_window_s: float
+    kind: str = "5h"  # "5h" | "7d"
     served: int = 0
+    reset_at: float | None = None  # None: the window opens with the account's next request
+
+    def roll(self, now: float) -> None:
+        if self.reset_at is None:
+            self.reset_at = now + self.first_window_s
+        elif now >= self.reset_at:
+            self.reset_at, self.served = now + self.window_s, 0
+
+    @property
+    def utilization(self) -> float:
+        return self.served / self.requests if self.requests > 0 else 1.0
 
 
-@dataclass
-class State:
-    api_keys: dict = field(default_factory=dict)  # key -> account
-    access_tokens: dict = field(default_factory=dict)  # token -> (account, expires_at)
-    refresh_tokens: dict = field(default_factory=dict)  # token -> account (single use)
-    revoked: set = field(default_factory=set)
-    auth_codes: dict = field(default_factory=dict)  # code -> (account, state, challenge)
-    limits: dict = field(default_factory=dict)  # account -> Limit
-    faults: dict = field(default_factory=dict)  # account -> [fault, count]
-    token_calls: dict = field(default_factory=dict)  # account -> completed refresh/exchange calls
-    token_calls_started: dict = field(default_factory=dict)
+class _State:
+    """Everything the fake has been told or has issued. Guarded by FakeAnthropic._lock."""
 
-
-def iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def error_body(status: int, message: str, kind: str | None = None, details: dict | None = None) -> dict:
-    error = {"type": kind or STATUS_ERRORS.get(status, "api_error"), "message": message}
-    if details:
-        error["details"] = details
-    return {"type": "error", "error": error, "request_id": "req_fake_" + secrets.token_hex(8)}
-
-
-def sse(event: str, data: dict) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+    def __init__(self):
+        self.api_keys: dict[str, str] = {}  # key -> account
+        self.access_tokens: dict[str, tuple[str, float]] = {}  # token -> (account, expires_at)
+        self.refresh_tokens: dict[str, str] = {}  # live refresh token -> account (single use)
+        self.used_refresh_tokens: dict[str, str] = {}  # spent refresh token -> account
+        self.revoked: set[str] = set()
+        self.latest: dict[str, dict] = {}  # account -> last tokens issued/registered
+        self.auth_codes: dict[str, dict] = {}  # code -> {account, state, code_challenge, redirect_uri}
+        self.limits: dict[str, Limit] = {}
+        self.faults: dict[str, list] = {}  # account ("*" = any) -> [fault, remaining]
+        self.overage: dict[str, tuple[str, str | None]] = {}  # account -> (status, disabled reason)
+        self.token_calls: dict[str, int] = {}
+        self.token_calls_started: dict[str, int] = {}
 
 
 class FakeAnthropic:
-    def __init__(self, port: int = 0, record: bool = True, client_id: str = CLIENT_ID):
+    """The fake upstream. Configuration and inspection methods are safe to call from any thread."""
+
+    def __init__(self, port: int = 0, record: bool = True, client_id: str = CLIENT_ID, token_lifetime: int = 3600):
         self.port = port
-        self.record = record
+        self.record = record  # False: keep counters only (soak runs); switchable at any time
         self.client_id = client_id
-        self.state = State()
-        self.requests: list[dict] = []
-        self.served = 0
-        self.token_delay_s = 0.0
-        self.token_fault: str | None = None  # "500" | "invalid_grant"
-        self.token_lifetime = 3600
+        self.token_lifetime = token_lifetime  # expires_in of tokens the OAuth endpoint mints
+        self.token_delay_s = 0.0  # delay inside /v1/oauth/token (a client that leaves meanwhile changes nothing)
+        self.token_fault: str | None = None  # "500" | "invalid_grant" | "429" | None
+        self._lock = threading.RLock()
+        self._state = _State()
+        self._records: list[dict] = []
+        self._counters = self._new_counters()
+        self._started_at = time.time()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
 
-    # --- configuration (from the test's thread) --------------------------------------------------
+    # --- configuration ---------------------------------------------------------------------------
 
-    def add_api_key(self, key: str, account: str) -> None:
-        self.state.api_keys[key] = account
+    def add_api_key(self, key: str, account: str = "api-key") -> None:
+        with self._lock:
+            self._state.api_keys[key] = account
 
-    def add_oauth(self, account: str, access_token: str, refresh_token: str, expires_in: float = 3600) -> None:
-        self.state.access_tokens[access_token] = (account, time.time() + expires_in)
-        self.state.refresh_tokens[refresh_token] = account
+    def add_oauth(self, account: str = "oauth", access_token: str | None = None, refresh_token: str | None = None,
+                  expires_in: float = 3600) -> dict:
+        """Register tokens for an account (generated when not given); returns them."""
+        access_token = access_token or "sk-ant-oat01-fake-" + secrets.token_urlsafe(24)
+        refresh_token = refresh_token or "sk-ant-ort01-fake-" + secrets.token_urlsafe(24)
+        with self._lock:
+            self._state.access_tokens[access_token] = (account, time.time() + expires_in)
+            self._state.refresh_tokens[refresh_token] = account
+            tokens = {"access_token": access_token, "refresh_token": refresh_token, "expires_in": expires_in}
+            self._state.latest[account] = tokens
+        return dict(tokens)
 
-    def add_auth_code(self, code: str, account: str, state: str, code_challenge: str) -> None:
-        self.state.auth_codes[code] = (account, state, code_challenge)
+    def add_auth_code(self, code: str, account: str, state: str, code_challenge: str,
+                      redirect_uri: str | None = None) -> None:
+        """A code the OAuth endpoint will exchange once, for the verifier whose S256 challenge this is."""
+        with self._lock:
+            self._state.auth_codes[code] = {"account": account, "state": state, "code_challenge": code_challenge,
+                                            "redirect_uri": redirect_uri}
 
     def revoke_access_token(self, token: str) -> None:
-        self.state.revoked.add(token)
+        """Upstream stops accepting this access token before its expiry (401)."""
+        with self._lock:
+            self._state.revoked.add(token)
 
-    def set_limit(self, account: str, requests: int, window_s: float, reset_in_s: float | None = None) -> None:
-        """`requests` per window; the window (and its reset) starts with the account's first request."""
-        self.state.limits[account] = Limit(requests, reset_in_s or window_s)
+    def revoke_refresh_token(self, token: str) -> None:
+        with self._lock:
+            account = self._state.refresh_tokens.pop(token, None)
+            if account:
+                self._state.used_refresh_tokens[token] = account
+
+    def set_limit(self, account: str, requests: int, window_s: float, reset_in_s: float | None = None,
+                  kind: str = "5h", used: int = 0) -> None:
+        """`requests` generations per window. The window opens with the account's next request and
+        resets `reset_in_s` (default `window_s`) later; later windows last `window_s`. Once `requests`
+        were served in the window, /v1/messages answers 429 until the reset. `used`: already spent."""
+        if kind not in ("5h", "7d"):
+            raise ValueError("kind must be '5h' or '7d'")
+        with self._lock:
+            self._state.limits[account] = Limit(int(requests), float(window_s),
+                                                float(window_s if reset_in_s is None else reset_in_s), kind, int(used))
+
+    def clear_limit(self, account: str) -> None:
+        with self._lock:
+            self._state.limits.pop(account, None)
 
     def set_fault(self, account: str, fault: str, count: int = 1) -> None:
-        self.state.faults[account] = [fault, count]
+        """The next `count` /v1/messages requests of `account` ("*": of any account) meet `fault`."""
+        with self._lock:
+            if count <= 0:
+                self._state.faults.pop(account, None)
+            else:
+                self._state.faults[account] = [fault, int(count)]
 
-    def clear_faults(self) -> None:
-        self.state.faults.clear()
+    def clear_faults(self, account: str | None = None) -> None:
+        with self._lock:
+            if account is None:
+                self._state.faults.clear()
+            else:
+                self._state.faults.pop(account, None)
 
-    def token_calls(self, account: str) -> int:
-        return self.state.token_calls.get(account, 0)
+    def set_overage(self, account: str, status: str = "rejected", disabled_reason: str | None = "out_of_credits") -> None:
+        """The account's overage headers on every reply (OAuth), e.g. rejected / out_of_credits."""
+        with self._lock:
+            self._state.overage[account] = (status, disabled_reason)
 
-    def token_calls_started(self, account: str) -> int:
-        return self.state.token_calls_started.get(account, 0)
+    def configure(self, config: dict) -> None:
+        """Apply a whole configuration (the --config file and POST /_fake/config use this):
+        {"api_keys": {key: account} | [{"key","account"}], "oauth": [{"account","access_token","refresh_token",
+        "expires_in"}], "auth_codes": [{...add_auth_code args}], "limits": [{...set_limit args}],
+        "faults": [{"account","fault","count"}], "overage": [{"account","status","disabled_reason"}],
+        "token_delay_s", "token_fault", "token_lifetime", "client_id", "record"}"""
+        api_keys = config.get("api_keys") or {}
+        if isinstance(api_keys, dict):
+            api_keys = [{"key": k, "account": v} for k, v in api_keys.items()]
+        for item in api_keys:
+            self.add_api_key(item["key"], item.get("account", "api-key"))
+        for item in config.get("oauth") or []:
+            self.add_oauth(**item)
+        for item in config.get("auth_codes") or []:
+            self.add_auth_code(**item)
+        for item in config.get("limits") or []:
+            self.set_limit(**item)
+        for item in config.get("faults") or []:
+            self.set_fault(**item)
+        for item in config.get("overage") or []:
+            self.set_overage(**item)
+        for name in ("token_delay_s", "token_fault", "token_lifetime", "client_id", "record"):
+            if name in config:
+                setattr(self, name, config[name])
 
     def reset(self) -> None:
-        """Forget everything: credentials, limits, faults, records."""
-        self.state = State()
+        """Forget everything: credentials, codes, limits, faults, token settings, records and counters."""
+        with self._lock:
+            self._state = _State()
+            self.token_delay_s, self.token_fault, self.token_lifetime = 0.0, None, 3600
         self.reset_requests()
-        self.token_delay_s, self.token_fault = 0.0, None
 
     def reset_requests(self) -> None:
-        self.requests = []
-        self.served = 0
+        """Forget the records and counters only (credentials, limits and faults stay)."""
+        with self._lock:
+            self._records = []
+            self._counters = self._new_counters()
+            self._state.token_calls.clear()
+            self._state.token_calls_started.clear()
 
-    def wait_for_requests(self, n: int, timeout: float = 5.0) -> list[dict]:
+    # --- inspection ------------------------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[dict]:
+        """One dict per request received (not /_fake/*), in arrival order (a snapshot of the list; the
+        dicts of requests still in flight fill in as they end): method, path, query, account, auth_kind,
+        headers (lower-case names), body (bytes), status, usage (what the reply said, or None), started,
+        ended, request_id, fault, outcome ("ok" | "client_gone" | "reset" | "stalled" | "error_event" |
+        "short_body"), claimed_account (whose credential it was, even when refused)."""
+        with self._lock:
+            return list(self._records)
+
+    def wait_for_requests(self, n: int, timeout: float = 5.0, path: str | None = None,
+                          finished: bool = False) -> list[dict]:
+        """Wait until `n` requests (to `path`, ended if `finished`) were received; returns them.
+        Raises TimeoutError when they do not come."""
         deadline = time.monotonic() + timeout
-        while len(self.requests) < n and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return self.requests
+        while True:
+            found = [r for r in self.requests if (path is None or r["path"] == path)
+                     and (not finished or r["ended"] is not None)]
+            if len(found) >= n:
+                return found
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{len(found)} of {n} requests after {timeout}s")
+            time.sleep(0.01)
+
+    def stats(self) -> dict:
+        with self._lock:
+            c = self._counters
+            return {**{k: (dict(v) if isinstance(v, dict) else v) for k, v in c.items()},
+                    "token_calls": dict(self._state.token_calls),
+                    "token_calls_started": dict(self._state.token_calls_started)}
+
+    def token_calls(self, account: str) -> int:
+        """Calls of /v1/oauth/token for this account that were answered (any outcome, reuses of a
+        spent refresh token included)."""
+        with self._lock:
+            return self._state.token_calls.get(account, 0)
+
+    def token_calls_started(self, account: str) -> int:
+        """Calls of /v1/oauth/token for this account that arrived (answered or not yet/never)."""
+        with self._lock:
+            return self._state.token_calls_started.get(account, 0)
+
+    def tokens(self, account: str) -> dict | None:
+        """The account's latest tokens: {"access_token","refresh_token","expires_in"}."""
+        with self._lock:
+            latest = self._state.latest.get(account)
+            return dict(latest) if latest else None
+
+    def served(self, account: str) -> int:
+        """Generations counted against the account's limit in its current window."""
+        with self._lock:
+            limit = self._state.limits.get(account)
+            return limit.served if limit else 0
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -136,142 +362,320 @@ class FakeAnthropic:
         return f"http://127.0.0.1:{self.port}"
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post("/v1/messages", self.messages)
-        app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_post("/v1/oauth/token", self.token)
-        app.router.add_post("/api/oauth/claude_cli/create_api_key", self.create_api_key)
-        app.router.add_get("/api/oauth/usage", self.usage)
-        app.router.add_route("HEAD", "/", self.head)
-        app.router.add_post("/_fake/api_keys", self.control_api_key)
-        app.router.add_post("/_fake/oauth", self.control_oauth)
-        app.router.add_post("/_fake/limits", self.control_limits)
-        app.router.add_post("/_fake/reset", self.control_reset)
-        app.router.add_get("/_fake/stats", self.control_stats)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._middleware])
+        app.on_response_prepare.append(self._on_prepare)
+        r = app.router
+        r.add_post("/v1/messages", self.messages)
+        r.add_post("/v1/messages/count_tokens", self.count_tokens)
+        r.add_get("/v1/models", self.models)
+        r.add_post("/v1/oauth/token", self.oauth_token)
+        r.add_post("/api/oauth/claude_cli/create_api_key", self.create_api_key)
+        r.add_get("/api/oauth/usage", self.oauth_usage)
+        r.add_route("HEAD", "/", self.head)
+        r.add_post("/_fake/api_keys", self._control(lambda d: self.add_api_key(d["key"], d.get("account", "api-key"))))
+        r.add_post("/_fake/oauth", self._control(lambda d: self.add_oauth(**d)))
+        r.add_post("/_fake/auth_codes", self._control(lambda d: self.add_auth_code(**d)))
+        r.add_post("/_fake/limits", self._control(lambda d: self.set_limit(**d)))
+        r.add_post("/_fake/faults", self._control(lambda d: self.set_fault(**d)))
+        r.add_post("/_fake/clear_faults", self._control(lambda d: self.clear_faults(d.get("account"))))
+        r.add_post("/_fake/overage", self._control(lambda d: self.set_overage(**d)))
+        r.add_post("/_fake/revoke", self._control(self._control_revoke))
+        r.add_post("/_fake/token", self._control(self._control_token))
+        r.add_post("/_fake/config", self._control(self.configure))
+        r.add_post("/_fake/reset", self._control(lambda d: self.reset()))
+        r.add_post("/_fake/reset_requests", self._control(lambda d: self.reset_requests()))
+        r.add_get("/_fake/requests", self._control_requests)
+        r.add_get("/_fake/stats", self._control_stats)
+        r.add_get("/_fake/token_calls", self._control_token_calls)
         return app
 
     async def start_async(self) -> None:
-        # handler_cancellation: a request whose client vanished before it was handled is not carried out.
-        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        # handler_cancellation: a client that goes away cancels its handler (stalls and slow streams end).
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0,
+                                     max_line_size=65536, max_field_size=65536)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port, backlog=1024)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, backlog=2048)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
+        self._loop = asyncio.get_running_loop()
 
-    def start(self) -> "FakeAnthropic":
+    async def stop_async(self) -> None:
+        if self._runner:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def start(self) -> FakeAnthropic:
         ready = threading.Event()
+        failure: list[BaseException] = []
 
         def run():
-            self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(self.start_async())
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self.start_async())
+            except BaseException as e:  # noqa: BLE001 - reported to the starting thread
+                failure.append(e)
+                ready.set()
+                loop.close()
+                return
             ready.set()
-            self._loop.run_forever()
+            try:
+                loop.run_forever()
+            finally:
+                loop.close()
 
         self._thread = threading.Thread(target=run, name="fake-anthropic", daemon=True)
         self._thread.start()
         if not ready.wait(10):
             raise RuntimeError("fake Anthropic did not start")
+        if failure:
+            raise RuntimeError(f"fake Anthropic did not start: {failure[0]!r}")
         return self
 
     def close(self) -> None:
-        if self._loop:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None or not thread.is_alive():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self.stop_async(), loop).result(15)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+            self._loop = self._thread = None
 
-    def __enter__(self) -> "FakeAnthropic":
+    def __enter__(self) -> FakeAnthropic:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # --- helpers ---------------------------------------------------------------------------------
+    # --- plumbing --------------------------------------------------------------------------------
 
-    def authenticate(self, request: web.Request) -> tuple[str | None, str | None, str | None]:
-        """(account, kind, error message)"""
+    @staticmethod
+    def _new_counters() -> dict:
+        return {"requests": 0, "served": 0, "in_flight": 0, "max_in_flight": 0, "client_gone": 0,
+                "output_tokens": 0, "by_status": {}, "by_account": {}, "by_path": {}, "by_fault": {}}
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler):
+        if request.path.startswith("/_fake/"):
+            return await handler(request)
+        body = await request.read()
+        rec = {"method": request.method, "path": request.path, "query": request.query_string, "account": None,
+               "auth_kind": None, "headers": None, "body": body, "status": None, "usage": None,
+               "started": time.time(), "ended": None, "request_id": new_request_id(), "fault": None,
+               "outcome": None, "claimed_account": None}
+        request[REC] = rec
+        with self._lock:
+            c = self._counters
+            c["requests"] += 1
+            c["in_flight"] += 1
+            c["max_in_flight"] = max(c["max_in_flight"], c["in_flight"])
+            if self.record:
+                rec["headers"] = {k.lower(): v for k, v in request.headers.items()}
+                self._records.append(rec)
+            else:
+                rec["body"] = None
+        response = None
+        try:
+            try:
+                response = await handler(request)
+            except web.HTTPException as e:  # router's 404 / 405: answer the way the API does
+                if e.status not in (404, 405):
+                    raise
+                message = "Not Found" if e.status == 404 else f"Method {request.method} not allowed"
+                response = self._error(request, e.status, message, kind="not_found_error" if e.status == 404 else None)
+            return response
+        except asyncio.CancelledError:
+            rec["outcome"] = rec["outcome"] or "client_gone"
+            raise
+        except (ConnectionError, OSError):
+            rec["outcome"] = rec["outcome"] or "client_gone"
+            raise
+        finally:
+            if rec["status"] is None and response is not None:
+                rec["status"] = response.status
+            rec["outcome"] = rec["outcome"] or "ok"
+            rec["ended"] = time.time()
+            with self._lock:
+                c = self._counters
+                c["in_flight"] -= 1
+                c["served"] += 1
+                if rec["outcome"] == "client_gone":
+                    c["client_gone"] += 1
+                status = rec["status"] or 0
+                c["by_status"][status] = c["by_status"].get(status, 0) + 1
+                c["by_path"][rec["path"]] = c["by_path"].get(rec["path"], 0) + 1
+                if rec["account"]:
+                    c["by_account"][rec["account"]] = c["by_account"].get(rec["account"], 0) + 1
+                if rec["fault"]:
+                    c["by_fault"][rec["fault"]] = c["by_fault"].get(rec["fault"], 0) + 1
+                if rec["usage"]:
+                    c["output_tokens"] += rec["usage"].get("output_tokens", 0)
+
+    async def _on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        rec = request.get(REC)
+        if rec is not None:
+            if "request-id" not in response.headers:
+                response.headers["request-id"] = rec["request_id"]
+            if rec["status"] is None:
+                rec["status"] = response.status
+
+    def _error(self, request: web.Request, status: int, message: str, headers: dict | None = None,
+               kind: str | None = None, details: dict | None = None) -> web.Response:
+        rec = request.get(REC)
+        request_id = rec["request_id"] if rec else new_request_id()
+        return web.json_response(error_body(status, message, kind, details, request_id), status=status,
+                                 headers=headers)
+
+    def _authenticate(self, request: web.Request) -> tuple[str | None, str | None, str | None]:
+        """(account, kind "api_key"|"oauth", None) or (claimed account or None, kind, error message)."""
         key = request.headers.get("x-api-key")
-        auth = request.headers.get("authorization", "")
-        if key and auth:
-            return None, None, "send either x-api-key or Authorization, not both"
-        if key:
-            account = self.state.api_keys.get(key)
-            return (account, "api_key", None) if account else (None, None, "invalid x-api-key")
-        if auth.lower().startswith("bearer "):
-            token = auth[7:].strip()
-            found = self.state.access_tokens.get(token)
-            if not found or token in self.state.revoked:
-                return None, None, "Invalid bearer token"
+        auth = request.headers.get("authorization")
+        if key is not None and auth is not None:
+            return None, None, "Provide either x-api-key or an Authorization header, not both."
+        with self._lock:
+            if key is not None:
+                account = self._state.api_keys.get(key.strip())
+                return (account, "api_key", None) if account else (None, "api_key", "invalid x-api-key")
+            if auth is None:
+                return None, None, "x-api-key header is required"
+            scheme, _, token = auth.strip().partition(" ")
+            token = token.strip()
+            found = self._state.access_tokens.get(token) if scheme.lower() == "bearer" else None
+            if not found:
+                return None, "oauth", "Invalid bearer token"
             account, expires_at = found
-            if time.time() >= expires_at:
-                return None, None, "OAuth token has expired"
-            if OAUTH_BETA not in [b.strip() for b in request.headers.get("anthropic-beta", "").split(",")]:
-                return None, None, "OAuth authentication is currently not supported."
-            return account, "oauth", None
-        return None, None, "x-api-key header is required"
+            if token in self._state.revoked:
+                return account, "oauth", "OAuth token has been revoked. Please obtain a new token."
+        if time.time() >= expires_at:
+            return account, "oauth", "OAuth token has expired. Please obtain a new token or refresh your existing token."
+        betas = [b.strip() for b in request.headers.get("anthropic-beta", "").split(",")]
+        if OAUTH_BETA not in betas:
+            return account, "oauth", "OAuth authentication is currently not supported."
+        return account, "oauth", None
 
-    def limit_headers(self, account: str, kind: str, now: float) -> tuple[dict, bool]:
-        """Rate-limit headers for this reply, and whether the account is over its limit."""
-        limit = self.state.limits.get(account)
+    def _auth_or_error(self, request: web.Request) -> tuple[str | None, str | None, web.Response | None]:
+        rec = request[REC]
+        account, kind, problem = self._authenticate(request)
+        if problem:
+            rec["claimed_account"], rec["auth_kind"] = account, kind
+            return None, None, self._error(request, 401, problem)
+        rec["account"] = rec["claimed_account"] = account
+        rec["auth_kind"] = kind
+        return account, kind, None
+
+    def _limit_headers(self, account: str, kind: str, now: float, limit: Limit | None, rejected: bool,
+                       input_tokens: int = 0) -> dict:
+        """Rate-limit headers describing the account's state when this request arrived. Caller holds the lock."""
         if limit:
-            if limit.reset_at is None or now >= limit.reset_at:
-                limit.reset_at, limit.served = now + limit.window_s, 0
-            over = limit.served >= limit.requests
-            utilization, reset, left = limit.served / limit.requests, limit.reset_at, max(0, limit.requests - limit.served)
-            cap = limit.requests
+            utilization, reset, cap = limit.utilization, limit.reset_at or now + limit.window_s, limit.requests
         else:
-            over, utilization, reset, left, cap = False, 0.1, now + 5 * 3600, 3999, 4000
+            utilization, reset, cap = 0.1, None, 4000
         if kind == "api_key":
-            return {
+            if reset is None:
+                reset = now + 60
+            remaining = 0 if rejected else max(0, cap - (limit.served if limit else int(cap * utilization)))
+            headers = {
                 "anthropic-ratelimit-requests-limit": str(cap),
-                "anthropic-ratelimit-requests-remaining": str(0 if over else left),
-                "anthropic-ratelimit-requests-reset": iso(reset),
-                "anthropic-ratelimit-tokens-limit": "400000",
-                "anthropic-ratelimit-tokens-remaining": "399000",
-                "anthropic-ratelimit-tokens-reset": iso(now + 60),
-                **({"retry-after": str(max(1, int(reset - now)))} if over else {}),
-            }, over
-        status = "rejected" if over else ("allowed_warning" if utilization >= 0.8 else "allowed")
-        return {
-            "anthropic-ratelimit-unified-status": status,
-            "anthropic-ratelimit-unified-reset": str(int(reset)),
-            "anthropic-ratelimit-unified-representative-claim": "five_hour",
-            "anthropic-ratelimit-unified-5h-status": status,
-            "anthropic-ratelimit-unified-5h-utilization": f"{min(utilization, 1.0) if not over else 1.0:.3f}",
-            "anthropic-ratelimit-unified-5h-reset": str(int(reset)),
-            "anthropic-ratelimit-unified-7d-status": "allowed",
-            "anthropic-ratelimit-unified-7d-utilization": "0.050",
-            "anthropic-ratelimit-unified-7d-reset": str(int(now + 7 * 86400)),
-            "anthropic-ratelimit-unified-overage-status": "rejected",
-            "anthropic-ratelimit-unified-overage-disabled-reason": "org_level_disabled",
-            **({"retry-after": str(max(1, int(reset - now)))} if over else {}),
-        }, over
+                "anthropic-ratelimit-requests-remaining": str(remaining),
+                "anthropic-ratelimit-requests-reset": rfc3339(reset),
+                "anthropic-ratelimit-tokens-limit": "2000000",
+                "anthropic-ratelimit-tokens-remaining": str(2000000 - min(2000000, input_tokens)),
+                "anthropic-ratelimit-tokens-reset": rfc3339(now + 1),
+                "anthropic-ratelimit-input-tokens-limit": "2000000",
+                "anthropic-ratelimit-input-tokens-remaining": str(2000000 - min(2000000, input_tokens)),
+                "anthropic-ratelimit-input-tokens-reset": rfc3339(now + 1),
+                "anthropic-ratelimit-output-tokens-limit": "400000",
+                "anthropic-ratelimit-output-tokens-remaining": "400000",
+                "anthropic-ratelimit-output-tokens-reset": rfc3339(now + 1),
+            }
+            if rejected:
+                headers["retry-after"] = str(max(1, math.ceil(reset - now)))
+            return headers
+        five_reset = self._started_at + 5 * 3600
+        seven_reset = self._started_at + 7 * 86400
 
-    def take_fault(self, account: str | None, request: web.Request) -> str | None:
+        def status_of(u: float) -> str:
+            return "rejected" if rejected else ("allowed_warning" if u >= 0.8 else "allowed")
+
+        windows = {"5h": ["allowed", 0.1, five_reset], "7d": ["allowed", 0.05, seven_reset]}
+        claim = "five_hour"
+        if limit:
+            windows[limit.kind] = [status_of(utilization), utilization, reset]
+            claim = "five_hour" if limit.kind == "5h" else "seven_day"
+        binding = windows["5h" if claim == "five_hour" else "7d"]
+        overage_status, overage_reason = self._state.overage.get(account, ("rejected", "org_level_disabled"))
+        headers = {
+            "anthropic-ratelimit-unified-status": binding[0],
+            "anthropic-ratelimit-unified-reset": str(int(binding[2])),
+            "anthropic-ratelimit-unified-representative-claim": claim,
+            "anthropic-ratelimit-unified-fallback-percentage": "0.5",
+            "anthropic-ratelimit-unified-overage-status": overage_status,
+        }
+        if overage_reason:
+            headers["anthropic-ratelimit-unified-overage-disabled-reason"] = overage_reason
+        for name, (status, u, when) in windows.items():
+            headers[f"anthropic-ratelimit-unified-{name}-status"] = status
+            headers[f"anthropic-ratelimit-unified-{name}-utilization"] = f"{u:.4g}"
+            headers[f"anthropic-ratelimit-unified-{name}-reset"] = str(int(when))
+        if rejected:
+            headers["retry-after"] = str(max(1, math.ceil(binding[2] - now)))
+        return headers
+
+    def _take_fault(self, request: web.Request, account: str) -> str | None:
+        """Caller holds the lock."""
         fault = request.headers.get("x-fake-fault")
         if fault:
-            return fault
-        queued = self.state.faults.get(account) if account else None
-        if queued and queued[1] > 0:
-            queued[1] -= 1
-            return queued[0]
+            return fault.strip()
+        for who in (account, "*"):
+            queued = self._state.faults.get(who)
+            if queued and queued[1] > 0:
+                queued[1] -= 1
+                if queued[1] <= 0:
+                    del self._state.faults[who]
+                return queued[0]
         return None
 
-    def reply_error(self, status: int, message: str, headers: dict | None = None, **kw) -> web.Response:
-        return web.json_response(error_body(status, message, **kw), status=status, headers=headers)
-
-    def new_record(self, request: web.Request, body: bytes) -> dict:
-        """Recorded on arrival (a stream in progress is visible); `finish` fills in the outcome."""
-        record = {"method": request.method, "path": request.path, "query": request.query_string, "account": None,
-                  "auth_kind": None, "headers": {k.lower(): v for k, v in request.headers.items()}, "body": body,
-                  "status": None, "usage": None, "started": time.time(), "ended": None, "request_id": None}
-        if self.record:
-            self.requests.append(record)
-        return record
-
-    def finish(self, record: dict, status: int, request_id: str | None = None) -> None:
-        record["status"], record["ended"], record["request_id"] = status, time.time(), request_id
-        self.served += 1
+    def _status_fault(self, request: web.Request, fault: str, account: str, kind: str, now: float,
+                      headers: dict) -> web.Response | None:
+        """The error reply of a status-like fault, or None when `fault` is not one. Caller holds the lock."""
+        if fault == "spend-limit":
+            return self._error(request, 429, "You have reached your specified workspace API usage limits. "
+                               "You will regain access on the first day of next month.",
+                               {**headers, "x-should-retry": "false"}, kind="rate_limit_error",
+                               details={"error_code": "enforced_spend_limit_reached"})
+        if fault == "out-of-credits":
+            limit_headers = self._limit_headers(account, kind, now, None, False)
+            if kind == "oauth":
+                reset = str(int(self._started_at + 5 * 3600))
+                limit_headers.update({
+                    "anthropic-ratelimit-unified-status": "rejected", "anthropic-ratelimit-unified-reset": reset,
+                    "anthropic-ratelimit-unified-5h-status": "rejected",
+                    "anthropic-ratelimit-unified-5h-utilization": "1", "anthropic-ratelimit-unified-5h-reset": reset,
+                    "anthropic-ratelimit-unified-overage-status": "rejected",
+                    "anthropic-ratelimit-unified-overage-disabled-reason": "out_of_credits"})
+            return self._error(request, 429, "You are out of extra usage credits.",
+                               {"request-id": request[REC]["request_id"], **limit_headers, "x-should-retry": "false"})
+        if not fault.startswith("status:"):
+            return None
+        spec = fault.split(":", 1)[1].strip()
+        if spec == "429-windowless":
+            return self._error(request, 429, "Rate limited. Please try again later.",
+                               {"retry-after": "1", "x-should-retry": "true"})
+        try:
+            status = int(spec)
+        except ValueError:
+            return self._error(request, 500, f"fake: unknown fault {fault!r}")
+        if status == 429:
+            limit = Limit(1, 60.0, 60.0, "5h", served=1, reset_at=now + 60)
+            return self._error(request, 429, "Number of request tokens has exceeded your rate limit.",
+                               {**self._limit_headers(account, kind, now, limit, True), "x-should-retry": "true"})
+        messages = {500: "Internal server error", 529: "Overloaded", 401: "invalid x-api-key",
+                    403: "Your credit balance is too low to access the Anthropic API.", 404: "Not Found",
+                    413: "Request exceeds the maximum allowed number of bytes.", 400: "Invalid request"}
+        extra = {"x-should-retry": "true" if status >= 500 or status == 408 else "false"}
+        return self._error(request, status, messages.get(status, f"Error {status}"), {**headers, **extra})
 
     # --- API -------------------------------------------------------------------------------------
 
@@ -279,259 +683,406 @@ class FakeAnthropic:
         return web.Response(status=200)
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        record = self.new_record(request, body)
-        request_id = "req_fake_" + secrets.token_hex(10)
-        base = {"request-id": request_id}
-        account, kind, problem = self.authenticate(request)
-        record["account"], record["auth_kind"] = account, kind
-        if problem:
-            self.finish(record, 401, request_id)
-            return self.reply_error(401, problem, base)
+        rec = request[REC]
+        account, kind, refused = self._auth_or_error(request)
+        if refused:
+            return refused
+        body: bytes = await request.read()
         try:
             payload = json.loads(body)
-            assert isinstance(payload, dict) and isinstance(payload.get("messages"), list)
-        except (ValueError, AssertionError):
-            self.finish(record, 400, request_id)
-            return self.reply_error(400, "messages: invalid JSON body", base)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return self._error(request, 400, "There was an error parsing the body of your request as JSON.")
+        if not isinstance(payload, dict):
+            return self._error(request, 400, "body: Input should be an object")
+        for name, typ in (("model", str), ("max_tokens", int), ("messages", list)):
+            if not isinstance(payload.get(name), typ) or isinstance(payload.get(name), bool):
+                return self._error(request, 400, f"{name}: Field required" if name not in payload
+                                   else f"{name}: Input should be a valid {typ.__name__}")
+        usage = {
+            "input_tokens": _int_header(request, "x-fake-input-tokens", max(1, len(body) // 4)),
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": _int_header(request, "x-fake-cache-read", 0),
+            "output_tokens": _int_header(request, "x-fake-tokens", 10, 1, MAX_TOKENS),
+        }
+        five, hour = _int_header(request, "x-fake-cache-write", 0), _int_header(request, "x-fake-cache-write-1h", 0)
+        usage["cache_creation_input_tokens"] = five + hour
+        cache_creation = {"ephemeral_5m_input_tokens": five, "ephemeral_1h_input_tokens": hour}
         now = time.time()
-        limits, over = self.limit_headers(account, kind, now)
-        headers = {**base, **limits}
-        fault = self.take_fault(account, request)
-        first_byte = int(request.headers.get("x-fake-first-byte-ms", "0")) / 1000
+        with self._lock:
+            limit = self._state.limits.get(account)
+            if limit:
+                limit.roll(now)
+            over = bool(limit and limit.served >= limit.requests)
+            headers = {"request-id": rec["request_id"],
+                       **self._limit_headers(account, kind, now, limit, over, usage["input_tokens"])}
+            fault = None if over else self._take_fault(request, account)
+            rec["fault"] = fault
+            refusal = None
+            if over:
+                refusal = self._error(request, 429, "This request would exceed your account's rate limit. "
+                                      "Please try again later.", {**headers, "x-should-retry": "true"})
+            elif fault:
+                refusal = self._status_fault(request, fault, account, kind, now, headers)
+                if refusal is None and fault not in FAULTS:
+                    refusal = self._error(request, 500, f"fake: unknown fault {fault!r}; known: {', '.join(FAULTS)}")
+            if refusal is None and limit:
+                limit.served += 1
+        first_byte = _int_header(request, "x-fake-first-byte-ms", 0, 0, 600_000) / 1000
         if first_byte:
             await asyncio.sleep(first_byte)
-        if over:
-            self.finish(record, 429, request_id)
-            return self.reply_error(429, "Number of requests has exceeded your rate limit", headers)
-        if fault and fault.startswith("status:"):
-            code = fault.split(":", 1)[1]
-            self.finish(record, int(code.split("-")[0]), request_id)
-            if code == "429-windowless":
-                return self.reply_error(429, "Rate limited", {**base, "retry-after": "1", "x-should-retry": "true"})
-            if code == "429":
-                reset = int(now + 60)
-                return self.reply_error(429, "Rate limited", {**headers, "anthropic-ratelimit-unified-status": "rejected",
-                                                              "anthropic-ratelimit-unified-reset": str(reset), "retry-after": "60"})
-            status = int(code)
-            return self.reply_error(status, STATUS_ERRORS.get(status, "error"), {**headers, "x-should-retry": "true"})
-        if fault == "spend-limit":
-            self.finish(record, 429, request_id)
-            return self.reply_error(429, "Spend limit reached", {**headers, "retry-after": "7200"},
-                                    details={"error_code": "enforced_spend_limit_reached"})
-        limit = self.state.limits.get(account)
-        if limit:
-            limit.served += 1
-        usage = {
-            "input_tokens": max(1, len(body) // 4),
-            "cache_creation_input_tokens": int(request.headers.get("x-fake-cache-write", "0")),
-            "cache_read_input_tokens": int(request.headers.get("x-fake-cache-read", "0")),
-            "output_tokens": min(100_000, int(request.headers.get("x-fake-tokens", "10"))),
-        }
-        one_hour = int(request.headers.get("x-fake-cache-write-1h", "0"))
-        cache_creation = {"ephemeral_5m_input_tokens": usage["cache_creation_input_tokens"] - one_hour,
-                          "ephemeral_1h_input_tokens": one_hour}
-        record["usage"] = usage
-        model = payload.get("model") or "claude-sonnet-4-5-20250929"
-        if payload.get("stream") is True:
-            return await self.stream(request, record, model, usage, cache_creation, headers, fault)
-        text = "".join(TEXT[i % len(TEXT)] for i in range(usage["output_tokens"]))
-        message = {"id": "msg_fake_" + secrets.token_hex(8), "type": "message", "role": "assistant", "model": model,
-                   "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
-                   "usage": {**usage, "cache_creation": cache_creation}}
-        self.finish(record, 200, request_id)
+        if refusal is not None:
+            return refusal
+        model = payload["model"]
+        stop_reason = request.headers.get("x-fake-stop-reason", "end_turn")
         if fault == "bad-content-length":
-            raw = json.dumps(message).encode()
-            response = web.StreamResponse(status=200, headers={**headers, "content-type": "application/json",
-                                                              "content-length": str(len(raw) + 100)})
-            await response.prepare(request)
-            await response.write(raw)
-            request.transport.close()
-            return response
-        return web.json_response(message, headers=headers)
+            return await self._short_body(request, rec, model, usage, cache_creation, headers, stop_reason)
+        if payload.get("stream") is True or fault == "stall":
+            return await self._stream(request, rec, model, usage, cache_creation, headers, fault, stop_reason,
+                                      bool(payload.get("stream")))
+        n = usage["output_tokens"]
+        message = {"id": "msg_01" + secrets.token_hex(11), "type": "message", "role": "assistant", "model": model,
+                   "content": [{"type": "text", "text": expected_text(n)}], "stop_reason": stop_reason,
+                   "stop_sequence": None,
+                   "usage": {**usage, "cache_creation": cache_creation, "service_tier": "standard"}}
+        rec["usage"] = {**usage, "cache_creation": cache_creation}
+        return web.json_response(message, headers=headers, dumps=lambda o: json.dumps(o, ensure_ascii=False))
 
-    async def stream(self, request, record, model, usage, cache_creation, headers, fault) -> web.StreamResponse:
-        gzip = request.headers.get("x-fake-gzip") == "1"
-        delay = int(request.headers.get("x-fake-delay-ms", "0")) / 1000
-        response = web.StreamResponse(status=200, headers={**headers, "content-type": "text/event-stream",
-                                                          "cache-control": "no-cache",
-                                                          **({"content-encoding": "gzip"} if gzip else {})})
+    async def _short_body(self, request, rec, model, usage, cache_creation, headers, stop_reason):
+        message = {"id": "msg_01" + secrets.token_hex(11), "type": "message", "role": "assistant", "model": model,
+                   "content": [{"type": "text", "text": expected_text(usage["output_tokens"])}],
+                   "stop_reason": stop_reason, "stop_sequence": None,
+                   "usage": {**usage, "cache_creation": cache_creation}}
+        raw = json.dumps(message, ensure_ascii=False).encode()
+        response = web.StreamResponse(status=200, headers={**headers, "content-type": "application/json"})
+        response.content_length = len(raw) + 100
         await response.prepare(request)
-        compressor = zlib.compressobj(wbits=31) if gzip else None
+        await response.write(raw)
+        rec["usage"] = {**usage, "cache_creation": cache_creation}
+        rec["outcome"] = "short_body"
+        request.transport.close()
+        raise asyncio.CancelledError  # nothing more may be written; the middleware records the outcome
 
-        async def send(chunk: bytes):
+    async def _stream(self, request, rec, model, usage, cache_creation, headers, fault, stop_reason, is_stream):
+        gzip = request.headers.get("x-fake-gzip", "").strip() in ("1", "true")
+        split = request.headers.get("x-fake-split", "").strip() in ("1", "true")
+        delay = _int_header(request, "x-fake-delay-ms", 0, 0, 600_000) / 1000
+        n = usage["output_tokens"]
+        response = web.StreamResponse(status=200, headers={
+            **headers, "content-type": "text/event-stream; charset=utf-8" if is_stream else "application/json",
+            "cache-control": "no-cache", **({"content-encoding": "gzip"} if gzip else {})})
+        await response.prepare(request)  # a StreamResponse sends its headers right away
+        if fault == "stall":
+            await self._stall(request, rec)
+        compressor = zlib.compressobj(6, zlib.DEFLATED, 31) if gzip else None
+
+        async def send(chunk: bytes) -> None:
             if compressor:
                 chunk = compressor.compress(chunk) + compressor.flush(zlib.Z_SYNC_FLUSH)
-            await response.write(chunk)
+            if split:
+                for piece in _split_points(chunk):
+                    await response.write(piece)
+                    await asyncio.sleep(0)
+            else:
+                await response.write(chunk)
 
-        msg_id = "msg_fake_" + secrets.token_hex(8)
-        start_usage = {**usage, "output_tokens": 1, "cache_creation": cache_creation}
-        await send(sse("message_start", {"type": "message_start", "message": {
-            "id": msg_id, "type": "message", "role": "assistant", "model": model, "content": [],
-            "stop_reason": None, "stop_sequence": None, "usage": start_usage}}))
-        await send(sse("content_block_start", {"type": "content_block_start", "index": 0,
-                                               "content_block": {"type": "text", "text": ""}}))
-        await send(sse("ping", {"type": "ping"}))
-        if fault == "stall":
-            await asyncio.sleep(60)
-        for i in range(usage["output_tokens"]):
-            if delay:
-                await asyncio.sleep(delay)
-            elif i % 50 == 49:
-                await asyncio.sleep(0)
-            await send(sse("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                   "delta": {"type": "text_delta", "text": TEXT[i % len(TEXT)]}}))
-            if i == 2 and fault == "reset-mid-stream":
-                request.transport.close()
-                self.finish(record, 200)
-                return response
-            if i == 2 and fault == "malformed-sse":
-                await send(b"garbage without a colon\ndata: {\"type\": \"message_delta\", \"usage\": {\"output_tok\n\nevent: \xff\xfe\n\n")
-            if i == 2 and fault == "in-stream-error":
-                await send(sse("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}))
-                self.finish(record, 200)
-                if compressor:
-                    await response.write(compressor.flush())
-                await response.write_eof()
-                return response
-        await send(sse("content_block_stop", {"type": "content_block_stop", "index": 0}))
-        await send(sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                                         "usage": {**usage}}))
-        await send(sse("message_stop", {"type": "message_stop"}))
-        if compressor:
-            await response.write(compressor.flush())
-        await response.write_eof()
-        self.finish(record, 200, headers.get("request-id"))
+        start_usage = {**usage, "cache_creation": cache_creation, "output_tokens": 1, "service_tier": "standard"}
+        rec["usage"] = {**usage, "cache_creation": cache_creation, "output_tokens": 1}
+        trigger = min(2, n - 1)
+        try:
+            await send(sse("message_start", {"type": "message_start", "message": {
+                "id": "msg_01" + secrets.token_hex(11), "type": "message", "role": "assistant", "model": model,
+                "content": [], "stop_reason": None, "stop_sequence": None, "usage": start_usage}}))
+            await send(sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                                   "content_block": {"type": "text", "text": ""}}))
+            await send(sse("ping", {"type": "ping"}))
+            for i in range(n):
+                if delay:
+                    await asyncio.sleep(delay)
+                else:
+                    await asyncio.sleep(0)
+                await send(DELTAS[i % len(DELTAS)])
+                if i != trigger:
+                    continue
+                if fault == "reset-mid-stream":
+                    rec["outcome"] = "reset"
+                    request.transport.close()
+                    raise asyncio.CancelledError
+                if fault == "stall-mid-stream":
+                    await self._stall(request, rec)
+                if fault == "malformed-sse":
+                    await send(b"this line is garbage\n: an SSE comment\n\n"
+                               b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,"
+                               b"\"delta\":{\"type\":\"text_del\n\n"
+                               b"event: fake_unknown_event\ndata: {\"type\":\"fake_unknown_event\"}\n\n")
+                if fault == "in-stream-error":
+                    await send(sse("error", {"type": "error", "error": {"type": "overloaded_error",
+                                                                         "message": "Overloaded"}}))
+                    rec["outcome"] = "error_event"
+                    if compressor:
+                        await response.write(compressor.flush())
+                    await response.write_eof()
+                    return response
+            await send(sse("content_block_stop", {"type": "content_block_stop", "index": 0}))
+            final = {"input_tokens": usage["input_tokens"],
+                     "cache_creation_input_tokens": usage["cache_creation_input_tokens"],
+                     "cache_read_input_tokens": usage["cache_read_input_tokens"], "output_tokens": n}
+            await send(sse("message_delta", {"type": "message_delta",
+                                             "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                                             "usage": final}))
+            rec["usage"] = {**usage, "cache_creation": cache_creation}
+            await send(sse("message_stop", {"type": "message_stop"}))
+            if compressor:
+                await response.write(compressor.flush())
+            await response.write_eof()
+        except (ConnectionError, OSError):
+            rec["outcome"] = rec["outcome"] or "client_gone"
+            raise asyncio.CancelledError from None
         return response
 
+    async def _stall(self, request: web.Request, rec: dict) -> None:
+        """Hang until the client goes away (the handler is then cancelled), at most STALL_S; then hang up."""
+        rec["outcome"] = "stalled"
+        await asyncio.sleep(STALL_S)
+        if request.transport:
+            request.transport.close()
+        raise asyncio.CancelledError
+
     async def count_tokens(self, request: web.Request) -> web.Response:
+        rec = request[REC]
+        account, kind, refused = self._auth_or_error(request)
+        if refused:
+            return refused
         body = await request.read()
-        record = self.new_record(request, body)
-        account, kind, problem = self.authenticate(request)
-        record["account"], record["auth_kind"] = account, kind
-        if problem:
-            self.finish(record, 401)
-            return self.reply_error(401, problem)
-        self.finish(record, 200)
-        return web.json_response({"input_tokens": max(1, len(body) // 4)})
+        try:
+            payload = json.loads(body)
+            assert isinstance(payload, dict)
+        except (ValueError, UnicodeDecodeError, RecursionError, AssertionError):
+            return self._error(request, 400, "There was an error parsing the body of your request as JSON.")
+        for name, typ in (("model", str), ("messages", list)):
+            if not isinstance(payload.get(name), typ):
+                return self._error(request, 400, f"{name}: Field required")
+        with self._lock:
+            headers = self._limit_headers(account, kind, time.time(), self._state.limits.get(account), False)
+            fault = request.headers.get("x-fake-fault", "").strip()
+            if fault:
+                rec["fault"] = fault
+                refusal = self._status_fault(request, fault, account, kind, time.time(), headers)
+                if refusal is not None:
+                    return refusal
+        n = _int_header(request, "x-fake-input-tokens", max(1, len(body) // 4))
+        rec["usage"] = {"input_tokens": n}
+        return web.json_response({"input_tokens": n}, headers=headers)
 
     async def models(self, request: web.Request) -> web.Response:
-        record = self.new_record(request, b"")
-        account, kind, problem = self.authenticate(request)
-        record["account"], record["auth_kind"] = account, kind
-        if problem:
-            self.finish(record, 401)
-            return self.reply_error(401, problem)
-        self.finish(record, 200)
-        data = [{"type": "model", "id": m, "display_name": m, "created_at": "2025-09-29T00:00:00Z"}
-                for m in ("claude-sonnet-4-5-20250929", "claude-haiku-4-5-20251001", "claude-opus-4-1-20250805")]
-        return web.json_response({"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]})
+        account, kind, refused = self._auth_or_error(request)
+        if refused:
+            return refused
+        with self._lock:
+            headers = self._limit_headers(account, kind, time.time(), self._state.limits.get(account), False)
+        data = [{"type": "model", "id": m, "display_name": d, "created_at": c} for m, d, c in (
+            ("claude-sonnet-4-5-20250929", "Claude Sonnet 4.5", "2025-09-29T00:00:00Z"),
+            ("claude-haiku-4-5-20251001", "Claude Haiku 4.5", "2025-10-01T00:00:00Z"),
+            ("claude-opus-4-1-20250805", "Claude Opus 4.1", "2025-08-05T00:00:00Z"))]
+        return web.json_response({"data": data, "has_more": False, "first_id": data[0]["id"],
+                                  "last_id": data[-1]["id"]}, headers=headers)
 
     # --- OAuth -----------------------------------------------------------------------------------
 
-    def mint(self, account: str) -> dict:
-        access, refresh = "sk-ant-oat01-fake-" + secrets.token_hex(16), "sk-ant-ort01-fake-" + secrets.token_hex(16)
-        self.add_oauth(account, access, refresh, self.token_lifetime)
+    def _mint(self, account: str) -> dict:
+        """Caller holds the lock."""
+        access = "sk-ant-oat01-fake-" + secrets.token_urlsafe(32)
+        refresh = "sk-ant-ort01-fake-" + secrets.token_urlsafe(32)
+        self._state.access_tokens[access] = (account, time.time() + self.token_lifetime)
+        self._state.refresh_tokens[refresh] = account
+        self._state.latest[account] = {"access_token": access, "refresh_token": refresh,
+                                       "expires_in": self.token_lifetime}
         return {"access_token": access, "refresh_token": refresh, "expires_in": self.token_lifetime,
-                "token_type": "Bearer", "scope": "user:inference user:profile"}
+                "token_type": "Bearer", "scope": "user:inference user:profile",
+                "account": {"uuid": f"00000000-0000-4000-8000-{hashlib.sha256(account.encode()).hexdigest()[:12]}",
+                            "email_address": f"{account}@example.com"},
+                "organization": {"uuid": "00000000-0000-4000-8000-000000000001", "name": "Fake org"}}
 
-    async def token(self, request: web.Request) -> web.Response:
+    @staticmethod
+    def _oauth_error(status: int, error: str, description: str) -> web.Response:
+        return web.json_response({"error": error, "error_description": description}, status=status)
+
+    async def oauth_token(self, request: web.Request) -> web.Response:
+        rec = request[REC]
         try:
-            payload = await request.json()
-        except ValueError:
-            return web.json_response({"error": "invalid_request"}, status=400)
+            payload = json.loads(await request.read())
+            assert isinstance(payload, dict)
+        except (ValueError, UnicodeDecodeError, RecursionError, AssertionError):
+            return self._oauth_error(400, "invalid_request", "Request body must be JSON")
         grant = payload.get("grant_type")
         if payload.get("client_id") != self.client_id:
-            return web.json_response({"error": "invalid_client"}, status=401)
-        if grant == "authorization_code":
-            found = self.state.auth_codes.pop(payload.get("code"), None)
-            if not found:
-                return web.json_response({"error": "invalid_grant", "error_description": "unknown or used code"}, status=400)
-            account, state, challenge = found
-            verifier = payload.get("code_verifier") or ""
-            computed = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
-            if payload.get("state") != state or computed != challenge:
-                return web.json_response({"error": "invalid_grant", "error_description": "PKCE or state mismatch"}, status=400)
-            self.state.token_calls[account] = self.state.token_calls.get(account, 0) + 1
-            return web.json_response(self.mint(account))
-        if grant == "refresh_token":
-            old = payload.get("refresh_token")
-            account = self.state.refresh_tokens.get(old)
+            return self._oauth_error(401, "invalid_client", "Client authentication failed")
+        if grant not in ("authorization_code", "refresh_token"):
+            return self._oauth_error(400, "unsupported_grant_type", f"grant_type {grant!r} is not supported")
+        with self._lock:
+            if grant == "authorization_code":
+                code = self._state.auth_codes.pop(payload.get("code") or "", None)  # single use, even if it fails
+                account = code["account"] if code else None
+            else:
+                old = payload.get("refresh_token") or ""
+                account = self._state.refresh_tokens.get(old) or self._state.used_refresh_tokens.get(old)
             if account:
-                self.state.token_calls_started[account] = self.state.token_calls_started.get(account, 0) + 1
-            if self.token_delay_s:
-                await asyncio.sleep(self.token_delay_s)  # cancelled if the client goes away meanwhile
+                self._state.token_calls_started[account] = self._state.token_calls_started.get(account, 0) + 1
+        rec["claimed_account"] = rec["account"] = account
+        if self.token_delay_s:
+            await asyncio.sleep(self.token_delay_s)  # cancelled (and nothing done) if the client leaves meanwhile
+        with self._lock:
+            if account:
+                self._state.token_calls[account] = self._state.token_calls.get(account, 0) + 1
             if self.token_fault == "500":
-                if account:
-                    self.state.token_calls[account] = self.state.token_calls.get(account, 0) + 1
-                return web.json_response({"error": "server_error"}, status=500)
-            if not account or self.token_fault == "invalid_grant" or self.state.refresh_tokens.get(old) != account:
-                return web.json_response({"error": "invalid_grant", "error_description": "Refresh token not found or invalid"}, status=400)
-            del self.state.refresh_tokens[old]  # single use: rotated
-            self.state.token_calls[account] = self.state.token_calls.get(account, 0) + 1
-            return web.json_response(self.mint(account))
-        return web.json_response({"error": "unsupported_grant_type"}, status=400)
+                return web.json_response({"error": "server_error", "error_description": "Internal server error"},
+                                         status=500)
+            if self.token_fault == "429":
+                return web.json_response({"error": "rate_limited", "error_description": "Too many requests"},
+                                         status=429, headers={"retry-after": "5"})
+            if self.token_fault == "invalid_grant":
+                return self._oauth_error(400, "invalid_grant", "Refresh token not found or invalid")
+            if grant == "authorization_code":
+                if not code:
+                    return self._oauth_error(400, "invalid_grant", "Invalid 'code' in request.")
+                if payload.get("state") != code["state"]:
+                    return self._oauth_error(400, "invalid_grant", "Invalid 'state' in request.")
+                if pkce_challenge(str(payload.get("code_verifier") or "")) != code["code_challenge"]:
+                    return self._oauth_error(400, "invalid_grant", "Invalid code_verifier (PKCE check failed)")
+                if code["redirect_uri"] and payload.get("redirect_uri") != code["redirect_uri"]:
+                    return self._oauth_error(400, "invalid_grant", "redirect_uri does not match")
+                return web.json_response(self._mint(account))
+            if self._state.refresh_tokens.get(old) != account or not account:
+                return self._oauth_error(400, "invalid_grant", "Refresh token not found or invalid")
+            del self._state.refresh_tokens[old]  # single use: rotated
+            self._state.used_refresh_tokens[old] = account
+            return web.json_response(self._mint(account))
+
+    def _bearer_account(self, request: web.Request) -> str | None:
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        with self._lock:
+            found = self._state.access_tokens.get(token.strip())
+            if not found or token.strip() in self._state.revoked or time.time() >= found[1]:
+                return None
+            return found[0]
 
     async def create_api_key(self, request: web.Request) -> web.Response:
-        auth = request.headers.get("authorization", "")
-        found = self.state.access_tokens.get(auth[7:].strip()) if auth.lower().startswith("bearer ") else None
-        if not found or time.time() >= found[1]:
-            return self.reply_error(401, "Invalid bearer token")
-        key = "sk-ant-api03-fake-" + secrets.token_hex(20)
-        self.add_api_key(key, found[0])
+        account = self._bearer_account(request)
+        if not account:
+            return self._error(request, 401, "Invalid bearer token")
+        request[REC]["account"], request[REC]["auth_kind"] = account, "oauth"
+        key = "sk-ant-api03-" + secrets.token_urlsafe(64)[:86] + "AA"
+        self.add_api_key(key, account)
         return web.json_response({"raw_key": key})
 
-    async def usage(self, request: web.Request) -> web.Response:
-        account, kind, problem = self.authenticate(request)
-        if problem or kind != "oauth":
-            return self.reply_error(401, problem or "OAuth token required")
-        limit = self.state.limits.get(account)
-        utilization = 100 * (limit.served / limit.requests) if limit else 10.0
-        return web.json_response({"five_hour": {"utilization": utilization, "resets_at": iso(time.time() + 3600)},
-                                  "seven_day": {"utilization": 5.0, "resets_at": iso(time.time() + 86400)}})
+    async def oauth_usage(self, request: web.Request) -> web.Response:
+        account, kind, refused = self._auth_or_error(request)
+        if refused:
+            return refused
+        if kind != "oauth":
+            return self._error(request, 401, "OAuth authentication required")
+        now = time.time()
+        with self._lock:
+            limit = self._state.limits.get(account)
+            windows = {"5h": (10.0, self._started_at + 5 * 3600), "7d": (5.0, self._started_at + 7 * 86400)}
+            if limit:
+                windows[limit.kind] = (round(100 * limit.utilization, 1), limit.reset_at or now + limit.window_s)
+        return web.json_response({
+            "five_hour": {"utilization": windows["5h"][0], "resets_at": datetime.fromtimestamp(
+                windows["5h"][1], UTC).isoformat()},
+            "seven_day": {"utilization": windows["7d"][0], "resets_at": datetime.fromtimestamp(
+                windows["7d"][1], UTC).isoformat()},
+            "seven_day_oauth_apps": None,
+            "seven_day_opus": None,  # null when the plan has no such window (parse defensively)
+        })
 
     # --- control over HTTP (for a fake in another process) ---------------------------------------
 
-    async def control_api_key(self, request: web.Request) -> web.Response:
-        data = await request.json()
-        self.add_api_key(data["key"], data["account"])
-        return web.json_response({"ok": True})
+    def _control(self, action):
+        async def handler(request: web.Request) -> web.Response:
+            raw = await request.read()
+            try:
+                data = json.loads(raw) if raw.strip() else {}
+                result = action(data)
+            except (ValueError, TypeError, KeyError) as e:
+                return web.json_response({"ok": False, "error": f"{type(e).__name__}: {e}"}, status=400)
+            return web.json_response({"ok": True, **({"result": result} if isinstance(result, dict) else {})})
 
-    async def control_oauth(self, request: web.Request) -> web.Response:
-        data = await request.json()
-        self.add_oauth(data["account"], data["access_token"], data["refresh_token"], data.get("expires_in", 3600))
-        return web.json_response({"ok": True})
+        return handler
 
-    async def control_limits(self, request: web.Request) -> web.Response:
-        data = await request.json()
-        self.set_limit(data["account"], data["requests"], data["window_s"], data.get("reset_in_s"))
-        return web.json_response({"ok": True})
+    def _control_revoke(self, data: dict) -> None:
+        if data.get("access_token"):
+            self.revoke_access_token(data["access_token"])
+        if data.get("refresh_token"):
+            self.revoke_refresh_token(data["refresh_token"])
 
-    async def control_reset(self, request: web.Request) -> web.Response:
-        self.reset()
-        return web.json_response({"ok": True})
+    def _control_token(self, data: dict) -> None:
+        if "delay_s" in data:
+            self.token_delay_s = float(data["delay_s"] or 0)
+        if "fault" in data:
+            self.token_fault = data["fault"]
+        if "lifetime" in data:
+            self.token_lifetime = int(data["lifetime"])
 
-    async def control_stats(self, request: web.Request) -> web.Response:
-        return web.json_response({"served": self.served})
+    async def _control_requests(self, request: web.Request) -> web.Response:
+        since = int(request.query.get("since", 0))
+        path = request.query.get("path")
+        with_body = request.query.get("body") in ("1", "true")
+        out = []
+        for rec in self.requests[since:]:
+            if path and rec["path"] != path:
+                continue
+            item = {k: v for k, v in rec.items() if k != "body"}
+            body = rec["body"] or b""
+            item["body_len"] = len(body)
+            if with_body:
+                item["body_b64"] = base64.b64encode(body).decode()
+            out.append(item)
+        return web.json_response(out)
+
+    async def _control_stats(self, request: web.Request) -> web.Response:
+        stats = self.stats()
+        for name in ("by_status",):
+            stats[name] = {str(k): v for k, v in stats[name].items()}
+        return web.json_response(stats)
+
+    async def _control_token_calls(self, request: web.Request) -> web.Response:
+        account = request.query.get("account", "")
+        return web.json_response({"account": account, "calls": self.token_calls(account),
+                                  "started": self.token_calls_started(account), "tokens": self.tokens(account)})
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Fake Anthropic API on 127.0.0.1")
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Fake Anthropic API + OAuth server on 127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--port-file", help="write the bound port here once listening")
-    parser.add_argument("--no-record", action="store_true", help="keep counters only (for long benchmark runs)")
-    args = parser.parse_args()
-    fake = FakeAnthropic(port=args.port, record=not args.no_record)
+    parser.add_argument("--config", help="JSON file of credentials, limits, faults (see FakeAnthropic.configure)")
+    parser.add_argument("--client-id", default=CLIENT_ID)
+    parser.add_argument("--no-record", action="store_true", help="keep counters only (long benchmark / soak runs)")
+    args = parser.parse_args(argv)
+    fake = FakeAnthropic(port=args.port, record=not args.no_record, client_id=args.client_id)
+    if args.config:
+        with open(args.config) as f:
+            fake.configure(json.load(f))
 
-    async def serve():
+    async def serve() -> None:
         await fake.start_async()
         if args.port_file:
-            with open(args.port_file + ".tmp", "w") as f:
+            tmp = args.port_file + ".tmp"
+            with open(tmp, "w") as f:
                 f.write(str(fake.port))
-            os.replace(args.port_file + ".tmp", args.port_file)
-        await asyncio.Event().wait()
+            os.replace(tmp, args.port_file)
+        print(f"fake Anthropic listening on {fake.url}", file=sys.stderr, flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await fake.stop_async()
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":
