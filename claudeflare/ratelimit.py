@@ -44,9 +44,14 @@ class Signals:
     should_retry: bool | None = None
 
     @property
-    def has_limits(self) -> bool:
-        """Whether the reply said anything about a limit window (a windowless 429 says nothing)."""
-        return bool(self.status or self.windows or self.console_remaining)
+    def exhausted(self) -> bool:
+        """Whether the reply says a limit is used up. A 429 without that (a windowless one, only
+        `x-should-retry`) refuses one request, not the account."""
+        return (
+            self.status == "rejected"
+            or any(w.status == "rejected" for w in self.windows.values())
+            or any(left <= 0 for left in self.console_remaining.values())
+        )
 
     def utilization(self) -> float | None:
         values = [w.utilization for w in self.windows.values() if w.utilization is not None]
@@ -222,7 +227,7 @@ class Health:
         spend = error_code == "enforced_spend_limit_reached" or (
             signals.overage_status == "rejected" and signals.overage_reason == "out_of_credits"
         )
-        if not spend and not signals.has_limits:
+        if not spend and not signals.exhausted:
             return "windowless"  # one request refused, not the account: fail over, don't bench
         reset = limit_reset(signals, now)
         if reset is None:

@@ -32,7 +32,7 @@ def test_unified_signals_are_read():
     assert (s.status, s.reset, s.claim) == ("allowed_warning", NOW + 3600, "five_hour")
     assert s.windows["5h"].utilization == 0.91 and s.windows["7d"].reset == NOW + 5 * 86400
     assert (s.overage_status, s.overage_reason) == ("rejected", "out_of_credits")
-    assert s.utilization() == 0.91 and s.has_limits
+    assert s.utilization() == 0.91 and not s.exhausted
 
 
 def test_console_signals_and_retry_after():
@@ -103,6 +103,11 @@ def test_windowless_429_does_not_bench():
     signals = read_signals({"x-should-retry": "true", "retry-after": "3"}, NOW)
     assert health.observe("a", 429, signals) == "windowless"
     assert health.available("a")
+    # An API key's 429 while its request budget is not used up is the same: one request refused.
+    console = read_signals({"anthropic-ratelimit-requests-remaining": "12", "x-should-retry": "true"}, NOW)
+    assert health.observe("a", 429, console) == "windowless" and health.available("a")
+    spent = read_signals({"anthropic-ratelimit-requests-remaining": "0", "retry-after": "20"}, NOW)
+    assert health.observe("a", 429, spent) == "limited" and not health.available("a")
 
 
 def test_spend_limit_benches_until_reset_and_says_so():
