@@ -301,9 +301,8 @@ class Claudeflare:
         if isinstance(flow.client_conn.proxy_mode, ReverseMode):
             return  # the reverse target is the upstream
         request = flow.request
-        scheme, host, port = self.upstream
-        request.scheme, request.host, request.port = scheme, host, port
-        request.host_header = host if port == (443 if scheme == "https" else 80) else f"{host}:{port}"
+        # In this order each setter keeps the Host header (or :authority) in step, default port omitted.
+        request.scheme, request.host, request.port = self.upstream
 
     def attempt(self, headers: http.Headers, state: FlowState, account: Account, credential: Credential) -> None:
         inject_credential(headers, account, credential)
