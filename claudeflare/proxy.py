@@ -82,6 +82,7 @@ class Claudeflare:
         self._tasks: list[asyncio.Task] = []
         self._seen_pool: Pool | None = None
         self.upstream_down_at: float | None = None  # last failed connection to the upstream
+        self.pool_servers: set[tuple[str, int]] = set()  # where pool flows have been sent
 
     def load(self, loader) -> None:
         add = loader.add_option
@@ -262,7 +263,7 @@ class Claudeflare:
         state: FlowState | None = flow.metadata.get(STATE)
         if state is None or flow.response:
             return
-        # No JSON parsing on the hot path: Claude Code's session header is the key, the reply names the model.
+        # Claude Code's session header spares parsing the body; the model is read from the reply.
         state.session = conversation_key(flow.request.headers, flow.request.raw_content)
         state.client_beta = flow.request.headers.get("anthropic-beta")
         pool = self.pool
@@ -272,6 +273,7 @@ class Claudeflare:
             flow.response = self.no_account_response(pool)
             return
         self.route(flow)
+        self.pool_servers.add((flow.request.host, flow.request.port))
         self.attempt(flow.request.headers, state, *chosen)
         if self.upstream_down_at and time.time() - self.upstream_down_at < CIRCUIT_SECONDS:
             # Connections to the upstream failed lately, and mitmproxy can't retry its own attempt:
@@ -437,8 +439,10 @@ class Claudeflare:
             return
         redact_credential(flow.request)
         self.release(state)
-        if state.account and flow.response is None and flow.server_conn.timestamp_tcp_setup is None:
-            self.upstream_down_at = time.time()  # never connected: open the circuit (see request)
+
+    def server_connect_error(self, data) -> None:
+        if data.server.address and tuple(data.server.address[:2]) in self.pool_servers:
+            self.upstream_down_at = time.time()  # open the circuit (see request)
 
     def release(self, state: FlowState) -> None:
         if state.account and not state.released:
