@@ -31,7 +31,8 @@ from .accounts import (
 )
 from .config import DB_FILE, STRATEGIES, default_strategy, ensure_home, resolve_home
 from .credentials import Credential, CredentialStore, CredentialStoreError
-from .flowlog import account_status, open_db, query_readonly, requests_per_account, utc_now
+from .clock import utc_now
+from .flowlog import account_status, open_db, query_readonly, requests_per_account
 from .oauth import LoginFlow, OAuthError, OAuthSettings, create_api_key, exchange_code
 from .refresh import TokenRefresher
 

@@ -11,23 +11,18 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlite_utils
 from sqlite_utils import Migrations
 
+from . import retention
+from .clock import utc_now
+
 logger = logging.getLogger(__name__)
 
 migrations = Migrations("claudeflare")
-
-
-def utc_now() -> str:
-    return iso_utc(time.time())
-
-
-def iso_utc(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+PRUNE_EVERY = 600.0  # seconds between retention sweeps
 
 
 @migrations()
@@ -110,6 +105,34 @@ def m004_failovers(db: sqlite_utils.Database) -> None:
     db["requests"].add_column("failovers", str)  # JSON list of {"account", "status", "reason"}
 
 
+@migrations()
+def m005_views(db: sqlite_utils.Database) -> None:
+    # For the dashboard (datasette-metadata.yml): conversations, and failovers one row per failed attempt.
+    db.create_view("sessions", """
+        select session, group_concat(distinct account) as accounts,
+          min(started_at) as first_seen, max(started_at) as last_seen, count(*) as requests,
+          sum(input_tokens) as input_tokens, sum(output_tokens) as output_tokens,
+          sum(cache_read_input_tokens) as cache_read_input_tokens,
+          sum(cache_creation_input_tokens) as cache_creation_input_tokens,
+          round(1.0 * sum(cache_read_input_tokens)
+            / nullif(sum(input_tokens + cache_read_input_tokens + cache_creation_input_tokens), 0), 4) as cache_hit_ratio,
+          round(sum(cost_usd), 6) as cost_usd
+        from requests
+        where session is not null
+        group by session
+    """)
+    db.create_view("failover_events", """
+        select r.id as request_id, r.started_at, r.session, r.client, r.model,
+          json_extract(f.value, '$.account') as failed_account,
+          json_extract(f.value, '$.status') as failed_status,
+          json_extract(f.value, '$.reason') as reason,
+          r.account as served_by, r.status as final_status, r.attempts
+        from requests r
+        join json_each(case when json_valid(r.failovers) then r.failovers else '[]' end) f
+        where r.failovers is not null
+    """)
+
+
 def open_db(path: Path) -> sqlite_utils.Database:
     """Open (creating and migrating) the analytics database in WAL mode."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,9 +154,12 @@ class FlowLog:
         interval: float = 0.2,
         max_pending: int = 1_000_000,
         control: Callable[[str, str | None, str | None], str] | None = None,
+        keep_days: float = retention.REQUEST_KEEP_DAYS,
     ):
         self.path = path
         self.control = control
+        self.keep_days = keep_days
+        self._next_prune = 0.0
         self._status: list[dict] | None = None
         self._next_control = 0.0
         self.batch_size = batch_size
@@ -170,7 +196,8 @@ class FlowLog:
         while True:
             # Once closing, the wake-up sentinel may already be consumed: never block again.
             self._drain(pending, wait=not pending and not self._closing.is_set())
-            chores = self._status is not None or (self.control and time.monotonic() >= self._next_control)
+            now = time.monotonic()
+            chores = self._status is not None or now >= self._next_prune or (self.control and now >= self._next_control)
             if not pending and not chores:
                 if self._closing.is_set() and self._queue.empty():
                     break
@@ -207,6 +234,10 @@ class FlowLog:
             db.close()
 
     def _chores(self, db: sqlite_utils.Database) -> None:
+        if time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + PRUNE_EVERY
+            if pruned := retention.prune(db, self.keep_days):
+                logger.info("claudeflare: pruned %d request row(s) older than %g days", pruned, self.keep_days)
         status, self._status = self._status, None
         if status is not None:
             with db.conn:

@@ -23,7 +23,7 @@ from .balancer import Balancer
 from .config import check_strategy, default_strategy, default_upstream, ensure_home, parse_upstream, resolve_home
 from .conversation import conversation_key
 from .credentials import Credential
-from .flowlog import iso_utc, utc_now
+from .clock import iso_utc, utc_now
 from .flows import (
     STATE,
     FlowState,

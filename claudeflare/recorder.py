@@ -13,6 +13,7 @@ from .config import DB_FILE, resolve_home
 from .flows import STATE, FlowState, is_event_stream, request_summary
 from .flowlog import FlowLog
 from .pricing import cost_usd
+from .retention import REQUEST_KEEP_DAYS
 from .usage import SSEUsageParser, Usage, usage_from_json
 
 
@@ -53,8 +54,11 @@ class Recorder:
 
     def load(self, loader) -> None:
         loader.add_option("claudeflare_db", str, "", f"SQLite flow log (default: {DB_FILE} in claudeflare_home).")
+        loader.add_option("claudeflare_keep_days", int, int(REQUEST_KEEP_DAYS), "Delete request rows older than this many days (0: keep all).")
 
     def configure(self, updated: set[str]) -> None:
+        if "claudeflare_keep_days" in updated and self.flowlog:
+            self.flowlog.keep_days = ctx.options.claudeflare_keep_days
         if not {"claudeflare_db", "claudeflare_home"} & updated:
             return
         home = resolve_home(ctx.options.claudeflare_home)
@@ -63,7 +67,7 @@ class Recorder:
             return
         if self.flowlog:
             self.flowlog.close()
-        self.flowlog = FlowLog(path, control=partial(apply_control, home)).start()
+        self.flowlog = FlowLog(path, control=partial(apply_control, home), keep_days=ctx.options.claudeflare_keep_days).start()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         state = flow.metadata.get(STATE)

@@ -2,7 +2,10 @@ import sqlite3
 import threading
 import time
 
+from claudeflare.clock import utc_now
 from claudeflare.flowlog import FlowLog, migrations, open_db, requests_per_account
+
+NOW = utc_now()  # rows older than the retention period would be pruned
 
 
 def rows(path):
@@ -17,7 +20,8 @@ def rows(path):
 def test_schema_by_migrations_in_wal_mode(tmp_path):
     db = open_db(tmp_path / "log.db")
     assert db.journal_mode == "wal"
-    assert [m.name for m in migrations.applied(db)] == ["m001_requests", "m002_account_status", "m003_control", "m004_failovers"]
+    assert [m.name for m in migrations.applied(db)] == ["m001_requests", "m002_account_status", "m003_control", "m004_failovers",
+                                                    "m005_views"]
     columns = set(db["requests"].columns_dict)
     assert {
         "id", "started_at", "account", "strategy", "session", "method", "path", "model", "stream", "status", "error",
@@ -31,14 +35,14 @@ def test_schema_by_migrations_in_wal_mode(tmp_path):
 def test_rows_are_written_in_batches_and_flushed_on_close(tmp_path):
     log = FlowLog(tmp_path / "log.db", interval=60).start()  # a long interval: only close() can flush
     for i in range(1234):
-        log.log({"id": f"{i:05d}", "started_at": "2026-01-01T00:00:00Z", "account": "a"})
+        log.log({"id": f"{i:05d}", "started_at": NOW, "account": "a"})
     log.close()
     assert len(rows(tmp_path / "log.db")) == 1234 and log.written == 1234
 
 
 def test_rows_appear_while_running(tmp_path):
     log = FlowLog(tmp_path / "log.db", interval=0.05).start()
-    log.log({"id": "x", "started_at": "2026-01-01T00:00:00Z"})
+    log.log({"id": "x", "started_at": NOW})
     deadline = time.monotonic() + 5
     while log.written < 1 and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -54,7 +58,7 @@ def test_a_locked_database_delays_rows_but_loses_none(tmp_path):
     log = FlowLog(path, interval=0.05)
     log.start()
     for i in range(10):
-        log.log({"id": str(i), "started_at": "2026-01-01T00:00:00Z"})
+        log.log({"id": str(i), "started_at": NOW})
     time.sleep(1)
     assert log.written == 0
     threading.Timer(6, blocker.rollback).start()  # longer than sqlite's busy timeout: the writer must retry
@@ -64,8 +68,8 @@ def test_a_locked_database_delays_rows_but_loses_none(tmp_path):
 
 def test_a_duplicated_row_id_is_written_once(tmp_path):
     log = FlowLog(tmp_path / "log.db").start()
-    log.log({"id": "same", "started_at": "2026-01-01T00:00:00Z", "status": 200})
-    log.log({"id": "same", "started_at": "2026-01-01T00:00:00Z", "status": 200})
+    log.log({"id": "same", "started_at": NOW, "status": 200})
+    log.log({"id": "same", "started_at": NOW, "status": 200})
     log.close()
     assert len(rows(tmp_path / "log.db")) == 1
 
@@ -82,3 +86,13 @@ def test_requests_per_account(tmp_path):
     ])
     db.close()
     assert requests_per_account(path, "2026-01-02T00:00:00") == {"a": 2}
+
+
+def test_old_rows_are_pruned_in_the_background(tmp_path):
+    log = FlowLog(tmp_path / "log.db", interval=0.05, keep_days=30).start()
+    log.log({"id": "old", "started_at": "2001-01-01T00:00:00.000Z"})
+    log.log({"id": "new", "started_at": NOW})
+    log.close()
+    log = FlowLog(tmp_path / "log.db", interval=0.05, keep_days=30).start()  # a sweep runs at start
+    log.close()
+    assert [r["id"] for r in rows(tmp_path / "log.db")] == ["new"]

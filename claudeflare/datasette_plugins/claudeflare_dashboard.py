@@ -8,6 +8,7 @@
 - `plugins: claudeflare: public: true` (set by `claudeflare dashboard --public`) lets anonymous
   visitors read; management (the writable canned queries) still needs a login.
 - Anonymous visitors refused a page are sent to the login form; `/` opens the dashboard.
+- The management forms (writable canned queries) show their title and description.
 """
 
 import contextvars
@@ -82,9 +83,26 @@ def asgi_wrapper(datasette):
     return wrap
 
 
+def public_read(datasette, action: str, resource) -> bool:
+    """With `public`, reading is allowed to anonymous visitors (the metadata's `allow` asks for a login)."""
+    if not is_public(datasette):
+        return False
+    if action == "view-instance":
+        return True
+    if action == "view-database":
+        return resource != "_internal"
+    if action == "view-table":
+        return resource[0] != "_internal"
+    if action == "view-query":
+        database, name = resource
+        query = ((datasette.metadata("queries", database=database, fallback=False) or {}).get(name)) or {}
+        return not query.get("write")  # management keeps its own `allow`
+    return False
+
+
 @hookimpl(trylast=True)
 def permission_allowed(datasette, actor, action, resource):
-    if action == "view-instance" and actor is None and is_public(datasette):
+    if actor is None and public_read(datasette, action, resource):
         return True
     if action == "execute-sql" and is_chart_request(datasette, current_scope.get(), resource):
 
@@ -103,6 +121,20 @@ def forbidden(datasette, request, message):
     if request.actor is None and request.method == "GET" and not request.path.endswith(".json"):
         return Response.redirect(datasette.urls.path("/-/login"))
     return None
+
+
+@hookimpl
+def extra_template_vars(template, database, request, datasette):
+    # Datasette 0.65 renders a writable canned query's form without its title and description.
+    name = (request.url_vars or {}).get("table") if request is not None else None
+    if template != "query.html" or not database or not name:
+        return {}
+
+    async def title_and_description():
+        query = await datasette.get_canned_query(database, name, request.actor)
+        return {"metadata": query} if query and query.get("write") else {}
+
+    return title_and_description
 
 
 @hookimpl
