@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import aiohttp
@@ -56,7 +57,9 @@ async def one(session: aiohttp.ClientSession, url: str, tokens: int, delay_ms: i
     start = time.perf_counter()
     async with session.post(f"{url}/v1/messages", data=json.dumps(BODY),
                             headers={"x-api-key": KEY, "content-type": "application/json", "anthropic-version": "2023-06-01",
-                                     "x-fake-tokens": str(tokens), "x-fake-delay-ms": str(delay_ms)}) as reply:
+                                     "x-fake-tokens": str(tokens), "x-fake-delay-ms": str(delay_ms),
+                                     # a new conversation each time, so none is pinned to an account
+                                     "x-claude-code-session-id": str(uuid.uuid4())}) as reply:
         assert reply.status == 200, await reply.text()
         first = None
         async for _ in reply.content.iter_any():
@@ -121,6 +124,8 @@ def main() -> int:
         retried = {10: ([], []), 400: ([], [])}  # tokens -> (direct TTFBs, retried TTFBs)
         lengths = {10: [], 2000: []}
         try:
+            for proxy in (bare, pool, failover):  # warm up: imports, caches, connection pools
+                asyncio.run(load(proxy.url, 100, args.concurrency, 10))
             for _ in range(args.rounds):
                 for name, proxy in (("bare", bare), ("claudeflare", pool)):
                     ttfbs, rps = asyncio.run(load(proxy.url, args.requests, args.concurrency, 10))

@@ -151,7 +151,7 @@ class FlowLog:
         self,
         path: Path,
         batch_size: int = 500,
-        interval: float = 0.2,
+        interval: float = 0.5,
         max_pending: int = 1_000_000,
         control: Callable[[str, str | None, str | None], str] | None = None,
         keep_days: float = retention.REQUEST_KEEP_DAYS,
@@ -205,9 +205,10 @@ class FlowLog:
             try:
                 if db is None:
                     db = open_db(self.path)
+                    requests = db.table("requests")  # looked up once: each lookup queries the schema
                 if pending:
                     with db.conn:
-                        db["requests"].insert_all(pending, ignore=True, batch_size=self.batch_size)
+                        requests.insert_all(pending, ignore=True, batch_size=self.batch_size)
                     self.written += len(pending)
                     pending.clear()
                 self._chores(db)
@@ -254,17 +255,20 @@ class FlowLog:
                     db["control"].update(row["id"], {"applied_at": utc_now(), "result": result})
 
     def _drain(self, pending: list[dict], wait: bool) -> None:
-        """Move queued rows into `pending`; waits up to `interval` for the first one if asked."""
-        try:
-            item = self._queue.get(timeout=self.interval) if wait else self._queue.get_nowait()
-            while True:
-                if item is not None:
-                    pending.append(item)
-                if len(pending) >= self.batch_size * 4:
-                    return
-                item = self._queue.get_nowait()
-        except queue.Empty:
-            return
+        """Move queued rows into `pending`, collecting for up to `interval` (less once closing or
+        when the batch is full), so rows are written a batch at a time rather than one by one."""
+        deadline = time.monotonic() + self.interval
+        while len(pending) < self.batch_size * 4:
+            left = deadline - time.monotonic()
+            try:
+                if left > 0 and (wait or pending) and not self._closing.is_set():
+                    item = self._queue.get(timeout=left)
+                else:
+                    item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                pending.append(item)
 
 
 def query_readonly(path: Path, sql: str, params=()) -> list[dict]:

@@ -5,8 +5,12 @@ handed back as a mitmproxy Response, because mitmproxy can only stream bodies it
 a retried stream therefore reaches the client in one piece (see the README for what that costs).
 """
 
+import logging
+
 import httpx
 from mitmproxy import http
+
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per retry is noise in mitmproxy's log
 
 # Hop-by-hop and length headers: httpx and mitmproxy set their own.
 SKIP_REQUEST = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade"}
