@@ -5,8 +5,8 @@
 Measures, for streamed /v1/messages replies at N concurrent streams:
 - p50/p95 time to first byte (first body byte: the SSE message_start) through each proxy;
 - throughput (completed requests per second) through each proxy;
-- Claudeflare's p50 TTFB for 10-token against 2,000-token replies, one stream at a time
-  (streaming must not buffer);
+- Claudeflare's p50 TTFB for 10-token against 2,000-token replies, one stream at a time, paced at
+  1 token/ms (streaming must not buffer);
 - what failover costs: TTFB of streams retried on a second account after a 429, against direct ones.
 Both proxies are measured in alternating rounds so machine noise hits them alike. Prints ratios and
 the bars from issue 2; exits 1 if a bar is missed.
@@ -95,6 +95,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=200, help="per proxy per round")
     parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--length-samples", type=int, default=40, help="streams per length for the 10 vs 2,000 token check")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -131,10 +132,11 @@ def main() -> int:
                     ttfbs, rps = asyncio.run(load(proxy.url, args.requests, args.concurrency, 10))
                     results[name][0].extend(ttfbs)
                     results[name][1].append(rps)
-                for tokens in lengths:
-                    # One stream at a time: what is measured is buffering, not CPU shared with other streams.
-                    ttfbs, _ = asyncio.run(load(pool.url, args.requests // 5, 1, tokens))
-                    lengths[tokens].extend(ttfbs)
+            # One stream at a time, paced at 1 token/ms (Claude streams far slower): what is measured is
+            # buffering, not CPU shared with other streams nor mitmproxy working through a burst.
+            for tokens in lengths:
+                ttfbs, _ = asyncio.run(load(pool.url, args.length_samples, 1, tokens, delay_ms=1))
+                lengths[tokens].extend(ttfbs)
             for tokens in retried:  # paced like a real stream: 1 token per 5 ms
                 ttfbs, _ = asyncio.run(load(pool.url, 5, 1, tokens, delay_ms=5))
                 retried[tokens][0].extend(ttfbs)

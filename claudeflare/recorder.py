@@ -18,8 +18,8 @@ from .usage import SSEUsageParser, Usage, usage_from_json
 
 
 class SideParser:
-    """The stream callback: passes each chunk on untouched at once and reads usage from it after the
-    chunk has been written, so parsing never delays the bytes the client waits for."""
+    """The stream callback: passes each chunk on untouched and reads usage from it on the side; the
+    first chunk is read only after it has been written, so parsing never delays time to first byte."""
 
     def __init__(self, parser: SSEUsageParser, state: FlowState):
         self.parser = parser
@@ -28,12 +28,17 @@ class SideParser:
         self.loop = asyncio.get_running_loop()
 
     def __call__(self, chunk: bytes) -> bytes:
-        if chunk:
-            if self.state.first_byte_at is None:
-                self.state.first_byte_at = time.time()
-            if not self.pending:
-                self.loop.call_soon(self.drain)
+        if not chunk:
+            return chunk
+        if self.state.first_byte_at is None:
+            # The first chunk is what the client waits for: read it only after it has gone out.
+            self.state.first_byte_at = time.time()
+            self.loop.call_soon(self.drain)
             self.pending.append(chunk)
+        elif self.pending:
+            self.pending.append(chunk)  # keep the order behind a chunk not read yet
+        else:
+            self.parser.feed(chunk)
         return chunk
 
     def drain(self) -> None:
