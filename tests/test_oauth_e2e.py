@@ -151,22 +151,27 @@ def ask(proxy, **headers):
                          headers=headers, timeout=30)
 
 
+def concurrently(calls) -> list:
+    """Run the calls at once, each in its own thread; their results in order."""
+    results = [None] * len(calls)
+
+    def run(i):
+        results[i] = calls[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
 def test_fifty_concurrent_requests_on_an_expired_token_make_one_refresh(fake, home, start_proxy):
     enrol_oauth(fake, home, "m", expires_in=1)
     time.sleep(1.1)
     fake.token_delay_s = 0.5  # keep the refresh in flight while the others arrive
     proxy = start_proxy(home, "--set", f"claudeflare_token_url={fake.url}/v1/oauth/token")
-    replies = [None] * 50
-
-    def one(i):
-        replies[i] = ask(proxy).status_code
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(50)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert replies == [200] * 50
+    assert concurrently([lambda: ask(proxy).status_code] * 50) == [200] * 50
     assert fake.token_calls("m") == 1
     stored = CredentialStore(home).credentials()["m"]
     assert {r["headers"]["authorization"] for r in fake.requests if r["path"] == "/v1/messages"} == {f"Bearer {stored.access_token}"}
@@ -179,13 +184,7 @@ def test_two_proxies_sharing_a_home_refresh_once(fake, home, tmp_path):
     token_url = ("--set", f"claudeflare_token_url={fake.url}/v1/oauth/token")
     proxies = [claudeflare_proxy(home, fake.url, tmp_path / f"p{i}.log", *token_url).start() for i in range(2)]
     try:
-        statuses = []
-        threads = [threading.Thread(target=lambda p=p: statuses.append(ask(p).status_code)) for p in proxies * 5]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert statuses == [200] * 10
+        assert concurrently([lambda p=p: ask(p).status_code for p in proxies * 5]) == [200] * 10
         assert fake.token_calls("m") == 1
     finally:
         for p in proxies:
