@@ -53,10 +53,6 @@ class Signals:
             or any(left <= 0 for left in self.console_remaining.values())
         )
 
-    def utilization(self) -> float | None:
-        values = [w.utilization for w in self.windows.values() if w.utilization is not None]
-        return max(values) if values else None
-
 
 def _float(value: str | None) -> float | None:
     try:
