@@ -51,12 +51,13 @@ class _Decoder(Protocol):
     def feed(self, data: bytes) -> Iterator[bytes]: ...
 
 
-class _ZlibDecoder:
-    """gzip, zlib or raw deflate. Starts over after a member ends: concatenated gzip members are legal."""
+class _FramedDecoder:
+    """Decompresses member after member (concatenated gzip members and zstd frames are legal),
+    at most DECODE_STEP bytes of output per call."""
 
-    def __init__(self, wbits: int):
-        self._wbits = wbits
-        self._obj = zlib.decompressobj(wbits)
+    def __init__(self, new: Callable[[], object]):
+        self._new = new
+        self._obj = new()
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         while True:
@@ -65,13 +66,28 @@ class _ZlibDecoder:
                 yield out
             if self._obj.eof:
                 data = self._obj.unused_data
-                self._obj = zlib.decompressobj(self._wbits)
+                self._obj = self._new()
                 if not data:
                     return
             else:
-                data = self._obj.unconsumed_tail
-                if not data and len(out) < DECODE_STEP:  # a full step may leave output pending
+                data = self._rest(out)
+                if data is None:
                     return
+
+    def _rest(self, out: bytes) -> bytes | None:
+        """What to feed next within the member, or None when the input is used up."""
+        raise NotImplementedError
+
+
+class _ZlibDecoder(_FramedDecoder):
+    """gzip, zlib or raw deflate."""
+
+    def __init__(self, wbits: int):
+        super().__init__(lambda: zlib.decompressobj(wbits))
+
+    def _rest(self, out: bytes) -> bytes | None:
+        tail = self._obj.unconsumed_tail
+        return tail if tail or len(out) >= DECODE_STEP else None  # a full step may leave output pending
 
 
 class _DeflateDecoder:
@@ -107,26 +123,12 @@ class _BrotliDecoder:
             yield out
 
 
-class _ZstdDecoder:
-    """Starts over after a frame ends: a zstd stream may hold several frames."""
-
+class _ZstdDecoder(_FramedDecoder):
     def __init__(self) -> None:
-        self._obj = zstd.ZstdDecompressor()
+        super().__init__(zstd.ZstdDecompressor)
 
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        while True:
-            out = self._obj.decompress(data, DECODE_STEP)
-            if out:
-                yield out
-            if self._obj.eof:
-                data = self._obj.unused_data
-                self._obj = zstd.ZstdDecompressor()
-                if not data:
-                    return
-            elif self._obj.needs_input:
-                return
-            else:
-                data = b""  # input is buffered inside; fetch the pending output
+    def _rest(self, out: bytes) -> bytes | None:
+        return None if self._obj.needs_input else b""  # input is buffered inside; fetch the pending output
 
 
 _DECODERS: dict[str, Callable[[], _Decoder]] = {
