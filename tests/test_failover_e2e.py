@@ -61,6 +61,14 @@ def test_pool_serves_until_every_limit_is_spent_then_fast_429s(fake, home, start
     assert reasons == [["limited"], ["limited"], ["limited"]]
 
 
+def assert_round_robin_again(fake, proxy):
+    """Four fresh requests share out evenly: both accounts take traffic again."""
+    fake.reset_requests()
+    for _ in range(4):
+        assert ask(proxy).status_code == 200
+    assert Counter(a for a, _ in upstream_seen(fake)) == {"a": 2, "b": 2}
+
+
 def test_benched_account_gets_nothing_until_its_reset_then_traffic_again(fake, home, start_proxy):
     oauth_accounts(fake, home, "a", "b")
     fake.set_limit("a", requests=1, window_s=3, reset_in_s=3)
@@ -72,10 +80,7 @@ def test_benched_account_gets_nothing_until_its_reset_then_traffic_again(fake, h
     assert [acct for acct, _ in upstream_seen(fake)[a_429[0] + 1:]] == ["b"] * (len(upstream_seen(fake)) - a_429[0] - 1)
     time.sleep(3.2)
     fake.set_limit("a", requests=100, window_s=3600)  # a has room again after its reset
-    fake.reset_requests()
-    for _ in range(4):
-        assert ask(proxy).status_code == 200
-    assert Counter(a for a, _ in upstream_seen(fake)) == {"a": 2, "b": 2}
+    assert_round_robin_again(fake, proxy)
 
 
 def test_streamed_reply_that_was_retried_arrives_complete(fake, home, start_proxy):
@@ -118,10 +123,7 @@ def test_529_burst_beyond_the_retries_moves_on_and_benches_only_briefly(fake, ho
     assert a_tries == [529, 529]  # two tries, then elsewhere, then benched for seconds
     time.sleep(5.5)
     fake.clear_faults()
-    fake.reset_requests()
-    for _ in range(4):
-        assert ask(proxy).status_code == 200
-    assert Counter(a for a, _ in upstream_seen(fake)) == {"a": 2, "b": 2}
+    assert_round_robin_again(fake, proxy)
 
 
 def test_windowless_429_fails_over_without_benching(fake, home, start_proxy):
