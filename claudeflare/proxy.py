@@ -79,6 +79,7 @@ class Claudeflare:
         self.oauth = OAuthSettings.from_env()
         self.refresh_margin = 300.0
         self.retry_attempts, self.retry_delay, self.retry_backoff = 3, 1.0, 2.0
+        self.max_body_mb = 32
         self._tasks: list[asyncio.Task] = []
         self._seen_pool: Pool | None = None
         self.upstream_down_at: float | None = None  # last failed connection to the upstream
@@ -111,6 +112,10 @@ class Claudeflare:
                 self.strategy_option = check_strategy(opts.claudeflare_strategy)
             except ValueError as e:
                 raise exceptions.OptionsError(f"claudeflare_strategy: {e}") from None
+        if "claudeflare_max_body_mb" in updated:
+            if opts.claudeflare_max_body_mb < 1:
+                raise exceptions.OptionsError("claudeflare_max_body_mb must be at least 1")
+            self.max_body_mb = opts.claudeflare_max_body_mb  # read per request: keep it off the options manager
         if "claudeflare_session_hours" in updated:
             self.balancer.session_seconds = fraction_option(opts, "claudeflare_session_hours", 0, 24 * 365) * 3600
         if {"claudeflare_retry_attempts", "claudeflare_retry_delay_ms", "claudeflare_retry_backoff"} & updated:
@@ -238,11 +243,9 @@ class Claudeflare:
             length = int(request.headers.get("content-length", "0"))
         except ValueError:
             length = 0
-        if length > ctx.options.claudeflare_max_body_mb * 1024 * 1024:
+        if length > self.max_body_mb * 1024 * 1024:
             # Refused before the body is read: mitmproxy answers without buffering it.
-            flow.response = error_response(
-                413, "request_too_large", f"Claudeflare: request body over {ctx.options.claudeflare_max_body_mb} MiB."
-            )
+            flow.response = error_response(413, "request_too_large", f"Claudeflare: request body over {self.max_body_mb} MiB.")
             return
         pool = self.pool
         if pool.client_keys:
