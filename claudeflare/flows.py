@@ -6,6 +6,8 @@ import secrets
 from dataclasses import dataclass, field
 
 from mitmproxy import http
+from mitmproxy.net.http import http1
+from mitmproxy.proxy.layers.http import _http1
 
 from .accounts import Account
 from .credentials import Credential
@@ -45,6 +47,24 @@ def error_response(status: int, kind: str, message: str, headers: dict | None = 
         "request_id": f"req_claudeflare_{secrets.token_hex(8)}",
     }
     return http.Response.make(status, json.dumps(body), {"content-type": "application/json", **(headers or {})})
+
+
+# Anthropic's error types by status, for replies mitmproxy makes itself (contract: error shapes).
+ERROR_TYPES = {400: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_error", 529: "overloaded_error"}
+
+
+def anthropic_error_page(status_code: int, message: str = "") -> bytes:
+    """mitmproxy's own reply to a failure it handles itself (upstream refused or reset before the
+    reply began, unreadable request), which it sends after the error hook, so no addon can replace
+    the flow's response. Its HTML page would reach SDKs that expect Anthropic's JSON error shape."""
+    kind = ERROR_TYPES.get(status_code, "api_error" if status_code >= 500 else "invalid_request_error")
+    response = error_response(status_code, kind, f"Claudeflare: {message}", {"connection": "close"})
+    return http1.assemble_response(response)
+
+
+def install_anthropic_error_pages() -> None:
+    """Plain-HTTP clients (ANTHROPIC_BASE_URL=http://…) speak HTTP/1 to the proxy: its error page."""
+    _http1.make_error_response = anthropic_error_page
 
 
 def is_loopback(host: str) -> bool:

@@ -29,6 +29,7 @@ from .flows import (
     FlowState,
     error_response,
     inject_credential,
+    install_anthropic_error_pages,
     is_loopback,
     presented_key,
     redact_credential,
@@ -86,6 +87,7 @@ class Claudeflare:
         self.pool_servers: set[tuple[str, int]] = set()  # where pool flows have been sent
 
     def load(self, loader) -> None:
+        install_anthropic_error_pages()
         add = loader.add_option
         add("claudeflare_home", str, "", "Folder with accounts.toml, credentials and the flow log (default: $CLAUDEFLARE_HOME or ~/.config/claudeflare).")
         add("claudeflare_upstream", str, default_upstream(), "Anthropic API base URL that pool requests go to.")
