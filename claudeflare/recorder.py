@@ -83,6 +83,8 @@ class Recorder:
         state: FlowState | None = flow.metadata.get(STATE)
         if state is None or flow.response is None or not is_event_stream(flow.response):
             return
+        if flow.response.raw_content is not None:
+            return  # fetched whole by our own client (a retry): read in full when recorded
         flow.response.stream = state.parser = SideParser(SSEUsageParser(flow.response.headers.get("content-encoding")), state)
 
     def response(self, flow: http.HTTPFlow) -> None:
