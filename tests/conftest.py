@@ -1,9 +1,10 @@
+import hashlib
 import sqlite3
 import time
 
 import pytest
 from fake_anthropic import FakeAnthropic
-from harness import claudeflare_proxy
+from harness import add_account, claudeflare_proxy
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +66,14 @@ def wait_until(predicate, timeout=5.0, interval=0.05):
             return True
         time.sleep(interval)
     return predicate()
+
+
+def key_for(name):
+    return f"sk-ant-api03-{name}-" + hashlib.sha256(name.encode()).hexdigest()[:24]
+
+
+def api_key_accounts(fake, home, *specs):
+    """specs: (name, tier[, priority]) — enrolled in the proxy and known to the fake."""
+    for name, tier, *priority in specs:
+        fake.add_api_key(key_for(name), account=name)
+        add_account(home, name, "api-key", tier, *priority, api_key=key_for(name))

@@ -1,6 +1,5 @@
 """End to end: a real mitmdump with the addon, the fake Anthropic upstream, the official SDK and raw HTTP."""
 
-import hashlib
 import json
 import signal
 import time
@@ -10,7 +9,7 @@ import anthropic
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import db_rows, wait_until
+from conftest import api_key_accounts, db_rows, key_for, wait_until
 from harness import add_account, claudeflare_proxy
 
 from claudeflare.cli import cli
@@ -18,17 +17,6 @@ from claudeflare.pricing import cost_usd
 from claudeflare.usage import Usage
 
 MODEL = "claude-sonnet-4-6"
-
-
-def key_for(name):
-    return f"sk-ant-api03-{name}-" + hashlib.sha256(name.encode()).hexdigest()[:24]
-
-
-def api_key_accounts(fake, home, *specs):
-    """specs: (name, tier[, priority]) — enrolled in the proxy and known to the fake."""
-    for name, tier, *priority in specs:
-        fake.add_api_key(key_for(name), account=name)
-        add_account(home, name, "api-key", tier, *priority, api_key=key_for(name))
 
 
 def sdk(proxy, **kw):
