@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 MODES = ("max", "console", "api-key")
 TIERS = (1, 5, 20)
 # Names end up in headers, log lines and SQL rows: keep them plain.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: `$` would let a final newline in
 ACCOUNT_KEYS = {"name", "mode", "tier", "priority", "paused", "api_key_env"}
 
 
@@ -33,7 +33,7 @@ class AccountsError(ValueError):
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise AccountsError(
             f"invalid name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
@@ -176,7 +176,8 @@ def add_account_table(doc: tomlkit.TOMLDocument, account: Account) -> None:
 
 def hash_client_key(key: str) -> str:
     # Client keys are long random strings, so a plain SHA-256 is enough to store them safely.
-    return hashlib.sha256(key.encode()).hexdigest()
+    # A presented key may hold any bytes: mitmproxy decodes header values with surrogateescape.
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -186,11 +187,16 @@ class Pool:
     client_keys: dict[str, str] = field(default_factory=dict)  # sha256 hex -> client name
     strategy: str | None = None
 
-    def credential(self, account: Account) -> Credential | None:
+    def stored_credential(self, account: Account) -> Credential | None:
         if account.api_key_env:
             key = os.environ.get(account.api_key_env)
             return Credential(api_key=key) if key else None
         return self.credentials.get(account.name)
+
+    def credential(self, account: Account) -> Credential | None:
+        """The account's credential, if it is safe to send (see `Credential.well_formed`)."""
+        credential = self.stored_credential(account)
+        return credential if credential and credential.well_formed else None
 
     def usable(self, now: float | None = None) -> list[Account]:
         """Accounts that may take traffic: not paused and holding a credential that works now."""
@@ -199,9 +205,11 @@ class Pool:
     def state(self, account: Account, now: float | None = None) -> str:
         if account.paused:
             return "paused"
-        cred = self.credential(account)
+        cred = self.stored_credential(account)
         if cred is None:
             return "no-credentials"
+        if not cred.well_formed:
+            return "malformed-credentials"
         if cred.api_key:
             return "ok"
         if cred.needs_login:

@@ -29,8 +29,8 @@ from .accounts import (
     load_accounts,
     load_pool,
 )
-from .config import DB_FILE, STRATEGIES, default_strategy, ensure_home, resolve_home
-from .credentials import Credential, CredentialStore, CredentialStoreError
+from .config import DB_FILE, STRATEGIES, HomeError, check_home, default_strategy, ensure_home, resolve_home
+from .credentials import SECRET_RE, Credential, CredentialStore, CredentialStoreError
 from .clock import utc_now
 from .flowlog import account_status, open_db, query_readonly, requests_per_account
 from .oauth import LoginFlow, OAuthError, OAuthSettings, create_api_key, exchange_code
@@ -39,8 +39,6 @@ from .refresh import TokenRefresher
 CLAUDE_CODE_CREDENTIALS = Path("~/.claude/.credentials.json")
 STATUS_FRESH = 10  # seconds: the proxy rewrites account_status every second while it runs
 METADATA = Path(__file__).resolve().parent.parent / "datasette-metadata.yml"
-# A secret goes into an HTTP header: printable ASCII without spaces, or it could inject headers.
-SECRET_RE = re.compile(r"^[\x21-\x7e]{8,512}$")
 
 
 class Context:
@@ -70,7 +68,10 @@ pass_ctx = click.make_pass_decorator(Context)
 @click.pass_context
 def cli(ctx: click.Context, home: Path | None) -> None:
     """Pool Claude subscriptions and API keys behind one endpoint."""
-    ctx.obj = Context(resolve_home(home))
+    try:
+        ctx.obj = Context(check_home(resolve_home(home)))
+    except HomeError as e:
+        raise click.BadParameter(str(e), param_hint="--home / CLAUDEFLARE_HOME") from None
 
 
 def read_secret(what: str) -> str:
@@ -79,8 +80,8 @@ def read_secret(what: str) -> str:
     else:
         value = sys.stdin.readline()
     value = value.strip()
-    if not SECRET_RE.match(value):
-        raise click.ClickException(f"that does not look like {what.lower()}: expected 8-512 printable characters without spaces")
+    if not SECRET_RE.fullmatch(value):
+        raise click.ClickException(f"that does not look like {what.lower()}: expected 8-4096 printable characters without spaces")
     return value
 
 
@@ -227,7 +228,7 @@ def read_claude_code_credentials(path: Path) -> Credential:
     if not isinstance(oauth, dict) or not all(isinstance(oauth.get(k), str) and oauth[k] for k in ("accessToken", "refreshToken")):
         raise click.ClickException(f"{path} has no claudeAiOauth.accessToken and refreshToken")
     for key in ("accessToken", "refreshToken"):
-        if not SECRET_RE.match(oauth[key]):
+        if not SECRET_RE.fullmatch(oauth[key]):
             raise click.ClickException(f"{path}: claudeAiOauth.{key} is malformed")
     expires_ms = oauth.get("expiresAt")
     expires_at = expires_ms / 1000 if isinstance(expires_ms, (int, float)) and not isinstance(expires_ms, bool) else None

@@ -1,6 +1,7 @@
 """Where Claudeflare keeps its files, and the settings shared by the proxy and the CLI."""
 
 import os
+import stat
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -28,10 +29,27 @@ def resolve_home(value: str | os.PathLike | None) -> Path:
     return Path(value).expanduser().resolve() if value else default_home().resolve()
 
 
+class HomeError(ValueError):
+    """A folder that must not be Claudeflare's home."""
+
+
+def check_home(home: Path) -> Path:
+    """Refuse a home that is not a folder, or that another user could write into: it holds credentials."""
+    try:
+        st = home.stat()
+    except FileNotFoundError:
+        return home
+    if not stat.S_ISDIR(st.st_mode):
+        raise HomeError(f"{home} is not a folder")
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise HomeError(f"{home} is owned or writable by another user, and it would hold credentials: use a folder of your own (chmod 700)")
+    return home
+
+
 def ensure_home(home: Path) -> Path:
     # The home holds credentials: nobody else gets to list it.
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return home
+    return check_home(home)
 
 
 def default_upstream() -> str:

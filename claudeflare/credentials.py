@@ -10,12 +10,17 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .config import CREDENTIALS_FILE
+
+# Secrets go into HTTP headers: printable ASCII without spaces, or one could inject headers.
+HEADER_SAFE_RE = re.compile(r"[\x21-\x7e]+")
+SECRET_RE = re.compile(r"[\x21-\x7e]{8,4096}")  # and what a pasted one looks like
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,12 @@ class Credential:
         # Never let a token reach a log line or a traceback through repr().
         held = [f.name for f in fields(self) if getattr(self, f.name) and f.name.endswith(("token", "key"))]
         return f"Credential(holds={held}, expires_at={self.expires_at}, needs_login={self.needs_login})"
+
+    @property
+    def well_formed(self) -> bool:
+        """Every secret held is safe to put in a header (from a hand-edited file, env var or token server)."""
+        held = [getattr(self, f.name) for f in fields(self) if f.name.endswith(("token", "key"))]
+        return all(v is None or (isinstance(v, str) and HEADER_SAFE_RE.fullmatch(v)) for v in held)
 
     def valid_token(self, now: float | None = None, margin: float = 0.0) -> bool:
         if not self.access_token:

@@ -137,7 +137,10 @@ def _credential(body: dict, what: str) -> Credential:
     if not isinstance(access, str) or not access or not isinstance(refresh, str) or not refresh:
         raise OAuthError("bad_reply", f"{what}: the reply has no access and refresh token")
     lifetime = expires_in if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool) else 3600
-    return Credential(access_token=access, refresh_token=refresh, expires_at=time.time() + lifetime)
+    credential = Credential(access_token=access, refresh_token=refresh, expires_at=time.time() + lifetime)
+    if not credential.well_formed:
+        raise OAuthError("bad_reply", f"{what}: the reply's tokens are not printable ASCII")
+    return credential
 
 
 def exchange_code(settings: OAuthSettings, flow: LoginFlow, code: str) -> Credential:
