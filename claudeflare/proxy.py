@@ -5,6 +5,8 @@
 """
 
 import asyncio
+import functools
+import inspect
 import logging
 import math
 import os
@@ -20,7 +22,16 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from .accounts import Account, Pool, PoolWatcher
 from .balancer import Balancer
-from .config import check_strategy, default_strategy, default_upstream, ensure_home, parse_upstream, resolve_home
+from .config import (
+    HomeError,
+    check_home,
+    check_strategy,
+    default_strategy,
+    default_upstream,
+    ensure_home,
+    parse_upstream,
+    resolve_home,
+)
 from .conversation import conversation_key
 from .credentials import Credential
 from .clock import iso_utc, utc_now
@@ -64,6 +75,34 @@ def fraction_option(opts, name: str, low: float, high: float, low_inclusive: boo
     if not (low <= value if low_inclusive else low < value) or not value <= high:
         raise exceptions.OptionsError(f"{name} must be a number {'≥' if low_inclusive else '>'} {low:g} and ≤ {high:g}")
     return value
+
+
+def fail_closed(hook):
+    """mitmproxy logs an addon's exception and lets the flow go on: from a request hook, that would
+    send it upstream unchecked or unrouted. Answer it with a 500 in Anthropic's shape instead."""
+
+    def refuse(self, flow: http.HTTPFlow) -> None:
+        logger.exception("claudeflare: internal error in %s; the request was refused", hook.__name__)
+        state: FlowState | None = flow.metadata.get(STATE)
+        if state:
+            self.release(state)
+        flow.response = error_response(500, "api_error", "Claudeflare: internal error; the proxy's log says more.")
+
+    if inspect.iscoroutinefunction(hook):
+        @functools.wraps(hook)
+        async def guarded(self, flow):
+            try:
+                await hook(self, flow)
+            except Exception:
+                refuse(self, flow)
+    else:
+        @functools.wraps(hook)
+        def guarded(self, flow):
+            try:
+                hook(self, flow)
+            except Exception:
+                refuse(self, flow)
+    return guarded
 
 
 class Claudeflare:
@@ -140,7 +179,9 @@ class Claudeflare:
         if "claudeflare_home" in updated:
             home = resolve_home(opts.claudeflare_home)
             try:
-                ensure_home(home)
+                ensure_home(check_home(home))
+            except HomeError as e:
+                raise exceptions.OptionsError(f"claudeflare_home: {e}") from None
             except OSError as e:
                 raise exceptions.OptionsError(f"claudeflare_home: cannot use {home}: {e.strerror}") from None
             if self.watcher:
@@ -232,6 +273,7 @@ class Claudeflare:
         sockname = flow.client_conn.sockname
         return request.port == sockname[1] and request.host in (*LOOPBACK_NAMES, sockname[0])
 
+    @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if not self.is_pool_flow(flow):
             return
@@ -264,6 +306,7 @@ class Claudeflare:
                 "`claudeflare client-key create NAME` and send the key as x-api-key.",
             )
 
+    @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(STATE)
         if state is None or flow.response:

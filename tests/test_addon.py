@@ -59,3 +59,16 @@ def test_other_hosts_are_not_pool_flows(addon):
     flow.request.host, flow.request.port = "example.com", 443
     claudeflare.requestheaders(flow)
     assert "claudeflare" not in flow.metadata and flow.response is None
+
+
+def test_a_bug_in_a_request_hook_refuses_the_flow_rather_than_letting_it_through(addon, monkeypatch, caplog):
+    claudeflare, _ = addon
+
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(claudeflare, "is_pool_flow", broken)
+    flow = pool_flow()
+    claudeflare.requestheaders(flow)
+    assert flow.response.status_code == 500 and b'"api_error"' in flow.response.content
+    assert "internal error in requestheaders" in caplog.text
