@@ -1,0 +1,110 @@
+"""Hostile input: names and secrets that would inject headers or reach outside the home, a home
+folder others could write to, and client keys made of junk. Bodies that are not JSON, deeply nested
+or over the size cap are in test_proxy_e2e; fuzzing of the SSE parser and conversation key in
+test_usage and test_conversation."""
+
+import json
+import os
+import re
+import socket
+import stat
+
+import pytest
+from click.testing import CliRunner
+from conftest import api_key_accounts, key_for
+from harness import add_account, claudeflare_proxy
+
+from claudeflare.accounts import AccountsError, check_name, load_accounts
+from claudeflare.cli import cli
+from claudeflare.credentials import Credential, CredentialStore
+
+BAD_NAMES = ["a\n", "a\r\nX-Injected: 1", "../../etc/passwd", "a/b", "", ".hidden", "a b", "café", "a" * 65]
+MODEL = "claude-sonnet-4-6"
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_names_that_could_inject_headers_or_paths_are_refused(name, tmp_path):
+    with pytest.raises(AccountsError, match="invalid name"):
+        check_name(name)
+    home = tmp_path / "home"
+    runner = CliRunner()
+    for args in (["add", name, "--mode", "api-key"], ["client-key", "create", name]):
+        result = runner.invoke(cli, ["--home", str(home), *args], input=key_for("x") + "\n")
+        assert result.exit_code == 2 and "invalid name" in result.output
+    home.mkdir(mode=0o700)
+    (home / "accounts.toml").write_text(f'[[accounts]]\nname = {json.dumps(name)}\nmode = "api-key"\n')
+    with pytest.raises(AccountsError, match="line"):
+        load_accounts(home)
+    assert sorted(p.name for p in home.iterdir()) == ["accounts.toml"]  # no lock or file named after it
+
+
+def raw_request(port: int, head: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(head.replace(b"Host: 127.0.0.1", b"Host: 127.0.0.1:%d" % port))
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    return reply
+
+
+def test_malformed_credentials_are_never_sent(fake, home, start_proxy):
+    api_key_accounts(fake, home, ("good", 1))
+    add_account(home, "from-env", "api-key", 1)
+    accounts = home / "accounts.toml"
+    accounts.write_text(accounts.read_text().replace('name = "from-env"', 'name = "from-env"\napi_key_env = "EVIL_KEY"'))
+    add_account(home, "edited", "max", 5, access_token="sk-ant-oat01-ok\r\nX-Injected: 1", refresh_token="sk-ant-ort01-" + "r" * 30)
+    proxy = start_proxy(home, "--set", "claudeflare_strategy=round-robin",
+                        env={"EVIL_KEY": key_for("good") + "\r\nX-Injected: 1"})
+    body = json.dumps({"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    for _ in range(6):
+        reply = raw_request(proxy.port, b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert reply.startswith(b"HTTP/1.1 200")
+    seen = [r for r in fake.requests if r["path"] == "/v1/messages"]
+    assert [r["account"] for r in seen] == ["good"] * 6
+    assert not any("x-injected" in {k.lower() for k in r["headers"]} for r in seen)
+    listed = CliRunner().invoke(cli, ["--home", str(home), "list", "--json"])
+    states = {a["name"]: a["state"] for a in json.loads(listed.output)}
+    assert states["edited"] == "malformed-credentials" and "X-Injected" not in listed.output
+
+
+def test_junk_client_keys_get_401_and_the_proxy_serves_on(fake, home, start_proxy):
+    api_key_accounts(fake, home, ("a", 1))
+    CliRunner().invoke(cli, ["--home", str(home), "client-key", "create", "laptop"], catch_exceptions=False)
+    proxy = start_proxy(home)
+    for key in (b"\xff\xfe\x80junk", b"k" * 60_000, b"cfk-" + b"\x00" * 10, b"Bearer"):
+        reply = raw_request(proxy.port, b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                            b"x-api-key: " + key + b"\r\nContent-Length: 2\r\n\r\n{}")
+        status, _, rest = reply.partition(b"\r\n")
+        assert status.split()[1] in (b"400", b"401", b"431"), status  # refused by us, or by mitmproxy's parser
+        payload = json.loads(rest.split(b"\r\n\r\n", 1)[1])
+        assert payload["type"] == "error" and payload["error"]["message"]
+    assert fake.requests == []
+
+
+def test_home_that_is_a_file_or_writable_by_others_is_refused(tmp_path, fake):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    for home, message in ((not_a_folder, "is (not a folder|a file)"), (shared, "writable by another user")):
+        proxy = claudeflare_proxy(home, fake.url, tmp_path / f"{home.name}.log")
+        try:
+            proxy.start(timeout=20)  # mitmdump may bind its port before it reports the error and exits
+        except RuntimeError:
+            pass
+        assert proxy.proc.wait(20) != 0 and re.search(f"claudeflare_home: .*{message}", proxy.output())
+        result = CliRunner().invoke(cli, ["--home", str(home), "list"])
+        assert result.exit_code == 2 and re.search(message, result.output)
+    assert not_a_folder.read_text() == "x" and list(shared.iterdir()) == []
+
+
+def test_home_given_with_dot_dots_is_resolved_and_private(tmp_path, fake):
+    home = tmp_path / "real-home"
+    winding = tmp_path / "a" / ".." / "b" / ".." / "real-home"
+    api_key_accounts(fake, winding, ("a", 1))
+    assert stat.S_IMODE(os.stat(home).st_mode) == 0o700
+    assert CredentialStore(home).credentials()["a"] == Credential(api_key=key_for("a"))
+    result = CliRunner().invoke(cli, ["--home", str(winding), "list", "--json"])
+    assert [a["name"] for a in json.loads(result.output)] == ["a"]
