@@ -6,7 +6,6 @@ error shape or a stream that ends (never a hang), and every row that can be writ
 the fault clears."""
 
 import json
-import shutil
 import subprocess
 import sys
 import threading

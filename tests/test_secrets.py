@@ -108,7 +108,7 @@ def test_no_secret_leaves_the_credential_store(fake, home, start_proxy, tmp_path
         dashboard.terminate()
         dashboard.wait(10)
     assert len(pages) > 30 and b"secret sweep" not in everything.content  # bodies are not logged either
-    assert f'"rows": [' in everything.text and everything.json()["rows"]
+    assert everything.json()["rows"]
 
     proxy.stop()
     written = {p: p.read_bytes() for p in [*home.rglob("*"), *tmp_path.glob("*.log")] if p.is_file()}
