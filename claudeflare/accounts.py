@@ -269,7 +269,9 @@ class PoolWatcher:
         except Exception as e:  # any parse error: keep serving with the last good pool
             message = str(e)
             if message != self.error:
-                logger.error("claudeflare: keeping the last good accounts: %s", message)
+                # A warning: mitmdump exits on an error logged while it starts, and this one heals
+                # itself when the file is fixed.
+                logger.warning("claudeflare: keeping the last good accounts (%d): %s", len(self.pool.accounts), message)
             self.error = message
             return False
         if self.error:

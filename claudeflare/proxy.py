@@ -373,7 +373,9 @@ class Claudeflare:
                 f"Claudeflare: all {len(usable)} usable account(s) are rate limited; the first is back in {wait}s.",
                 {"retry-after": str(wait)},
             )
-        if not pool.accounts:
+        if self.watcher and self.watcher.error:
+            why = f"Claudeflare: {self.watcher.error}. Fix the file: it is reloaded within a second."
+        elif not pool.accounts:
             why = "Claudeflare has no accounts. Add one with `claudeflare add NAME --mode api-key` or `claudeflare import NAME --mode max --tier 5`."
         else:
             states = ", ".join(f"{a.name}: {self.describe(pool, a)}" for a in pool.accounts)
