@@ -1,6 +1,7 @@
 """Running a real `mitmdump -s addon/claudeflare.py` for end-to-end tests and benchmarks."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from claudeflare.credentials import Credential, CredentialStore
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "addon" / "claudeflare.py"
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
+LISTENING = re.compile(rb" listening at 127\.0\.0\.1:(\d+)\.")
 
 
 def free_port() -> int:
@@ -48,13 +50,13 @@ class Mitmdump:
     """A mitmdump subprocess on a free loopback port; its output goes to a log file."""
 
     def __init__(self, *args: str, log: Path, env: dict | None = None, addon: bool = True):
-        self.port = free_port()
+        self.port: int | None = None  # mitmdump picks a free one and says which: no race for it
         self.log = log
         self.args = [
             str(MITMDUMP),
             *(["-s", str(ADDON)] if addon else []),
             "--listen-host", "127.0.0.1",
-            "--listen-port", str(self.port),
+            "--listen-port", "0",
             "--set", "termlog_verbosity=info",
             *args,
         ]
@@ -66,14 +68,17 @@ class Mitmdump:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30) -> "Mitmdump":
+        offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
-        try:
-            wait_for_port(self.port, timeout, alive=lambda: self.proc.poll() is None)
-        except Exception:
-            self.stop()
-            raise RuntimeError(f"mitmdump did not start:\n{self.output()}") from None
-        return self
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if found := LISTENING.search(self.log.read_bytes()[offset:]):
+                self.port = int(found.group(1))
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"mitmdump did not start:\n{self.output()}")
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

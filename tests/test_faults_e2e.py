@@ -225,3 +225,17 @@ def test_corrupted_accounts_file_while_serving(fake, home, start_proxy):
     assert {r["account"] for r in rows[:served]} == {"a", "b"}
     assert {r["account"] for r in rows[fixed + 2:]} == {"b"}
     assert "line" in proxy.output().split("keeping the last good accounts", 1)[1].splitlines()[0]
+
+
+def test_started_on_a_broken_accounts_file_it_says_so_until_fixed(fake, home, start_proxy):
+    api_key_accounts(fake, home, ("a", 1))
+    accounts = home / "accounts.toml"
+    good = accounts.read_text()
+    accounts.write_text(good.replace('mode = "api-key"', 'mode = "api-key'))
+    proxy = start_proxy(home)
+    reply = requests.post(f"{proxy.url}/v1/messages", json=body(False), timeout=10)
+    assert_anthropic_error(reply, 503, "api_error")
+    assert "accounts.toml" in reply.json()["error"]["message"] and "line" in reply.json()["error"]["message"]
+    accounts.write_text(good)
+    assert wait_until(lambda: requests.post(f"{proxy.url}/v1/messages", json=body(False), timeout=10).status_code == 200)
+    assert proxy.proc.poll() is None
