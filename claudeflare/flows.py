@@ -58,6 +58,8 @@ def anthropic_error_page(status_code: int, message: str = "") -> bytes:
     reply began, unreadable request), which it sends after the error hook, so no addon can replace
     the flow's response. Its HTML page would reach SDKs that expect Anthropic's JSON error shape."""
     kind = ERROR_TYPES.get(status_code, "api_error" if status_code >= 500 else "invalid_request_error")
+    if status_code == 413:
+        message = "request body over the proxy's limit (claudeflare_max_body_mb)"
     response = error_response(status_code, kind, f"Claudeflare: {message}", {"connection": "close"})
     return http1.assemble_response(response)
 

@@ -119,7 +119,6 @@ class Claudeflare:
         self.oauth = OAuthSettings.from_env()
         self.refresh_margin = 300.0
         self.retry_attempts, self.retry_delay, self.retry_backoff = 3, 1.0, 2.0
-        self.max_body_mb = 32
         self._tasks: list[asyncio.Task] = []
         self._seen_pool: Pool | None = None
         self.upstream_down_at: float | None = None  # last failed connection to the upstream
@@ -139,7 +138,7 @@ class Claudeflare:
         add("claudeflare_retry_delay_ms", int, int(env_number("RETRY_DELAY_MS", 1000)), "Wait before the first retry on the same account.")
         add("claudeflare_retry_backoff", str, os.environ.get("RETRY_BACKOFF", "2"), "Each further retry on the same account waits this many times longer.")
         add("claudeflare_switch_utilization", str, "0.95", "A conversation leaves its account past this utilization of its limit.")
-        add("claudeflare_max_body_mb", int, 32, "Largest request body accepted, in MiB (Anthropic's own cap is 32 MB).")
+        add("claudeflare_max_body_mb", int, 32, "Largest body accepted, in MiB (Anthropic's own cap is 32 MB); sets body_size_limit.")
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -156,7 +155,10 @@ class Claudeflare:
         if "claudeflare_max_body_mb" in updated:
             if opts.claudeflare_max_body_mb < 1:
                 raise exceptions.OptionsError("claudeflare_max_body_mb must be at least 1")
-            self.max_body_mb = opts.claudeflare_max_body_mb  # read per request: keep it off the options manager
+            # mitmproxy's own limit refuses a body as soon as it is known to be too large (from its
+            # Content-Length, or as chunks arrive) and before buffering it; an addon could only
+            # answer after the whole body was read.
+            opts.update(body_size_limit=f"{opts.claudeflare_max_body_mb}m")
         if "claudeflare_session_hours" in updated:
             self.balancer.session_seconds = fraction_option(opts, "claudeflare_session_hours", 0, 24 * 365) * 3600
         if {"claudeflare_retry_attempts", "claudeflare_retry_delay_ms", "claudeflare_retry_backoff"} & updated:
@@ -282,14 +284,6 @@ class Claudeflare:
         if request.method == "HEAD" and request.path == "/":
             # Claude Code's credential-less connection warm-up: answer it here, cheaply.
             flow.response = http.Response.make(200)
-            return
-        try:
-            length = int(request.headers.get("content-length", "0"))
-        except ValueError:
-            length = 0
-        if length > self.max_body_mb * 1024 * 1024:
-            # Refused before the body is read: mitmproxy answers without buffering it.
-            flow.response = error_response(413, "request_too_large", f"Claudeflare: request body over {self.max_body_mb} MiB.")
             return
         pool = self.pool
         if pool.client_keys:

@@ -11,7 +11,7 @@ import stat
 
 import pytest
 from click.testing import CliRunner
-from conftest import api_key_accounts, key_for
+from conftest import api_key_accounts, db_rows, key_for
 from harness import add_account, claudeflare_proxy
 
 from claudeflare.accounts import AccountsError, check_name, load_accounts
@@ -108,3 +108,29 @@ def test_home_given_with_dot_dots_is_resolved_and_private(tmp_path, fake):
     assert CredentialStore(home).credentials()["a"] == Credential(api_key=key_for("a"))
     result = CliRunner().invoke(cli, ["--home", str(winding), "list", "--json"])
     assert [a["name"] for a in json.loads(result.output)] == ["a"]
+
+
+def test_a_body_claiming_10_gb_is_refused_before_any_of_it_is_sent(fake, home, start_proxy):
+    api_key_accounts(fake, home, ("a", 1))
+    proxy = start_proxy(home, "--set", "claudeflare_max_body_mb=1")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n{\"model\": " % (proxy.port, 10 * 1024**3))
+        head = s.recv(65536)  # answered with the headers alone: the 10 GB are never awaited
+    assert head.startswith(b"HTTP/1.1 413") and b'"request_too_large"' in head
+    assert fake.requests == []
+    (row,) = db_rows(home, expect=1)
+    assert "body_size_limit" in row["error"]
+
+
+def test_a_chunked_body_is_refused_once_past_the_limit_not_at_its_end(fake, home, start_proxy):
+    api_key_accounts(fake, home, ("a", 1))
+    proxy = start_proxy(home, "--set", "claudeflare_max_body_mb=1")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nTransfer-Encoding: chunked\r\n\r\n" % proxy.port)
+        chunk = b"x" * 65536
+        for _ in range(20):  # 1.25 MiB, and never the final empty chunk
+            s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        head = s.recv(65536)
+    assert head.startswith(b"HTTP/1.1 413") and b'"request_too_large"' in head
+    assert fake.requests == []
