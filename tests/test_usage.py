@@ -1,3 +1,4 @@
+import asyncio
 import gzip
 import json
 import zlib
@@ -7,6 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from claudeflare.flows import FlowState
+from claudeflare.recorder import SideParser
 from claudeflare.usage import MAX_LINE, SSEUsageParser, Usage, usage_from_json, zstd
 
 MODEL = "claude-sonnet-4-5-20250929"
@@ -304,3 +307,19 @@ def test_arbitrary_sse_like_text_never_raises(data, encoding):
 def test_valid_stream_split_anywhere_gives_the_same_usage(data, encoding):
     encoded = STREAM if encoding is None else COMPRESSORS[encoding](STREAM)
     assert parse(*data.draw(chunkings(encoded)), encoding=encoding).usage == EXPECTED
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=10), ENCODINGS)
+def test_the_stream_callback_forwards_arbitrary_chunks_unchanged(chunks, encoding):
+    """What mitmproxy sends on is what the recorder's stream callback returns: exactly the input."""
+
+    async def run():
+        state = FlowState(id="x", started_at="t")
+        side = SideParser(SSEUsageParser(encoding), state)
+        forwarded = [side(chunk) for chunk in [*chunks, b""]]
+        await asyncio.sleep(0)  # the first chunk is parsed after it went out
+        return forwarded, side.usage
+
+    forwarded, usage = asyncio.run(run())
+    assert forwarded == [*chunks, b""] and isinstance(usage, Usage)
