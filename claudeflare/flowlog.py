@@ -68,7 +68,7 @@ def m002_account_status(db: sqlite_utils.Database) -> None:
             "mode": str,
             "tier": int,
             "priority": int,
-            "state": str,  # ok / warning / limited / overloaded / needs-login / paused / no-credentials
+            "state": str,  # ok / warning / limited / overloaded / needs-login / paused / no-credentials / malformed-credentials / token-expired
             "reason": str,
             "limited_until": str,  # ISO 8601 UTC
             "utilization_5h": float,
