@@ -47,9 +47,10 @@ def check_home(home: Path) -> Path:
 
 
 def ensure_home(home: Path) -> Path:
+    check_home(home)  # an existing one; a new one is ours, made private here
     # The home holds credentials: nobody else gets to list it.
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return check_home(home)
+    return home
 
 
 def default_upstream() -> str:

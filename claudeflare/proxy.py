@@ -24,7 +24,6 @@ from .accounts import Account, Pool, PoolWatcher
 from .balancer import Balancer
 from .config import (
     HomeError,
-    check_home,
     check_strategy,
     default_strategy,
     default_upstream,
@@ -181,7 +180,7 @@ class Claudeflare:
         if "claudeflare_home" in updated:
             home = resolve_home(opts.claudeflare_home)
             try:
-                ensure_home(check_home(home))
+                ensure_home(home)
             except HomeError as e:
                 raise exceptions.OptionsError(f"claudeflare_home: {e}") from None
             except OSError as e:
