@@ -8,6 +8,7 @@ read-modify-write cycles.
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import re
@@ -36,7 +37,7 @@ class Credential:
         held = [f.name for f in fields(self) if getattr(self, f.name) and f.name.endswith(("token", "key"))]
         return f"Credential(holds={held}, expires_at={self.expires_at}, needs_login={self.needs_login})"
 
-    @property
+    @functools.cached_property  # a credential is immutable; checked once, not on every request
     def well_formed(self) -> bool:
         """Every secret held is safe to put in a header (from a hand-edited file, env var or token server)."""
         held = [getattr(self, f.name) for f in fields(self) if f.name.endswith(("token", "key"))]
