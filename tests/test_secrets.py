@@ -110,8 +110,13 @@ def test_no_secret_leaves_the_credential_store(fake, home, start_proxy, tmp_path
     assert len(pages) > 30 and b"secret sweep" not in everything.content  # bodies are not logged either
     assert everything.json()["rows"]
 
+    def files() -> dict:
+        return {p: p.read_bytes() for p in [*home.rglob("*"), *tmp_path.glob("*.log")] if p.is_file()}
+
+    running = files()  # the WAL and SQLite's shared memory exist only while a connection is open
     proxy.stop()
-    written = {p: p.read_bytes() for p in [*home.rglob("*"), *tmp_path.glob("*.log")] if p.is_file()}
+    written = {**running, **files()}
+    assert (home / "claudeflare.db-wal") in running
     assert {p.name for p in written} >= {"claudeflare.db", "accounts.toml", "credentials.json", "mitmdump-0.log", "dashboard.log"}
     places = {**{str(p): b for p, b in written.items() if p.name not in PRIVATE_FILES}, **outputs, **pages,
               **{f"command line of {pid}": c.encode() for pid, c in command_lines.items()}}
