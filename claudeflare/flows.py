@@ -3,6 +3,7 @@
 import ipaddress
 import json
 import secrets
+import weakref
 from dataclasses import dataclass, field
 
 from mitmproxy import http
@@ -10,16 +11,18 @@ from mitmproxy.net.http import http1
 from mitmproxy.proxy.layers.http import _http1
 
 from .accounts import Account
+from .clock import utc_now
 from .credentials import Credential
 from .ratelimit import Signals
 
-STATE = "claudeflare"  # key of FlowState in flow.metadata
+METADATA = "claudeflare"  # flow.metadata key: plain values for mitmweb and `-w` files, never a secret
 OAUTH_BETA = "oauth-2025-04-20"
 
 
 @dataclass
 class FlowState:
-    """What Claudeflare knows about one client request, kept in `flow.metadata`."""
+    """What Claudeflare knows about one client request, live: kept in `FlowStates`, not in
+    `flow.metadata`, which `-w` and mitmweb serialize (this holds parsers and an access token)."""
 
     id: str
     started_at: str
@@ -37,6 +40,26 @@ class FlowState:
     settled: bool = False  # the reply was fetched by our own client: no further failover in `response`
     released: bool = False
     logged: bool = False
+
+
+class FlowStates:
+    """The live `FlowState` of each pool flow, owned by the addons (as proxyauth keeps per-connection
+    state): weakly keyed, so a finished flow takes its state with it."""
+
+    def __init__(self) -> None:
+        self._states: weakref.WeakKeyDictionary[http.HTTPFlow, FlowState] = weakref.WeakKeyDictionary()
+
+    def start(self, flow: http.HTTPFlow) -> FlowState:
+        state = self._states[flow] = FlowState(id=secrets.token_hex(12), started_at=utc_now())
+        flow.metadata[METADATA] = {"id": state.id}
+        return state
+
+    def get(self, flow: http.HTTPFlow) -> FlowState | None:
+        return self._states.get(flow)
+
+    def show(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        """Copy what a person inspecting the flow may see (no secrets) into `flow.metadata`."""
+        flow.metadata[METADATA] = {"id": state.id, "account": state.account, "client": state.client, "attempts": state.attempts}
 
 
 def error_response(status: int, kind: str, message: str, headers: dict | None = None) -> http.Response:

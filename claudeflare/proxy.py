@@ -10,7 +10,6 @@ import inspect
 import logging
 import math
 import os
-import secrets
 import time
 from collections import Counter
 from dataclasses import replace
@@ -35,8 +34,8 @@ from .conversation import conversation_key
 from .credentials import Credential
 from .clock import iso_utc, utc_now
 from .flows import (
-    STATE,
     FlowState,
+    FlowStates,
     error_response,
     inject_credential,
     install_anthropic_error_pages,
@@ -82,7 +81,7 @@ def fail_closed(hook):
 
     def refuse(self, flow: http.HTTPFlow) -> None:
         logger.exception("claudeflare: internal error in %s; the request was refused", hook.__name__)
-        state: FlowState | None = flow.metadata.get(STATE)
+        state = self.states.get(flow)
         if state:
             self.release(state)
         flow.response = error_response(500, "api_error", "Claudeflare: internal error; the proxy's log says more.")
@@ -105,8 +104,9 @@ def fail_closed(hook):
 
 
 class Claudeflare:
-    def __init__(self, recorder: Recorder | None = None) -> None:
+    def __init__(self, recorder: Recorder | None = None, states: FlowStates | None = None) -> None:
         self.recorder = recorder
+        self.states = states or FlowStates()
         self.home: Path | None = None
         self.watcher: PoolWatcher | None = None
         self.balancer = Balancer()
@@ -278,7 +278,7 @@ class Claudeflare:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if not self.is_pool_flow(flow):
             return
-        state = flow.metadata[STATE] = FlowState(id=secrets.token_hex(12), started_at=utc_now())
+        state = self.states.start(flow)
         request = flow.request
         if request.method == "HEAD" and request.path == "/":
             # Claude Code's credential-less connection warm-up: answer it here, cheaply.
@@ -301,7 +301,7 @@ class Claudeflare:
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
-        state: FlowState | None = flow.metadata.get(STATE)
+        state = self.states.get(flow)
         if state is None or flow.response:
             return
         # Claude Code's session header spares parsing the body; the model is read from the reply.
@@ -316,6 +316,7 @@ class Claudeflare:
         self.route(flow)
         self.pool_servers.add((flow.request.host, flow.request.port))
         self.attempt(flow.request.headers, state, *chosen)
+        self.states.show(flow, state)
         if self.upstream_down_at and time.time() - self.upstream_down_at < CIRCUIT_SECONDS:
             # Connections to the upstream failed lately, and mitmproxy can't retry its own attempt:
             # send this one through our client, which can (the reply then arrives whole).
@@ -385,7 +386,7 @@ class Claudeflare:
     # --- response path ---------------------------------------------------------------------------
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        state: FlowState | None = flow.metadata.get(STATE)
+        state = self.states.get(flow)
         if state is None:
             return
         # The request is on the wire by now: keep secrets out of flow dumps (`-v`, `-w`, mitmweb).
@@ -399,7 +400,7 @@ class Claudeflare:
             self.health.observe(name, response.status_code, signals)
 
     async def response(self, flow: http.HTTPFlow) -> None:
-        state: FlowState | None = flow.metadata.get(STATE)
+        state = self.states.get(flow)
         if state is None or not state.account:
             return
         if state.settled or flow.response is None:
@@ -436,6 +437,7 @@ class Claudeflare:
                 await asyncio.sleep(delay)
             headers = client_headers(flow.request, state)
             self.attempt(headers, state, account, credential)
+            self.states.show(flow, state)
             tries[account.name] += 1
             outcome = await self.resend(flow, state, headers)
         if outcome in ("limited", "unreachable", "auth") and not any(self.health.available(a.name) for a in pool.usable()):
@@ -477,7 +479,7 @@ class Claudeflare:
         return (*chosen, 0.0) if chosen else None
 
     def error(self, flow: http.HTTPFlow) -> None:
-        state: FlowState | None = flow.metadata.get(STATE)
+        state = self.states.get(flow)
         if state is None:
             return
         redact_credential(flow.request)
@@ -505,5 +507,6 @@ def client_headers(request: http.Request, state: FlowState) -> http.Headers:
 
 def addons() -> list:
     """Fresh instances, in hook order: routing and failover before recording."""
-    recorder = Recorder()
-    return [Claudeflare(recorder), recorder]
+    states = FlowStates()
+    recorder = Recorder(states)
+    return [Claudeflare(recorder, states), recorder]

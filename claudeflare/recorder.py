@@ -10,7 +10,7 @@ from mitmproxy import ctx, http
 
 from .accounts import apply_control
 from .config import DB_FILE, resolve_home
-from .flows import STATE, FlowState, is_event_stream, request_summary
+from .flows import FlowState, FlowStates, is_event_stream, request_summary
 from .flowlog import FlowLog
 from .pricing import cost_usd
 from .retention import REQUEST_KEEP_DAYS
@@ -53,7 +53,8 @@ class SideParser:
 
 
 class Recorder:
-    def __init__(self) -> None:
+    def __init__(self, states: FlowStates | None = None) -> None:
+        self.states = states or FlowStates()  # shared with the Claudeflare addon
         self.flowlog: FlowLog | None = None
         self.live: dict[str, http.HTTPFlow] = {}  # logged at shutdown if still open
 
@@ -75,12 +76,12 @@ class Recorder:
         self.flowlog = FlowLog(path, control=partial(apply_control, home), keep_days=ctx.options.claudeflare_keep_days).start()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        state = flow.metadata.get(STATE)
+        state = self.states.get(flow)
         if state:
             self.live[state.id] = flow
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        state: FlowState | None = flow.metadata.get(STATE)
+        state = self.states.get(flow)
         if state is None or flow.response is None or not is_event_stream(flow.response):
             return
         if flow.response.raw_content is not None:
@@ -101,7 +102,7 @@ class Recorder:
             self.flowlog = None
 
     def record(self, flow: http.HTTPFlow, error: str | None = None) -> None:
-        state: FlowState | None = flow.metadata.get(STATE)
+        state = self.states.get(flow)
         if state is None or state.logged or self.flowlog is None:
             return
         state.logged = True

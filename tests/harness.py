@@ -18,6 +18,13 @@ ADDON = ROOT / "addon" / "claudeflare.py"
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
 LISTENING = re.compile(rb" listening at 127\.0\.0\.1:(\d+)\.")
 
+# Claude Code's system prompt as 2.1.197 sends it (contract §8): a billing-header block, then its
+# identity. Subscriptions serve only Claude Code, so requests meant for an OAuth account carry it.
+CLAUDE_CODE_SYSTEM = [
+    {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197.fa0; cc_entrypoint=cli;"},
+    {"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude.", "cache_control": {"type": "ephemeral"}},
+]
+
 
 def free_port() -> int:
     with socket.socket() as s:
