@@ -445,6 +445,7 @@ class Claudeflare:
             # An error inside a stream that began with 200: too late to retry, but it tells on the account.
             self.health.observe(state.account, 200, Signals(), state.parser.usage.error_type)
         self.owners.observe(flow.request, flow.response, state.account)
+        resources.localize_batch_reply(flow.request, flow.response)
         self.release(state)
 
     def observe_refusal(self, name: str, state: FlowState, response: http.Response) -> str:

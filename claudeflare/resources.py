@@ -159,6 +159,33 @@ class Owners:
                 self.forget(resource_id)
 
 
+def pool_results_url(item: dict) -> dict:
+    """A batch's `results_url` is absolute, on Anthropic's host: a client following it (the SDKs'
+    `batches.results()` does) would go around the pool, with a key Anthropic doesn't know. As a path,
+    it resolves against whatever base URL the client reaches the pool by."""
+    url = item.get("results_url")
+    if isinstance(url, str) and "://" in url:
+        path = "/" + url.split("://", 1)[1].partition("/")[2]
+        if path.startswith("/v1/messages/batches/"):
+            item["results_url"] = path
+    return item
+
+
+def localize_batch_reply(request: http.Request, response: http.Response | None) -> None:
+    """`pool_results_url` on a batch object the upstream returned (create, retrieve, cancel)."""
+    if response is None or response.status_code != 200 or not path_of(request).startswith("/v1/messages/batches"):
+        return
+    body = response.get_content(strict=False) or b""
+    if b'"results_url"' not in body or len(body) > 1024 * 1024:
+        return
+    try:
+        batch = json.loads(body)
+    except (ValueError, RecursionError):
+        return
+    if isinstance(batch, dict) and batch.get("type") == "message_batch":
+        response.set_content(json.dumps(pool_results_url(batch)).encode())
+
+
 # --- list calls answered by the pool ------------------------------------------------------------
 
 def created_key(item: dict) -> tuple[float, str]:
@@ -270,6 +297,7 @@ async def list_pool(
             continue
         for item in result:
             owners.remember(item["id"], account.name)
+            pool_results_url(item)
         merged += result
     if unlisted and len(unlisted) == len(accounts):
         return error_response(502, "api_error", f"Claudeflare: no account could list its {kind}: {', '.join(unlisted)}.")

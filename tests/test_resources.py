@@ -10,7 +10,17 @@ from mitmproxy.test import tutils
 from claudeflare.accounts import Account, Pool
 from claudeflare.credentials import Credential
 from claudeflare.flowlog import FlowLog
-from claudeflare.resources import Owners, body_file_ids, list_kind, merged_page, named_ids, page_query, path_ids, reply_id
+from claudeflare.resources import (
+    Owners,
+    body_file_ids,
+    list_kind,
+    localize_batch_reply,
+    merged_page,
+    named_ids,
+    page_query,
+    path_ids,
+    reply_id,
+)
 
 
 def request(method="GET", path="/v1/files", body=b""):
@@ -148,3 +158,18 @@ def test_owners_are_written_by_the_flow_log_and_loaded_again(tmp_path):
     empty = Owners(lambda *change: None)
     empty.load(tmp_path / "none.db")
     assert empty.owners == {}
+
+
+def test_batch_results_url_leads_back_through_the_pool():
+    batch = {"type": "message_batch", "id": "msgbatch_1",
+             "results_url": "https://api.anthropic.com/v1/messages/batches/msgbatch_1/results"}
+    reply = http.Response.make(200, json.dumps(batch), {"content-type": "application/json"})
+    localize_batch_reply(request("GET", "/v1/messages/batches/msgbatch_1"), reply)
+    assert json.loads(reply.content)["results_url"] == "/v1/messages/batches/msgbatch_1/results"
+    elsewhere = {**batch, "results_url": "https://example.com/elsewhere"}
+    untouched = http.Response.make(200, json.dumps(elsewhere))
+    localize_batch_reply(request("GET", "/v1/messages/batches/msgbatch_1"), untouched)
+    assert json.loads(untouched.content) == elsewhere
+    garbage = http.Response.make(200, b'{"results_url": ')
+    localize_batch_reply(request("GET", "/v1/messages/batches/msgbatch_1"), garbage)
+    assert garbage.content == b'{"results_url": '

@@ -101,9 +101,14 @@ def test_batches_stay_with_their_owner_across_a_restart(fake, home, start_proxy,
     for batch_id in ids * 2:  # twice: round-robin alternates underneath
         assert client.messages.batches.retrieve(batch_id).processing_status == "ended"
         assert last_account(fake, f"/v1/messages/batches/{batch_id}") == owner[batch_id]
-    for batch_id in ids:
-        results = requests.get(f"{proxy.url}/v1/messages/batches/{batch_id}/results", headers=HEADERS, timeout=10)
-        assert results.status_code == 200 and json.loads(results.text.splitlines()[0])["custom_id"] in ("r0", "r1")
+    for i, batch_id in enumerate(ids):
+        # The SDK follows results_url: it must lead back through the pool, not to the upstream.
+        assert client.messages.batches.retrieve(batch_id).results_url == f"/v1/messages/batches/{batch_id}/results"
+        assert [r.custom_id for r in client.messages.batches.results(batch_id)] == [f"r{i}"]
+        assert last_account(fake, f"/v1/messages/batches/{batch_id}/results") == owner[batch_id]
+        raw = requests.get(f"{proxy.url}/v1/messages/batches/{batch_id}/results", headers=HEADERS, timeout=10)
+        assert raw.status_code == 200 and json.loads(raw.text.splitlines()[0])["result"]["type"] == "succeeded"
+    assert {b.results_url for b in client.messages.batches.list()} == {f"/v1/messages/batches/{i}/results" for i in ids}
     client.messages.batches.delete(ids[0])
     assert wait_until(lambda: list(owners_table(home)) == [ids[1]])
     fresh = client.messages.batches.create(requests=[{"custom_id": "c", "params": params}])
@@ -123,7 +128,11 @@ def test_owner_limited_paused_or_removed(fake, home, start_proxy):
     refused = ask_about(proxy, file_id)
     assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
     assert len([r for r in fake.requests if r["account"] == other]) == before
+    # The owner is benched now, yet only it can answer: it is asked again, and says so itself.
+    asked = len(fake.requests)
+    assert ask_about(proxy, file_id).status_code == 429 and fake.requests[asked]["account"] == owner
     fake.clear_faults()
+    assert ask_about(proxy, file_id).status_code == 200  # no wait for the bench: the owner serves again
 
     runner = CliRunner()
     assert runner.invoke(cli, ["--home", str(home), "pause", owner]).exit_code == 0
