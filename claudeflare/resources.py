@@ -147,16 +147,20 @@ class Owners:
         return name, None
 
     def observe(self, request: http.Request, response: http.Response | None, account: str) -> None:
-        """After the reply: remember who created a file or batch, forget one that was deleted."""
-        if response is None or response.status_code != 200:
+        """After the reply: remember who created a file or batch; forget one that was deleted, or that
+        its owner no longer knows (a 404 for the object itself: expired, or deleted elsewhere)."""
+        if response is None:
             return
         path = path_of(request).rstrip("/")
-        if request.method == "POST" and path in CREATES:
+        named = path_ids(path)
+        if response.status_code == 200 and request.method == "POST" and path in CREATES:
             if created := reply_id(response.get_content(strict=False) or b""):
                 self.remember(created, account)
-        elif request.method == "DELETE":
-            for resource_id in path_ids(path):
-                self.forget(resource_id)
+        elif named and (
+            (response.status_code == 200 and request.method == "DELETE")
+            or (response.status_code == 404 and request.method == "GET" and path.endswith("/" + named[0]))
+        ):
+            self.forget(named[0])
 
 
 def pool_results_url(item: dict) -> dict:

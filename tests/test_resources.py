@@ -136,6 +136,11 @@ def test_observe_remembers_creations_and_forgets_deletions():
     assert owners.get("msgbatch_9") == "a"  # a failed delete forgets nothing
     owners.observe(request("DELETE", "/v1/messages/batches/msgbatch_9"), http.Response.make(200), "a")
     assert owners.get("msgbatch_9") is None and stored[-1] == ("msgbatch_9", None, None)
+    owners.remember("file_7", "a")
+    owners.observe(request("GET", "/v1/files/file_7/contentt"), http.Response.make(404), "a")
+    assert owners.get("file_7") == "a"  # a 404 for some other path says nothing about the file
+    owners.observe(request("GET", "/v1/files/file_7"), http.Response.make(404), "a")
+    assert owners.get("file_7") is None  # its owner no longer has it
 
 
 def test_owners_are_written_by_the_flow_log_and_loaded_again(tmp_path):
