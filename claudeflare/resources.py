@@ -29,9 +29,9 @@ logger = logging.getLogger(__name__)
 
 _ID = rb"[A-Za-z0-9_-]{1,200}"
 PATH_ID = re.compile(r"/v1/(?:files/(file_[A-Za-z0-9_-]{1,200})|messages/batches/(msgbatch_[A-Za-z0-9_-]{1,200}))(?:/|$)")
-# `"file_id": "file_…"` as a JSON member, not inside a string (where its quotes would be escaped).
-BODY_FILE_ID = re.compile(rb'(?<!\\)"file_id"\s*:\s*"(file_' + _ID + rb')"')
-MAX_BODY_IDS = 100
+FILE_ID_KEY = b'"file_id"'
+FILE_ID_VALUE = re.compile(rb'\s{0,64}:\s{0,64}"(file_' + _ID + rb')"')
+MAX_BODY_IDS, MAX_BODY_KEYS = 100, 1000  # a hostile body costs a bounded number of steps
 LISTS = {"/v1/files": "files", "/v1/messages/batches": "message batches"}
 CREATES = {"/v1/files", "/v1/messages/batches"}
 PREFIXES = {"file_": "file", "msgbatch_": "batch"}
@@ -57,14 +57,17 @@ def path_ids(path: str) -> list[str]:
 
 
 def body_file_ids(body: bytes) -> list[str]:
-    """The distinct `file_id`s of a JSON body, read without parsing it (bounded, any garbage welcome)."""
-    if b'"file_id"' not in body:
-        return []
+    """The distinct `file_id`s of a JSON body, read without parsing it (bounded, any garbage welcome):
+    each `"file_id"` key followed by a `file_…` string, unless its quote is escaped (then it is text)."""
     ids: dict[str, None] = {}
-    for found in BODY_FILE_ID.finditer(body):
-        ids[found.group(1).decode("ascii")] = None
-        if len(ids) >= MAX_BODY_IDS:
+    at = body.find(FILE_ID_KEY)
+    for _ in range(MAX_BODY_KEYS):
+        if at < 0 or len(ids) >= MAX_BODY_IDS:
             break
+        if body[at - 1:at] != b"\\":
+            if found := FILE_ID_VALUE.match(body, at + len(FILE_ID_KEY)):
+                ids[found.group(1).decode("ascii")] = None
+        at = body.find(FILE_ID_KEY, at + len(FILE_ID_KEY))
     return list(ids)
 
 
@@ -256,7 +259,7 @@ async def fetch_all(client: httpx.AsyncClient, url: str, params: list, headers: 
                     raise ValueError("list reply too large")
         if reply.status_code != 200:
             raise LookupError(reply.status_code)
-        page = json.loads(body)
+        page = json.loads(body) if len(body) < 256 * 1024 else await asyncio.to_thread(json.loads, bytes(body))
         data = page.get("data") if isinstance(page, dict) else None
         if not isinstance(data, list):
             raise ValueError("list reply without data")

@@ -47,6 +47,9 @@ def test_body_file_ids_tolerate_garbage_and_ignore_text():
     assert body_file_ids(b'{"other": "file_E"}') == []
     many = b"".join(b'"file_id":"file_%d",' % i for i in range(500))
     assert len(body_file_ids(many)) == 100  # bounded
+    hostile = b'"file_id"' * 5000 + b'"file_id":"file_late"'
+    assert body_file_ids(hostile) == []  # past the bound: routed as usual, at no cost to the event loop
+    assert body_file_ids(b'"file_id"' + b" " * 1000 + b':"file_far"') == []
 
 
 def test_named_ids_reads_message_bodies_only():
