@@ -8,7 +8,8 @@ import time
 import anthropic
 import requests
 from click.testing import CliRunner
-from conftest import api_key_accounts, db_rows, wait_until
+from conftest import api_key_accounts, db_rows, key_for, wait_until
+from harness import add_account
 
 from claudeflare.cli import cli
 
@@ -150,3 +151,19 @@ def test_owner_limited_paused_or_removed(fake, home, start_proxy):
     # Unknown ids route normally: the remaining account answers for itself.
     unknown = requests.get(f"{proxy.url}/v1/files/file_unknown", headers=HEADERS, timeout=10)
     assert unknown.status_code == 404 and last_account(fake, "/v1/files/file_unknown") == other
+
+
+def test_list_names_an_account_that_could_not_answer(fake, home, start_proxy):
+    api_key_accounts(fake, home, ("a", 1))
+    add_account(home, "ghost", "api-key", 1, api_key=key_for("ghost"))  # a key the upstream refuses
+    proxy = start_proxy(home)
+    file_id = sdk(proxy).beta.files.upload(file=("x.txt", b"x", "text/plain")).id  # a 401 from ghost fails over
+    listed = requests.get(f"{proxy.url}/v1/files", headers=HEADERS, timeout=10)
+    assert listed.status_code == 200 and [f["id"] for f in listed.json()["data"]] == [file_id]
+    assert listed.headers["x-claudeflare-unlisted"] == "ghost (status 401)"
+    assert key_for("a") not in listed.text and key_for("ghost") not in listed.text
+
+    CliRunner().invoke(cli, ["--home", str(home), "pause", "a"])
+    assert wait_until(lambda: requests.get(f"{proxy.url}/v1/files", headers=HEADERS, timeout=10).status_code == 502)
+    error = requests.get(f"{proxy.url}/v1/files", headers=HEADERS, timeout=10).json()
+    assert error["error"]["type"] == "api_error" and "ghost (status 401)" in error["error"]["message"]
