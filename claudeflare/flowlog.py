@@ -173,7 +173,7 @@ class FlowLog:
         self.max_pending = max_pending  # rows held in memory while the database is unwritable
         self.written = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._owner_changes: queue.SimpleQueue = queue.SimpleQueue()  # (resource id, account or None to forget)
+        self._owner_changes: queue.SimpleQueue = queue.SimpleQueue()  # (resource id, account or None to forget, kind, when)
         self._owner_pending: list[tuple] = []  # taken from the queue, not written yet
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="claudeflare-flowlog", daemon=True)

@@ -19,6 +19,7 @@ import httpx
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
+from . import resources
 from .accounts import Account, Pool, PoolWatcher
 from .balancer import Balancer
 from .config import (
@@ -48,7 +49,6 @@ from .ratelimit import Health, Signals, error_details, read_signals
 from .recorder import Recorder
 from .refresh import TokenRefresher
 from .resend import Resender
-from . import resources
 
 logger = logging.getLogger(__name__)
 

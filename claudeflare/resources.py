@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlencode
@@ -27,10 +27,10 @@ from .flows import error_response, inject_credential
 
 logger = logging.getLogger(__name__)
 
-_ID = rb"[A-Za-z0-9_-]{1,200}"
-PATH_ID = re.compile(r"/v1/(?:files/(file_[A-Za-z0-9_-]{1,200})|messages/batches/(msgbatch_[A-Za-z0-9_-]{1,200}))(?:/|$)")
+ID = "[A-Za-z0-9_-]{1,200}"  # after the prefix; anything else is no id of ours
+PATH_ID = re.compile(rf"/v1/(?:files/(file_{ID})|messages/batches/(msgbatch_{ID}))(?:/|$)")
 FILE_ID_KEY = b'"file_id"'
-FILE_ID_VALUE = re.compile(rb'\s{0,64}:\s{0,64}"(file_' + _ID + rb')"')
+FILE_ID_VALUE = re.compile(rf'\s{{0,64}}:\s{{0,64}}"(file_{ID})"'.encode())
 MAX_BODY_IDS, MAX_BODY_KEYS = 100, 1000  # a hostile body costs a bounded number of steps
 LISTS = {"/v1/files": "files", "/v1/messages/batches": "message batches"}
 CREATES = {"/v1/files", "/v1/messages/batches"}
