@@ -133,6 +133,12 @@ def m005_views(db: sqlite_utils.Database) -> None:
     """)
 
 
+@migrations()
+def m008_resources(db: sqlite_utils.Database) -> None:
+    # Which account holds each file and message batch made through the pool (resources.py).
+    db["resources"].create({"id": str, "account": str, "kind": str, "recorded_at": str}, pk="id")
+
+
 def open_db(path: Path) -> sqlite_utils.Database:
     """Open (creating and migrating) the analytics database in WAL mode."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,6 +173,8 @@ class FlowLog:
         self.max_pending = max_pending  # rows held in memory while the database is unwritable
         self.written = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._owner_changes: queue.SimpleQueue = queue.SimpleQueue()  # (resource id, account or None to forget, kind, when)
+        self._owner_pending: list[tuple] = []  # taken from the queue, not written yet
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="claudeflare-flowlog", daemon=True)
 
@@ -180,6 +188,10 @@ class FlowLog:
     def publish_status(self, rows: list[dict]) -> None:
         """Replace table account_status with these rows (the latest call wins)."""
         self._status = rows
+
+    def resource_owner(self, resource_id: str, account: str | None, kind: str | None = None) -> None:
+        """Record (or, with account None, forget) which account holds a file or batch: table resources."""
+        self._owner_changes.put((resource_id, account, kind, utc_now()))
 
     def close(self, timeout: float = 30.0) -> None:
         """Write every row logged so far, then stop. Called on shutdown."""
@@ -198,6 +210,7 @@ class FlowLog:
             self._drain(pending, wait=not pending and not self._closing.is_set())
             now = time.monotonic()
             chores = self._status is not None or now >= self._next_prune or (self.control and now >= self._next_control)
+            chores = chores or self._owner_pending or not self._owner_changes.empty()
             if not pending and not chores:
                 if self._closing.is_set() and self._queue.empty():
                     break
@@ -235,6 +248,7 @@ class FlowLog:
             db.close()
 
     def _chores(self, db: sqlite_utils.Database) -> None:
+        self._write_owners(db)
         if time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + PRUNE_EVERY
             if pruned := retention.prune(db, self.keep_days):
@@ -253,6 +267,24 @@ class FlowLog:
                     result = f"error: {e}"
                 with db.conn:
                     db["control"].update(row["id"], {"applied_at": utc_now(), "result": result})
+
+    def _write_owners(self, db: sqlite_utils.Database) -> None:
+        """In the order they were made; kept to retry when the database is unwritable."""
+        while not self._owner_changes.empty():
+            self._owner_pending.append(self._owner_changes.get_nowait())
+        if not self._owner_pending:
+            return
+        with db.conn:
+            for resource_id, account, kind, at in self._owner_pending:
+                if account is None:
+                    db.conn.execute("delete from resources where id = ?", [resource_id])
+                else:
+                    db.conn.execute(
+                        "insert into resources (id, account, kind, recorded_at) values (?, ?, ?, ?) "
+                        "on conflict (id) do update set account = excluded.account, recorded_at = excluded.recorded_at",
+                        [resource_id, account, kind, at],
+                    )
+        self._owner_pending.clear()
 
     def _drain(self, pending: list[dict], wait: bool) -> None:
         """Move queued rows into `pending`, collecting for up to `interval` (less once closing or

@@ -30,6 +30,7 @@ class FlowState:
     session: str | None = None
     strategy: str | None = None
     account: str | None = None  # the account of the current attempt
+    owner: str | None = None  # the account holding a file or batch the request names: no other may serve it
     attempts: int = 0
     failovers: list[dict] = field(default_factory=list)  # {"account", "status", "reason"} per failed attempt
     client_beta: str | None = None  # the client's own anthropic-beta, for a retry on another kind of account

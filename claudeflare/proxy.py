@@ -19,6 +19,7 @@ import httpx
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
+from . import resources
 from .accounts import Account, Pool, PoolWatcher
 from .balancer import Balancer
 from .config import (
@@ -122,6 +123,7 @@ class Claudeflare:
         self._seen_pool: Pool | None = None
         self.upstream_down_at: float | None = None  # last failed connection to the upstream
         self.pool_servers: set[tuple[str, int]] = set()  # where pool flows have been sent
+        self.owners = resources.Owners(self.store_owner)  # which account holds each file and batch
 
     def load(self, loader) -> None:
         install_anthropic_error_pages()
@@ -195,6 +197,8 @@ class Claudeflare:
 
     def running(self) -> None:
         self.resender = Resender()
+        if self.recorder and self.recorder.flowlog:
+            self.owners.load(self.recorder.flowlog.path)  # before traffic, so this read may block
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self.refresh_ahead()), loop.create_task(self.publish_status())]
 
@@ -309,6 +313,12 @@ class Claudeflare:
         state.client_beta = flow.request.headers.get("anthropic-beta")
         pool = self.pool
         self.balancer.strategy = state.strategy = pool.strategy or self.strategy_option
+        if resources.list_kind(flow.request):
+            await self.answer_list(flow, state, pool)
+            return
+        state.owner, flow.response = self.owners.owner_for(flow.request, pool, functools.partial(self.describe, pool))
+        if flow.response:
+            return
         chosen = await self.choose(pool, state, exclude=())
         if chosen is None:
             flow.response = self.no_account_response(pool)
@@ -331,6 +341,8 @@ class Claudeflare:
         self.balancer.warning = {n for n, h in self.health.accounts.items() if h.state == "warning"}
         self.balancer.utilization = {n: self.health.utilization_now(n, now) for n in self.health.accounts}
         candidates = [a for a in pool.usable() if a.name not in exclude and self.health.available(a.name)]
+        if state.owner:  # the request names a file or batch: only its account has it, limited or not
+            candidates = [a for a in pool.usable() if a.name == state.owner and a.name not in exclude]
         while candidates:
             account = self.balancer.pick(candidates, state.session)
             credential = pool.credential(account)
@@ -340,6 +352,26 @@ class Claudeflare:
                 return account, credential
             candidates.remove(account)
         return None
+
+    async def answer_list(self, flow: http.HTTPFlow, state: FlowState, pool: Pool) -> None:
+        """GET /v1/files or /v1/messages/batches has no one owner: every usable account's, merged."""
+        accounts = []
+        for account in pool.usable():
+            credential = pool.credential(account)
+            if credential and self.refresher:
+                credential = await self.refresher.fresh(account.name, credential)
+            if credential:
+                accounts.append((account, credential))
+        if not accounts:
+            flow.response = self.no_account_response(pool)
+            return
+        self.route(flow)
+        state.attempts = len(accounts)
+        flow.response = await resources.list_pool(flow, accounts, self.resender.client, client_headers(flow.request, state), self.owners)
+
+    def store_owner(self, resource_id: str, account: str | None, kind: str | None) -> None:
+        if self.recorder and self.recorder.flowlog:
+            self.recorder.flowlog.resource_owner(resource_id, account, kind)
 
     def route(self, flow: http.HTTPFlow) -> None:
         if isinstance(flow.client_conn.proxy_mode, ReverseMode):
@@ -412,6 +444,8 @@ class Claudeflare:
         elif state.parser and state.parser.usage.error_type:
             # An error inside a stream that began with 200: too late to retry, but it tells on the account.
             self.health.observe(state.account, 200, Signals(), state.parser.usage.error_type)
+        self.owners.observe(flow.request, flow.response, state.account)
+        resources.localize_batch_reply(flow.request, flow.response)
         self.release(state)
 
     def observe_refusal(self, name: str, state: FlowState, response: http.Response) -> str:
@@ -440,7 +474,8 @@ class Claudeflare:
             self.states.show(flow, state)
             tries[account.name] += 1
             outcome = await self.resend(flow, state, headers)
-        if outcome in ("limited", "unreachable", "auth") and not any(self.health.available(a.name) for a in pool.usable()):
+        # A request pinned to its resource's owner keeps the owner's own refusal: nobody else could serve it.
+        if outcome in ("limited", "unreachable", "auth") and not state.owner and not any(self.health.available(a.name) for a in pool.usable()):
             flow.response = self.no_account_response(pool)  # nobody left: say why, and until when
         elif outcome == "unreachable":
             flow.response = error_response(502, "api_error", "Claudeflare: the Anthropic API could not be reached.")

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiohttp import web
+from fake_resources import FakeResources
 
 CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
 OAUTH_BETA = "oauth-2025-04-20"
@@ -187,6 +188,7 @@ class FakeAnthropic:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
+        self.resources = FakeResources(self)  # files and message batches, per account
 
     # --- configuration ---------------------------------------------------------------------------
 
@@ -288,6 +290,7 @@ class FakeAnthropic:
         """Forget everything: credentials, codes, limits, faults, token settings, records and counters."""
         with self._lock:
             self._state = _State()
+            self.resources.reset()
             self.token_delay_s, self.token_fault, self.token_lifetime = 0.0, None, 3600
         self.reset_requests()
 
@@ -372,6 +375,7 @@ class FakeAnthropic:
         r.add_post("/api/oauth/claude_cli/create_api_key", self.create_api_key)
         r.add_get("/api/oauth/usage", self.oauth_usage)
         r.add_route("HEAD", "/", self.head)
+        self.resources.routes(r)
         r.add_post("/_fake/api_keys", self._control(lambda d: self.add_api_key(d["key"], d.get("account", "api-key"))))
         r.add_post("/_fake/oauth", self._control(lambda d: self.add_oauth(**d)))
         r.add_post("/_fake/auth_codes", self._control(lambda d: self.add_auth_code(**d)))
@@ -698,6 +702,8 @@ class FakeAnthropic:
             if not isinstance(payload.get(name), typ) or isinstance(payload.get(name), bool):
                 return self._error(request, 400, f"{name}: Field required" if name not in payload
                                    else f"{name}: Input should be a valid {typ.__name__}")
+        if missing := self.resources.missing_file(payload, account):
+            return self._error(request, 404, f"File not found: {missing}")
         usage = {
             "input_tokens": _int_header(request, "x-fake-input-tokens", max(1, len(body) // 4)),
             "cache_creation_input_tokens": 0,

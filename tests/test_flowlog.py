@@ -21,7 +21,7 @@ def test_schema_by_migrations_in_wal_mode(tmp_path):
     db = open_db(tmp_path / "log.db")
     assert db.journal_mode == "wal"
     assert [m.name for m in migrations.applied(db)] == ["m001_requests", "m002_account_status", "m003_control", "m004_failovers",
-                                                    "m005_views"]
+                                                    "m005_views", "m008_resources"]
     columns = set(db["requests"].columns_dict)
     assert {
         "id", "started_at", "account", "strategy", "session", "method", "path", "model", "stream", "status", "error",
