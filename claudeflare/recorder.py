@@ -14,6 +14,7 @@ from .flows import FlowState, FlowStates, is_event_stream, request_summary
 from .flowlog import FlowLog
 from .pricing import cost_usd
 from .retention import REQUEST_KEEP_DAYS
+from .storable import storable
 from .usage import SSEUsageParser, Usage, usage_from_json
 
 
@@ -107,7 +108,7 @@ class Recorder:
             return
         state.logged = True
         self.live.pop(state.id, None)
-        self.flowlog.log(flow_row(flow, state, error))
+        self.flowlog.log(storable(flow_row(flow, state, error)))
 
 
 def reply_usage(flow: http.HTTPFlow, state: FlowState) -> Usage | None:
