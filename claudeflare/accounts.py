@@ -25,6 +25,7 @@ MODES = ("max", "console", "api-key")
 TIERS = (1, 5, 20)
 # Names end up in headers, log lines and SQL rows: keep them plain.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: `$` would let a final newline in
+PRIORITY_MIN, PRIORITY_MAX = -1_000_000, 1_000_000  # TOML takes any integer; SQLite and the eye don't
 ACCOUNT_KEYS = {"name", "mode", "tier", "priority", "paused", "api_key_env"}
 
 
@@ -111,8 +112,8 @@ def _account(table: dict) -> Account:
     if tier not in TIERS or isinstance(tier, bool):
         raise AccountsError(f"account {name!r}: 'tier' must be 1, 5 or 20, got {tier!r}")
     priority = table.get("priority", 0)
-    if not isinstance(priority, int) or isinstance(priority, bool):
-        raise AccountsError(f"account {name!r}: 'priority' must be an integer, got {priority!r}")
+    if not isinstance(priority, int) or isinstance(priority, bool) or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise AccountsError(f"account {name!r}: 'priority' must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}, got {priority!r}")
     paused = table.get("paused", False)
     if not isinstance(paused, bool):
         raise AccountsError(f"account {name!r}: 'paused' must be true or false, got {paused!r}")
