@@ -392,7 +392,7 @@ def test_chart_numbers_match_the_rows(serve):
         health = {r["account"]: r for r in await chart_rows(ds, cookies, "health")}
         assert set(health) == {"a", "b"} and "42%" in health["a"]["5 h used"] and "limited" in health["b"]["state"]
         assert health["b"]["limited"].startswith("for ") and health["a"]["token expires"].startswith("in ")
-        assert health["b"]["reason"] == "&lt;script>x&lt;/script>"  # the table chart renders cells as HTML
+        assert health["b"]["reason"] == "&lt;script&gt;x&lt;/script&gt;"  # the table chart renders cells as HTML
         utilization = await chart_rows(ds, cookies, "utilization")
         assert {(r["account"], r["window"], r["used"]) for r in utilization} == {("a", "5 h", 0.42), ("a", "7 d", 0.1)}
 
@@ -469,3 +469,55 @@ def test_prune_deletes_old_request_rows_in_batches(tmp_path):
     assert retention.prune(db, 0.5, now=now) == 2  # r1 and r2 go; r0 (just now) stays
     assert retention.prune(db, 0, now=now) == 0  # 0 keeps everything
     assert retention.REQUEST_KEEP_DAYS == 90 and retention.BODY_KEEP_DAYS == 1
+
+
+XSS = '<img src=x onerror="alert(1)">'
+
+
+def test_every_chart_drawn_as_html_escapes_every_text_cell(tmp_path, monkeypatch):
+    # Walks the charts of datasette-metadata.yml, so a chart added later is covered too.
+    db_path = tmp_path / "claudeflare.db"
+    db = open_db(db_path)
+    text_columns = [c.name for c in db["requests"].columns if c.type == "TEXT" and c.name not in ("id", "started_at")]
+    db["requests"].insert_all([row("x1", 1, status=400, **{c: XSS for c in text_columns}), row("x2", 2, model=XSS)])
+    db["account_status"].insert({"name": XSS, "mode": XSS, "tier": 1, "priority": 0, "state": XSS, "reason": XSS,
+                                 "updated_at": iso_utc(NOW)}, pk="name")
+    db.close()
+    monkeypatch.setenv(PUBLIC_ENV, "1")
+    ds = Datasette([str(db_path)], metadata=copy.deepcopy(metadata()), plugins_dir=str(DASHBOARD_PLUGINS),
+                   settings=dashboard_settings())
+
+    def strings(data):
+        if isinstance(data, str):
+            yield data
+        elif isinstance(data, dict):
+            for k, v in data.items():
+                yield k
+                yield from strings(v)
+        elif isinstance(data, list):
+            for v in data:
+                yield from strings(v)
+
+    async def check():
+        drawn = {}
+        for name, chart in charts().items():
+            if not chart.get("query"):
+                continue
+            reply = await ds.client.get(chart_url(chart, range="24 hours", account=""))
+            assert reply.status_code == 200, (name, reply.text[:300])
+            if chart["library"] in ("vega", "vega-lite"):
+                continue  # drawn as SVG text, which no markup survives
+            drawn[name] = list(strings(reply.json()))
+            assert not any("<img" in s for s in drawn[name]), name
+        assert {"health", "failures", "requests", "errors"} <= set(drawn)
+        assert any(s.startswith('&lt;img src=x onerror=&#34;alert(1)&#34;&gt;') for s in drawn["failures"])
+        assert any('<span style="color:#cf222e">●</span> &lt;img' in s for s in drawn["health"])  # html() kept
+        assert any(s.startswith('<a href="/claudeflare/requests/x1">') for s in drawn["failures"])
+        # The same SQL in another shape, or as lines of JSON, is escaped or refused, never sent raw.
+        failures = charts()["failures"]
+        for extra in ({"_shape": "arrays"}, {"_shape": "array", "_nl": "on"}):
+            url = chart_url(failures, range="24 hours", account="") + "&" + urlencode(extra)
+            reply = await ds.client.get(url.replace("_shape=objects&", ""))
+            assert "<img" not in reply.text, extra
+
+    run(check())
