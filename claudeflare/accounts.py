@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomlkit
+import tomlkit.exceptions
 
 from .config import ACCOUNTS_FILE, check_strategy
 from .credentials import Credential, CredentialStore, write_private
@@ -123,13 +124,25 @@ def _account(table: dict) -> Account:
     return Account(name, mode, tier, priority, paused, key_env)
 
 
+def read_accounts_text(path: Path) -> str | None:
+    """The file's text, None when there is none; AccountsError naming the file (and line) otherwise."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise AccountsError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise AccountsError(f"{path} line {line}: not UTF-8 (byte {e.start}); TOML files are UTF-8") from None
+
+
 def load_accounts(home: Path) -> AccountsFile:
     path = home / ACCOUNTS_FILE
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return AccountsFile()
-    return parse_accounts(text, str(path))
+    text = read_accounts_text(path)
+    return AccountsFile() if text is None else parse_accounts(text, str(path))
 
 
 # --- editing (CLI) -------------------------------------------------------------------------------
@@ -140,10 +153,11 @@ def edit_accounts(home: Path, change: Callable[[tomlkit.TOMLDocument], None]) ->
     path = home / ACCOUNTS_FILE
     store = CredentialStore(home)
     with store.locked():  # one CLI edit at a time
+        text = read_accounts_text(path)
         try:
-            doc = tomlkit.parse(path.read_text())
-        except FileNotFoundError:
-            doc = tomlkit.document()
+            doc = tomlkit.document() if text is None else tomlkit.parse(text)
+        except tomlkit.exceptions.ParseError as e:
+            raise AccountsError(f"{path}: {e}") from None
         change(doc)
         text = tomlkit.dumps(doc)
         parsed = parse_accounts(text, str(path))
@@ -228,8 +242,8 @@ class Pool:
 def load_pool(home: Path) -> Pool:
     accounts_file = load_accounts(home)
     data = CredentialStore(home).read()
-    credentials = {n: Credential.from_json(c) for n, c in data["accounts"].items() if isinstance(c, dict)}
-    client_keys = {c["sha256"]: n for n, c in data["client_keys"].items() if isinstance(c, dict) and "sha256" in c}
+    credentials = {n: Credential.from_json(c) for n, c in data["accounts"].items()}  # shapes checked by read()
+    client_keys = {c["sha256"]: n for n, c in data["client_keys"].items()}
     return Pool(accounts_file.accounts, credentials, client_keys, accounts_file.strategy)
 
 

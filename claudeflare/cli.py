@@ -60,7 +60,18 @@ class Context:
 pass_ctx = click.make_pass_decorator(Context)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Group(click.Group):
+    """A broken accounts.toml or credentials.json is the user's to fix: say which file and where, in
+    one line, whatever the command (never a traceback)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (AccountsError, CredentialStoreError) as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--home",
     envvar="CLAUDEFLARE_HOME",

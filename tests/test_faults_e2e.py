@@ -239,3 +239,16 @@ def test_started_on_a_broken_accounts_file_it_says_so_until_fixed(fake, home, st
     accounts.write_text(good)
     assert wait_until(lambda: requests.post(f"{proxy.url}/v1/messages", json=body(False), timeout=10).status_code == 200)
     assert proxy.proc.poll() is None
+
+
+def test_started_on_a_non_utf8_accounts_file_its_503_names_the_file_and_line(fake, home, start_proxy):
+    api_key_accounts(fake, home, ("a", 1))
+    accounts = home / "accounts.toml"
+    good = accounts.read_bytes()
+    accounts.write_bytes(good + b"# caf\xe9\n")
+    proxy = start_proxy(home)
+    reply = requests.post(f"{proxy.url}/v1/messages", json=body(False), timeout=10)
+    assert_anthropic_error(reply, 503, "api_error")
+    assert f"{accounts} line {good.count(b'\n') + 1}: not UTF-8" in reply.json()["error"]["message"]
+    accounts.write_bytes(good)
+    assert wait_until(lambda: requests.post(f"{proxy.url}/v1/messages", json=body(False), timeout=10).status_code == 200)
