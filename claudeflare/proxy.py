@@ -231,9 +231,16 @@ class Claudeflare:
 
     async def publish_status(self, every: float = 1.0) -> None:
         """Each account's state, for `claudeflare list` and the dashboard (table account_status)."""
+        failed = None
         while True:
             if self.recorder and self.recorder.flowlog:
-                self.recorder.flowlog.publish_status(self.status_rows())
+                try:
+                    self.recorder.flowlog.publish_status(self.status_rows())
+                    failed = None
+                except Exception as e:  # one bad value must not end the status for good
+                    if type(e) is not failed:
+                        logger.exception("claudeflare: publishing account status failed")
+                    failed = type(e)
             await asyncio.sleep(every)
 
     def status_rows(self) -> list[dict]:
