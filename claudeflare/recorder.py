@@ -125,6 +125,17 @@ def reply_usage(flow: http.HTTPFlow, state: FlowState) -> Usage | None:
     return usage_from_json(response.raw_content, encoding)
 
 
+def client_status(flow: http.HTTPFlow) -> int | None:
+    """The status the client got. A reply not streamed that fails before it is whole (over
+    body_size_limit, cut short) never reaches the client: mitmproxy answers 502 itself instead."""
+    response = flow.response
+    if response is None:
+        return None
+    if flow.error and not response.stream and "disconnected" not in flow.error.msg.lower():
+        return 502
+    return response.status_code
+
+
 def flow_row(flow: http.HTTPFlow, state: FlowState, error: str | None) -> dict:
     request, response = flow.request, flow.response
     usage = reply_usage(flow, state) or Usage()
@@ -145,7 +156,7 @@ def flow_row(flow: http.HTTPFlow, state: FlowState, error: str | None) -> dict:
         "path": request.path.split("?", 1)[0],
         "model": usage.model,
         "stream": int(stream or state.parser is not None or (response is not None and is_event_stream(response))),
-        "status": response.status_code if response else None,
+        "status": client_status(flow),
         "error": usage.error_type or error,
         "ttfb_ms": round((first_byte - request.timestamp_start) * 1000, 2) if first_byte else None,
         "duration_ms": round((end - request.timestamp_start) * 1000, 2),
