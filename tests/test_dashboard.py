@@ -521,3 +521,48 @@ def test_every_chart_drawn_as_html_escapes_every_text_cell(tmp_path, monkeypatch
             assert "<img" not in reply.text, extra
 
     run(check())
+
+
+def plugin_module(name):
+    from datasette.plugins import pm
+
+    return next(p for p in pm.get_plugins() if getattr(p, "__name__", "") == name)
+
+
+def test_login_checks_passwords_off_the_loop_a_few_times_a_minute_and_the_password_tool_is_off(serve, monkeypatch):
+    import threading
+
+    ds = serve()
+    login_plugin = plugin_module("claudeflare_login.py")
+    threads = []
+    real_verify = login_plugin.verify_password
+
+    def verify(password, password_hash):
+        threads.append(threading.current_thread())
+        return real_verify(password, password_hash)
+
+    monkeypatch.setattr(login_plugin, "verify_password", verify)
+
+    async def check():
+        assert await login(ds)  # the right password works
+        assert threads and threading.main_thread() not in threads  # hashed in a worker thread, not on the loop
+        for _ in range(login_plugin.LOGIN_ATTEMPTS - 1):
+            assert await login(ds, "wrong password") == {}
+        hashed = len(threads)
+        page = await ds.client.get("/-/login")
+        token = re.search(r'name="csrftoken" value="([^"]+)"', page.text).group(1)
+        refused = await ds.client.post("/-/login", data={"username": "admin", "password": PASSWORD, "csrftoken": token},
+                                       cookies={"ds_csrftoken": page.cookies["ds_csrftoken"]})
+        assert refused.status_code == 429 and "Too many attempts" in refused.text and "ds_actor" not in refused.cookies
+        assert len(threads) == hashed  # refused before hashing anything
+        for method in ("get", "post"):
+            tool = await getattr(ds.client, method)("/-/password-tool", **({"data": {"password": "x"}} if method == "post" else {}))
+            assert tool.status_code in (403, 404) and "pbkdf2" not in tool.text
+        assert len(threads) == hashed
+        # Basic auth is not the dashboard's: junk or a guess is neither hashed nor a 500.
+        for value in ("Basic %%%", "Basic YWRtaW46d3Jvbmc="):
+            reply = await ds.client.get("/claudeflare/requests.json", headers={"authorization": value})
+            assert reply.status_code == 403
+        assert len(threads) == hashed
+
+    run(check())
