@@ -2,11 +2,12 @@
 
 import asyncio
 import json
+import logging
 import time
 from functools import partial
 from pathlib import Path
 
-from mitmproxy import ctx, http
+from mitmproxy import ctx, exceptions, http
 
 from .accounts import apply_control
 from .config import DB_FILE, resolve_home
@@ -16,6 +17,9 @@ from .pricing import cost_usd
 from .retention import REQUEST_KEEP_DAYS
 from .storable import storable
 from .usage import SSEUsageParser, Usage, usage_from_json
+
+logger = logging.getLogger(__name__)
+MAX_KEEP_DAYS = 100 * 365  # further back than datetime reaches is no retention at all
 
 
 class SideParser:
@@ -64,8 +68,11 @@ class Recorder:
         loader.add_option("claudeflare_keep_days", int, int(REQUEST_KEEP_DAYS), "Delete request rows older than this many days (0: keep all).")
 
     def configure(self, updated: set[str]) -> None:
-        if "claudeflare_keep_days" in updated and self.flowlog:
-            self.flowlog.keep_days = ctx.options.claudeflare_keep_days
+        if "claudeflare_keep_days" in updated:
+            if not 0 <= ctx.options.claudeflare_keep_days <= MAX_KEEP_DAYS:
+                raise exceptions.OptionsError(f"claudeflare_keep_days must be from 0 (keep all) to {MAX_KEEP_DAYS}")
+            if self.flowlog:
+                self.flowlog.keep_days = ctx.options.claudeflare_keep_days
         if not {"claudeflare_db", "claudeflare_home"} & updated:
             return
         home = resolve_home(ctx.options.claudeflare_home)
@@ -108,7 +115,13 @@ class Recorder:
             return
         state.logged = True
         self.live.pop(state.id, None)
-        self.flowlog.log(storable(flow_row(flow, state, error)))
+        try:
+            row = flow_row(flow, state, error)
+        except Exception:  # a bug reading this flow: still a row, with what is known for sure
+            logger.exception("claudeflare: reading flow %s for the log failed", state.id)
+            row = {"id": state.id, "started_at": state.started_at, "account": state.account, "client": state.client,
+                   "session": state.session, "attempts": state.attempts, "error": "claudeflare: flow unreadable"}
+        self.flowlog.log(storable(row))
 
 
 def reply_usage(flow: http.HTTPFlow, state: FlowState) -> Usage | None:

@@ -186,3 +186,12 @@ def test_priorities_beyond_sqlite_are_refused(tmp_path):
     for since in ("99999999999999999d", "0001-01-01"):
         result = runner.invoke(cli, ["--home", str(home), "stats", "--since", since])
         assert result.exit_code == 2 and "use 30m, 24h, 7d" in result.output
+
+
+def test_a_retention_period_past_the_calendar_is_refused_at_start(tmp_path, fake):
+    proxy = claudeflare_proxy(tmp_path / "home", fake.url, tmp_path / "proxy.log", "--set", "claudeflare_keep_days=99999999999")
+    try:
+        proxy.start(timeout=20)  # mitmdump may bind its port before it reports the error and exits
+    except RuntimeError:
+        pass
+    assert proxy.proc.wait(20) != 0 and "claudeflare_keep_days must be from 0 (keep all) to 36500" in proxy.output()
