@@ -259,8 +259,8 @@ class FlowLog:
                         del pending[:i]  # those are written
                         raise
                     # The message only: the value that failed may be a client's junk, or a secret.
-                    logger.error("claudeflare: flow log row %s dropped, unwritable: %s", storable({"id": row.get("id")})["id"],
-                                 type(e).__name__)
+                    row_id = storable({"id": row.get("id")})["id"] if isinstance(row, dict) else None
+                    logger.error("claudeflare: flow log row %s dropped, unwritable: %s", row_id, type(e).__name__)
         pending.clear()
 
     def _chores(self, db: sqlite_utils.Database) -> None:

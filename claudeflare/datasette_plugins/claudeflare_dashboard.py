@@ -23,9 +23,9 @@ import secrets
 from urllib.parse import parse_qs
 
 from datasette import hookimpl
-from markupsafe import escape
 from datasette.utils.asgi import Response
 from datasette_dashboards import replace_opts_in_query, sql_opt_pattern, sql_var_pattern
+from markupsafe import escape
 
 PLUGIN = "claudeflare"
 DASHBOARD_PAGE = re.compile(r"^/-/dashboards/[^/]+(/[^/]+)?(/embed)?$")
