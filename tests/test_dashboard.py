@@ -566,3 +566,16 @@ def test_login_checks_passwords_off_the_loop_a_few_times_a_minute_and_the_passwo
         assert len(threads) == hashed
 
     run(check())
+
+
+def test_request_bodies_are_capped_before_anything_reads_them(serve):
+    ds = serve()
+
+    async def check():
+        for path in ("/-/login", "/claudeflare/pause_account"):
+            reply = await ds.client.post(path, content=b"username=admin&password=" + b"x" * 100_000,
+                                         headers={"content-type": "application/x-www-form-urlencoded"})
+            assert reply.status_code == 413, path
+        assert await login(ds)  # a normal form still works
+
+    run(check())

@@ -7,7 +7,8 @@ carrying `Authorization: Basic`. So this plugin, whose routes come first:
   password checks per `LOGIN_WINDOW` seconds (429 after), and checks run in a worker thread, at
   most `HASHING_AT_ONCE` at a time;
 - turns `/-/password-tool` off (`claudeflare dashboard-password` sets the password);
-- drops `Authorization: Basic` headers, as the dashboard does not use HTTP basic auth.
+- drops `Authorization: Basic` headers, as the dashboard does not use HTTP basic auth;
+- caps request bodies at `MAX_BODY` (Datasette reads a form whole, before knowing who sent it).
 """
 
 import asyncio
@@ -23,6 +24,7 @@ from datasette_auth_passwords.utils import verify_password
 LOGIN_ATTEMPTS, LOGIN_WINDOW = 5, 60.0
 HASHING_AT_ONCE = 2
 MAX_CLIENTS = 10_000  # addresses remembered at once: the limiter's own memory is bounded too
+MAX_BODY = 64 * 1024  # the dashboard's forms (login, management) are a few hundred bytes
 
 
 class RateLimiter:
@@ -104,12 +106,31 @@ def register_routes(datasette):
 @hookimpl
 def asgi_wrapper(datasette):
     def wrap(app):
-        async def without_basic_auth(scope, receive, send):
-            if scope.get("type") == "http":
-                headers = [(k, v) for k, v in scope.get("headers", []) if not (k.lower() == b"authorization" and v[:6].lower() == b"basic ")]
-                scope = {**scope, "headers": headers}
-            await app(scope, receive, send)
+        async def guarded(scope, receive, send):
+            if scope.get("type") != "http":
+                return await app(scope, receive, send)
+            headers = [(k, v) for k, v in scope.get("headers", []) if not (k.lower() == b"authorization" and v[:6].lower() == b"basic ")]
+            length = dict(headers).get(b"content-length", b"0")
+            if not length.isdigit() or int(length) > MAX_BODY:
+                return await Response.text(f"Request body over {MAX_BODY} bytes", status=413).asgi_send(send)
+            await app({**scope, "headers": headers}, capped(receive), send)
 
-        return without_basic_auth
+        return guarded
 
     return wrap
+
+
+def capped(receive):
+    """`receive` that ends a body sent without Content-Length (chunked) once past MAX_BODY."""
+    seen = 0
+
+    async def limited():
+        nonlocal seen
+        message = await receive()
+        if message.get("type") == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > MAX_BODY:
+                return {"type": "http.disconnect"}
+        return message
+
+    return limited
