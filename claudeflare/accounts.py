@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomlkit
+import tomlkit.exceptions
 
 from .config import ACCOUNTS_FILE, check_strategy
 from .credentials import Credential, CredentialStore, write_private
@@ -25,6 +26,7 @@ MODES = ("max", "console", "api-key")
 TIERS = (1, 5, 20)
 # Names end up in headers, log lines and SQL rows: keep them plain.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: `$` would let a final newline in
+PRIORITY_MIN, PRIORITY_MAX = -1_000_000, 1_000_000  # TOML takes any integer; SQLite and the eye don't
 ACCOUNT_KEYS = {"name", "mode", "tier", "priority", "paused", "api_key_env"}
 
 
@@ -111,8 +113,8 @@ def _account(table: dict) -> Account:
     if tier not in TIERS or isinstance(tier, bool):
         raise AccountsError(f"account {name!r}: 'tier' must be 1, 5 or 20, got {tier!r}")
     priority = table.get("priority", 0)
-    if not isinstance(priority, int) or isinstance(priority, bool):
-        raise AccountsError(f"account {name!r}: 'priority' must be an integer, got {priority!r}")
+    if not isinstance(priority, int) or isinstance(priority, bool) or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise AccountsError(f"account {name!r}: 'priority' must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}, got {priority!r}")
     paused = table.get("paused", False)
     if not isinstance(paused, bool):
         raise AccountsError(f"account {name!r}: 'paused' must be true or false, got {paused!r}")
@@ -122,13 +124,25 @@ def _account(table: dict) -> Account:
     return Account(name, mode, tier, priority, paused, key_env)
 
 
+def read_accounts_text(path: Path) -> str | None:
+    """The file's text, None when there is none; AccountsError naming the file (and line) otherwise."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise AccountsError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise AccountsError(f"{path} line {line}: not UTF-8 (byte {e.start}); TOML files are UTF-8") from None
+
+
 def load_accounts(home: Path) -> AccountsFile:
     path = home / ACCOUNTS_FILE
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return AccountsFile()
-    return parse_accounts(text, str(path))
+    text = read_accounts_text(path)
+    return AccountsFile() if text is None else parse_accounts(text, str(path))
 
 
 # --- editing (CLI) -------------------------------------------------------------------------------
@@ -139,10 +153,11 @@ def edit_accounts(home: Path, change: Callable[[tomlkit.TOMLDocument], None]) ->
     path = home / ACCOUNTS_FILE
     store = CredentialStore(home)
     with store.locked():  # one CLI edit at a time
+        text = read_accounts_text(path)
         try:
-            doc = tomlkit.parse(path.read_text())
-        except FileNotFoundError:
-            doc = tomlkit.document()
+            doc = tomlkit.document() if text is None else tomlkit.parse(text)
+        except tomlkit.exceptions.ParseError as e:
+            raise AccountsError(f"{path}: {e}") from None
         change(doc)
         text = tomlkit.dumps(doc)
         parsed = parse_accounts(text, str(path))
@@ -227,8 +242,8 @@ class Pool:
 def load_pool(home: Path) -> Pool:
     accounts_file = load_accounts(home)
     data = CredentialStore(home).read()
-    credentials = {n: Credential.from_json(c) for n, c in data["accounts"].items() if isinstance(c, dict)}
-    client_keys = {c["sha256"]: n for n, c in data["client_keys"].items() if isinstance(c, dict) and "sha256" in c}
+    credentials = {n: Credential.from_json(c) for n, c in data["accounts"].items()}  # shapes checked by read()
+    client_keys = {c["sha256"]: n for n, c in data["client_keys"].items()}
     return Pool(accounts_file.accounts, credentials, client_keys, accounts_file.strategy)
 
 

@@ -18,6 +18,8 @@ import click
 
 from .accounts import (
     MODES,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
     TIERS,
     Account,
     AccountsError,
@@ -58,7 +60,18 @@ class Context:
 pass_ctx = click.make_pass_decorator(Context)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Group(click.Group):
+    """A broken accounts.toml or credentials.json is the user's to fix: say which file and where, in
+    one line, whatever the command (never a traceback)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (AccountsError, CredentialStoreError) as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--home",
     envvar="CLAUDEFLARE_HOME",
@@ -114,7 +127,8 @@ def load_accounts_or_fail(home: Path):
 
 tier_option = click.option("--tier", type=click.Choice([str(t) for t in TIERS]), default="1", show_default=True,
                            help="Capacity weight: 1 = Pro or API key, 5 = Max 5x, 20 = Max 20x.")
-priority_option = click.option("--priority", type=int, default=0, show_default=True, help="Lower is preferred.")
+PRIORITY = click.IntRange(PRIORITY_MIN, PRIORITY_MAX)
+priority_option = click.option("--priority", type=PRIORITY, default=0, show_default=True, help="Lower is preferred.")
 
 
 def oauth_login(mode: str) -> Credential:
@@ -351,7 +365,7 @@ def remove(obj: Context, name: str, yes: bool) -> None:
 @cli.command("set")
 @click.argument("name")
 @click.option("--tier", type=click.Choice([str(t) for t in TIERS]), help="Capacity weight: 1, 5 or 20.")
-@click.option("--priority", type=int, help="Lower is preferred.")
+@click.option("--priority", type=PRIORITY, help="Lower is preferred.")
 @pass_ctx
 def set_(obj: Context, name: str, tier: str | None, priority: int | None) -> None:
     """Change an account's tier or priority."""
@@ -393,16 +407,16 @@ SINCE_RE = re.compile(r"^(\d+)([mhd])$")
 def parse_since(value: str, now: datetime | None = None) -> str:
     """`30m`, `24h`, `7d` or an ISO date/time → an ISO UTC timestamp to compare started_at with."""
     now = now or datetime.now(UTC)
-    if m := SINCE_RE.match(value.strip()):
-        unit = {"m": 60, "h": 3600, "d": 86400}[m[2]]
-        return (now - timedelta(seconds=int(m[1]) * unit)).strftime("%Y-%m-%dT%H:%M:%S")
     try:
+        if m := SINCE_RE.match(value.strip()):
+            unit = {"m": 60, "h": 3600, "d": 86400}[m[2]]
+            return (now - timedelta(seconds=int(m[1]) * unit)).strftime("%Y-%m-%dT%H:%M:%S")
         when = datetime.fromisoformat(value)
-    except ValueError:
+        if when.tzinfo is None:
+            when = when.astimezone()  # a bare date is local time
+        return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    except (ValueError, OverflowError):  # not a date, or one out of datetime's range (years 1-9999)
         raise click.BadParameter(f"{value!r}: use 30m, 24h, 7d or a date such as 2026-11-01") from None
-    if when.tzinfo is None:
-        when = when.astimezone()  # a bare date is local time
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 @cli.command()
@@ -567,7 +581,7 @@ def read_password_hash(home: Path) -> str | None:
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
-@click.option("--port", default=8001, show_default=True, help="Port to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8001, show_default=True, help="Port to listen on.")
 @click.option("--metadata", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=str(METADATA),
               show_default=True, help="Datasette metadata (charts and canned queries).")
 @click.option("--public", is_flag=True, help="Let anyone who can reach the port read the dashboard (management still needs the login).")

@@ -74,16 +74,22 @@ class CredentialStore:
         except (OSError, ValueError) as e:
             # The message names the file only: its content is secret.
             raise CredentialStoreError(f"cannot read {self.path}: {type(e).__name__}") from None
+        if not isinstance(data, dict):
+            raise CredentialStoreError(f"{self.path}: expected a JSON object with \"accounts\" and \"client_keys\"")
         data.setdefault("accounts", {})
         data.setdefault("client_keys", {})
+        for section in ("accounts", "client_keys"):
+            if not isinstance(data[section], dict):
+                raise CredentialStoreError(f"{self.path}: \"{section}\" must be an object of name: {{...}}")
+            for name, entry in data[section].items():
+                if problem := entry_problem(section, entry):
+                    # The name only if it looks like one: the file may hold anything, secrets included.
+                    shown = repr(name) if NAME_LIKE_RE.fullmatch(name) else "an entry"
+                    raise CredentialStoreError(f"{self.path}: {section} {shown}: {problem}")
         return data
 
     def credentials(self) -> dict[str, Credential]:
-        return {
-            name: Credential.from_json(raw)
-            for name, raw in self.read()["accounts"].items()
-            if isinstance(raw, dict)
-        }
+        return {name: Credential.from_json(raw) for name, raw in self.read()["accounts"].items()}
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -121,6 +127,23 @@ class CredentialStore:
 
 class CredentialStoreError(Exception):
     pass
+
+
+NAME_LIKE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def entry_problem(section: str, entry) -> str | None:
+    """What is wrong with one stored entry's shape, if anything (never quoting a value)."""
+    if not isinstance(entry, dict):
+        return "must be an object"
+    if section == "client_keys":
+        return None if isinstance(entry.get("sha256"), str) else "needs \"sha256\", a string"
+    expires = entry.get("expires_at")
+    if expires is not None and (isinstance(expires, bool) or not isinstance(expires, (int, float)) or not 0 <= expires < 1e11):
+        return "\"expires_at\" must be a time in seconds since 1970"
+    if not isinstance(entry.get("needs_login", False), bool):
+        return "\"needs_login\" must be true or false"
+    return None
 
 
 def write_private(path: Path, text: str) -> None:

@@ -17,6 +17,7 @@ import sqlite_utils
 from sqlite_utils import Migrations
 
 from . import retention
+from .storable import storable
 from .clock import utc_now
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,12 @@ def m008_resources(db: sqlite_utils.Database) -> None:
     db["resources"].create({"id": str, "account": str, "kind": str, "recorded_at": str}, pk="id")
 
 
+def transient(e: Exception) -> bool:
+    """A fault of the database or disk (locked, full, replaced), worth retrying the same rows for;
+    anything else is a bad row or a bug, which retrying cannot mend."""
+    return isinstance(e, (sqlite3.OperationalError, OSError)) or type(e) is sqlite3.DatabaseError
+
+
 def open_db(path: Path) -> sqlite_utils.Database:
     """Open (creating and migrating) the analytics database in WAL mode."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -220,18 +227,16 @@ class FlowLog:
                     db = open_db(self.path)
                     requests = db.table("requests")  # looked up once: each lookup queries the schema
                 if pending:
-                    with db.conn:
-                        requests.insert_all(pending, ignore=True, batch_size=self.batch_size)
-                    self.written += len(pending)
-                    pending.clear()
+                    self._write(db, requests, pending)
                 self._chores(db)
                 if failing_since is not None:
                     logger.info("claudeflare: flow log writable again")
                     failing_since = None
-            except (sqlite3.Error, OSError) as e:
+            except Exception as e:  # the thread must outlive anything: a dead writer loses every later row
                 if failing_since is None:
                     failing_since = time.monotonic()
-                    logger.warning("claudeflare: flow log write failed, %d row(s) kept to retry: %s", len(pending), e)
+                    logger.warning("claudeflare: flow log write failed, %d row(s) kept to retry: %s", len(pending),
+                                   e if transient(e) else type(e).__name__)
                 if self._closing.is_set() and time.monotonic() - failing_since > 10:
                     logger.error("claudeflare: giving up on %d flow log row(s) at shutdown: %s", len(pending), e)
                     break
@@ -247,17 +252,54 @@ class FlowLog:
         if db is not None:
             db.close()
 
+    def _write(self, db: sqlite_utils.Database, requests, pending: list[dict]) -> None:
+        """Write `pending` in one transaction; if a row in it is unwritable, write the others one by
+        one and drop that row. A transient error (locked, disk full) propagates: all rows are kept."""
+        try:
+            with db.conn:
+                requests.insert_all(pending, ignore=True, batch_size=self.batch_size)
+            self.written += len(pending)
+        except Exception as e:
+            if transient(e):
+                raise
+            for i, row in enumerate(pending):
+                try:
+                    with db.conn:
+                        requests.insert(row, ignore=True)  # ignore: a retried row is not duplicated
+                    self.written += 1
+                except Exception as e:
+                    if transient(e):
+                        del pending[:i]  # those are written
+                        raise
+                    # The message only: the value that failed may be a client's junk, or a secret.
+                    row_id = storable({"id": row.get("id")})["id"] if isinstance(row, dict) else None
+                    logger.error("claudeflare: flow log row %s dropped, unwritable: %s", row_id, type(e).__name__)
+        pending.clear()
+
     def _chores(self, db: sqlite_utils.Database) -> None:
-        self._write_owners(db)
+        # Each chore on its own: one failing (a bad value, say) must not starve the others.
+        for chore in (self._write_owners, self._prune, self._publish_status, self._apply_control):
+            try:
+                chore(db)
+            except Exception as e:
+                if transient(e):
+                    raise
+                logger.error("claudeflare: flow log chore %s failed: %s", chore.__name__.lstrip("_"), type(e).__name__)
+
+    def _prune(self, db: sqlite_utils.Database) -> None:
         if time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + PRUNE_EVERY
             if pruned := retention.prune(db, self.keep_days):
                 logger.info("claudeflare: pruned %d request row(s) older than %g days", pruned, self.keep_days)
+
+    def _publish_status(self, db: sqlite_utils.Database) -> None:
         status, self._status = self._status, None
         if status is not None:
             with db.conn:
                 db["account_status"].delete_where()
-                db["account_status"].insert_all(status, pk="name", replace=True)
+                db["account_status"].insert_all([storable(row) for row in status], pk="name", replace=True)
+
+    def _apply_control(self, db: sqlite_utils.Database) -> None:
         if self.control and time.monotonic() >= self._next_control:
             self._next_control = time.monotonic() + 0.5
             for row in db.query("select id, action, account, value from control where applied_at is null order by id"):
@@ -266,7 +308,7 @@ class FlowLog:
                 except Exception as e:  # a bad request from the dashboard must not stop the log
                     result = f"error: {e}"
                 with db.conn:
-                    db["control"].update(row["id"], {"applied_at": utc_now(), "result": result})
+                    db["control"].update(row["id"], storable({"applied_at": utc_now(), "result": result}))
 
     def _write_owners(self, db: sqlite_utils.Database) -> None:
         """In the order they were made; kept to retry when the database is unwritable."""

@@ -48,7 +48,7 @@ from .oauth import OAuthSettings
 from .ratelimit import Health, Signals, error_details, read_signals
 from .recorder import Recorder
 from .refresh import TokenRefresher
-from .resend import Resender
+from .resend import ReplyTooLarge, Resender
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +119,7 @@ class Claudeflare:
         self.oauth = OAuthSettings.from_env()
         self.refresh_margin = 300.0
         self.retry_attempts, self.retry_delay, self.retry_backoff = 3, 1.0, 2.0
+        self.max_body = 32 * 2**20
         self._tasks: list[asyncio.Task] = []
         self._seen_pool: Pool | None = None
         self.upstream_down_at: float | None = None  # last failed connection to the upstream
@@ -160,6 +161,7 @@ class Claudeflare:
             # Content-Length, or as chunks arrive) and before buffering it; an addon could only
             # answer after the whole body was read.
             opts.update(body_size_limit=f"{opts.claudeflare_max_body_mb}m")
+            self.max_body = opts.claudeflare_max_body_mb * 2**20  # the same cap for replies our client fetches
         if "claudeflare_session_hours" in updated:
             self.balancer.session_seconds = fraction_option(opts, "claudeflare_session_hours", 0, 24 * 365) * 3600
         if {"claudeflare_retry_attempts", "claudeflare_retry_delay_ms", "claudeflare_retry_backoff"} & updated:
@@ -235,9 +237,16 @@ class Claudeflare:
 
     async def publish_status(self, every: float = 1.0) -> None:
         """Each account's state, for `claudeflare list` and the dashboard (table account_status)."""
+        failed = None
         while True:
             if self.recorder and self.recorder.flowlog:
-                self.recorder.flowlog.publish_status(self.status_rows())
+                try:
+                    self.recorder.flowlog.publish_status(self.status_rows())
+                    failed = None
+                except Exception as e:  # one bad value must not end the status for good
+                    if type(e) is not failed:
+                        logger.exception("claudeflare: publishing account status failed")
+                    failed = type(e)
             await asyncio.sleep(every)
 
     def status_rows(self) -> list[dict]:
@@ -483,11 +492,16 @@ class Claudeflare:
     async def resend(self, flow: http.HTTPFlow, state: FlowState, headers: http.Headers) -> str:
         """One attempt through our own client; the reply, if any, becomes the flow's. Returns the outcome."""
         try:
-            response = await self.resender.send(flow.request, headers)
+            response = await self.resender.send(flow.request, headers, self.max_body)
         except httpx.TransportError as e:
             self.upstream_down_at = time.time()
             logger.warning("claudeflare: upstream unreachable for %s: %s", state.account, type(e).__name__)
             return "unreachable"
+        except ReplyTooLarge:
+            self.upstream_down_at = None
+            # What mitmproxy answers for a reply over body_size_limit that it fetched itself.
+            flow.response = error_response(502, "api_error", "Claudeflare: the reply is over the proxy's limit (claudeflare_max_body_mb).")
+            return "ok"
         self.upstream_down_at = None
         flow.response = response
         state.parser = state.first_byte_at = None

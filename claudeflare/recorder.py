@@ -2,11 +2,12 @@
 
 import asyncio
 import json
+import logging
 import time
 from functools import partial
 from pathlib import Path
 
-from mitmproxy import ctx, http
+from mitmproxy import ctx, exceptions, http
 
 from .accounts import apply_control
 from .config import DB_FILE, resolve_home
@@ -14,7 +15,11 @@ from .flows import FlowState, FlowStates, is_event_stream, request_summary
 from .flowlog import FlowLog
 from .pricing import cost_usd
 from .retention import REQUEST_KEEP_DAYS
+from .storable import storable
 from .usage import SSEUsageParser, Usage, usage_from_json
+
+logger = logging.getLogger(__name__)
+MAX_KEEP_DAYS = 100 * 365  # further back than datetime reaches is no retention at all
 
 
 class SideParser:
@@ -63,8 +68,11 @@ class Recorder:
         loader.add_option("claudeflare_keep_days", int, int(REQUEST_KEEP_DAYS), "Delete request rows older than this many days (0: keep all).")
 
     def configure(self, updated: set[str]) -> None:
-        if "claudeflare_keep_days" in updated and self.flowlog:
-            self.flowlog.keep_days = ctx.options.claudeflare_keep_days
+        if "claudeflare_keep_days" in updated:
+            if not 0 <= ctx.options.claudeflare_keep_days <= MAX_KEEP_DAYS:
+                raise exceptions.OptionsError(f"claudeflare_keep_days must be from 0 (keep all) to {MAX_KEEP_DAYS}")
+            if self.flowlog:
+                self.flowlog.keep_days = ctx.options.claudeflare_keep_days
         if not {"claudeflare_db", "claudeflare_home"} & updated:
             return
         home = resolve_home(ctx.options.claudeflare_home)
@@ -107,7 +115,13 @@ class Recorder:
             return
         state.logged = True
         self.live.pop(state.id, None)
-        self.flowlog.log(flow_row(flow, state, error))
+        try:
+            row = flow_row(flow, state, error)
+        except Exception:  # a bug reading this flow: still a row, with what is known for sure
+            logger.exception("claudeflare: reading flow %s for the log failed", state.id)
+            row = {"id": state.id, "started_at": state.started_at, "account": state.account, "client": state.client,
+                   "session": state.session, "attempts": state.attempts, "error": "claudeflare: flow unreadable"}
+        self.flowlog.log(storable(row))
 
 
 def reply_usage(flow: http.HTTPFlow, state: FlowState) -> Usage | None:
@@ -122,6 +136,17 @@ def reply_usage(flow: http.HTTPFlow, state: FlowState) -> Usage | None:
         parser.feed(response.raw_content)
         return parser.usage
     return usage_from_json(response.raw_content, encoding)
+
+
+def client_status(flow: http.HTTPFlow) -> int | None:
+    """The status the client got. A reply not streamed that fails before it is whole (over
+    body_size_limit, cut short) never reaches the client: mitmproxy answers 502 itself instead."""
+    response = flow.response
+    if response is None:
+        return None
+    if flow.error and not response.stream and "disconnected" not in flow.error.msg.lower():
+        return 502
+    return response.status_code
 
 
 def flow_row(flow: http.HTTPFlow, state: FlowState, error: str | None) -> dict:
@@ -144,7 +169,7 @@ def flow_row(flow: http.HTTPFlow, state: FlowState, error: str | None) -> dict:
         "path": request.path.split("?", 1)[0],
         "model": usage.model,
         "stream": int(stream or state.parser is not None or (response is not None and is_event_stream(response))),
-        "status": response.status_code if response else None,
+        "status": client_status(flow),
         "error": usage.error_type or error,
         "ttfb_ms": round((first_byte - request.timestamp_start) * 1000, 2) if first_byte else None,
         "duration_ms": round((end - request.timestamp_start) * 1000, 2),

@@ -17,6 +17,10 @@ SKIP_REQUEST = {"host", "content-length", "connection", "keep-alive", "transfer-
 SKIP_RESPONSE = {b"content-length", b"transfer-encoding", b"connection", b"keep-alive"}
 
 
+class ReplyTooLarge(Exception):
+    """The reply is over the proxy's body cap: reading stopped there, as mitmproxy's own would."""
+
+
 class Resender:
     def __init__(self, timeout: float = 600.0):
         self.client = httpx.AsyncClient(
@@ -25,14 +29,19 @@ class Resender:
             trust_env=False,  # never route pool traffic through some proxy from the environment
         )
 
-    async def send(self, request: http.Request, headers: http.Headers) -> http.Response:
-        """Raises httpx.TransportError when the upstream can't be reached or the reply breaks off."""
+    async def send(self, request: http.Request, headers: http.Headers, max_body: int) -> http.Response:
+        """Raises httpx.TransportError when the upstream can't be reached or the reply breaks off, and
+        ReplyTooLarge past `max_body` bytes (claudeflare_max_body_mb, mitmproxy's body_size_limit)."""
         url = f"{request.scheme}://{request.host}:{request.port}{request.path}"
         outgoing = [(k, v) for k, v in headers.items(multi=True) if k.lower() not in SKIP_REQUEST]
         upstream = self.client.build_request(request.method, url, headers=outgoing, content=request.raw_content or b"")
         reply = await self.client.send(upstream, stream=True)
         try:
-            body = b"".join([chunk async for chunk in reply.aiter_raw()])  # still encoded, as the client accepts it
+            body = bytearray()
+            async for chunk in reply.aiter_raw():  # still encoded, as the client accepts it
+                body += chunk
+                if len(body) > max_body:
+                    raise ReplyTooLarge(f"reply over {max_body} bytes")
         finally:
             await reply.aclose()
         response = http.Response.make(
@@ -40,7 +49,7 @@ class Resender:
             b"",
             [(k, v) for k, v in reply.headers.raw if k.lower() not in SKIP_RESPONSE],
         )
-        response.raw_content = body
+        response.raw_content = bytes(body)
         response.headers["content-length"] = str(len(body))
         return response
 

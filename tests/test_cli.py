@@ -238,3 +238,32 @@ def test_login_and_refresh_refuse_api_key_accounts(run):
     assert "api-key account" in run("login", "a", ok=False).output
     assert "no refresh token" in run("refresh", "a", ok=False).output
     assert "no account named" in run("login", "zz", ok=False).output
+
+
+@pytest.mark.parametrize("content", [
+    "{not json", "[]", '{"accounts": []}', '{"accounts": {"a": "sk-ant-api03-secret-in-a-string"}}',
+    '{"client_keys": {"laptop": "x"}}', '{"client_keys": {"laptop": {"created_at": "2026"}}}',
+    '{"accounts": {"a": {"api_key": "sk-ant-api03-secretsecret", "expires_at": "soon"}}}',
+    '{"accounts": {"a": {"access_token": "sk-ant-oat01-secretsecret", "expires_at": 1e300}}}',
+    b"\xff\xfe{}",
+])
+def test_a_corrupt_or_misshapen_credentials_file_gets_a_clear_message(run, home, content):
+    run("add", "a", "--mode", "api-key", input=KEY + "\n")
+    path = home / "credentials.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    for args in (("client-key", "create", "laptop"), ("client-key", "list"), ("list",), ("client-key", "revoke", "x")):
+        result = run(*args, ok=False)
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (args, result.exception)  # no traceback
+        assert str(path) in result.output and "Traceback" not in result.output and "secret" not in result.output, args
+
+
+def test_a_non_utf8_accounts_file_is_named_with_its_line(run, home):
+    run("add", "a", "--mode", "api-key", input=KEY + "\n")
+    path = home / "accounts.toml"
+    path.write_bytes(path.read_bytes() + b'# caf\xe9\n')
+    line = path.read_bytes().count(b"\n")
+    for args in (("list",), ("pause", "a"), ("strategy",), ("strategy", "round-robin"), ("set", "a", "--tier", "5")):
+        result = run(*args, ok=False)
+        assert result.exit_code == 1 and f"{path} line {line}: not UTF-8" in result.output, (args, result.output)
+    path.write_text("[[accounts]\n")  # tomlkit's parse error, on the way to an edit
+    assert str(path) in run("pause", "a", ok=False).output

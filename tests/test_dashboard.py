@@ -392,7 +392,7 @@ def test_chart_numbers_match_the_rows(serve):
         health = {r["account"]: r for r in await chart_rows(ds, cookies, "health")}
         assert set(health) == {"a", "b"} and "42%" in health["a"]["5 h used"] and "limited" in health["b"]["state"]
         assert health["b"]["limited"].startswith("for ") and health["a"]["token expires"].startswith("in ")
-        assert health["b"]["reason"] == "&lt;script>x&lt;/script>"  # the table chart renders cells as HTML
+        assert health["b"]["reason"] == "&lt;script&gt;x&lt;/script&gt;"  # the table chart renders cells as HTML
         utilization = await chart_rows(ds, cookies, "utilization")
         assert {(r["account"], r["window"], r["used"]) for r in utilization} == {("a", "5 h", 0.42), ("a", "7 d", 0.1)}
 
@@ -469,3 +469,113 @@ def test_prune_deletes_old_request_rows_in_batches(tmp_path):
     assert retention.prune(db, 0.5, now=now) == 2  # r1 and r2 go; r0 (just now) stays
     assert retention.prune(db, 0, now=now) == 0  # 0 keeps everything
     assert retention.REQUEST_KEEP_DAYS == 90 and retention.BODY_KEEP_DAYS == 1
+
+
+XSS = '<img src=x onerror="alert(1)">'
+
+
+def test_every_chart_drawn_as_html_escapes_every_text_cell(tmp_path, monkeypatch):
+    # Walks the charts of datasette-metadata.yml, so a chart added later is covered too.
+    db_path = tmp_path / "claudeflare.db"
+    db = open_db(db_path)
+    text_columns = [c.name for c in db["requests"].columns if c.type == "TEXT" and c.name not in ("id", "started_at")]
+    db["requests"].insert_all([row("x1", 1, status=400, **{c: XSS for c in text_columns}), row("x2", 2, model=XSS)])
+    db["account_status"].insert({"name": XSS, "mode": XSS, "tier": 1, "priority": 0, "state": XSS, "reason": XSS,
+                                 "updated_at": iso_utc(NOW)}, pk="name")
+    db.close()
+    monkeypatch.setenv(PUBLIC_ENV, "1")
+    ds = Datasette([str(db_path)], metadata=copy.deepcopy(metadata()), plugins_dir=str(DASHBOARD_PLUGINS),
+                   settings=dashboard_settings())
+
+    def strings(data):
+        if isinstance(data, str):
+            yield data
+        elif isinstance(data, dict):
+            for k, v in data.items():
+                yield k
+                yield from strings(v)
+        elif isinstance(data, list):
+            for v in data:
+                yield from strings(v)
+
+    async def check():
+        drawn = {}
+        for name, chart in charts().items():
+            if not chart.get("query"):
+                continue
+            reply = await ds.client.get(chart_url(chart, range="24 hours", account=""))
+            assert reply.status_code == 200, (name, reply.text[:300])
+            if chart["library"] in ("vega", "vega-lite"):
+                continue  # drawn as SVG text, which no markup survives
+            drawn[name] = list(strings(reply.json()))
+            assert not any("<img" in s for s in drawn[name]), name
+        assert {"health", "failures", "requests", "errors"} <= set(drawn)
+        assert any(s.startswith('&lt;img src=x onerror=&#34;alert(1)&#34;&gt;') for s in drawn["failures"])
+        assert any('<span style="color:#cf222e">●</span> &lt;img' in s for s in drawn["health"])  # html() kept
+        assert any(s.startswith('<a href="/claudeflare/requests/x1">') for s in drawn["failures"])
+        # The same SQL in another shape, or as lines of JSON, is escaped or refused, never sent raw.
+        failures = charts()["failures"]
+        for extra in ({"_shape": "arrays"}, {"_shape": "array", "_nl": "on"}):
+            url = chart_url(failures, range="24 hours", account="") + "&" + urlencode(extra)
+            reply = await ds.client.get(url.replace("_shape=objects&", ""))
+            assert "<img" not in reply.text, extra
+
+    run(check())
+
+
+def plugin_module(name):
+    from datasette.plugins import pm
+
+    return next(p for p in pm.get_plugins() if getattr(p, "__name__", "") == name)
+
+
+def test_login_checks_passwords_off_the_loop_a_few_times_a_minute_and_the_password_tool_is_off(serve, monkeypatch):
+    import threading
+
+    ds = serve()
+    login_plugin = plugin_module("claudeflare_login.py")
+    threads = []
+    real_verify = login_plugin.verify_password
+
+    def verify(password, password_hash):
+        threads.append(threading.current_thread())
+        return real_verify(password, password_hash)
+
+    monkeypatch.setattr(login_plugin, "verify_password", verify)
+
+    async def check():
+        assert await login(ds)  # the right password works
+        assert threads and threading.main_thread() not in threads  # hashed in a worker thread, not on the loop
+        for _ in range(login_plugin.LOGIN_ATTEMPTS - 1):
+            assert await login(ds, "wrong password") == {}
+        hashed = len(threads)
+        page = await ds.client.get("/-/login")
+        token = re.search(r'name="csrftoken" value="([^"]+)"', page.text).group(1)
+        refused = await ds.client.post("/-/login", data={"username": "admin", "password": PASSWORD, "csrftoken": token},
+                                       cookies={"ds_csrftoken": page.cookies["ds_csrftoken"]})
+        assert refused.status_code == 429 and "Too many attempts" in refused.text and "ds_actor" not in refused.cookies
+        assert len(threads) == hashed  # refused before hashing anything
+        for method in ("get", "post"):
+            tool = await getattr(ds.client, method)("/-/password-tool", **({"data": {"password": "x"}} if method == "post" else {}))
+            assert tool.status_code in (403, 404) and "pbkdf2" not in tool.text
+        assert len(threads) == hashed
+        # Basic auth is not the dashboard's: junk or a guess is neither hashed nor a 500.
+        for value in ("Basic %%%", "Basic YWRtaW46d3Jvbmc="):
+            reply = await ds.client.get("/claudeflare/requests.json", headers={"authorization": value})
+            assert reply.status_code == 403
+        assert len(threads) == hashed
+
+    run(check())
+
+
+def test_request_bodies_are_capped_before_anything_reads_them(serve):
+    ds = serve()
+
+    async def check():
+        for path in ("/-/login", "/claudeflare/pause_account"):
+            reply = await ds.client.post(path, content=b"username=admin&password=" + b"x" * 100_000,
+                                         headers={"content-type": "application/x-www-form-urlencoded"})
+            assert reply.status_code == 413, path
+        assert await login(ds)  # a normal form still works
+
+    run(check())

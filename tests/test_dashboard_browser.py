@@ -32,6 +32,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CLAUDEFLARE = Path(sys.executable).parent / "claudeflare"
 PASSWORD = "a dashboard password"
 SONNET, HAIKU = "claude-sonnet-4-5-20250929", "claude-haiku-4-5-20251001"
+XSS = '<img src=x onerror="window.scripted=1">'  # a client's model, shown in "Latest failures"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--remote-debugging-port=0", "--window-size=1500,1200", "--hide-scrollbars"]
@@ -72,7 +73,7 @@ def send_traffic(fake, proxy) -> int:
             sent += 1
     fake.set_fault("*", "status:429-windowless", 1)  # one failover to the other account
     ask(proxy, "conversation-0", cache_read=6000)
-    ask(proxy, "conversation-x", fault="status:400")  # an error the client sees
+    ask(proxy, "conversation-x", model=XSS, fault="status:400")  # an error the client sees, its model script
     return sent + 2
 
 
@@ -254,6 +255,8 @@ async def drive(devtools_port: int, base: str, sent: int, home: Path) -> list[di
         assert by_id["requests"]["text"] == str(sent)
         assert "alpha" in by_id["health"]["text"] and "beta" in by_id["health"]["text"]
         assert "400" in by_id["failures"]["text"]
+        assert XSS in by_id["failures"]["text"]  # shown as text…
+        assert await page.eval("window.scripted === undefined && !document.querySelector('.dashboard-card-chart img')")  # …never run
         assert not page.problems(), page.problems()
         outside = [u for u in page.requested() if not u.startswith(base) and not u.startswith("data:")]
         assert not outside, f"the page fetched from elsewhere: {outside}"

@@ -113,6 +113,7 @@ def test_upstream_faults_end_cleanly_and_are_logged(fake, home, start_proxy, fau
     assert len(rows) == len(statuses) + 1
     (faulty,) = [r for r in rows if r["stream"] == stream and (r["error"] or r["output_tokens"] == 30)]
     assert bool(faulty["error"]) != counted and (faulty["output_tokens"] == 30) == counted
+    assert faulty["status"] == reply.status_code  # the status the client got (502: mitmproxy's, not the upstream's 200)
     assert all(not r["error"] and r["status"] == 200 for r in rows if r is not faulty)
 
 
@@ -162,7 +163,8 @@ def test_database_locked_by_another_process_for_10s(fake, home, start_proxy):
         holder.kill()
     rows = db_rows(home, expect=31, timeout=15)
     assert len(rows) == 31 and len({r["id"] for r in rows}) == 31
-    assert "flow log write failed" in proxy.output() and "flow log writable again" in proxy.output()
+    # The writer logs it just after the rows, through mitmproxy's event loop: not instantly.
+    assert "flow log write failed" in proxy.output() and wait_until(lambda: "flow log writable again" in proxy.output())
 
 
 @pytest.fixture
@@ -239,3 +241,31 @@ def test_started_on_a_broken_accounts_file_it_says_so_until_fixed(fake, home, st
     accounts.write_text(good)
     assert wait_until(lambda: requests.post(f"{proxy.url}/v1/messages", json=body(False), timeout=10).status_code == 200)
     assert proxy.proc.poll() is None
+
+
+def test_started_on_a_non_utf8_accounts_file_its_503_names_the_file_and_line(fake, home, start_proxy):
+    api_key_accounts(fake, home, ("a", 1))
+    accounts = home / "accounts.toml"
+    good = accounts.read_bytes()
+    accounts.write_bytes(good + b"# caf\xe9\n")
+    proxy = start_proxy(home)
+    reply = requests.post(f"{proxy.url}/v1/messages", json=body(False), timeout=10)
+    assert_anthropic_error(reply, 503, "api_error")
+    assert f"{accounts} line {good.count(b'\n') + 1}: not UTF-8" in reply.json()["error"]["message"]
+    accounts.write_bytes(good)
+    assert wait_until(lambda: requests.post(f"{proxy.url}/v1/messages", json=body(False), timeout=10).status_code == 200)
+
+
+def test_a_retried_reply_over_the_body_cap_is_refused_like_mitmproxy_would(fake, home, start_proxy):
+    api_key_accounts(fake, home, ("a", 1), ("b", 1))
+    proxy = start_proxy(home, "--set", "claudeflare_max_body_mb=1", "--set", "claudeflare_strategy=round-robin")
+    fake.set_fault("*", "status:429-windowless", 1)  # the first attempt fails over: the retry is fetched by our client
+    reply = requests.post(f"{proxy.url}/v1/messages", json=body(True), timeout=30,
+                          headers={"x-fake-tokens": "100000"})  # about 10 MB of events
+    assert_anthropic_error(reply, 502, "api_error")
+    assert "claudeflare_max_body_mb" in reply.json()["error"]["message"]
+    (row,) = db_rows(home, expect=1)
+    assert row["status"] == 502 and row["attempts"] == 2
+    fake.set_fault("*", "status:429-windowless", 1)
+    small = requests.post(f"{proxy.url}/v1/messages", json=body(True), timeout=30)  # under the cap: served whole
+    assert small.status_code == 200 and "message_stop" in small.text

@@ -96,3 +96,45 @@ def test_old_rows_are_pruned_in_the_background(tmp_path):
     log = FlowLog(tmp_path / "log.db", interval=0.05, keep_days=30).start()  # a sweep runs at start
     log.close()
     assert [r["id"] for r in rows(tmp_path / "log.db")] == ["new"]
+
+
+def test_a_row_sqlite_refuses_is_dropped_and_the_log_writes_on(tmp_path, caplog):
+    # Rows straight to the writer, unsanitised: the writer itself must survive them.
+    log = FlowLog(tmp_path / "log.db", interval=0.05).start()
+    log.log({"id": "before", "started_at": NOW})
+    log.log({"id": "surrogate", "started_at": NOW, "model": "\ud800"})
+    log.log({"id": "huge", "started_at": NOW, "input_tokens": 10**20})
+    log.log({"id": "after", "started_at": NOW})
+    deadline = time.monotonic() + 5
+    while log.written < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    log.log({"id": "later", "started_at": NOW})  # the thread is still alive
+    log.close()
+    assert [r["id"] for r in rows(tmp_path / "log.db")] == ["after", "before", "later"]
+    assert "\ud800" not in caplog.text and "100000000000000000000" not in caplog.text
+
+
+def test_chores_survive_a_bad_status_row(tmp_path):
+    log = FlowLog(tmp_path / "log.db", interval=0.05).start()
+    log.publish_status([{"name": "a\ud800", "priority": 10**20, "updated_at": NOW}])
+    log.log({"id": "x", "started_at": NOW})
+    log.close()
+    conn = sqlite3.connect(tmp_path / "log.db")
+    assert conn.execute("select name, priority from account_status").fetchall() == [("a?", 2**63 - 1)]
+    assert conn.execute("select count(*) from requests").fetchone() == (1,)
+    conn.close()
+
+
+def test_storable_repairs_what_clients_send():
+    from claudeflare.storable import storable
+
+    row = storable({"model": "<img src=x onerror=alert(1)>\x00\n" + "m" * 500, "path": "/v1/\udcff\udcfe",
+                    "session": "\ud800", "input_tokens": -(10**30), "ttfb_ms": float("nan"), "stream": True,
+                    "error": "e" * 10_000, "failovers": [{"account": "a", "status": 429}]})
+    assert row["model"].startswith("<img src=x onerror=alert(1)>??") and len(row["model"]) == 100
+    assert row["path"] == "/v1/??" and row["session"] == "?"
+    assert row["input_tokens"] == -(2**63) and row["ttfb_ms"] is None and row["stream"] == 1
+    assert len(row["error"]) == 500 and row["failovers"] == '[{"account": "a", "status": 429}]'
+    for v in row.values():
+        if isinstance(v, str):
+            v.encode("utf-8")  # no surrogate left

@@ -7,7 +7,9 @@ import json
 import os
 import re
 import socket
+import sqlite3
 import stat
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -134,3 +136,62 @@ def test_a_chunked_body_is_refused_once_past_the_limit_not_at_its_end(fake, home
         head = s.recv(65536)
     assert head.startswith(b"HTTP/1.1 413") and b'"request_too_large"' in head
     assert fake.requests == []
+
+
+def test_one_hostile_request_cannot_silence_the_flow_log(fake, home, start_proxy):
+    api_key_accounts(fake, home, ("a", 1))
+    proxy = start_proxy(home)
+
+    def post(path: bytes, body: bytes) -> bytes:
+        return raw_request(proxy.port, b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    def body(model: str) -> bytes:
+        return b'{"model": "%s", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}' % model.encode()
+
+    post(b"/v1/messages", body("\\ud800"))  # a lone surrogate, as JSON allows
+    post(b"/v1/messages\xff\xfe", body(MODEL))  # bytes that are no UTF-8 in the path
+    post(b"/v1/messages", body("\\u0000" + "m" * 5000))
+    assert post(b"/v1/messages", body(MODEL)).startswith(b"HTTP/1.1 200")
+    logged = db_rows(home, expect=4)
+    assert len(logged) == 4
+    assert {r["model"] for r in logged} >= {"?", MODEL} and all(len(r["model"]) <= 100 for r in logged)
+    assert any(r["path"].startswith("/v1/messages?") for r in logged)
+    conn = sqlite3.connect(home / "claudeflare.db")
+    before = conn.execute("select updated_at from account_status where name = 'a'").fetchone()
+    time.sleep(1.5)
+    after = conn.execute("select updated_at from account_status where name = 'a'").fetchone()
+    conn.close()
+    assert before and after and after[0] > before[0]  # the status chore still runs
+    post(b"/v1/messages", body("\\udfff"))
+    proxy.stop()  # SIGTERM: the pending row is written
+    assert len(db_rows(home)) == 5
+    assert "Traceback" not in proxy.output()
+
+
+def test_priorities_beyond_sqlite_are_refused(tmp_path):
+    home = tmp_path / "home"
+    runner = CliRunner()
+    runner.invoke(cli, ["--home", str(home), "add", "a", "--mode", "api-key"], input=key_for("a") + "\n", catch_exceptions=False)
+    for args in (["set", "a", "--priority", "99999999999999999999"], ["add", "b", "--mode", "api-key", "--priority", "-10000000"]):
+        result = runner.invoke(cli, ["--home", str(home), *args], input=key_for("b") + "\n")
+        assert result.exit_code == 2 and "is not in the range" in result.output
+    text = (home / "accounts.toml").read_text()
+    assert "priority" not in text
+    (home / "accounts.toml").write_text(text + "priority = 99999999999999999999\n")
+    with pytest.raises(AccountsError, match=r"line 1: account 'a': 'priority' must be an integer from -1000000 to 1000000"):
+        load_accounts(home)
+    result = runner.invoke(cli, ["--home", str(home), "list"])
+    assert result.exit_code == 1 and "'priority' must be an integer" in result.output
+    for since in ("99999999999999999d", "0001-01-01"):
+        result = runner.invoke(cli, ["--home", str(home), "stats", "--since", since])
+        assert result.exit_code == 2 and "use 30m, 24h, 7d" in result.output
+
+
+def test_a_retention_period_past_the_calendar_is_refused_at_start(tmp_path, fake):
+    proxy = claudeflare_proxy(tmp_path / "home", fake.url, tmp_path / "proxy.log", "--set", "claudeflare_keep_days=99999999999")
+    try:
+        proxy.start(timeout=20)  # mitmdump may bind its port before it reports the error and exits
+    except RuntimeError:
+        pass
+    assert proxy.proc.wait(20) != 0 and "claudeflare_keep_days must be from 0 (keep all) to 36500" in proxy.output()

@@ -9,16 +9,23 @@
   visitors read; management (the writable canned queries) still needs a login.
 - Anonymous visitors refused a page are sent to the login form; `/` opens the dashboard.
 - The management forms (writable canned queries) show their title and description.
+- Chart data is escaped here, in one place: datasette-dashboards puts table and metric cells into the
+  page with `innerHTML`, and cells hold what clients sent (model, error…). Every string in the JSON
+  of those charts is HTML-escaped, except what the SQL function `html(template, value…)` made:
+  its template is markup, its values are escaped (see `html`).
 """
 
 import contextvars
 import itertools
+import json
 import re
+import secrets
 from urllib.parse import parse_qs
 
 from datasette import hookimpl
 from datasette.utils.asgi import Response
 from datasette_dashboards import replace_opts_in_query, sql_opt_pattern, sql_var_pattern
+from markupsafe import escape
 
 PLUGIN = "claudeflare"
 DASHBOARD_PAGE = re.compile(r"^/-/dashboards/[^/]+(/[^/]+)?(/embed)?$")
@@ -46,14 +53,92 @@ def query_variants(sql: str) -> set[str]:
     return variants
 
 
-def chart_queries(datasette, database: str) -> set[str]:
+def chart_queries(datasette, database: str, escaped_only: bool = False) -> set[str]:
+    """The SQL the dashboard's charts send; with `escaped_only`, of those drawn as HTML."""
     dashboards = datasette.plugin_config("datasette-dashboards") or {}
     allowed = set()
     for dashboard in dashboards.values():
         for chart in (dashboard.get("charts") or {}).values():
+            if escaped_only and chart.get("library") in SVG_LIBRARIES:
+                continue
             if chart.get("db") == database and chart.get("query"):
                 allowed |= query_variants(chart["query"])
     return allowed
+
+
+# --- escaping chart data -------------------------------------------------------------------------
+# Vega draws text as SVG text (and escapes its tooltips); every other library, present or future,
+# gets its data escaped.
+SVG_LIBRARIES = {"vega", "vega-lite"}
+# Wraps the output of html(): unguessable (fresh per process, never sent), so no data can forge it.
+MARK = "\ue000" + secrets.token_hex(16) + "\ue000"
+
+
+def is_markup(value) -> bool:
+    return isinstance(value, str) and len(value) >= 2 * len(MARK) and value.startswith(MARK) and value.endswith(MARK) \
+        and value.count(MARK) == 2
+
+
+def as_html(value) -> str:
+    """A cell as HTML: html()'s output as made, anything else escaped."""
+    if is_markup(value):
+        return value[len(MARK):-len(MARK)]
+    return str(escape("" if value is None else str(value).replace(MARK, "")))
+
+
+def html(template, *values) -> str:
+    """SQL `html('<a href="/x/{}">{}</a>', id, label)`: the template (a literal in the chart's SQL)
+    is kept as markup, each `{}` takes the next value escaped (or an html() result as it is)."""
+    parts = str(template).split("{}")
+    if len(parts) != len(values) + 1:
+        raise ValueError(f"html(): {len(parts) - 1} placeholder(s) for {len(values)} value(s)")
+    out = [parts[0]]
+    for value, part in zip(values, parts[1:]):
+        out += [as_html(value), part]
+    return MARK + "".join(out) + MARK
+
+
+def escape_json(data):
+    """Every string in a chart's JSON answer (keys too) as safe HTML."""
+    if isinstance(data, str):
+        return as_html(data)
+    if isinstance(data, list):
+        return [escape_json(v) for v in data]
+    if isinstance(data, dict):
+        return {as_html(k): escape_json(v) for k, v in data.items()}
+    return data
+
+
+def drawn_as_html(datasette, scope: dict) -> bool:
+    """A request for the data of a chart that the dashboard renders with innerHTML."""
+    path = scope.get("path", "")
+    if scope.get("type") != "http" or not (path.startswith("/") and path.endswith(".json")):
+        return False
+    sql = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("sql") or []
+    queries = chart_queries(datasette, path[1:-len(".json")], escaped_only=True)
+    return any(q in queries for q in sql)
+
+
+async def send_escaped(send, messages: list[dict]) -> None:
+    start, body = messages[0], b"".join(m.get("body", b"") for m in messages[1:])
+    if start.get("status") != 200:  # a refusal or an error page: no chart data in it
+        for message in messages:
+            await send(message)
+        return
+    try:
+        body = json.dumps(escape_json(json.loads(body)), ensure_ascii=False).encode()
+    except ValueError:  # not one JSON document (e.g. `_nl=on`): nothing unescaped may go out
+        start = {**start, "status": 400}
+        body = json.dumps({"ok": False, "error": "chart data must be plain JSON", "status": 400}).encode()
+    headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
+    headers += [(b"content-type", b"application/json; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+    await send({**start, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+@hookimpl
+def prepare_connection(conn):
+    conn.create_function("html", -1, html, deterministic=True)
 
 
 def is_chart_request(datasette, scope: dict | None, database) -> bool:
@@ -74,9 +159,22 @@ def asgi_wrapper(datasette):
         async def remember_scope(scope, receive, send):
             token = current_scope.set(scope)
             try:
-                await app(scope, receive, send)
+                if drawn_as_html(datasette, scope):
+                    await app(scope, receive, escaping(send))
+                else:
+                    await app(scope, receive, send)
             finally:
                 current_scope.reset(token)
+
+        def escaping(send):
+            messages = []
+
+            async def buffered(message):
+                messages.append(message)
+                if message["type"] == "http.response.body" and not message.get("more_body"):
+                    await send_escaped(send, messages)
+
+            return buffered
 
         return remember_scope
 
