@@ -15,6 +15,7 @@ import requests
 from click.testing import CliRunner
 from conftest import db_rows, key_for, wait_until
 from harness import add_account, free_port, wait_for_port
+from mitmproxy import io
 
 from claudeflare.cli import cli
 from claudeflare.credentials import CredentialStore
@@ -63,6 +64,19 @@ def crawl(base: str, limit: int = 120) -> dict[str, bytes]:
     return seen
 
 
+def assert_saved_pool_flows(path: Path, count: int) -> None:
+    """`-w` saved every pool flow (all of them answered), each showing its account by name only."""
+    with open(path, "rb") as f:
+        flows = [flow for flow in io.FlowReader(f).stream() if "claudeflare" in flow.metadata]
+    assert len(flows) == count and all(flow.response for flow in flows)
+    served = [flow for flow in flows if flow.metadata["claudeflare"].get("account")]
+    assert {flow.metadata["claudeflare"]["account"] for flow in served} == {"console", "max"}
+    for flow in served:
+        account = flow.metadata["claudeflare"]["account"]
+        shown = flow.request.headers.get("x-api-key") or flow.request.headers.get("authorization")
+        assert shown.endswith(f"[claudeflare: {account}]"), shown
+
+
 def test_no_secret_leaves_the_credential_store(fake, home, start_proxy, tmp_path):
     api_key = key_for("console")
     fake.add_api_key(api_key, account="console")
@@ -75,8 +89,9 @@ def test_no_secret_leaves_the_credential_store(fake, home, start_proxy, tmp_path
     client_key = created.stdout.strip()
     assert created.exit_code == 0 and client_key.startswith("cfk-")
 
-    proxy = start_proxy(home, "--set", "flow_detail=4", "--set", f"claudeflare_token_url={fake.url}/v1/oauth/token",
-                        "--set", "claudeflare_strategy=round-robin")
+    saved = tmp_path / "flows.mitm"
+    proxy = start_proxy(home, "-w", str(saved), "--set", "flow_detail=4", "--set", "termlog_verbosity=debug",
+                        "--set", f"claudeflare_token_url={fake.url}/v1/oauth/token", "--set", "claudeflare_strategy=round-robin")
     assert wait_until(lambda: fake.tokens("max")["refresh_token"] != first["refresh_token"], timeout=10)
     fake.revoke_access_token(fake.tokens("max")["access_token"])  # the next request on it gets a 401 and a refresh
     sent = traffic(proxy, client_key)
@@ -111,18 +126,22 @@ def test_no_secret_leaves_the_credential_store(fake, home, start_proxy, tmp_path
     assert everything.json()["rows"]
 
     def files() -> dict:
-        return {p: p.read_bytes() for p in [*home.rglob("*"), *tmp_path.glob("*.log")] if p.is_file()}
+        return {p: p.read_bytes() for p in [*home.rglob("*"), *tmp_path.glob("*.log"), saved] if p.is_file()}
 
     running = files()  # the WAL and SQLite's shared memory exist only while a connection is open
     proxy.stop()
     written = {**running, **files()}
     assert (home / "claudeflare.db-wal") in running
-    assert {p.name for p in written} >= {"claudeflare.db", "accounts.toml", "credentials.json", "mitmdump-0.log", "dashboard.log"}
+    assert {p.name for p in written} >= {"claudeflare.db", "accounts.toml", "credentials.json", "mitmdump-0.log", "dashboard.log",
+                                         "flows.mitm"}
     places = {**{str(p): b for p, b in written.items() if p.name not in PRIVATE_FILES}, **outputs, **pages,
               **{f"command line of {pid}": c.encode() for pid, c in command_lines.items()}}
     leaks = [(secret[:16], where) for secret in secrets for where, data in places.items() if secret.encode() in data]
     assert leaks == []
-    assert b"[redacted by claudeflare]" in written[tmp_path / "mitmdump-0.log"]  # flow_detail=4 did print headers
+    proxy_log = written[tmp_path / "mitmdump-0.log"]
+    assert b"[claudeflare: console]" in proxy_log and b"Bearer [claudeflare: max]" in proxy_log  # flow_detail=4 printed headers
+    assert b"unserializable" not in proxy_log
+    assert_saved_pool_flows(saved, sent)
 
     assert stat.S_IMODE(os.stat(home).st_mode) == 0o700
     for p in home.iterdir():
