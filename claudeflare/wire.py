@@ -53,8 +53,8 @@ def on_wire(request: http.Request) -> http.Request:
 
 
 def _with_credentials(event):
-    if isinstance(event, RequestHeaders) and event.request in _held:
-        return dataclasses.replace(event, request=on_wire(event.request))
+    if isinstance(event, RequestHeaders) and (wire := on_wire(event.request)) is not event.request:
+        return dataclasses.replace(event, request=wire)
     return event
 
 
