@@ -159,6 +159,9 @@ class Claudeflare:
             # Content-Length, or as chunks arrive) and before buffering it; an addon could only
             # answer after the whole body was read.
             opts.update(body_size_limit=f"{opts.claudeflare_max_body_mb}m")
+        if "proxy_debug" in updated and opts.proxy_debug:
+            # mitmproxy's core then logs every byte on the wire: account credentials and client keys too.
+            raise exceptions.OptionsError("proxy_debug logs credentials as they are sent: Claudeflare refuses it")
         if "claudeflare_session_hours" in updated:
             self.balancer.session_seconds = fraction_option(opts, "claudeflare_session_hours", 0, 24 * 365) * 3600
         if {"claudeflare_retry_attempts", "claudeflare_retry_delay_ms", "claudeflare_retry_backoff"} & updated:

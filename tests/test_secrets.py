@@ -17,7 +17,7 @@ import psutil
 import requests
 from click.testing import CliRunner
 from conftest import db_rows, key_for, wait_until
-from harness import CLAUDE_CODE_SYSTEM, add_account, claudeflare_proxy, free_port, wait_for_port
+from harness import ADDON, CLAUDE_CODE_SYSTEM, MITMDUMP, add_account, claudeflare_proxy, free_port, wait_for_port
 from mitmproxy import io
 
 from claudeflare.cli import cli
@@ -210,3 +210,12 @@ def test_mitmweb_never_shows_a_credential(fake, home, tmp_path):
     views["mitmweb's log"] = proxy.log.read_bytes()
     assert b"[claudeflare: web]" in views["/flows/dump in flight"] and b"[claudeflare: max]" in views["/flows/dump after"]
     assert [(secret[:16], where) for secret in secrets for where, data in views.items() if secret.encode() in data] == []
+
+
+def test_proxy_debug_is_refused(home):
+    """mitmproxy's proxy_debug logs the bytes on the wire, where the credential is: not with the addon."""
+    add_account(home, "console", "api-key", 1, api_key=key_for("console"))
+    run = subprocess.run([str(MITMDUMP), "-s", str(ADDON), "--listen-host", "127.0.0.1", "--listen-port", "0",
+                          "--set", f"claudeflare_home={home}", "--set", "proxy_debug=true"],
+                         capture_output=True, timeout=30)
+    assert run.returncode != 0 and b"proxy_debug logs credentials" in run.stdout + run.stderr
