@@ -17,6 +17,7 @@ from .ratelimit import Signals
 
 METADATA = "claudeflare"  # flow.metadata key: plain values for mitmweb and `-w` files, never a secret
 OAUTH_BETA = "oauth-2025-04-20"
+CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 
 
 @dataclass
@@ -110,6 +111,15 @@ def presented_key(request: http.Request) -> str | None:
     return auth[7:].strip() or None
 
 
+def take_presented_key(request: http.Request) -> str | None:
+    """The key the client presented, taken out of the flow, which mitmweb, `-w` and `flow_detail`
+    show: a client key is a secret too, and no credential of the client's goes upstream."""
+    key = presented_key(request)
+    for name in CREDENTIAL_HEADERS:
+        request.headers.pop(name, None)
+    return key
+
+
 def request_summary(body: bytes) -> tuple[str | None, bool]:
     """(model, stream) from a /v1/messages body; the body itself is forwarded untouched."""
     try:
@@ -129,19 +139,13 @@ def merge_beta(existing: str | None, beta: str) -> str:
 
 def inject_credential(headers: http.Headers, account: Account, credential: Credential) -> None:
     """Replace the client's credentials with the account's (contract §2): never both kinds."""
-    headers.pop("authorization", None)
-    headers.pop("x-api-key", None)
+    for name in CREDENTIAL_HEADERS:
+        headers.pop(name, None)
     if credential.api_key:
         headers["x-api-key"] = credential.api_key
     else:
         headers["authorization"] = f"Bearer {credential.access_token}"
         headers["anthropic-beta"] = merge_beta(headers.get("anthropic-beta"), OAUTH_BETA)
-
-
-def redact_credential(request: http.Request) -> None:
-    for name in ("authorization", "x-api-key"):
-        if name in request.headers:
-            request.headers[name] = "[redacted by claudeflare]"
 
 
 def is_event_stream(response: http.Response) -> bool:

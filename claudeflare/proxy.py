@@ -41,14 +41,14 @@ from .flows import (
     inject_credential,
     install_anthropic_error_pages,
     is_loopback,
-    presented_key,
-    redact_credential,
+    take_presented_key,
 )
 from .oauth import OAuthSettings
 from .ratelimit import Health, Signals, error_details, read_signals
 from .recorder import Recorder
 from .refresh import TokenRefresher
 from .resend import ReplyTooLarge, Resender
+from . import wire
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ class Claudeflare:
 
     def load(self, loader) -> None:
         install_anthropic_error_pages()
+        wire.install()
         add = loader.add_option
         add("claudeflare_home", str, "", "Folder with accounts.toml, credentials and the flow log (default: $CLAUDEFLARE_HOME or ~/.config/claudeflare).")
         add("claudeflare_upstream", str, default_upstream(), "Anthropic API base URL that pool requests go to.")
@@ -162,6 +163,9 @@ class Claudeflare:
             # answer after the whole body was read.
             opts.update(body_size_limit=f"{opts.claudeflare_max_body_mb}m")
             self.max_body = opts.claudeflare_max_body_mb * 2**20  # the same cap for replies our client fetches
+        if "proxy_debug" in updated and opts.proxy_debug:
+            # mitmproxy's core then logs every byte on the wire: account credentials and client keys too.
+            raise exceptions.OptionsError("proxy_debug logs credentials as they are sent: Claudeflare refuses it")
         if "claudeflare_session_hours" in updated:
             self.balancer.session_seconds = fraction_option(opts, "claudeflare_session_hours", 0, 24 * 365) * 3600
         if {"claudeflare_retry_attempts", "claudeflare_retry_delay_ms", "claudeflare_retry_backoff"} & updated:
@@ -293,13 +297,14 @@ class Claudeflare:
             return
         state = self.states.start(flow)
         request = flow.request
+        presented = take_presented_key(request)
         if request.method == "HEAD" and request.path == "/":
             # Claude Code's credential-less connection warm-up: answer it here, cheaply.
             flow.response = http.Response.make(200)
             return
         pool = self.pool
         if pool.client_keys:
-            state.client = pool.client_for(presented_key(request))
+            state.client = pool.client_for(presented)
             if state.client is None:
                 flow.response = error_response(
                     401, "authentication_error", "Claudeflare: invalid client key. Use a key from `claudeflare client-key create NAME`."
@@ -334,13 +339,12 @@ class Claudeflare:
             return
         self.route(flow)
         self.pool_servers.add((flow.request.host, flow.request.port))
-        self.attempt(flow.request.headers, state, *chosen)
-        self.states.show(flow, state)
+        headers = self.attempt(flow, flow.request.headers.copy(), state, *chosen)
         if self.upstream_down_at and time.time() - self.upstream_down_at < CIRCUIT_SECONDS:
             # Connections to the upstream failed lately, and mitmproxy can't retry its own attempt:
             # send this one through our client, which can (the reply then arrives whole).
             state.settled = True
-            outcome = await self.resend(flow, state, flow.request.headers)
+            outcome = await self.resend(flow, state, headers)
             if outcome in RETRY_OUTCOMES:
                 await self.failover(flow, state, outcome)
 
@@ -389,13 +393,18 @@ class Claudeflare:
         # In this order each setter keeps the Host header (or :authority) in step, default port omitted.
         request.scheme, request.host, request.port = self.upstream
 
-    def attempt(self, headers: http.Headers, state: FlowState, account: Account, credential: Credential) -> None:
+    def attempt(self, flow: http.HTTPFlow, headers: http.Headers, state: FlowState, account: Account,
+                credential: Credential) -> http.Headers:
+        """`headers` with the account's credential, for our own client; the flow shows them with a placeholder."""
         inject_credential(headers, account, credential)
+        wire.conceal(flow.request, headers, account.name)
         state.account = account.name
         state.sent_token = credential.access_token
         state.attempts += 1
         state.released = False
         self.balancer.acquire(account.name)
+        self.states.show(flow, state)
+        return headers
 
     def no_account_response(self, pool: Pool) -> http.Response:
         usable = [a.name for a in pool.usable()]
@@ -430,8 +439,6 @@ class Claudeflare:
         state = self.states.get(flow)
         if state is None:
             return
-        # The request is on the wire by now: keep secrets out of flow dumps (`-v`, `-w`, mitmweb).
-        redact_credential(flow.request)
         if state.account and flow.response:
             self.observe_signals(state.account, state, flow.response)
 
@@ -478,9 +485,7 @@ class Claudeflare:
             logger.info("claudeflare: %s on %s, retrying on %s", outcome, state.account, account.name)
             if delay:
                 await asyncio.sleep(delay)
-            headers = client_headers(flow.request, state)
-            self.attempt(headers, state, account, credential)
-            self.states.show(flow, state)
+            headers = self.attempt(flow, client_headers(flow.request, state), state, account, credential)
             tries[account.name] += 1
             outcome = await self.resend(flow, state, headers)
         # A request pinned to its resource's owner keeps the owner's own refusal: nobody else could serve it.
@@ -531,7 +536,6 @@ class Claudeflare:
         state = self.states.get(flow)
         if state is None:
             return
-        redact_credential(flow.request)
         self.release(state)
 
     def server_connect_error(self, data) -> None:

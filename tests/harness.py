@@ -64,7 +64,8 @@ class Mitmdump:
             *(["-s", str(ADDON)] if addon else []),
             "--listen-host", "127.0.0.1",
             "--listen-port", "0",
-            "--set", "termlog_verbosity=info",
+            # mitmproxy refuses an option set twice: a caller's own verbosity replaces this default.
+            *([] if "termlog_verbosity=" in " ".join(args) else ["--set", "termlog_verbosity=info"]),
             *args,
         ]
         self.env = {**os.environ, **(env or {})}
