@@ -244,13 +244,16 @@ class Claudeflare:
             health = self.health.get(account.name)
             credential = pool.credential(account)
             state = pool.state(account, now)
+            refresh_problem = self.refresher.failing.get(account.name) if self.refresher else None
+            if refresh_problem and state == "ok" and credential and not credential.api_key and not credential.valid_token(now):
+                state = "token-expired"  # the old token has run out before a refresh succeeded
             rows.append({
                 "name": account.name,
                 "mode": account.mode,
                 "tier": account.tier,
                 "priority": account.priority,
                 "state": health.state if state == "ok" else state,
-                "reason": health.reason if state == "ok" else None,
+                "reason": (health.reason or refresh_problem) if state == "ok" else refresh_problem,
                 "limited_until": iso_utc(health.until) if health.until else None,
                 "utilization_5h": health.utilization.get("5h"),
                 "utilization_7d": health.utilization.get("7d"),
