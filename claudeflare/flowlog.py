@@ -133,6 +133,14 @@ def m005_views(db: sqlite_utils.Database) -> None:
     """)
 
 
+@migrations()
+def m007_usage_columns(db: sqlite_utils.Database) -> None:
+    # From the usage endpoint (claudeflare/usage_poll.py): per-model weekly windows, extra usage.
+    for column, kind in [("utilization_7d_opus", float), ("reset_7d_opus", str), ("utilization_7d_sonnet", float),
+                         ("reset_7d_sonnet", str), ("utilization_extra", float), ("usage_read_at", str)]:
+        db["account_status"].add_column(column, kind)
+
+
 def open_db(path: Path) -> sqlite_utils.Database:
     """Open (creating and migrating) the analytics database in WAL mode."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -469,3 +469,25 @@ def test_prune_deletes_old_request_rows_in_batches(tmp_path):
     assert retention.prune(db, 0.5, now=now) == 2  # r1 and r2 go; r0 (just now) stays
     assert retention.prune(db, 0, now=now) == 0  # 0 keeps everything
     assert retention.REQUEST_KEEP_DAYS == 90 and retention.BODY_KEEP_DAYS == 1
+
+
+def test_account_health_shows_the_usage_endpoints_windows(serve, db_path):
+    db = sqlite_utils.Database(db_path)
+    db["account_status"].insert({
+        "name": "idle", "mode": "max", "tier": 20, "priority": 0, "state": "ok", "utilization_5h": 0.25,
+        "reset_5h": iso_utc(NOW + 2 * 3600 + 1800), "utilization_7d_opus": 0.815, "reset_7d_opus": iso_utc(NOW + 3 * 86400 + 7200),
+        "utilization_7d_sonnet": 0.05, "reset_7d_sonnet": iso_utc(NOW + 3600 * 5 + 60), "utilization_extra": 0.124,
+        "usage_read_at": iso_utc(NOW), "requests_in_flight": 0, "updated_at": iso_utc(NOW)})
+    db.close()
+    ds = serve()
+
+    async def check():
+        cookies = await login(ds)
+        idle = {r["account"]: r for r in await chart_rows(ds, cookies, "health")}["idle"]
+        assert re.match(r"25% <small>resets in 2 h (29|30) min</small>$", idle["5 h used"])
+        assert re.match(r"82% <small>resets in 3 d [12] h</small>$", idle["7 d Opus used"])
+        assert idle["7 d Sonnet used"].startswith("5% <small>resets in 5 h") and idle["extra usage"] == "12%"
+        used = {(r["window"], r["used"]) for r in await chart_rows(ds, cookies, "utilization", account="idle")}
+        assert used == {("5 h", 0.25), ("7 d Opus", 0.815), ("7 d Sonnet", 0.05), ("extra usage", 0.124)}
+
+    run(check())

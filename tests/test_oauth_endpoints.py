@@ -89,7 +89,8 @@ def test_invalid_grant_for_a_token_replaced_meanwhile_is_a_harmless_race(fake, h
                                                       expires_at=time.time() + 3600))
     client.join(30)
     assert replies and replies[0].status_code == 200
-    assert fake.requests[-1]["headers"]["authorization"] == f"Bearer {fresh['access_token']}"
+    sent = [r for r in fake.requests if r["path"] == "/v1/messages"]
+    assert sent[-1]["headers"]["authorization"] == f"Bearer {fresh['access_token']}"
     stored = CredentialStore(home).credentials()["m"]
     assert not stored.needs_login and stored.refresh_token == fresh["refresh_token"]
     assert ask(proxy).status_code == 200 and listed(home)["state"] == "ok"
