@@ -485,8 +485,10 @@ def test_account_health_shows_the_usage_endpoints_windows(serve, db_path):
         cookies = await login(ds)
         idle = {r["account"]: r for r in await chart_rows(ds, cookies, "health")}["idle"]
         assert re.match(r"25% <small>resets in 2 h (29|30) min</small>$", idle["5 h used"])
-        assert re.match(r"82% <small>resets in 3 d [12] h</small>$", idle["7 d Opus used"])
-        assert idle["7 d Sonnet used"].startswith("5% <small>resets in 5 h") and idle["extra usage"] == "12%"
+        opus, sonnet, extra = idle["model weeks, extra"].split("<br>")
+        assert re.match(r"Opus 82% <small>resets in 3 d [12] h</small>$", opus)
+        assert sonnet.startswith("Sonnet 5% <small>resets in 5 h ") and extra == "extra usage 12%"
+        assert {r["account"]: r for r in await chart_rows(ds, cookies, "health")}["a"]["model weeks, extra"] == "–"
         used = {(r["window"], r["used"]) for r in await chart_rows(ds, cookies, "utilization", account="idle")}
         assert used == {("5 h", 0.25), ("7 d Opus", 0.815), ("7 d Sonnet", 0.05), ("extra usage", 0.124)}
 
