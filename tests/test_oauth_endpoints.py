@@ -73,6 +73,16 @@ def test_a_404_from_the_token_url_is_a_configuration_error_not_a_lost_login(fake
     assert "token URL is wrong" in proxy.output() and "needs a new log-in" not in proxy.output()
 
 
+def test_refresh_command_reports_a_404_without_losing_the_login(fake, home, monkeypatch):
+    monkeypatch.setenv("CLAUDEFLARE_TOKEN_URL", f"{fake.url}/v1/oauth/token")
+    _, refresh = enrol_oauth(fake, home, "m", expires_in=3600)
+    fake.token_fault = "404"
+    result = CliRunner().invoke(cli, ["--home", str(home), "refresh", "m"])
+    assert result.exit_code != 0 and "answers 404, so the URL is wrong; check CLAUDEFLARE_TOKEN_URL" in result.output
+    stored = CredentialStore(home).credentials()["m"]
+    assert not stored.needs_login and stored.refresh_token == refresh
+
+
 def test_invalid_grant_for_a_token_replaced_meanwhile_is_a_harmless_race(fake, home, start_proxy, token_url):
     _, old_refresh = enrol_oauth(fake, home, "m", expires_in=1)
     time.sleep(1.1)

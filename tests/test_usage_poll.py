@@ -11,7 +11,11 @@ from click.testing import CliRunner
 from conftest import api_key_accounts, wait_until
 from harness import CLAUDE_CODE_SYSTEM, add_account
 
+from mitmproxy import exceptions
+from mitmproxy.test import taddons
+
 from claudeflare.cli import cli
+from claudeflare.proxy import Claudeflare
 from claudeflare.clock import iso_utc
 from claudeflare.flowlog import open_db
 from claudeflare.ratelimit import Health
@@ -62,6 +66,16 @@ def test_schedule_reads_once_per_interval_and_backs_off_on_errors():
     schedule.read("m", 0)
     assert schedule.failed("m", 0, retry_after=1) == 600  # never sooner than the backoff
     assert Schedule(300).due("other", 0)
+
+
+def test_the_interval_option_is_checked():
+    addon = Claudeflare()
+    with taddons.context(addon) as tctx:
+        assert addon.usage_poller.schedule.interval == 300
+        tctx.configure(addon, claudeflare_usage_interval=0)  # off
+        assert addon.usage_poller.schedule.interval == 0
+        with pytest.raises(exceptions.OptionsError, match="claudeflare_usage_interval must not be negative"):
+            tctx.configure(addon, claudeflare_usage_interval=-1)
 
 
 def test_health_counts_an_idle_accounts_usage():
