@@ -10,12 +10,14 @@ import pytest
 import requests
 from click.testing import CliRunner
 from conftest import wait_until
-from harness import CLAUDE_CODE_SYSTEM
+from harness import CLAUDE_CODE_SYSTEM, add_account
+from mitmproxy.test import taddons
 from test_oauth_e2e import enrol_oauth
 
 from claudeflare.cli import cli
 from claudeflare.credentials import Credential, CredentialStore
 from claudeflare.oauth import LoginFlow, OAuthSettings
+from claudeflare.proxy import Claudeflare
 
 ENV = ("CLAUDEFLARE_TOKEN_URL", "CLAUDEFLARE_AUTHORIZE_URL", "CLAUDEFLARE_CONSOLE_AUTHORIZE_URL",
        "CLAUDEFLARE_REDIRECT_URI", "CLAUDEFLARE_CLIENT_ID", "CLAUDEFLARE_API_KEY_URL")
@@ -104,3 +106,20 @@ def test_invalid_grant_for_a_token_replaced_meanwhile_is_a_harmless_race(fake, h
     stored = CredentialStore(home).credentials()["m"]
     assert not stored.needs_login and stored.refresh_token == fresh["refresh_token"]
     assert ask(proxy).status_code == 200 and listed(home)["state"] == "ok"
+
+
+def test_list_says_token_expired_once_the_old_token_runs_out_while_refreshes_fail(home):
+    add_account(home, "m", "max", 5, access_token="sk-ant-oat01-old", refresh_token="sk-ant-ort01-old",
+                expires_at=time.time() - 1)
+    addon = Claudeflare()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, claudeflare_home=str(home))
+        try:
+            addon.refresher.failing["m"] = "token refresh failing: token URL answers 404 (check CLAUDEFLARE_TOKEN_URL)"
+            (row,) = addon.status_rows()
+            assert row["state"] == "token-expired" and "404" in row["reason"]
+            addon.refresher.failing.clear()  # refreshes work: an expired token is refreshed on the way
+            (row,) = addon.status_rows()
+            assert row["state"] == "ok" and row["reason"] is None
+        finally:
+            addon.watcher.stop()
