@@ -253,10 +253,14 @@ def describe_expiry(expires_at: float | None, now: float | None = None) -> str:
     if expires_at is None:
         return "-"
     left = expires_at - (time.time() if now is None else now)
-    if left <= 0:
-        return "expired"
-    hours, minutes = divmod(int(left // 60), 60)
-    return f"expires in {hours}h{minutes:02d}m" if hours else f"expires in {minutes}m"
+    return f"expires in {duration(left)}" if left > 0 else "expired"
+
+
+def duration(seconds: float) -> str:
+    hours, minutes = divmod(int(seconds // 60), 60)
+    if hours >= 48:
+        return f"{hours // 24}d{hours % 24:02d}h"
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m"
 
 
 def print_table(rows: list[dict]) -> None:
@@ -300,6 +304,8 @@ def list_(obj: Context, as_json: bool) -> None:
             "utilization_5h": seen.get("utilization_5h"),
             "utilization_7d": seen.get("utilization_7d"),
             "reason": seen.get("reason"),
+            # From the usage endpoint too (idle subscriptions), with the reply headers' 5h and 7d.
+            **{column: seen.get(column) for column in USAGE_COLUMNS},
         })
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -310,7 +316,8 @@ def list_(obj: Context, as_json: bool) -> None:
             {
                 "name": r["name"], "mode": r["mode"], "tier": r["tier"], "priority": r["priority"], "state": r["state"],
                 "token_expires_at": describe_expiry(r["token_expires_at"]), "requests_today": r["requests_today"],
-                "5h": percent(r["utilization_5h"]), "7d": percent(r["utilization_7d"]),
+                **{window: used(r[f"utilization_{window}"], r[f"reset_{window}"]) for window in WINDOWS},
+                "extra": percent(r["utilization_extra"]),
                 "limited_until": r["limited_until"] or "-", "reason": r["reason"] or "",
             }
             for r in rows
@@ -319,6 +326,20 @@ def list_(obj: Context, as_json: bool) -> None:
 
 def percent(fraction: float | None) -> str:
     return "-" if fraction is None else f"{fraction:.0%}"
+
+
+USAGE_COLUMNS = ("reset_5h", "reset_7d", "utilization_7d_opus", "reset_7d_opus", "utilization_7d_sonnet", "reset_7d_sonnet",
+                 "utilization_extra", "usage_read_at")
+WINDOWS = ("5h", "7d", "7d_opus", "7d_sonnet")  # utilization_X and reset_X in account_status
+
+
+def used(fraction: float | None, reset: str | None, now: float | None = None) -> str:
+    """A window's share used and when it resets: `42% (resets in 2h13m)`."""
+    try:
+        left = datetime.fromisoformat(reset).timestamp() - (time.time() if now is None else now)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        left = 0
+    return percent(fraction) + (f" (resets in {duration(left)})" if fraction is not None and left > 0 else "")
 
 
 def set_paused(obj: Context, name: str, paused: bool) -> None:

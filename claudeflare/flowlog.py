@@ -135,6 +135,14 @@ def m005_views(db: sqlite_utils.Database) -> None:
 
 
 @migrations()
+def m007_usage_columns(db: sqlite_utils.Database) -> None:
+    # From the usage endpoint (claudeflare/usage_poll.py): per-model weekly windows, extra usage.
+    for column, kind in [("utilization_7d_opus", float), ("reset_7d_opus", str), ("utilization_7d_sonnet", float),
+                         ("reset_7d_sonnet", str), ("utilization_extra", float), ("usage_read_at", str)]:
+        db["account_status"].add_column(column, kind)
+
+
+@migrations()
 def m008_resources(db: sqlite_utils.Database) -> None:
     # Which account holds each file and message batch made through the pool (resources.py).
     db["resources"].create({"id": str, "account": str, "kind": str, "recorded_at": str}, pk="id")

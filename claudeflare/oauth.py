@@ -16,21 +16,25 @@ import requests
 
 from .credentials import Credential
 
+# Claude Code's own production settings (contract §3). console.anthropic.com, the older host,
+# answers refresh grants with 404.
 CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"  # Claude Code's public client
 AUTHORIZE_URLS = {
-    "max": "https://claude.ai/oauth/authorize",
-    "console": "https://console.anthropic.com/oauth/authorize",
+    "max": "https://claude.com/cai/oauth/authorize",
+    "console": "https://platform.claude.com/oauth/authorize",
 }
-TOKEN_URL = "https://console.anthropic.com/v1/oauth/token"
-REDIRECT_URI = "https://console.anthropic.com/oauth/code/callback"
+TOKEN_URL = "https://platform.claude.com/v1/oauth/token"
+REDIRECT_URI = "https://platform.claude.com/oauth/code/callback"
 API_KEY_URL = "https://api.anthropic.com/api/oauth/claude_cli/create_api_key"
-SCOPES = "org:create_api_key user:profile user:inference"
+_MAX_SCOPES = "user:profile user:inference user:sessions:claude_code user:mcp_servers user:file_upload"
+SCOPES = {"max": _MAX_SCOPES, "console": f"org:create_api_key {_MAX_SCOPES}"}
 FLOW_LIFETIME = 10 * 60  # an authorization code is only worth pasting for a few minutes
 TIMEOUT = 30
 
 
 class OAuthError(Exception):
-    """`kind`: invalid_grant (log in again), network / server (try again later), bad_reply, expired, state."""
+    """`kind`: invalid_grant (log in again), network / server (try again later), config (the
+    endpoint is not there: a wrong URL, worth retrying only slowly), bad_reply, expired, state."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)
@@ -38,7 +42,7 @@ class OAuthError(Exception):
 
     @property
     def retryable(self) -> bool:
-        return self.kind in ("network", "server")
+        return self.kind in ("network", "server", "config")
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,7 @@ class LoginFlow:
             "client_id": settings.client_id,
             "response_type": "code",
             "redirect_uri": settings.redirect_uri,
-            "scope": SCOPES,
+            "scope": SCOPES["console" if self.mode == "console" else "max"],
             "code_challenge": self.challenge,
             "code_challenge_method": "S256",
             "state": self.state,
@@ -110,7 +114,11 @@ class LoginFlow:
         return code
 
 
-def _post(url: str, payload: dict, what: str, headers: dict | None = None) -> dict:
+TOKEN_URL_SETTING = "CLAUDEFLARE_TOKEN_URL / claudeflare_token_url"
+
+
+def _post(url: str, payload: dict, what: str, setting: str = TOKEN_URL_SETTING, headers: dict | None = None) -> dict:
+    """`setting`: what moves `url`, named when the URL turns out wrong."""
     try:
         reply = requests.post(url, json=payload, headers=headers, timeout=TIMEOUT)
     except requests.RequestException as e:
@@ -121,6 +129,9 @@ def _post(url: str, payload: dict, what: str, headers: dict | None = None) -> di
         body = {}
     if reply.status_code >= 500 or reply.status_code == 429:
         raise OAuthError("server", f"{what}: {url} answered {reply.status_code}; try again later")
+    if reply.status_code == 404:
+        # What the old console.anthropic.com host answers: the URL is wrong, the grant may be fine.
+        raise OAuthError("config", f"{what}: {url} answers 404, so the URL is wrong; check {setting}")
     if reply.status_code >= 400:
         error = body.get("error") if isinstance(body, dict) else None
         if error == "invalid_grant":
@@ -166,7 +177,7 @@ def refresh_tokens(settings: OAuthSettings, refresh_token: str) -> Credential:
 
 
 def create_api_key(settings: OAuthSettings, access_token: str) -> str:
-    body = _post(settings.api_key_url, {}, "API key creation", headers={"authorization": f"Bearer {access_token}"})
+    body = _post(settings.api_key_url, {}, "API key creation", "CLAUDEFLARE_API_KEY_URL", headers={"authorization": f"Bearer {access_token}"})
     key = body.get("raw_key")
     if not isinstance(key, str) or not key:
         raise OAuthError("bad_reply", "API key creation: the reply has no raw_key")

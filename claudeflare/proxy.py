@@ -48,6 +48,7 @@ from .ratelimit import Health, Signals, error_details, read_signals
 from .recorder import Recorder
 from .refresh import TokenRefresher
 from .resend import ReplyTooLarge, Resender
+from .usage_poll import UsagePoller, status_columns
 from . import wire
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class Claudeflare:
         self.health = Health()
         self.refresher: TokenRefresher | None = None
         self.resender: Resender | None = None
+        self.usage_poller = UsagePoller()
         self.upstream = parse_upstream(default_upstream())
         self.strategy_option = default_strategy()
         self.oauth = OAuthSettings.from_env()
@@ -141,6 +143,7 @@ class Claudeflare:
         add("claudeflare_retry_delay_ms", int, int(env_number("RETRY_DELAY_MS", 1000)), "Wait before the first retry on the same account.")
         add("claudeflare_retry_backoff", str, os.environ.get("RETRY_BACKOFF", "2"), "Each further retry on the same account waits this many times longer.")
         add("claudeflare_switch_utilization", str, "0.95", "A conversation leaves its account past this utilization of its limit.")
+        add("claudeflare_usage_interval", int, 300, "Read each subscription's usage endpoint at most this often, in seconds (0: never).")
         add("claudeflare_max_body_mb", int, 32, "Largest body accepted, in MiB (Anthropic's own cap is 32 MB); sets body_size_limit.")
 
     def configure(self, updated: set[str]) -> None:
@@ -185,6 +188,10 @@ class Claudeflare:
             self.refresh_margin = float(opts.claudeflare_refresh_margin)
             if self.refresher:
                 self.refresher.settings, self.refresher.margin = self.oauth, self.refresh_margin
+        if "claudeflare_usage_interval" in updated:
+            if opts.claudeflare_usage_interval < 0:
+                raise exceptions.OptionsError("claudeflare_usage_interval must not be negative (0 turns usage reads off)")
+            self.usage_poller.schedule.interval = float(opts.claudeflare_usage_interval)
         if "claudeflare_home" in updated:
             home = resolve_home(opts.claudeflare_home)
             try:
@@ -206,13 +213,14 @@ class Claudeflare:
         if self.recorder and self.recorder.flowlog:
             self.owners.load(self.recorder.flowlog.path)  # before traffic, so this read may block
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self.refresh_ahead()), loop.create_task(self.publish_status())]
+        self._tasks = [loop.create_task(self.refresh_ahead()), loop.create_task(self.publish_status()), loop.create_task(self.poll_usage())]
 
     def done(self) -> None:
         for task in self._tasks:
             task.cancel()
         if self.resender:
             asyncio.get_running_loop().create_task(self.resender.close())
+        asyncio.get_running_loop().create_task(self.usage_poller.close())
         if self.watcher:
             self.watcher.stop()
 
@@ -239,6 +247,16 @@ class Claudeflare:
                     await self.refresher.fresh(account.name, credential)
             await asyncio.sleep(every)
 
+    async def poll_usage(self, every: float = 1.0) -> None:
+        """Idle subscriptions' windows from the usage endpoint (claudeflare/usage_poll.py)."""
+        while True:
+            if self.usage_poller.schedule.interval and self.refresher:
+                pool = self.pool
+                accounts = [(a.name, c) for a in pool.usable() if a.oauth and (c := pool.credential(a))]
+                scheme, host, port = self.upstream
+                await self.usage_poller.poll(accounts, f"{scheme}://{host}:{port}", self.refresher.fresh, self.health)
+            await asyncio.sleep(every)
+
     async def publish_status(self, every: float = 1.0) -> None:
         """Each account's state, for `claudeflare list` and the dashboard (table account_status)."""
         failed = None
@@ -261,18 +279,22 @@ class Claudeflare:
             health = self.health.get(account.name)
             credential = pool.credential(account)
             state = pool.state(account, now)
+            refresh_problem = self.refresher.failing.get(account.name) if self.refresher else None
+            if refresh_problem and state == "ok" and credential and not credential.api_key and not credential.valid_token(now):
+                state = "token-expired"  # the old token has run out before a refresh succeeded
             rows.append({
                 "name": account.name,
                 "mode": account.mode,
                 "tier": account.tier,
                 "priority": account.priority,
                 "state": health.state if state == "ok" else state,
-                "reason": health.reason if state == "ok" else None,
+                "reason": (health.reason or refresh_problem) if state == "ok" else refresh_problem,
                 "limited_until": iso_utc(health.until) if health.until else None,
                 "utilization_5h": health.utilization.get("5h"),
                 "utilization_7d": health.utilization.get("7d"),
                 "reset_5h": iso_utc(health.resets["5h"]) if "5h" in health.resets else None,
                 "reset_7d": iso_utc(health.resets["7d"]) if "7d" in health.resets else None,
+                **status_columns(health),
                 "token_expires_at": iso_utc(credential.expires_at) if credential and credential.expires_at else None,
                 "requests_in_flight": self.balancer.in_flight[account.name],
                 "updated_at": utc_now(),

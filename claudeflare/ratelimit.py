@@ -157,6 +157,8 @@ class AccountHealth:
     utilization: dict[str, float] = field(default_factory=dict)  # window -> latest fraction
     resets: dict[str, float] = field(default_factory=dict)
     cooldowns: int = 0  # consecutive limits without a reset: the exponent of the cooldown
+    extra_usage: float | None = None  # share of the paid extra-usage pool spent (usage endpoint; not a window)
+    usage_read_at: float | None = None  # when the usage endpoint was last read for the account
 
 
 class Health:
@@ -238,6 +240,19 @@ class Health:
             why = f"{signals.claim or 'rate'} limit"
         health.state, health.until, health.reason = "limited", until, f"{why}, {how}"
         return "limited"
+
+    def observe_usage(self, name: str, windows: Mapping[str, tuple[float, float | None]], extra: float | None) -> None:
+        """What the usage endpoint says (fractions, resets): an idle account's windows, which the
+        headroom of new conversations then counts. It benches nothing: past 100% an account with
+        extra usage still serves, and a reply's headers say when it does not."""
+        health = self.get(name)
+        for window, (used, reset) in windows.items():
+            health.utilization[window] = used
+            if reset:
+                health.resets[window] = reset
+            else:
+                health.resets.pop(window, None)  # a window not started yet
+        health.extra_usage, health.usage_read_at = extra, self.clock()
 
     def needs_login(self, name: str, reason: str) -> None:
         health = self.get(name)

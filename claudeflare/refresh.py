@@ -4,7 +4,9 @@ Refresh tokens are single-use (contract §3), so every refresh must happen exact
 - in one process, concurrent requests for an account await the same refresh task;
 - across processes sharing a home, the refresh runs under a per-account file lock and first
   re-reads the store: if another process has refreshed meanwhile, its tokens are used as they are;
-- the rotated tokens are written to the store (atomically, fsynced) before anything uses them.
+- the rotated tokens are written to the store (atomically, fsynced) before anything uses them;
+- `invalid_grant` for a refresh token that something else (Claude Code, an older proxy) has
+  replaced in the store meanwhile is a harmless race: the stored tokens are used.
 """
 
 import asyncio
@@ -29,6 +31,7 @@ class TokenRefresher:
         self._tasks: dict[str, asyncio.Future] = {}
         self._latest: dict[str, Credential] = {}
         self._backoff: dict[str, tuple[float, float]] = {}  # name -> (retry at, current delay)
+        self.failing: dict[str, str] = {}  # name -> why its refreshes fail for now (shown by `list`)
 
     def needs_refresh(self, credential: Credential, rejected: str | None = None) -> bool:
         if credential.api_key or not credential.refresh_token:
@@ -69,11 +72,20 @@ class TokenRefresher:
         error = None if task.cancelled() else task.exception()
         if error is None:
             self._backoff.pop(name, None)
+            self.failing.pop(name, None)
         elif isinstance(error, OAuthError) and error.retryable:
+            # Never hammer the token endpoint; a wrong URL is retried as slowly, in case it is fixed.
             delay = min(MAX_BACKOFF, self._backoff.get(name, (0.0, MIN_BACKOFF / 2))[1] * 2)
             self._backoff[name] = (time.time() + delay, delay)
-            logger.warning("claudeflare: refreshing %s failed, retrying in %.0fs: %s", name, delay, error)
+            if error.kind == "config":
+                self.failing[name] = "token refresh failing: token URL answers 404 (check CLAUDEFLARE_TOKEN_URL)"
+                logger.error("claudeflare: cannot refresh %s, the token URL is wrong (the login itself is fine), "
+                             "retrying in %.0fs: %s", name, delay, error)
+            else:
+                self.failing[name] = f"token refresh failing ({error.kind}), retrying"
+                logger.warning("claudeflare: refreshing %s failed, retrying in %.0fs: %s", name, delay, error)
         else:
+            self.failing.pop(name, None)
             logger.error("claudeflare: %s needs a new log-in (`claudeflare login %s`): %s", name, name, error)
 
     def refresh_sync(self, name: str, rejected: str | None = None) -> Credential:
@@ -89,8 +101,14 @@ class TokenRefresher:
             try:
                 new = refresh_tokens(self.settings, current.refresh_token)
             except OAuthError as e:
-                if e.kind == "invalid_grant":
-                    self.store.set_account(name, replace(current, needs_login=True))
+                if e.kind != "invalid_grant":
+                    raise
+                # Someone outside our lock (Claude Code itself, an older proxy) may have rotated it.
+                stored = self.store.credentials().get(name)
+                if stored and stored.refresh_token and stored.refresh_token != current.refresh_token and not stored.needs_login:
+                    logger.info("claudeflare: the refresh token of %s was replaced meanwhile; using the stored one", name)
+                    return stored
+                self.store.set_account(name, replace(current, needs_login=True))
                 raise
             # Durable before use: losing the rotated refresh token would lose the account.
             stored = replace(current, access_token=new.access_token, refresh_token=new.refresh_token, expires_at=new.expires_at)

@@ -4,8 +4,9 @@ The real API is out of reach, so the tests talk to this. It follows the contract
 Messages (JSON and SSE, optionally gzip, chunks cut inside UTF-8 characters), count_tokens, models,
 per-account rate limits with the real header families (unified for OAuth, Console for API keys),
 faults (429 with and without windows, spend limit, out of credits, 5xx/529, `event: error` inside a 200
-stream, connection reset, stall, malformed SSE, short body) and OAuth with PKCE and single-use
-(rotating) refresh tokens.
+stream, connection reset, stall, malformed SSE, short body), OAuth with PKCE and single-use
+(rotating) refresh tokens (or the old host's 404), and the subscription usage endpoint with its
+hourly read budget.
 
 In-process (pytest)::
 
@@ -168,6 +169,11 @@ class _State:
         self.overage: dict[str, tuple[str, str | None]] = {}  # account -> (status, disabled reason)
         self.token_calls: dict[str, int] = {}
         self.token_calls_started: dict[str, int] = {}
+        self.usage: dict[str, dict] = {}  # account -> usage endpoint objects that replace the defaults
+        self.usage_reads: dict[str, list[float]] = {}  # account -> when its usage reads were answered
+
+
+USAGE_BUDGET = 30  # usage reads an hour per account (contract §9)
 
 
 class FakeAnthropic:
@@ -179,7 +185,8 @@ class FakeAnthropic:
         self.client_id = client_id
         self.token_lifetime = token_lifetime  # expires_in of tokens the OAuth endpoint mints
         self.token_delay_s = 0.0  # delay inside /v1/oauth/token (a client that leaves meanwhile changes nothing)
-        self.token_fault: str | None = None  # "500" | "invalid_grant" | "429" | None
+        self.token_fault: str | None = None  # "500" | "invalid_grant" | "429" | "404" (the old host) | None
+        self.usage_budget = USAGE_BUDGET  # usage reads per account per hour, then 429 with retry-after
         self._lock = threading.RLock()
         self._state = _State()
         self._records: list[dict] = []
@@ -261,12 +268,24 @@ class FakeAnthropic:
         with self._lock:
             self._state.overage[account] = (status, disabled_reason)
 
+    def set_usage(self, account: str, windows: dict) -> None:
+        """What /api/oauth/usage answers for the account: these objects (`{"utilization": <percent>,
+        "resets_at": <ISO 8601>}`, null, or anything at all) replace the defaults, by key."""
+        with self._lock:
+            self._state.usage[account] = dict(windows)
+
+    def usage_reads(self, account: str) -> int:
+        """Usage reads of this account answered in the last hour (429s not counted)."""
+        with self._lock:
+            return len([t for t in self._state.usage_reads.get(account, []) if t > time.time() - 3600])
+
     def configure(self, config: dict) -> None:
         """Apply a whole configuration (the --config file and POST /_fake/config use this):
         {"api_keys": {key: account} | [{"key","account"}], "oauth": [{"account","access_token","refresh_token",
         "expires_in"}], "auth_codes": [{...add_auth_code args}], "limits": [{...set_limit args}],
         "faults": [{"account","fault","count"}], "overage": [{"account","status","disabled_reason"}],
-        "token_delay_s", "token_fault", "token_lifetime", "client_id", "record"}"""
+        "usage": [{"account","windows"}], "token_delay_s", "token_fault", "token_lifetime", "client_id", "record",
+        "usage_budget"}"""
         api_keys = config.get("api_keys") or {}
         if isinstance(api_keys, dict):
             api_keys = [{"key": k, "account": v} for k, v in api_keys.items()]
@@ -282,7 +301,9 @@ class FakeAnthropic:
             self.set_fault(**item)
         for item in config.get("overage") or []:
             self.set_overage(**item)
-        for name in ("token_delay_s", "token_fault", "token_lifetime", "client_id", "record"):
+        for item in config.get("usage") or []:
+            self.set_usage(**item)
+        for name in ("token_delay_s", "token_fault", "token_lifetime", "client_id", "record", "usage_budget"):
             if name in config:
                 setattr(self, name, config[name])
 
@@ -292,6 +313,7 @@ class FakeAnthropic:
             self._state = _State()
             self.resources.reset()
             self.token_delay_s, self.token_fault, self.token_lifetime = 0.0, None, 3600
+            self.usage_budget = USAGE_BUDGET
         self.reset_requests()
 
     def reset_requests(self) -> None:
@@ -945,6 +967,8 @@ class FakeAnthropic:
             if self.token_fault == "429":
                 return web.json_response({"error": "rate_limited", "error_description": "Too many requests"},
                                          status=429, headers={"retry-after": "5"})
+            if self.token_fault == "404":  # what console.anthropic.com answers refresh grants now
+                return web.json_response(error_body(404, "Not Found", request_id=request[REC]["request_id"]), status=404)
             if self.token_fault == "invalid_grant":
                 return self._oauth_error(400, "invalid_grant", "Refresh token not found or invalid")
             if grant == "authorization_code":
@@ -990,18 +1014,28 @@ class FakeAnthropic:
             return self._error(request, 401, "OAuth authentication required")
         now = time.time()
         with self._lock:
+            reads = [t for t in self._state.usage_reads.get(account, []) if t > now - 3600]
+            if len(reads) >= self.usage_budget:  # the hourly budget, shared with the user's Claude Code
+                wait = max(1, math.ceil(reads[0] + 3600 - now)) if reads else 3600
+                return self._error(request, 429, "Rate limited. Please try again later.", {"retry-after": str(wait)})
+            self._state.usage_reads[account] = [*reads, now]
             limit = self._state.limits.get(account)
             windows = {"5h": (10.0, self._started_at + 5 * 3600), "7d": (5.0, self._started_at + 7 * 86400)}
             if limit:
                 windows[limit.kind] = (round(100 * limit.utilization, 1), limit.reset_at or now + limit.window_s)
-        return web.json_response({
-            "five_hour": {"utilization": windows["5h"][0], "resets_at": datetime.fromtimestamp(
-                windows["5h"][1], UTC).isoformat()},
-            "seven_day": {"utilization": windows["7d"][0], "resets_at": datetime.fromtimestamp(
-                windows["7d"][1], UTC).isoformat()},
-            "seven_day_oauth_apps": None,
-            "seven_day_opus": None,  # null when the plan has no such window (parse defensively)
-        })
+            body = {
+                "five_hour": {"utilization": windows["5h"][0], "resets_at": datetime.fromtimestamp(
+                    windows["5h"][1], UTC).isoformat()},
+                "seven_day": {"utilization": windows["7d"][0], "resets_at": datetime.fromtimestamp(
+                    windows["7d"][1], UTC).isoformat()},
+                # null when the plan has no such window or pool (parse defensively)
+                "seven_day_oauth_apps": None,
+                "seven_day_opus": None,
+                "seven_day_sonnet": None,
+                "extra_usage": None,
+                **self._state.usage.get(account, {}),
+            }
+        return web.json_response(body)
 
     # --- control over HTTP (for a fake in another process) ---------------------------------------
 

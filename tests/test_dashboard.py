@@ -578,4 +578,26 @@ def test_request_bodies_are_capped_before_anything_reads_them(serve):
             assert reply.status_code == 413, path
         assert await login(ds)  # a normal form still works
 
+
+def test_account_health_shows_the_usage_endpoints_windows(serve, db_path):
+    db = sqlite_utils.Database(db_path)
+    db["account_status"].insert({
+        "name": "idle", "mode": "max", "tier": 20, "priority": 0, "state": "ok", "utilization_5h": 0.25,
+        "reset_5h": iso_utc(NOW + 2 * 3600 + 1800), "utilization_7d_opus": 0.815, "reset_7d_opus": iso_utc(NOW + 3 * 86400 + 7200),
+        "utilization_7d_sonnet": 0.05, "reset_7d_sonnet": iso_utc(NOW + 3600 * 5 + 60), "utilization_extra": 0.124,
+        "usage_read_at": iso_utc(NOW), "requests_in_flight": 0, "updated_at": iso_utc(NOW)})
+    db.close()
+    ds = serve()
+
+    async def check():
+        cookies = await login(ds)
+        idle = {r["account"]: r for r in await chart_rows(ds, cookies, "health")}["idle"]
+        assert re.match(r"25% <small>resets in 2 h (29|30) min</small>$", idle["5 h used"])
+        opus, sonnet, extra = idle["model weeks, extra"].split("<br>")
+        assert re.match(r"Opus 82% <small>resets in 3 d [12] h</small>$", opus)
+        assert sonnet.startswith("Sonnet 5% <small>resets in 5 h ") and extra == "extra usage 12%"
+        assert {r["account"]: r for r in await chart_rows(ds, cookies, "health")}["a"]["model weeks, extra"] == "–"
+        used = {(r["window"], r["used"]) for r in await chart_rows(ds, cookies, "utilization", account="idle")}
+        assert used == {("5 h", 0.25), ("7 d Opus", 0.815), ("7 d Sonnet", 0.05), ("extra usage", 0.124)}
+
     run(check())

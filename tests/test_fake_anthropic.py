@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import zlib
+from datetime import datetime
 from pathlib import Path
 
 import aiohttp
@@ -160,7 +161,7 @@ def test_authorization_code_with_pkce_and_console_key(fake):
     assert token(fake, grant_type="authorization_code", code="code-2", state="st",
                  code_verifier="wrong").json()["error"] == "invalid_grant"
     good = token(fake, grant_type="authorization_code", code="code-1", state="st", code_verifier=verifier,
-                 redirect_uri="https://console.anthropic.com/oauth/code/callback")
+                 redirect_uri="https://platform.claude.com/oauth/code/callback")
     assert good.status_code == 200 and good.json()["scope"] == "user:inference user:profile"
     reused = token(fake, grant_type="authorization_code", code="code-1", state="st", code_verifier=verifier)
     assert reused.status_code == 400 and reused.json()["error"] == "invalid_grant"
@@ -171,6 +172,35 @@ def test_authorization_code_with_pkce_and_console_key(fake):
     assert fake.requests[-1]["account"] == "new"
     usage = requests.get(fake.url + "/api/oauth/usage", headers={**bearer, "anthropic-beta": OAUTH_BETA}, timeout=5)
     assert set(usage.json()) >= {"five_hour", "seven_day"} and "resets_at" in usage.json()["five_hour"]
+
+
+def test_usage_endpoint_follows_the_contract_and_its_hourly_budget(fake):
+    tokens = fake.add_oauth(account="m")
+    fake.usage_budget = 3
+    fake.set_usage("m", {"seven_day_opus": {"utilization": 81.5, "resets_at": "2026-12-01T10:00:00+00:00"},
+                         "extra_usage": {"is_enabled": True, "utilization": 12.0}})
+    headers = {"authorization": f"Bearer {tokens['access_token']}", "anthropic-beta": OAUTH_BETA}
+    replies = [requests.get(fake.url + "/api/oauth/usage", headers=headers, timeout=5) for _ in range(4)]
+    assert [r.status_code for r in replies] == [200, 200, 200, 429]
+    body = replies[0].json()
+    assert set(body) == {"five_hour", "seven_day", "seven_day_oauth_apps", "seven_day_opus", "seven_day_sonnet", "extra_usage"}
+    assert body["five_hour"]["utilization"] == 10.0  # a percentage, unlike the headers' fraction
+    assert datetime.fromisoformat(body["seven_day"]["resets_at"]).timestamp() > time.time()
+    assert body["seven_day_opus"]["utilization"] == 81.5 and body["seven_day_sonnet"] is None
+    assert body["extra_usage"] == {"is_enabled": True, "utilization": 12.0}
+    assert 3500 < int(replies[3].headers["retry-after"]) <= 3600
+    assert replies[3].json()["error"]["type"] == "rate_limit_error" and fake.usage_reads("m") == 3
+    refused = requests.get(fake.url + "/api/oauth/usage", headers={"authorization": "Bearer nope"}, timeout=5)
+    assert refused.status_code == 401
+
+
+def test_token_endpoint_can_answer_like_the_old_host(fake):
+    fake.add_oauth(account="m", refresh_token="rt-old-host")
+    fake.token_fault = "404"
+    reply = token(fake, grant_type="refresh_token", refresh_token="rt-old-host")
+    assert reply.status_code == 404 and reply.json()["error"]["type"] == "not_found_error"
+    fake.token_fault = None
+    assert token(fake, grant_type="refresh_token", refresh_token="rt-old-host").status_code == 200  # not spent
 
 
 def test_limits_give_429_until_the_reset_then_serve_again(fake):

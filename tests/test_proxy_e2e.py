@@ -79,7 +79,7 @@ def test_oauth_account_gets_bearer_and_beta_merged(fake, home, start_proxy):
     reply = ask(proxy, extra_headers={"anthropic-beta": "claude-code-20250219,fine-grained-tool-streaming-2025-05-14",
                                       "authorization": "Bearer client-own-token"})
     assert reply.status_code == 200, reply.text
-    (seen,) = fake.requests
+    (seen,) = [r for r in fake.requests if r["path"] == "/v1/messages"]  # the proxy reads /api/oauth/usage too
     assert seen["headers"]["authorization"] == "Bearer sk-ant-oat01-e2e-access" and "x-api-key" not in seen["headers"]
     assert seen["headers"]["anthropic-beta"] == "claude-code-20250219,fine-grained-tool-streaming-2025-05-14,oauth-2025-04-20"
 
