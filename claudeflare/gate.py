@@ -18,7 +18,7 @@ from mitmproxy import ctx, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
-from .flows import FlowStates, error_response, is_loopback, parse_ip, presented_key
+from .flows import FlowStates, error_response, is_loopback, parse_ip, presented_key, redact_credential
 
 logger = logging.getLogger(__name__)
 
@@ -149,10 +149,12 @@ class ClientGate:
         except Exception:
             logger.exception("claudeflare: internal error in the gate; the request was refused")
             flow.response = error_response(500, "api_error", "Claudeflare: internal error; the proxy's log says more.")
-            return
-        if reason:
-            self.refused.note(reason)
-            flow.response = refusal(reason)
+        else:
+            if reason:
+                self.refused.note(reason)
+                flow.response = refusal(reason)
+        if flow.response:
+            redact_credential(flow.request)  # answered here: keep the client's key out of flow dumps
 
     async def check_connect(self, flow: http.HTTPFlow) -> str | None:
         peer, request = flow.client_conn.peername[0], flow.request
