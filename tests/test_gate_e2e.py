@@ -219,8 +219,8 @@ def as_reply(response: httpx.Response) -> tuple[int, dict]:
     return response.status_code, response.json()
 
 
-# Spellings of 127.0.0.1 that name no loopback host by string, and a name for it.
-SELF_SPELLINGS = ["LOCALHOST", "127.1", "0x7f000001", "2130706433", "[::ffff:127.0.0.1]", "127.000.000.001"]
+# Spellings of this machine's loopback address that are not "127.0.0.1" or "localhost", and its name.
+SELF_SPELLINGS = ["LOCALHOST", "127.1", "0x7f000001", "2130706433", "[::ffff:127.0.0.1]", "0.0.0.0", socket.gethostname()]
 
 
 def loopback_exchange(port: int, head: bytes, timeout: float = 5) -> bytes:
