@@ -71,7 +71,9 @@ def is_local_address(text: str) -> bool:
 
 async def resolves_to_local(host: str) -> bool:
     """Whether `host` (any spelling: `LOCALHOST`, `127.1`, `0x7f000001`, a name) resolves to an
-    address of this machine. Name lookups run off the event loop."""
+    address of this machine. Name lookups run off the event loop; an IP address needs none."""
+    if parse_ip(host):
+        return is_local_address(host)
     try:
         found = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError, ValueError):
