@@ -51,15 +51,17 @@ class LanClient:
         subprocess.run([IP, "netns", "del", self.ns], capture_output=True, timeout=10)  # takes the pair with it
         subprocess.run([IP, "link", "del", self.veth], capture_output=True, timeout=10)
 
+    def run(self, *cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run([IP, "netns", "exec", self.ns, *cmd], capture_output=True, timeout=60, text=True)
+
     def python(self, code: str, *args: str) -> str:
-        done = subprocess.run([IP, "netns", "exec", self.ns, sys.executable, "-c", code, *args],
-                              capture_output=True, timeout=60, text=True)
+        done = self.run(sys.executable, "-c", code, *args)
         assert done.returncode == 0, done.stderr
         return done.stdout
 
 
 # Run inside the namespace: raw requests on one connection each, so nothing (no client library)
-# rewrites the request target or the Host header. Prints each reply's status line and body.
+# rewrites the request target or the Host header. Prints each whole reply.
 SEND = """
 import json, socket, sys
 host, port, requests = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
@@ -72,22 +74,24 @@ for head, body in requests:
                 reply += chunk
         except OSError:
             pass
-    status, _, rest = reply.partition(b"\\r\\n")
-    print(json.dumps([status.decode(errors="replace"), rest.partition(b"\\r\\n\\r\\n")[2].decode(errors="replace")]))
+    print(json.dumps(reply.decode("latin-1")))
 """
 
 
 def send(lan: LanClient, port: int, *requests: tuple[str, str]) -> list[tuple[int, dict | str]]:
-    """Each (head without the final blank line, body) on its own connection from the namespace."""
+    """Each (head without the final blank line, body) on its own connection from the namespace:
+    the status and body (JSON if it is) of the last reply on it (after a tunnel's, if any)."""
     out = lan.python(SEND, lan.host_ip, str(port), json.dumps(requests))
     replies = []
     for line in out.splitlines():
-        status, body = json.loads(line)
+        raw = json.loads(line)
+        last = raw[raw.rfind("HTTP/1.1 "):] if "HTTP/1.1 " in raw else ""
+        head, _, body = last.partition("\r\n\r\n")
         try:
             body = json.loads(body)
         except ValueError:
             pass
-        replies.append((int(status.split()[1]) if status else 0, body))
+        replies.append((int(head.split()[1]) if head else 0, body))
     return replies
 
 
@@ -195,10 +199,46 @@ def test_lan_client_reaches_no_loopback_service_even_with_a_client_key(fake, hom
     assert all(refused(r) for r in replies[:2] + replies[3:4]), replies
     assert refused(replies[2], 401, "authentication_error") and refused(replies[4], 401, "authentication_error")
     assert replies[5][0] == 200 and replies[5][1]["type"] == "message"  # the pool itself serves the key's holder
+    # A tunnel to the upstream is the pool's: each request inside it needs the key too.
+    upstream = fake.url.removeprefix("http://")
+    tunnel = f"CONNECT {upstream} HTTP/1.1\r\nHost: {upstream}\r\n\r\n"
+    inner = [(tunnel + head, body) for head, body in (post("/v1/messages", upstream), post("/v1/messages", upstream, with_key))]
+    unkeyed, keyed = send(lan, port, *inner)
+    assert refused(unkeyed, 401, "authentication_error") and keyed[0] == 200, (unkeyed, keyed)
     assert loopback_service.hits == []
-    assert [r["account"] for r in fake.requests] == ["a"]
+    assert [r["account"] for r in fake.requests] == ["a", "a"]
     proxy.stop()
-    assert [(r["client"], r["status"]) for r in db_rows(home, timeout=0)] == [("laptop", 200)]
+    assert [(r["client"], r["status"]) for r in db_rows(home, timeout=0)] == [("laptop", 200)] * 2
+
+
+# Run inside the namespace: a SOCKS5 CONNECT to 127.0.0.1:PORT, then bytes that are not HTTP (so no
+# HTTP hook sees them). Prints the SOCKS reply code (0: connected).
+SOCKS = """
+import socket, struct, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as s:
+    s.sendall(b"\\x05\\x01\\x00")
+    s.recv(2)
+    s.sendall(b"\\x05\\x01\\x00\\x01" + socket.inet_aton("127.0.0.1") + struct.pack(">H", int(sys.argv[3])))
+    reply = s.recv(10)
+    print(reply[1] if len(reply) > 1 else -1)
+    if reply[1:2] == b"\\x00":
+        s.sendall(b"\\x00\\x01not http")
+"""
+
+
+def test_no_mode_opens_a_connection_the_gate_would_refuse(fake, home, start_proxy, lan):
+    """Item 2: in SOCKS5 mode the connection is made before any HTTP hook, and the bytes need not be
+    HTTP: the gate has the last word on every server connection."""
+    api_key_accounts(fake, home, ("a", 1))
+    CliRunner().invoke(cli, ["--home", str(home), "client-key", "create", "laptop"])
+    with socket.create_server(("127.0.0.1", 0)) as service:
+        port = free_port()
+        start_proxy(home, "--mode", f"socks5@{lan.host_ip}:{port}", "--mode", f"regular@127.0.0.1:{port}")
+        code = lan.python(SOCKS, lan.host_ip, str(port), str(service.getsockname()[1]))
+        service.settimeout(1)
+        with pytest.raises(TimeoutError):
+            service.accept()[0].close()  # nobody may reach it
+    assert code.strip() != "0"
 
 
 def test_the_relay_is_off_by_default_and_for_loopback_clients_only(fake, home, start_proxy, lan, loopback_service):
