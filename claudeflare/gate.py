@@ -171,18 +171,17 @@ class ClientGate:
         keys = self.claudeflare.pool.client_keys
         local = is_loopback(peer)
         client = self.claudeflare.pool.client_for(presented_key(request)) if keys else None
+        # Claude Code's credential-less connection warm-up: answered here, and not a request to log.
         warm_up = request.method == "HEAD" and request.path == "/"
-        if not local:
+        if not local and client is None:
             # Strangers get no further than this: no name lookups, no rows.
             if not keys:
                 return NOT_LOOPBACK
-            if client is None and not warm_up:
+            if not warm_up:
                 return BAD_KEY
-        ports = self.our_ports(flow.client_conn.sockname)
-        if not await self.is_pool_flow(flow, ports):
+        elif not await self.is_pool_flow(flow, ports := self.our_ports(flow.client_conn.sockname)):
             return await self.relay_refusal(peer, request.host, request.port, ports)
         if warm_up:
-            # Claude Code's credential-less connection warm-up: answered here, and not a request to log.
             flow.response = http.Response.make(200)
             return None
         if keys and client is None:
