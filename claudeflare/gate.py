@@ -23,6 +23,7 @@ from .flows import FlowStates, error_response, is_loopback, parse_ip, presented_
 logger = logging.getLogger(__name__)
 
 SUMMARY_SECONDS = 10.0  # refusals are logged as one line of counts per this many seconds
+LOOKUP_SECONDS = 5.0  # a name that takes longer to resolve is taken as not ours
 
 # Refusal reasons: what the summary line counts, and what the client is told.
 NOT_LOOPBACK = "client beyond loopback without client keys"
@@ -75,9 +76,10 @@ async def resolves_to_local(host: str) -> bool:
     if parse_ip(host):
         return is_local_address(host)
     try:
-        found = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError, ValueError):
-        return False  # mitmproxy could not connect there either
+        lookup = asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        found = await asyncio.wait_for(lookup, LOOKUP_SECONDS)
+    except (OSError, UnicodeError, ValueError):  # TimeoutError is an OSError
+        return False  # unresolvable, or too slow to wait for: not ours
     return any(is_local_address(info[4][0]) for info in found)
 
 
