@@ -25,33 +25,25 @@ logger = logging.getLogger(__name__)
 SUMMARY_SECONDS = 10.0  # refusals are logged as one line of counts per this many seconds
 LOOKUP_SECONDS = 5.0  # a name that takes longer to resolve is taken as not ours
 
-# Refusal reasons: what the summary line counts, and what the client is told.
+# Why a flow is refused, as the summary line counts it.
 NOT_LOOPBACK = "client beyond loopback without client keys"
 BAD_KEY = "missing or invalid client key"
 NO_RELAY = "not a request for the pool"
 SELF = "relay to the proxy itself"
 
+# What the client is told (status, Anthropic error type, message).
+REFUSALS = {
+    NOT_LOOPBACK: (403, "permission_error", "Claudeflare accepts clients beyond loopback only with a client key: run "
+                   "`claudeflare client-key create NAME` and send the key as x-api-key."),
+    BAD_KEY: (401, "authentication_error", "Claudeflare: invalid client key. Use a key from `claudeflare client-key create NAME`."),
+    NO_RELAY: (403, "permission_error", "Claudeflare serves only the Anthropic API: send requests to the proxy itself "
+               "(ANTHROPIC_BASE_URL) or to its upstream. It relays to other hosts only for loopback clients, with claudeflare_relay on."),
+    SELF: (403, "permission_error", "Claudeflare does not relay requests to itself."),
+}
+
 
 def refusal(reason: str) -> http.Response:
-    if reason == NOT_LOOPBACK:
-        return error_response(
-            403,
-            "permission_error",
-            "Claudeflare accepts clients beyond loopback only with a client key: run "
-            "`claudeflare client-key create NAME` and send the key as x-api-key.",
-        )
-    if reason == BAD_KEY:
-        return error_response(
-            401, "authentication_error", "Claudeflare: invalid client key. Use a key from `claudeflare client-key create NAME`."
-        )
-    if reason == SELF:
-        return error_response(403, "permission_error", "Claudeflare does not relay requests to itself.")
-    return error_response(
-        403,
-        "permission_error",
-        "Claudeflare serves only the Anthropic API: send requests to the proxy itself (ANTHROPIC_BASE_URL) "
-        "or to its upstream. Relaying to other hosts is off (claudeflare_relay, loopback clients only).",
-    )
+    return error_response(*REFUSALS[reason])
 
 
 def is_local_address(text: str) -> bool:
