@@ -80,3 +80,11 @@ def test_a_bug_in_a_request_hook_refuses_the_flow_rather_than_letting_it_through
     asyncio.run(gate.requestheaders(flow))
     asyncio.run(claudeflare.request(flow))
     assert flow.response.status_code == 500 and "internal error in request" in caplog.text
+
+
+def test_ipv4_mapped_peers_are_judged_by_their_ipv4_address(addon):
+    gate, _ = addon  # a dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d
+    served, stranger = pool_flow(peer="::ffff:127.0.0.1"), pool_flow(peer="::ffff:192.0.2.10")
+    for flow in (served, stranger):
+        asyncio.run(gate.requestheaders(flow))
+    assert served.response is None and stranger.response.status_code == 403
