@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 from mitmproxy import http
 from mitmproxy.net.http import http1
-from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.commands import SendData
+from mitmproxy.proxy.layers.http import ResponseProtocolError, _http1, _http2
 
 from .accounts import Account
 from .clock import utc_now
@@ -78,27 +79,63 @@ def error_response(status: int, kind: str, message: str, headers: dict | None = 
 ERROR_TYPES = {400: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_error", 529: "overloaded_error"}
 
 
-def anthropic_error_page(status_code: int, message: str = "") -> bytes:
+def anthropic_error(status_code: int, message: str = "") -> http.Response:
     """mitmproxy's own reply to a failure it handles itself (upstream refused or reset before the
     reply began, unreadable request), which it sends after the error hook, so no addon can replace
     the flow's response. Its HTML page would reach SDKs that expect Anthropic's JSON error shape."""
     kind = ERROR_TYPES.get(status_code, "api_error" if status_code >= 500 else "invalid_request_error")
     if status_code == 413:
         message = "request body over the proxy's limit (claudeflare_max_body_mb)"
-    response = error_response(status_code, kind, f"Claudeflare: {message}", {"connection": "close"})
+    return error_response(status_code, kind, f"Claudeflare: {message}")
+
+
+def anthropic_error_page(status_code: int, message: str = "") -> bytes:
+    response = anthropic_error(status_code, message)
+    response.headers["connection"] = "close"
     return http1.assemble_response(response)
 
 
+def h2_anthropic_errors(handle_event):
+    """Wraps `Http2Server._handle_event`, which writes the HTML page into the stream itself."""
+
+    def handle(self, event):
+        if (
+            isinstance(event, ResponseProtocolError)
+            and self.is_open_for_us(event.stream_id)
+            and not self.h2_conn.streams[event.stream_id].state_machine.headers_sent
+            and (status := event.code.http_status_code()) is not None
+        ):
+            response = anthropic_error(status, event.message)
+            self.h2_conn.send_headers(event.stream_id, [(b":status", b"%d" % status), *response.headers.fields])
+            self.h2_conn.send_data(event.stream_id, response.content, end_stream=True)
+            yield SendData(self.conn, self.h2_conn.data_to_send())
+        else:
+            yield from handle_event(self, event)
+
+    handle.claudeflare = True
+    return handle
+
+
 def install_anthropic_error_pages() -> None:
-    """Plain-HTTP clients (ANTHROPIC_BASE_URL=http://…) speak HTTP/1 to the proxy: its error page."""
+    """Plain-HTTP clients (ANTHROPIC_BASE_URL=http://…) speak HTTP/1 to the proxy, TLS clients
+    often HTTP/2: both get Anthropic's shape."""
     _http1.make_error_response = anthropic_error_page
+    if not getattr(_http2.Http2Server._handle_event, "claudeflare", False):  # once, however often loaded
+        _http2.Http2Server._handle_event = h2_anthropic_errors(_http2.Http2Server._handle_event)
+
+
+def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An IP address, IPv4-mapped ones as IPv4 (a dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d)."""
+    try:
+        ip = ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return None
+    return ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
 
 
 def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return host == "localhost"
+    ip = parse_ip(host)
+    return ip.is_loopback if ip else host == "localhost"
 
 
 def presented_key(request: http.Request) -> str | None:

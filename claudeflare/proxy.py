@@ -1,6 +1,7 @@
-"""The Claudeflare addon: which flows belong to the pool, which account each goes to, and failover.
+"""The Claudeflare addon: which account each pool flow goes to, and failover.
 
-`addon/claudeflare.py` loads it with the Recorder. The decisions live in the modules it calls
+`addon/claudeflare.py` loads it after the ClientGate (gate.py: which flows are the pool's and who
+may send them) and before the Recorder. The decisions live in the modules it calls
 (accounts, balancer, ratelimit, refresh, conversation); the hooks connect them to flows.
 """
 
@@ -40,9 +41,8 @@ from .flows import (
     error_response,
     inject_credential,
     install_anthropic_error_pages,
-    is_loopback,
-    take_presented_key,
 )
+from .gate import ClientGate
 from .oauth import OAuthSettings
 from .ratelimit import Health, Signals, error_details, read_signals
 from .recorder import Recorder
@@ -53,7 +53,6 @@ from . import wire
 
 logger = logging.getLogger(__name__)
 
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 RETRY_STATUSES = {401, 429, 529}
 # What a refused attempt means (Health.observe) → whether another attempt may help.
 RETRY_OUTCOMES = {"limited", "windowless", "overloaded", "auth", "unreachable"}
@@ -303,42 +302,6 @@ class Claudeflare:
 
     # --- request path ----------------------------------------------------------------------------
 
-    def is_pool_flow(self, flow: http.HTTPFlow) -> bool:
-        if isinstance(flow.client_conn.proxy_mode, ReverseMode):
-            return True
-        request = flow.request
-        if (request.host, request.port) == self.upstream[1:]:
-            return True  # sent to Anthropic through us as an HTTP(S) proxy
-        # An origin-form request (ANTHROPIC_BASE_URL=http://127.0.0.1:8080) is addressed to us.
-        sockname = flow.client_conn.sockname
-        return request.port == sockname[1] and request.host in (*LOOPBACK_NAMES, sockname[0])
-
-    @fail_closed
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if not self.is_pool_flow(flow):
-            return
-        state = self.states.start(flow)
-        request = flow.request
-        presented = take_presented_key(request)
-        if request.method == "HEAD" and request.path == "/":
-            # Claude Code's credential-less connection warm-up: answer it here, cheaply.
-            flow.response = http.Response.make(200)
-            return
-        pool = self.pool
-        if pool.client_keys:
-            state.client = pool.client_for(presented)
-            if state.client is None:
-                flow.response = error_response(
-                    401, "authentication_error", "Claudeflare: invalid client key. Use a key from `claudeflare client-key create NAME`."
-                )
-        elif not is_loopback(flow.client_conn.peername[0]):
-            flow.response = error_response(
-                403,
-                "permission_error",
-                "Claudeflare accepts clients beyond loopback only with a client key: run "
-                "`claudeflare client-key create NAME` and send the key as x-api-key.",
-            )
-
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
         state = self.states.get(flow)
@@ -581,7 +544,8 @@ def client_headers(request: http.Request, state: FlowState) -> http.Headers:
 
 
 def addons() -> list:
-    """Fresh instances, in hook order: routing and failover before recording."""
+    """Fresh instances, in hook order: the gate first, routing and failover before recording."""
     states = FlowStates()
     recorder = Recorder(states)
-    return [Claudeflare(recorder, states), recorder]
+    claudeflare = Claudeflare(recorder, states)
+    return [ClientGate(claudeflare, states), claudeflare, recorder]

@@ -16,7 +16,7 @@ from claudeflare.credentials import Credential, CredentialStore
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "addon" / "claudeflare.py"
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
-LISTENING = re.compile(rb" listening at 127\.0\.0\.1:(\d+)\.")
+LISTENING = re.compile(rb" listening at (?:127\.0\.0\.1|\*):(\d+)\.")  # * : all interfaces
 
 # Claude Code's system prompt as 2.1.197 sends it (contract §8): a billing-header block, then its
 # identity. Subscriptions serve only Claude Code, so requests meant for an OAuth account carry it.

@@ -112,8 +112,9 @@ def test_claude_code_warm_up_is_answered_by_the_proxy(fake, home, start_proxy):
     reply = requests.head(proxy.url + "/", timeout=5)
     assert reply.status_code == 200
     assert fake.requests == []
+    assert ask(proxy).status_code == 503  # a request that is logged, after the warm-up
     (row,) = db_rows(home, expect=1)
-    assert (row["method"], row["path"], row["account"]) == ("HEAD", "/", None)
+    assert (row["method"], row["path"], row["status"]) == ("POST", "/v1/messages", 503)  # the warm-up is no request
 
 
 def test_no_usable_account_is_a_503_that_says_what_to_do(fake, home, start_proxy):
@@ -268,8 +269,8 @@ def test_client_keys_are_required_once_created(fake, home, start_proxy):
     assert requests.post(f"{proxy.url}/v1/messages", headers={"authorization": f"Bearer {key}"}, timeout=10,
                          json={"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}).status_code == 200
     assert [r["headers"]["x-api-key"] for r in fake.requests] == [key_for("a")] * 2  # the client key never goes upstream
-    rows = db_rows(home, expect=3)
-    assert [r["client"] for r in rows] == [None, "laptop", "laptop"] and rows[0]["status"] == 401
+    rows = db_rows(home, expect=2)
+    assert [r["client"] for r in rows] == ["laptop", "laptop"]  # a refused client writes no row
 
 
 def test_reverse_mode(fake, home, start_proxy):
@@ -279,10 +280,13 @@ def test_reverse_mode(fake, home, start_proxy):
     assert served_by(fake) == ["a"]
 
 
-def test_flows_to_other_hosts_pass_untouched(fake, home, start_proxy):
+def test_flows_to_other_hosts_pass_untouched_only_with_the_relay_on(fake, home, start_proxy):
     api_key_accounts(fake, home, ("a", 1))
-    proxy = start_proxy(home)
     other = fake.url.replace("127.0.0.1", "localhost")  # same server, but not the pool's upstream
+    refused = requests.get(f"{other}/v1/models", timeout=10, proxies={"http": start_proxy(home).url})
+    assert refused.status_code == 403 and refused.json()["error"]["type"] == "permission_error"
+    assert fake.requests == []
+    proxy = start_proxy(home, "--set", "claudeflare_relay=true")
     reply = requests.get(f"{other}/v1/models", headers={"x-api-key": "the-clients-own"}, timeout=10,
                          proxies={"http": proxy.url})
     assert reply.status_code == 401  # the fake does not know the client's key: it was not replaced
