@@ -133,6 +133,12 @@ def m005_views(db: sqlite_utils.Database) -> None:
     """)
 
 
+@migrations()
+def m006_account_kind(db: sqlite_utils.Database) -> None:
+    # subscription | api-key: the kind of account that served the request (Console accounts send a key).
+    db["requests"].add_column("account_kind", str)
+
+
 def open_db(path: Path) -> sqlite_utils.Database:
     """Open (creating and migrating) the analytics database in WAL mode."""
     path.parent.mkdir(parents=True, exist_ok=True)

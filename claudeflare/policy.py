@@ -7,6 +7,7 @@ whole body: `is_claude_code` finds the `"system"` key with a byte search and dec
 two blocks; `model_family` reads the `"model"` string the same way. Both are pure and never raise.
 """
 
+import hashlib
 import json
 import re
 
@@ -80,3 +81,46 @@ def model_family(body: bytes | None) -> str | None:
         return None
     model = match.group(1).decode("ascii").lower()
     return next((f for f in FAMILIES if f in model), None)
+
+
+# --- replies that say something about the account or the request (contract §4, §8) -------------
+
+DISABLED_MESSAGES = (
+    "This organization has been disabled",
+    "OAuth authentication is currently not allowed for this organization",
+)
+CLAUDE_CODE_ONLY_MESSAGE = "only authorized for use with Claude Code"
+LONG_CONTEXT_MESSAGES = ("Extra usage is required for long context", "Usage credits are required for long context")
+REFUSAL_STATUSES = (400, 403, 429)  # the statuses whose message `refusal` reads
+
+
+def refusal(status: int, body: bytes) -> str | None:
+    """What an error reply means beyond its status: `disabled` (the account is gone until its
+    credentials change), `claude-code-only` (a subscription refused a request: another kind of
+    account may serve it), `long-context` (a subscription without extra usage refused this request
+    only: an API-key account serves it). None for anything else."""
+    if status not in REFUSAL_STATUSES or len(body) > 64 * 1024:
+        return None
+    try:
+        error = json.loads(body).get("error")
+        message = error.get("message")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    if not isinstance(message, str):
+        return None
+    if status in (400, 403) and message.startswith(DISABLED_MESSAGES):
+        return "disabled"
+    if status == 400 and CLAUDE_CODE_ONLY_MESSAGE in message:
+        return "claude-code-only"
+    if status == 429 and message.startswith(LONG_CONTEXT_MESSAGES):
+        return "long-context"
+    return None
+
+
+def credential_fingerprint(credential) -> str | None:
+    """Tells a changed credential (a new login, a new key) from the one an account was disabled with;
+    a digest, so no secret is kept beside the account's state."""
+    if credential is None:
+        return None
+    held = "\0".join(v or "" for v in (credential.api_key, credential.refresh_token or credential.access_token))
+    return hashlib.sha256(held.encode("utf-8", "surrogateescape")).hexdigest()

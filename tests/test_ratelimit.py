@@ -118,7 +118,7 @@ def test_spend_limit_benches_until_reset_and_says_so():
     health.observe("b", 429, read_signals(unified(status="rejected", **{
         "anthropic-ratelimit-unified-overage-status": "rejected",
         "anthropic-ratelimit-unified-overage-disabled-reason": "out_of_credits"}), NOW))
-    assert health.get("b").reason.startswith("out of credits")
+    assert health.get("b").reason.startswith("five_hour limit and out of credits")
 
 
 def test_overload_benches_for_seconds_only():
