@@ -204,11 +204,12 @@ class Health:
         return False
 
     def utilization_now(self, name: str, now: float) -> float:
-        """The highest utilization of the account's windows that have not reset since it was seen."""
+        """The highest utilization of the account's windows that have not reset since it was seen; a
+        model-scoped window (7d_oi, …) binds some models only, so the account is not near its limit."""
         health = self.accounts.get(name)
         if health is None:
             return 0.0
-        current = [u for w, u in health.utilization.items() if health.resets.get(w, math.inf) > now]
+        current = [u for w, u in health.utilization.items() if w in ACCOUNT_WINDOWS and health.resets.get(w, math.inf) > now]
         return max(current, default=0.0)
 
     def soonest(self, names) -> float | None:

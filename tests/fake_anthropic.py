@@ -290,6 +290,10 @@ class FakeAnthropic:
         with self._lock:
             self._state.disabled[account] = how
 
+    def enable(self, account: str) -> None:
+        with self._lock:
+            self._state.disabled.pop(account, None)
+
     def set_family_limit(self, account: str, family: str, reset_in_s: float = 86400) -> None:
         """The account's weekly window for one model family (opus, sonnet) is used up: its requests for
         that family get 429 (claim seven_day_<family>, the 7d_oi window rejected); other families serve."""
