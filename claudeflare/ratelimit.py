@@ -253,7 +253,8 @@ class Health:
         if not spend and not signals.account_exhausted:
             if family is None:
                 return "windowless"  # a model-scoped window, for a model we could not tell
-            reset = limit_reset(signals, now) or now + COOLDOWN_MIN
+            scoped = [w.reset for n, w in signals.windows.items() if n not in ACCOUNT_WINDOWS and w.status == "rejected" and w.reset and w.reset > now]
+            reset = max(scoped, default=None) or limit_reset(signals, now) or now + COOLDOWN_MIN
             health.family_until[family] = min(reset, now + MAX_BENCH)
             return "family-limited"
         reset = limit_reset(signals, now)
