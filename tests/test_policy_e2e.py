@@ -1,5 +1,6 @@
 """Subscriptions serve Claude Code only, and limits as Anthropic means them, through a real mitmdump."""
 
+import json
 import os
 import subprocess
 import time
@@ -8,10 +9,12 @@ from pathlib import Path
 
 import pytest
 import requests
+from click.testing import CliRunner
 from conftest import api_key_accounts, db_rows, wait_until
 from fake_anthropic import expected_text
 from harness import CLAUDE_CODE_SYSTEM, ROOT, add_account
 
+from claudeflare.cli import cli
 from claudeflare.credentials import Credential, CredentialStore
 from claudeflare.flowlog import account_status
 
@@ -79,11 +82,19 @@ def test_other_clients_get_a_clear_403_and_nothing_goes_upstream(fake, home, sta
 def test_claude_code_goes_to_subscriptions_and_the_rest_to_keys(fake, home, start_proxy):
     max_accounts(fake, home, "sub", priority=0)
     api_key_accounts(fake, home, ("key", 1, 1))  # a worse priority: only what subscriptions may not serve
+    keys = {name: CliRunner().invoke(cli, ["--home", str(home), "client-key", "create", name]).stdout.strip()
+            for name in ("laptop", "ci")}
     proxy = start_proxy(home)
-    assert [ask(proxy, claude_code=cc).status_code for cc in (True, False, True, False)] == [200] * 4
-    assert served(fake) == [("sub", 200), ("key", 200), ("sub", 200), ("key", 200)]
+    sent = [("laptop", True), ("laptop", False), ("ci", False), ("laptop", True)]
+    assert [ask(proxy, claude_code=cc, **{"x-api-key": keys[client]}).status_code for client, cc in sent] == [200] * 4
+    assert served(fake) == [("sub", 200), ("key", 200), ("key", 200), ("sub", 200)]
     rows = db_rows(home, expect=4)
-    assert [r["account_kind"] for r in rows] == ["subscription", "api-key", "subscription", "api-key"]
+    assert [r["account_kind"] for r in rows] == ["subscription", "api-key", "api-key", "subscription"]
+    # Per client: how much went to subscriptions and how much to keys.
+    stats = json.loads(CliRunner().invoke(cli, ["--home", str(home), "stats", "--json"]).stdout)["clients"]
+    split = {(r["client"], r["account_kind"]): r["requests"] for r in stats}
+    assert split == {("ci", "api-key"): 1, ("laptop", "api-key"): 1, ("laptop", "subscription"): 2}
+    assert all(r["tokens"] > 0 for r in stats)
 
 
 def test_option_any_lets_other_clients_try_subscriptions(fake, home, start_proxy):
