@@ -389,7 +389,7 @@ class Claudeflare:
                 "Claudeflare: subscription accounts serve only Claude Code (Anthropic's terms allow nothing else), "
                 "and no API-key account can take this request. Add one with `claudeflare add NAME --mode api-key`.",
             )
-        soonest = self.health.soonest(usable)
+        soonest = self.health.soonest(usable, state.family)
         if usable and soonest:
             wait = max(1, math.ceil(soonest - time.time()))
             return error_response(

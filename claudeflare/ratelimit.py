@@ -49,10 +49,10 @@ class Signals:
     @property
     def account_exhausted(self) -> bool:
         """Exhausted for every model: a model-scoped weekly window alone (contract §4) binds one family."""
-        if self.claim in FAMILY_CLAIMS:
-            return False
         if any(w.status == "rejected" for n, w in self.windows.items() if n in ACCOUNT_WINDOWS):
             return True
+        if self.claim in FAMILY_CLAIMS:
+            return False
         scoped = any(w.status == "rejected" for n, w in self.windows.items() if n not in ACCOUNT_WINDOWS)
         return self.exhausted and not scoped
 
@@ -212,9 +212,13 @@ class Health:
         current = [u for w, u in health.utilization.items() if w in ACCOUNT_WINDOWS and health.resets.get(w, math.inf) > now]
         return max(current, default=0.0)
 
-    def soonest(self, names) -> float | None:
-        """The earliest time one of these benched accounts comes back."""
-        times = [self.accounts[n].until for n in names if n in self.accounts and self.accounts[n].until]
+    def soonest(self, names, family: str | None = None) -> float | None:
+        """The earliest time one of these benched accounts comes back (for a model of `family`)."""
+        times = []
+        for health in (self.accounts[n] for n in names if n in self.accounts):
+            back = max(health.until or 0.0, health.family_until.get(family, 0.0))
+            if back:
+                times.append(back)
         return min(times) if times else None
 
     def observe(self, name: str, status: int, signals: Signals, error_type: str | None = None, error_code: str | None = None,

@@ -117,6 +117,8 @@ def test_disabled_account_fails_over_and_stays_out_until_its_credential_changes(
     assert served(fake) == [("gone", 400 if how == "organization" else 403), ("spare", 200)]
     assert wait_until(lambda: account_status(home / "claudeflare.db").get("gone", {}).get("state") == "disabled")
     assert "disabled" in account_status(home / "claudeflare.db")["gone"]["reason"]
+    listed = {r["name"]: r for r in json.loads(CliRunner().invoke(cli, ["--home", str(home), "list", "--json"]).stdout)}
+    assert listed["gone"]["state"] == "disabled" and listed["spare"]["state"] == "ok"
     for _ in range(3):
         assert ask(proxy).status_code == 200
     assert [a for a, _ in served(fake)[2:]] == ["spare"] * 3  # never retried
@@ -162,3 +164,10 @@ def test_a_family_weekly_limit_skips_that_family_only(fake, home, start_proxy):
     assert served(fake) == [("a", 429), ("b", 200)]
     assert ask(proxy, model=OPUS).status_code == 200 and served(fake)[-1] == ("b", 200)  # a is skipped for opus
     assert ask(proxy, model=SONNET).status_code == 200 and served(fake)[-1] == ("a", 200)  # and serves sonnet
+    # Both out of their opus week: a 429 that says when the first is back; sonnet still serves.
+    fake.set_family_limit("b", "opus", reset_in_s=1800)
+    refused = ask(proxy, model=OPUS)
+    assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
+    assert 1700 <= int(refused.headers["retry-after"]) <= 1800
+    assert ask(proxy, model=OPUS).status_code == 429 and served(fake)[-1] == ("b", 429)  # answered by the proxy itself
+    assert ask(proxy, model=SONNET).status_code == 200

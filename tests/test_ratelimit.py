@@ -189,6 +189,8 @@ def test_a_family_weekly_window_benches_that_family_only():
                          "anthropic-ratelimit-unified-7d_oi-reset": str(int(NOW + 600))})
     assert health.observe("b", 429, read_signals(oi_only, NOW), family="sonnet") == "family-limited"
     assert not health.available("b", family="sonnet") and health.available("b", family="haiku")
+    assert health.soonest(["a", "b"], "opus") == NOW + 86400 and health.soonest(["a", "b"], "sonnet") == NOW + 600
+    assert health.soonest(["a", "b"]) is None  # no account is benched for every model
     clock.now = NOW + 601
     assert health.available("b", family="sonnet")
 
