@@ -45,7 +45,7 @@ from .flows import (
 )
 from .oauth import OAuthSettings
 from . import policy
-from .ratelimit import Health, Signals, error_details, read_signals
+from .ratelimit import OVERLOAD_BENCH, Health, Signals, error_details, read_signals
 from .recorder import Recorder
 from .refresh import TokenRefresher
 from .resend import Resender
@@ -170,7 +170,7 @@ class Claudeflare:
             self.retry_attempts = opts.claudeflare_retry_attempts
             self.retry_delay = opts.claudeflare_retry_delay_ms / 1000
             self.retry_backoff = fraction_option(opts, "claudeflare_retry_backoff", 1, 100, low_inclusive=True)
-            self.health.overload_bench = min(self.health.overload_bench, self.retry_delay)  # 529: no longer than a retry waits
+            self.health.overload_bench = min(OVERLOAD_BENCH, self.retry_delay)  # 529: no longer than a retry waits
         if "claudeflare_subscription_clients" in updated:
             try:
                 self.subscription_clients = policy.check_subscription_clients(opts.claudeflare_subscription_clients)
@@ -449,7 +449,8 @@ class Claudeflare:
         body = response.get_content(strict=False) or b""
         match policy.refusal(response.status_code, body):
             case "disabled":
-                credential = next((self.pool.stored_credential(a) for a in self.pool.accounts if a.name == name), None)
+                pool = self.pool
+                credential = next((pool.stored_credential(a) for a in pool.accounts if a.name == name), None)
                 self.health.disable(name, f"disabled by Anthropic ({response.status_code})", policy.credential_fingerprint(credential))
                 return "disabled"
             case "claude-code-only" | "long-context" as refused:
