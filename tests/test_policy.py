@@ -5,11 +5,14 @@ from harness import CLAUDE_CODE_SYSTEM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from claudeflare.credentials import Credential
 from claudeflare.policy import (
     CLAUDE_CODE_IDENTITIES,
     check_subscription_clients,
+    credential_fingerprint,
     is_claude_code,
     model_family,
+    refusal,
 )
 
 BILLING = {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197.fa0; cc_entrypoint=sdk-cli;"}
@@ -117,3 +120,33 @@ def test_subscription_clients_option():
     assert check_subscription_clients("any") == "any"
     with pytest.raises(ValueError, match="claude-code, any"):
         check_subscription_clients("everything")
+
+
+def error(message, kind="invalid_request_error"):
+    return json.dumps({"type": "error", "error": {"type": kind, "message": message}, "request_id": "req_1"}).encode()
+
+
+@pytest.mark.parametrize("status, body, meaning", [
+    (400, error("This organization has been disabled."), "disabled"),
+    (403, error("OAuth authentication is currently not allowed for this organization.", "permission_error"), "disabled"),
+    (400, error("This credential is only authorized for use with Claude Code and cannot be used for other API requests."), "claude-code-only"),
+    (429, error("Extra usage is required for long context requests.", "rate_limit_error"), "long-context"),
+    (429, error("Usage credits are required for long context requests.", "rate_limit_error"), "long-context"),
+    (429, error("This request would exceed your account's rate limit.", "rate_limit_error"), None),
+    (400, error("messages: Field required"), None),
+    (500, error("This organization has been disabled."), None),  # only where Anthropic says it
+    (400, b"not json", None),
+    (400, b'{"error": "a string"}', None),
+    (400, b'{"error": {"message": 7}}', None),
+    (400, error("This organization has been disabled." + " " * 70_000), None),  # unbounded bodies are not read
+])
+def test_refusals_that_mean_something(status, body, meaning):
+    assert refusal(status, body) == meaning
+
+
+def test_credential_fingerprint_changes_with_a_new_login_or_key_only():
+    old = Credential(access_token="sk-ant-oat01-a", refresh_token="sk-ant-ort01-a", expires_at=1.0)
+    assert credential_fingerprint(old) == credential_fingerprint(Credential(access_token="sk-ant-oat01-a", refresh_token="sk-ant-ort01-a"))
+    assert credential_fingerprint(old) != credential_fingerprint(Credential(access_token="sk-ant-oat01-b", refresh_token="sk-ant-ort01-b"))
+    assert credential_fingerprint(Credential(api_key="sk-ant-api03-x")) != credential_fingerprint(Credential(api_key="sk-ant-api03-y"))
+    assert "sk-ant" not in credential_fingerprint(old) and credential_fingerprint(None) is None
