@@ -150,3 +150,8 @@ def test_credential_fingerprint_changes_with_a_new_login_or_key_only():
     assert credential_fingerprint(old) != credential_fingerprint(Credential(access_token="sk-ant-oat01-b", refresh_token="sk-ant-ort01-b"))
     assert credential_fingerprint(Credential(api_key="sk-ant-api03-x")) != credential_fingerprint(Credential(api_key="sk-ant-api03-y"))
     assert "sk-ant" not in credential_fingerprint(old) and credential_fingerprint(None) is None
+
+
+def test_deeply_nested_system_blocks_do_not_crash():
+    assert not is_claude_code(b'{"system":[' + b"[" * 20_000 + b"]" * 20_000 + b"]}")
+    assert not is_claude_code(b'{"system":[{"a":' * 5_000)
