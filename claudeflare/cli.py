@@ -464,11 +464,22 @@ def stats(obj: Context, since: str, as_json: bool) -> None:
         seen = status.get(row["account"], {})
         row["state"] = seen.get("state") or "-"
         row["limited_until"] = seen.get("limited_until")
+    # Per client, how much went to subscriptions and how much to API keys (policy: only Claude Code on subscriptions).
+    clients = query_readonly(
+        obj.home / DB_FILE,
+        """select coalesce(client, '-') as client, coalesce(account_kind, '-') as account_kind, count(*) as requests,
+                  sum(input_tokens + output_tokens + cache_read_input_tokens + cache_creation_input_tokens) as tokens,
+                  round(sum(cost_usd), 6) as cost_usd
+           from requests where started_at >= ? and account is not null group by 1, 2 order by 1, 2""",
+        [start],
+    )
     if as_json:
-        click.echo(json.dumps({"since": start, "accounts": rows}, indent=2))
+        click.echo(json.dumps({"since": start, "accounts": rows, "clients": clients}, indent=2))
     elif rows:
         click.echo(f"since {start}")
         print_table([{**r, "cost_usd": f"{r['cost_usd'] or 0:.4f}", "limited_until": r["limited_until"] or "-"} for r in rows])
+        click.echo("")
+        print_table([{**r, "cost_usd": f"{r['cost_usd'] or 0:.4f}"} for r in clients])
     else:
         click.echo(f"no requests since {start}")
 

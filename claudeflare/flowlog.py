@@ -135,6 +135,12 @@ def m005_views(db: sqlite_utils.Database) -> None:
 
 
 @migrations()
+def m006_account_kind(db: sqlite_utils.Database) -> None:
+    # subscription | api-key: the kind of account that served the request (Console accounts send a key).
+    db["requests"].add_column("account_kind", str)
+
+
+@migrations()
 def m007_usage_columns(db: sqlite_utils.Database) -> None:
     # From the usage endpoint (claudeflare/usage_poll.py): per-model weekly windows, extra usage.
     for column, kind in [("utilization_7d_opus", float), ("reset_7d_opus", str), ("utilization_7d_sonnet", float),

@@ -41,6 +41,10 @@ class FlowState:
     parser: "SideParser | None" = None  # recorder.SideParser, reading usage beside a stream
     first_byte_at: float | None = None
     settled: bool = False  # the reply was fetched by our own client: no further failover in `response`
+    claude_code: bool = False  # its system prompt is Claude Code's (policy.is_claude_code)
+    keys_only: bool = False  # subscriptions may not serve it (not Claude Code, or one refused it)
+    family: str | None = None  # model family asked for (policy.model_family)
+    account_kind: str | None = None  # subscription | api-key, of the current attempt
     released: bool = False
     logged: bool = False
 

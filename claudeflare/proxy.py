@@ -44,7 +44,8 @@ from .flows import (
 )
 from .gate import ClientGate
 from .oauth import OAuthSettings
-from .ratelimit import Health, Signals, error_details, read_signals
+from . import policy
+from .ratelimit import OVERLOAD_BENCH, Health, Signals, error_details, read_signals
 from .recorder import Recorder
 from .refresh import TokenRefresher
 from .resend import ReplyTooLarge, Resender
@@ -53,9 +54,10 @@ from . import wire
 
 logger = logging.getLogger(__name__)
 
-RETRY_STATUSES = {401, 429, 529}
-# What a refused attempt means (Health.observe) → whether another attempt may help.
-RETRY_OUTCOMES = {"limited", "windowless", "overloaded", "auth", "unreachable"}
+RETRY_STATUSES = {400, 401, 403, 429, 529}  # 400 and 403 only for the refusals policy.refusal names
+# What a refused attempt means (Health.observe, policy.refusal) → whether another attempt may help.
+RETRY_OUTCOMES = {"limited", "family-limited", "windowless", "overloaded", "auth", "unreachable",
+                  "disabled", "claude-code-only", "long-context"}
 CIRCUIT_SECONDS = 30.0  # after a failed connection, requests go through the retrying client this long
 
 
@@ -121,6 +123,7 @@ class Claudeflare:
         self.refresh_margin = 300.0
         self.retry_attempts, self.retry_delay, self.retry_backoff = 3, 1.0, 2.0
         self.max_body = 32 * 2**20
+        self.subscription_clients = "claude-code"
         self._tasks: list[asyncio.Task] = []
         self._seen_pool: Pool | None = None
         self.upstream_down_at: float | None = None  # last failed connection to the upstream
@@ -144,6 +147,7 @@ class Claudeflare:
         add("claudeflare_switch_utilization", str, "0.95", "A conversation leaves its account past this utilization of its limit.")
         add("claudeflare_usage_interval", int, 300, "Read each subscription's usage endpoint at most this often, in seconds (0: never).")
         add("claudeflare_max_body_mb", int, 32, "Largest body accepted, in MiB (Anthropic's own cap is 32 MB); sets body_size_limit.")
+        add("claudeflare_subscription_clients", str, "claude-code", "Which requests subscription (max) accounts serve: claude-code (Anthropic's terms) or any (at your own risk).")
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -176,6 +180,12 @@ class Claudeflare:
             self.retry_attempts = opts.claudeflare_retry_attempts
             self.retry_delay = opts.claudeflare_retry_delay_ms / 1000
             self.retry_backoff = fraction_option(opts, "claudeflare_retry_backoff", 1, 100, low_inclusive=True)
+            self.health.overload_bench = min(OVERLOAD_BENCH, self.retry_delay)  # 529: no longer than a retry waits
+        if "claudeflare_subscription_clients" in updated:
+            try:
+                self.subscription_clients = policy.check_subscription_clients(opts.claudeflare_subscription_clients)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"claudeflare_subscription_clients: {e}") from None
         if "claudeflare_switch_utilization" in updated:
             self.balancer.switch_utilization = fraction_option(opts, "claudeflare_switch_utilization", 0, 10)
         if {"claudeflare_token_url", "claudeflare_refresh_margin"} & updated:
@@ -229,9 +239,12 @@ class Claudeflare:
         if pool is not self._seen_pool:
             # New accounts or credentials: a refused key or login may have been replaced.
             self._seen_pool = pool
+            credentials = {a.name: pool.stored_credential(a) for a in pool.accounts}
             for name, health in list(self.health.accounts.items()):
                 if health.state == "needs-login":
                     self.health.clear(name)
+                elif health.state == "disabled" and policy.credential_fingerprint(credentials.get(name)) != health.disabled_credential:
+                    self.health.clear(name)  # a new login or key: Anthropic may take it
         return pool
 
     # --- background ------------------------------------------------------------------------------
@@ -241,6 +254,8 @@ class Claudeflare:
         while True:
             pool = self.pool
             for account in pool.usable():
+                if self.health.get(account.name).state == "disabled":
+                    continue  # a refresh would change the credential it was disabled with
                 credential = pool.credential(account)
                 if self.refresher and credential and self.refresher.needs_refresh(credential):
                     await self.refresher.fresh(account.name, credential)
@@ -310,6 +325,9 @@ class Claudeflare:
         # Claude Code's session header spares parsing the body; the model is read from the reply.
         state.session = conversation_key(flow.request.headers, flow.request.raw_content)
         state.client_beta = flow.request.headers.get("anthropic-beta")
+        body = flow.request.raw_content
+        state.claude_code, state.family = policy.is_claude_code(body), policy.model_family(body)
+        state.keys_only = self.subscription_clients == "claude-code" and not state.claude_code
         pool = self.pool
         self.balancer.strategy = state.strategy = pool.strategy or self.strategy_option
         if resources.list_kind(flow.request):
@@ -320,7 +338,7 @@ class Claudeflare:
             return
         chosen = await self.choose(pool, state, exclude=())
         if chosen is None:
-            flow.response = self.no_account_response(pool)
+            flow.response = self.no_account_response(pool, state)
             return
         self.route(flow)
         self.pool_servers.add((flow.request.host, flow.request.port))
@@ -338,9 +356,9 @@ class Claudeflare:
         now = time.time()
         self.balancer.warning = {n for n, h in self.health.accounts.items() if h.state == "warning"}
         self.balancer.utilization = {n: self.health.utilization_now(n, now) for n in self.health.accounts}
-        candidates = [a for a in pool.usable() if a.name not in exclude and self.health.available(a.name)]
+        candidates = [a for a in self.allowed(pool, state) if a.name not in exclude and self.health.available(a.name, family=state.family)]
         if state.owner:  # the request names a file or batch: only its account has it, limited or not
-            candidates = [a for a in pool.usable() if a.name == state.owner and a.name not in exclude]
+            candidates = [a for a in self.allowed(pool, state) if a.name == state.owner and a.name not in exclude]
         while candidates:
             account = self.balancer.pick(candidates, state.session)
             credential = pool.credential(account)
@@ -351,17 +369,22 @@ class Claudeflare:
             candidates.remove(account)
         return None
 
+    def allowed(self, pool: Pool, state: FlowState) -> list[Account]:
+        """Usable accounts that may serve this request: subscriptions only Claude Code (policy)."""
+        usable = pool.usable()
+        return [a for a in usable if not policy.is_subscription(a.mode)] if state.keys_only else usable
+
     async def answer_list(self, flow: http.HTTPFlow, state: FlowState, pool: Pool) -> None:
         """GET /v1/files or /v1/messages/batches has no one owner: every usable account's, merged."""
         accounts = []
-        for account in pool.usable():
+        for account in self.allowed(pool, state):
             credential = pool.credential(account)
             if credential and self.refresher:
                 credential = await self.refresher.fresh(account.name, credential)
             if credential:
                 accounts.append((account, credential))
         if not accounts:
-            flow.response = self.no_account_response(pool)
+            flow.response = self.no_account_response(pool, state)
             return
         self.route(flow)
         state.attempts = len(accounts)
@@ -384,6 +407,7 @@ class Claudeflare:
         inject_credential(headers, account, credential)
         wire.conceal(flow.request, headers, account.name)
         state.account = account.name
+        state.account_kind = "subscription" if policy.is_subscription(account.mode) else "api-key"
         state.sent_token = credential.access_token
         state.attempts += 1
         state.released = False
@@ -391,9 +415,16 @@ class Claudeflare:
         self.states.show(flow, state)
         return headers
 
-    def no_account_response(self, pool: Pool) -> http.Response:
-        usable = [a.name for a in pool.usable()]
-        soonest = self.health.soonest(usable)
+    def no_account_response(self, pool: Pool, state: FlowState) -> http.Response:
+        usable = [a.name for a in self.allowed(pool, state)]
+        if state.keys_only and not usable and pool.usable():
+            return error_response(
+                403,
+                "permission_error",
+                "Claudeflare: subscription accounts serve only Claude Code (Anthropic's terms allow nothing else), "
+                "and no API-key account can take this request. Add one with `claudeflare add NAME --mode api-key`.",
+            )
+        soonest = self.health.soonest(usable, state.family)
         if usable and soonest:
             wait = max(1, math.ceil(soonest - time.time()))
             return error_response(
@@ -450,8 +481,20 @@ class Claudeflare:
         self.release(state)
 
     def observe_refusal(self, name: str, state: FlowState, response: http.Response) -> str:
-        error_type, error_code = error_details(response.get_content(strict=False) or b"")
-        return self.health.observe(name, response.status_code, state.signals or Signals(), error_type, error_code)
+        body = response.get_content(strict=False) or b""
+        match policy.refusal(response.status_code, body):
+            case "disabled":
+                pool = self.pool
+                credential = next((pool.stored_credential(a) for a in pool.accounts if a.name == name), None)
+                self.health.disable(name, f"disabled by Anthropic ({response.status_code})", policy.credential_fingerprint(credential))
+                return "disabled"
+            case "claude-code-only" | "long-context" as refused:
+                state.keys_only = True  # this request only: the subscription stays in service
+                return refused
+        if response.status_code in (400, 403):
+            return "error"
+        error_type, error_code = error_details(body)
+        return self.health.observe(name, response.status_code, state.signals or Signals(), error_type, error_code, state.family)
 
     async def failover(self, flow: http.HTTPFlow, state: FlowState, outcome: str) -> None:
         """Send the request again — same account after a refresh or a pause, else the next one —
@@ -474,8 +517,10 @@ class Claudeflare:
             tries[account.name] += 1
             outcome = await self.resend(flow, state, headers)
         # A request pinned to its resource's owner keeps the owner's own refusal: nobody else could serve it.
-        if outcome in ("limited", "unreachable", "auth") and not state.owner and not any(self.health.available(a.name) for a in pool.usable()):
-            flow.response = self.no_account_response(pool)  # nobody left: say why, and until when
+        if outcome in ("limited", "family-limited", "unreachable", "auth", "disabled") and not state.owner and not any(
+            self.health.available(a.name, family=state.family) for a in self.allowed(pool, state)
+        ):
+            flow.response = self.no_account_response(pool, state)  # nobody left: say why, and until when
         elif outcome == "unreachable":
             flow.response = error_response(502, "api_error", "Claudeflare: the Anthropic API could not be reached.")
 

@@ -17,6 +17,9 @@ from email.utils import parsedate_to_datetime
 MAX_BENCH = 24 * 3600  # never trust a reset further away than this
 COOLDOWN_MIN, COOLDOWN_MAX = 30.0, 300.0  # limited with no reset given: 30 s, 60 s, … 5 min
 OVERLOAD_BENCH = 5.0  # 529 is Anthropic-wide: seconds, never hours
+SAME_WINDOW = 60.0  # a reset jitters by a second or two between replies; a jump past this is a new window
+ACCOUNT_WINDOWS = {"5h", "7d"}  # other windows (7d_oi, 7d_opus, …) bind some models only
+FAMILY_CLAIMS = {"seven_day_opus": "opus", "seven_day_sonnet": "sonnet"}
 
 UNIFIED = "anthropic-ratelimit-unified-"
 WINDOW_RE = re.compile(r"^anthropic-ratelimit-unified-(?P<window>[a-z0-9_]+)-(?P<field>status|utilization|reset)$")
@@ -42,6 +45,16 @@ class Signals:
     console_reset: dict[str, float] = field(default_factory=dict)
     retry_after: float | None = None  # seconds
     should_retry: bool | None = None
+
+    @property
+    def account_exhausted(self) -> bool:
+        """Exhausted for every model: a model-scoped weekly window alone (contract §4) binds one family."""
+        if any(w.status == "rejected" for n, w in self.windows.items() if n in ACCOUNT_WINDOWS):
+            return True
+        if self.claim in FAMILY_CLAIMS:
+            return False
+        scoped = any(w.status == "rejected" for n, w in self.windows.items() if n not in ACCOUNT_WINDOWS)
+        return self.exhausted and not scoped
 
     @property
     def exhausted(self) -> bool:
@@ -151,7 +164,7 @@ def limit_reset(signals: Signals, now: float) -> float | None:
 
 @dataclass
 class AccountHealth:
-    state: str = "ok"  # ok | warning | limited | overloaded | needs-login
+    state: str = "ok"  # ok | warning | limited | overloaded | needs-login | disabled
     until: float | None = None  # limited / overloaded until (epoch seconds)
     reason: str | None = None
     utilization: dict[str, float] = field(default_factory=dict)  # window -> latest fraction
@@ -159,45 +172,61 @@ class AccountHealth:
     cooldowns: int = 0  # consecutive limits without a reset: the exponent of the cooldown
     extra_usage: float | None = None  # share of the paid extra-usage pool spent (usage endpoint; not a window)
     usage_read_at: float | None = None  # when the usage endpoint was last read for the account
+    family_until: dict[str, float] = field(default_factory=dict)  # model family -> out of its weekly window until
+    disabled_credential: str | None = None  # fingerprint of the credential Anthropic disabled the account with
 
 
 class Health:
     """Per-account state from the replies seen; decides who may take traffic now."""
 
-    def __init__(self, clock=time.time):
+    def __init__(self, clock=time.time, overload_bench: float = OVERLOAD_BENCH):
         self.clock = clock
+        self.overload_bench = overload_bench  # the proxy sets its retry delay: a 529 benches no longer
         self.accounts: dict[str, AccountHealth] = {}
 
     def get(self, name: str) -> AccountHealth:
         return self.accounts.setdefault(name, AccountHealth())
 
-    def available(self, name: str, now: float | None = None) -> bool:
+    def available(self, name: str, now: float | None = None, family: str | None = None) -> bool:
         health = self.accounts.get(name)
-        if health is None or health.state in ("ok", "warning"):
+        if health is None:
             return True
-        if health.state == "needs-login":
+        if health.state in ("needs-login", "disabled"):
             return False
         now = self.clock() if now is None else now
+        if family in health.family_until:
+            if now < health.family_until[family]:
+                return False
+            del health.family_until[family]
+        if health.state in ("ok", "warning"):
+            return True
         if health.until is not None and now >= health.until:
             health.state, health.until, health.reason = "ok", None, None  # the reset has come
             return True
         return False
 
     def utilization_now(self, name: str, now: float) -> float:
-        """The highest utilization of the account's windows that have not reset since it was seen."""
+        """The highest utilization of the account's windows that have not reset since it was seen; a
+        model-scoped window (7d_oi, …) binds some models only, so the account is not near its limit."""
         health = self.accounts.get(name)
         if health is None:
             return 0.0
-        current = [u for w, u in health.utilization.items() if health.resets.get(w, math.inf) > now]
+        current = [u for w, u in health.utilization.items() if w in ACCOUNT_WINDOWS and health.resets.get(w, math.inf) > now]
         return max(current, default=0.0)
 
-    def soonest(self, names) -> float | None:
-        """The earliest time one of these benched accounts comes back."""
-        times = [self.accounts[n].until for n in names if n in self.accounts and self.accounts[n].until]
+    def soonest(self, names, family: str | None = None) -> float | None:
+        """The earliest time one of these benched accounts comes back (for a model of `family`)."""
+        times = []
+        for health in (self.accounts[n] for n in names if n in self.accounts):
+            back = max(health.until or 0.0, health.family_until.get(family, 0.0))
+            if back:
+                times.append(back)
         return min(times) if times else None
 
-    def observe(self, name: str, status: int, signals: Signals, error_type: str | None = None, error_code: str | None = None) -> str:
-        """Record a reply; returns what it means: ok, limited, windowless, overloaded, auth, error."""
+    def observe(self, name: str, status: int, signals: Signals, error_type: str | None = None, error_code: str | None = None,
+                family: str | None = None) -> str:
+        """Record a reply to a request for a model of `family`; returns what it means: ok, limited,
+        family-limited (only that model family is out of its week), windowless, overloaded, auth, error."""
         now = self.clock()
         health = self.get(name)
         for window_name, window in signals.windows.items():
@@ -212,21 +241,28 @@ class Health:
             health.reason = f"near the {signals.claim or 'window'} limit" if warning else None
             return "ok"
         if status == 429 or error_type == "rate_limit_error":
-            return self._limited(health, signals, error_code, now)
+            return self._limited(health, signals, error_code, now, family)
         if status == 529 or error_type == "overloaded_error":
-            delay = min(OVERLOAD_BENCH, signals.retry_after or OVERLOAD_BENCH)
+            delay = min(self.overload_bench, signals.retry_after or self.overload_bench)
             health.state, health.until, health.reason = "overloaded", now + delay, "overloaded (529)"
             return "overloaded"
         if status == 401:
             return "auth"
         return "error"
 
-    def _limited(self, health: AccountHealth, signals: Signals, error_code: str | None, now: float) -> str:
-        spend = error_code == "enforced_spend_limit_reached" or (
-            signals.overage_status == "rejected" and signals.overage_reason == "out_of_credits"
-        )
+    def _limited(self, health: AccountHealth, signals: Signals, error_code: str | None, now: float, family: str | None) -> str:
+        # An overflow out of credits while the windows are allowed is no limit of the plan (contract §4).
+        spend = error_code == "enforced_spend_limit_reached"
         if not spend and not signals.exhausted:
             return "windowless"  # one request refused, not the account: fail over, don't bench
+        family = FAMILY_CLAIMS.get(signals.claim or "", family)
+        if not spend and not signals.account_exhausted:
+            if family is None:
+                return "windowless"  # a model-scoped window, for a model we could not tell
+            scoped = [w.reset for n, w in signals.windows.items() if n not in ACCOUNT_WINDOWS and w.status == "rejected" and w.reset and w.reset > now]
+            reset = max(scoped, default=None) or limit_reset(signals, now) or now + COOLDOWN_MIN
+            health.family_until[family] = min(reset, now + MAX_BENCH)
+            return "family-limited"
         reset = limit_reset(signals, now)
         if reset is None:
             delay = min(COOLDOWN_MAX, COOLDOWN_MIN * 2**health.cooldowns)
@@ -234,10 +270,14 @@ class Health:
             until, how = now + delay, f"no reset given, cooling down {delay:.0f}s"
         else:
             until, how = min(reset, now + MAX_BENCH), "until the reset"
+            if health.until and abs(until - health.until) < SAME_WINDOW:
+                until = max(until, health.until)  # the same window, its reset jittered: keep the later
         if spend:
-            why = "spend limit reached" if error_code == "enforced_spend_limit_reached" else "out of credits"
+            why = "spend limit reached"
         else:
             why = f"{signals.claim or 'rate'} limit"
+            if signals.overage_reason == "out_of_credits":
+                why += " and out of credits"
         health.state, health.until, health.reason = "limited", until, f"{why}, {how}"
         return "limited"
 
@@ -253,6 +293,11 @@ class Health:
             else:
                 health.resets.pop(window, None)  # a window not started yet
         health.extra_usage, health.usage_read_at = extra, self.clock()
+
+    def disable(self, name: str, reason: str, credential: str | None) -> None:
+        """Anthropic says the account is gone: no traffic until its credential differs from `credential`."""
+        health = self.get(name)
+        health.state, health.until, health.reason, health.disabled_credential = "disabled", None, reason, credential
 
     def needs_login(self, name: str, reason: str) -> None:
         health = self.get(name)

@@ -183,4 +183,5 @@ def flow_row(flow: http.HTTPFlow, state: FlowState, error: str | None) -> dict:
         "failovers": json.dumps(state.failovers) if state.failovers else None,
         "stop_reason": usage.stop_reason,
         "request_id": response.headers.get("request-id") if response else None,
+        "account_kind": state.account_kind,
     }

@@ -76,11 +76,33 @@ FAULTS = (
     "malformed-sse",          # garbage lines, a truncated JSON data line and an unknown event between valid events
     "bad-content-length",     # non-streamed JSON reply whose Content-Length claims more than is sent, then close
     "in-stream-error",        # 200 stream, `event: error` overloaded_error after a few deltas, then the end
+    "long-context",           # 429 `Extra usage is required for long context requests.`, windows allowed, overage out_of_credits
 )
+# Subscriptions serve only Claude Code (contract §8): its system prompt is a billing-header block, then one of these.
+BILLING_PREFIX = "x-anthropic-billing-header:"
+CLAUDE_CODE_IDENTITIES = (
+    "You are Claude Code, Anthropic's official CLI for Claude.",
+    "You are Claude Code, Anthropic's official CLI for Claude, running within the Claude Agent SDK.",
+    "You are a Claude agent, built on Anthropic's Claude Agent SDK.",
+)
+CLAUDE_CODE_ONLY = "This credential is only authorized for use with Claude Code and cannot be used for other API requests."
+LONG_CONTEXT = "Extra usage is required for long context requests."
+LONG_CONTEXT_TOKENS = 200_000  # past this, a subscription without extra usage refuses the request
+DISABLED = {"organization": (400, "This organization has been disabled."),
+            "oauth": (403, "OAuth authentication is currently not allowed for this organization.")}
 STALL_S = 60.0
 # The text_delta events of content block 0, precomputed: streaming costs no JSON encoding per token.
 DELTAS = [f'event: content_block_delta\ndata: {{"type":"content_block_delta","index":0,"delta":{{"type":"text_delta","text":{json.dumps(t, ensure_ascii=False)}}}}}\n\n'.encode() for t in TEXT]
 REC = web.RequestKey("fake_record", dict)
+
+
+def is_claude_code(payload: dict) -> bool:
+    system = payload.get("system")
+    if not isinstance(system, list) or len(system) < 2 or not all(isinstance(b, dict) for b in system[:2]):
+        return False
+    first, second = (b.get("text") if b.get("type") == "text" else None for b in system[:2])
+    return (isinstance(first, str) and first.startswith(BILLING_PREFIX)
+            and isinstance(second, str) and second.startswith(CLAUDE_CODE_IDENTITIES))
 
 
 def expected_text(n: int) -> str:
@@ -171,6 +193,8 @@ class _State:
         self.token_calls_started: dict[str, int] = {}
         self.usage: dict[str, dict] = {}  # account -> usage endpoint objects that replace the defaults
         self.usage_reads: dict[str, list[float]] = {}  # account -> when its usage reads were answered
+        self.disabled: dict[str, str] = {}  # account -> "organization" | "oauth" (see DISABLED)
+        self.family_limits: dict[tuple[str, str], float] = {}  # (account, model family) -> weekly reset
 
 
 USAGE_BUDGET = 30  # usage reads an hour per account (contract §9)
@@ -278,6 +302,23 @@ class FakeAnthropic:
         """Usage reads of this account answered in the last hour (429s not counted)."""
         with self._lock:
             return len([t for t in self._state.usage_reads.get(account, []) if t > time.time() - 3600])
+
+    def disable(self, account: str, how: str = "organization") -> None:
+        """Anthropic disabled the account: every request on it gets DISABLED[how]."""
+        if how not in DISABLED:
+            raise ValueError(f"how must be one of {', '.join(DISABLED)}")
+        with self._lock:
+            self._state.disabled[account] = how
+
+    def enable(self, account: str) -> None:
+        with self._lock:
+            self._state.disabled.pop(account, None)
+
+    def set_family_limit(self, account: str, family: str, reset_in_s: float = 86400) -> None:
+        """The account's weekly window for one model family (opus, sonnet) is used up: its requests for
+        that family get 429 (claim seven_day_<family>, the 7d_oi window rejected); other families serve."""
+        with self._lock:
+            self._state.family_limits[(account, family)] = time.time() + reset_in_s
 
     def configure(self, config: dict) -> None:
         """Apply a whole configuration (the --config file and POST /_fake/config use this):
@@ -589,6 +630,11 @@ class FakeAnthropic:
             return None, None, self._error(request, 401, problem)
         rec["account"] = rec["claimed_account"] = account
         rec["auth_kind"] = kind
+        with self._lock:
+            disabled = self._state.disabled.get(account)
+        if disabled:
+            status, message = DISABLED[disabled]
+            return None, None, self._error(request, status, message)
         return account, kind, None
 
     def _limit_headers(self, account: str, kind: str, now: float, limit: Limit | None, rejected: bool,
@@ -683,6 +729,8 @@ class FakeAnthropic:
                     "anthropic-ratelimit-unified-overage-disabled-reason": "out_of_credits"})
             return self._error(request, 429, "You are out of extra usage credits.",
                                {"request-id": request[REC]["request_id"], **limit_headers, "x-should-retry": "false"})
+        if fault == "long-context":
+            return self._long_context(request, account, kind, now)
         if not fault.startswith("status:"):
             return None
         spec = fault.split(":", 1)[1].strip()
@@ -702,6 +750,31 @@ class FakeAnthropic:
                     413: "Request exceeds the maximum allowed number of bytes.", 400: "Invalid request"}
         extra = {"x-should-retry": "true" if status >= 500 or status == 408 else "false"}
         return self._error(request, status, messages.get(status, f"Error {status}"), {**headers, **extra})
+
+    def _long_context(self, request: web.Request, account: str, kind: str, now: float) -> web.Response:
+        """A subscription without extra usage refuses a long-context request only: its windows stay allowed."""
+        headers = self._limit_headers(account, kind, now, self._state.limits.get(account), False)
+        if kind == "oauth":
+            headers.update({"anthropic-ratelimit-unified-overage-status": "rejected",
+                            "anthropic-ratelimit-unified-overage-disabled-reason": "out_of_credits"})
+        return self._error(request, 429, LONG_CONTEXT, {**headers, "x-should-retry": "false"}, kind="rate_limit_error")
+
+    def _family_limited(self, request: web.Request, account: str, kind: str, now: float, model: str) -> web.Response | None:
+        """429 when the account's weekly window for this model's family is used up. Caller holds the lock."""
+        family = next((f for f in ("opus", "sonnet") if f in model.lower()), None)
+        reset = self._state.family_limits.get((account, family)) if kind == "oauth" else None
+        if reset is None or now >= reset:
+            return None
+        headers = self._limit_headers(account, kind, now, self._state.limits.get(account), False)
+        headers.update({"anthropic-ratelimit-unified-status": "rejected",
+                        "anthropic-ratelimit-unified-reset": str(int(reset)),
+                        "anthropic-ratelimit-unified-representative-claim": f"seven_day_{family}",
+                        "anthropic-ratelimit-unified-7d_oi-status": "rejected",
+                        "anthropic-ratelimit-unified-7d_oi-utilization": "1",
+                        "anthropic-ratelimit-unified-7d_oi-reset": str(int(reset)),
+                        "retry-after": str(max(1, math.ceil(reset - now)))})
+        return self._error(request, 429, "This request would exceed your account's rate limit. Please try again later.",
+                           headers, kind="rate_limit_error")
 
     # --- API -------------------------------------------------------------------------------------
 
@@ -732,6 +805,9 @@ class FakeAnthropic:
             "cache_read_input_tokens": _int_header(request, "x-fake-cache-read", 0),
             "output_tokens": _int_header(request, "x-fake-tokens", 10, 1, MAX_TOKENS),
         }
+        model = payload["model"]
+        if kind == "oauth" and "haiku" not in model.lower() and not is_claude_code(payload):
+            return self._error(request, 400, CLAUDE_CODE_ONLY)
         five, hour = _int_header(request, "x-fake-cache-write", 0), _int_header(request, "x-fake-cache-write-1h", 0)
         usage["cache_creation_input_tokens"] = five + hour
         cache_creation = {"ephemeral_5m_input_tokens": five, "ephemeral_1h_input_tokens": hour}
@@ -744,12 +820,15 @@ class FakeAnthropic:
             headers = {"request-id": rec["request_id"],
                        **self._limit_headers(account, kind, now, limit, over, usage["input_tokens"])}
             fault = None if over else self._take_fault(request, account)
+            if (fault is None and kind == "oauth" and usage["input_tokens"] > LONG_CONTEXT_TOKENS
+                    and self._state.overage.get(account, ("rejected",))[0] != "allowed"):
+                fault = "long-context"
             rec["fault"] = fault
-            refusal = None
+            refusal = None if over else self._family_limited(request, account, kind, now, model)
             if over:
                 refusal = self._error(request, 429, "This request would exceed your account's rate limit. "
                                       "Please try again later.", {**headers, "x-should-retry": "true"})
-            elif fault:
+            elif fault and refusal is None:
                 refusal = self._status_fault(request, fault, account, kind, now, headers)
                 if refusal is None and fault not in FAULTS:
                     refusal = self._error(request, 500, f"fake: unknown fault {fault!r}; known: {', '.join(FAULTS)}")
@@ -760,7 +839,6 @@ class FakeAnthropic:
             await asyncio.sleep(first_byte)
         if refusal is not None:
             return refusal
-        model = payload["model"]
         stop_reason = request.headers.get("x-fake-stop-reason", "end_turn")
         if fault == "bad-content-length":
             return await self._short_body(request, rec, model, usage, cache_creation, headers, stop_reason)

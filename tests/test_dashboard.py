@@ -600,4 +600,25 @@ def test_account_health_shows_the_usage_endpoints_windows(serve, db_path):
         used = {(r["window"], r["used"]) for r in await chart_rows(ds, cookies, "utilization", account="idle")}
         assert used == {("5 h", 0.25), ("7 d Opus", 0.815), ("7 d Sonnet", 0.05), ("extra usage", 0.124)}
 
+
+def test_client_split_between_subscriptions_and_keys(serve, db_path):
+    db = open_db(db_path)
+    with db.conn:
+        db.execute("update requests set account_kind = case account when 'a' then 'subscription' when 'b' then 'api-key' end")
+    db.close()
+    ds = serve()
+    expected = {("laptop", "subscription"): 3, ("(loopback, no key)", "api-key"): 1, ("ci", "api-key"): 1}
+
+    async def check():
+        cookies = await login(ds)
+        report = await canned(ds, cookies, "client_account_kinds", days="")
+        assert {(r["client"], r["account_kind"]): r["requests"] for r in report} == expected
+        laptop = next(r for r in report if r["client"] == "laptop")
+        assert laptop["cost_usd"] == pytest.approx(1.03) and laptop["cache_read"] == 1900
+        chart = await chart_rows(ds, cookies, "client-split", range="")
+        assert {(r["client"], r["account_kind"]): r["requests"] for r in chart} == expected
+        assert {(r["client"], r["account_kind"]) for r in await chart_rows(ds, cookies, "client-split")} == {
+            ("laptop", "subscription"), ("(loopback, no key)", "api-key"), ("ci", "api-key")}  # r5 is 40 days old
+        assert sum(r["requests"] for r in await chart_rows(ds, cookies, "client-split")) == 4
+
     run(check())

@@ -20,7 +20,7 @@ import pytest
 import requests
 from click.testing import CliRunner
 from conftest import db_rows
-from harness import add_account, free_port, wait_for_port
+from harness import CLAUDE_CODE_SYSTEM, add_account, free_port, wait_for_port
 
 from claudeflare.accounts import load_accounts
 from claudeflare.cli import cli
@@ -56,7 +56,8 @@ def ask(proxy, session, model=SONNET, stream=False, tokens=40, cache_read=0, cac
                "x-fake-cache-read": str(cache_read), "x-fake-cache-write": str(cache_write)}
     if fault:
         headers["x-fake-fault"] = fault
-    body = {"model": model, "max_tokens": 200, "stream": stream, "messages": [{"role": "user", "content": f"hi from {session}"}]}
+    body = {"model": model, "max_tokens": 200, "stream": stream, "system": CLAUDE_CODE_SYSTEM,
+            "messages": [{"role": "user", "content": f"hi from {session}"}]}
     reply = requests.post(f"{proxy.url}/v1/messages", json=body, headers=headers, timeout=30)
     _ = reply.content  # read streams to the end
     return reply.status_code
@@ -214,7 +215,7 @@ def test_dashboard_draws_every_chart_over_real_traffic(fake, home, start_proxy, 
                     proc.kill()
     assert {c["id"] for c in charts} >= {"requests-per-minute", "tokens-over-time", "cost-per-day", "error-rate",
                                          "ttfb", "duration", "cache-by-account", "cache-by-session", "health",
-                                         "utilization", "failures"}
+                                         "utilization", "failures", "client-split"}
 
 
 async def drive(devtools_port: int, base: str, sent: int, home: Path) -> list[dict]:

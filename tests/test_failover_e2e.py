@@ -7,7 +7,7 @@ from collections import Counter
 import anthropic
 import requests
 from conftest import db_rows, wait_until
-from harness import add_account
+from harness import CLAUDE_CODE_SYSTEM, add_account
 
 from claudeflare.flowlog import query_readonly
 
@@ -26,7 +26,8 @@ def ask(proxy, stream=False, tokens=10, session=None):
     headers = {"x-fake-tokens": str(tokens)}
     if session:
         headers["x-claude-code-session-id"] = session
-    body = {"model": MODEL, "max_tokens": 100, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+    body = {"model": MODEL, "max_tokens": 100, "stream": stream, "system": CLAUDE_CODE_SYSTEM,
+            "messages": [{"role": "user", "content": "hi"}]}
     return requests.post(f"{proxy.url}/v1/messages", json=body, headers=headers, timeout=30)
 
 
@@ -91,7 +92,7 @@ def test_streamed_reply_that_was_retried_arrives_complete(fake, home, start_prox
     client = anthropic.Anthropic(base_url=proxy.url, api_key="x", max_retries=0)
     outcomes = []
     for _ in range(2):
-        with client.messages.stream(model=MODEL, max_tokens=100, messages=[{"role": "user", "content": "hi"}],
+        with client.messages.stream(model=MODEL, max_tokens=100, system=CLAUDE_CODE_SYSTEM, messages=[{"role": "user", "content": "hi"}],
                                     extra_headers={"x-fake-tokens": "30"}) as stream:
             text = "".join(stream.text_stream)
             outcomes.append((len(text) > 0, stream.get_final_message().usage.output_tokens))

@@ -13,10 +13,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 import requests
-from fake_anthropic import CLIENT_ID, OAUTH_BETA, FakeAnthropic, expected_text, pkce_challenge
+from fake_anthropic import CLAUDE_CODE_ONLY, CLIENT_ID, OAUTH_BETA, FakeAnthropic, expected_text, pkce_challenge
+from harness import CLAUDE_CODE_SYSTEM
 
 KEY = "sk-ant-api03-test-key"
 BODY = {"model": "claude-sonnet-4-5-20250929", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
+CC_BODY = {**BODY, "system": CLAUDE_CODE_SYSTEM}  # subscriptions serve only Claude Code
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,8 @@ def fake(server):
     return server
 
 
-def post(fake, body=BODY, path="/v1/messages", headers=None, auth="key", **kw):
+def post(fake, body=None, path="/v1/messages", headers=None, auth="key", **kw):
+    body = body or (CC_BODY if auth == "oauth" else BODY)
     auth_headers = {"key": {"x-api-key": KEY},
                     "oauth": {"authorization": "Bearer at-1", "anthropic-beta": f"claude-code-20250219,{OAUTH_BETA}"},
                     None: {}}[auth]
@@ -146,7 +149,7 @@ def test_refresh_rotates_and_the_old_refresh_token_is_rejected(fake):
     assert again.status_code == 400 and again.json()["error"] == "invalid_grant"
     assert fake.token_calls("max") == 2  # the reuse is counted: a proxy that refreshes twice shows
     assert post(fake, auth="oauth").status_code == 200  # the old access token lives until its expiry
-    assert post(fake, auth=None, headers={"authorization": f"Bearer {new['access_token']}",
+    assert post(fake, CC_BODY, auth=None, headers={"authorization": f"Bearer {new['access_token']}",
                                           "anthropic-beta": OAUTH_BETA}).status_code == 200
     assert token(fake, grant_type="refresh_token", refresh_token=new["refresh_token"]).status_code == 200
     assert token(fake, grant_type="refresh_token", refresh_token="rt-1", client_id="other").status_code == 401
@@ -325,3 +328,45 @@ def test_gzip_module_agrees(fake):
     reply = post(fake, {**BODY, "stream": True}, headers={"x-fake-gzip": "1"}, stream=True)
     raw = reply.raw.read(decode_content=False)
     assert parse_sse(gzip.decompress(raw))[-1][0] == "message_stop"
+
+
+def test_subscriptions_serve_only_claude_code_except_haiku(fake):
+    plain = post(fake, BODY, auth="oauth")
+    assert plain.status_code == 400
+    assert plain.json()["error"] == {"type": "invalid_request_error", "message": CLAUDE_CODE_ONLY}
+    # The identity alone, in the first block, is not where Claude Code puts it.
+    assert post(fake, {**BODY, "system": CLAUDE_CODE_SYSTEM[1:]}, auth="oauth").status_code == 400
+    assert post(fake, {**BODY, "model": "claude-haiku-4-5"}, auth="oauth").status_code == 200
+    assert post(fake, CC_BODY, auth="oauth").status_code == 200
+    assert post(fake, BODY, auth="key").status_code == 200  # API keys serve anything
+
+
+@pytest.mark.parametrize("how, status, kind", [("organization", 400, "invalid_request_error"),
+                                               ("oauth", 403, "permission_error")])
+def test_disabled_accounts_are_refused(fake, how, status, kind):
+    fake.disable("max", how)
+    reply = post(fake, auth="oauth")
+    assert reply.status_code == status and reply.json()["error"]["type"] == kind
+    assert "organization" in reply.json()["error"]["message"]
+    assert post(fake, auth="key").status_code == 200
+
+
+def test_long_context_is_refused_with_windows_allowed(fake):
+    reply = post(fake, auth="oauth", headers={"x-fake-input-tokens": "250000"})
+    assert reply.status_code == 429
+    assert reply.json()["error"]["message"].startswith("Extra usage is required for long context")
+    assert reply.headers["anthropic-ratelimit-unified-status"] == "allowed"
+    assert reply.headers["anthropic-ratelimit-unified-5h-status"] == "allowed"
+    assert reply.headers["anthropic-ratelimit-unified-overage-disabled-reason"] == "out_of_credits"
+    assert post(fake, auth="oauth").status_code == 200  # shorter requests still serve
+    assert post(fake, auth="key", headers={"x-fake-input-tokens": "250000"}).status_code == 200
+
+
+def test_family_weekly_limit_refuses_that_family_only(fake):
+    fake.set_family_limit("max", "opus", reset_in_s=3600)
+    opus = post(fake, {**CC_BODY, "model": "claude-opus-4-8"}, auth="oauth")
+    assert opus.status_code == 429
+    assert opus.headers["anthropic-ratelimit-unified-representative-claim"] == "seven_day_opus"
+    assert opus.headers["anthropic-ratelimit-unified-7d_oi-status"] == "rejected"
+    assert opus.headers["anthropic-ratelimit-unified-5h-status"] == "allowed"
+    assert post(fake, auth="oauth").status_code == 200  # sonnet

@@ -12,7 +12,7 @@ import pytest
 import requests
 from click.testing import CliRunner
 from conftest import db_rows, wait_until
-from harness import add_account, claudeflare_proxy, free_port
+from harness import CLAUDE_CODE_SYSTEM, add_account, claudeflare_proxy, free_port
 
 from claudeflare import oauth
 from claudeflare.cli import cli
@@ -147,8 +147,8 @@ def test_refresh_command_rotates_and_the_old_refresh_token_dies(fake, home, oaut
 
 
 def ask(proxy, **headers):
-    return requests.post(f"{proxy.url}/v1/messages", json={"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]},
-                         headers=headers, timeout=30)
+    body = {"model": MODEL, "max_tokens": 5, "system": CLAUDE_CODE_SYSTEM, "messages": [{"role": "user", "content": "x"}]}
+    return requests.post(f"{proxy.url}/v1/messages", json=body, headers=headers, timeout=30)
 
 
 def concurrently(calls) -> list:

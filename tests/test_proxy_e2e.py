@@ -9,7 +9,7 @@ import pytest
 import requests
 from click.testing import CliRunner
 from conftest import api_key_accounts, db_rows, key_for, wait_until
-from harness import add_account
+from harness import CLAUDE_CODE_SYSTEM, add_account
 
 from claudeflare.cli import cli
 from claudeflare.pricing import cost_usd
@@ -22,12 +22,14 @@ def sdk(proxy, **kw):
     return anthropic.Anthropic(base_url=proxy.url, api_key="client-side-key-ignored", max_retries=0, **kw)
 
 
-def ask(proxy, session=None, tokens=10, stream=False, extra_headers=None, text="Hello"):
+def ask(proxy, session=None, tokens=10, stream=False, extra_headers=None, text="Hello", system=None):
     headers = {"x-api-key": "client", "anthropic-version": "2023-06-01", "content-type": "application/json",
                "x-fake-tokens": str(tokens), **(extra_headers or {})}
     if session:
         headers["X-Claude-Code-Session-Id"] = session
     body = {"model": MODEL, "max_tokens": 100, "messages": [{"role": "user", "content": text}], "stream": stream}
+    if system:
+        body["system"] = system
     return requests.post(f"{proxy.url}/v1/messages?beta=true", headers=headers, data=json.dumps(body), timeout=30)
 
 
@@ -77,7 +79,7 @@ def test_oauth_account_gets_bearer_and_beta_merged(fake, home, start_proxy):
                 expires_at=time.time() + 3600)
     proxy = start_proxy(home)
     reply = ask(proxy, extra_headers={"anthropic-beta": "claude-code-20250219,fine-grained-tool-streaming-2025-05-14",
-                                      "authorization": "Bearer client-own-token"})
+                                      "authorization": "Bearer client-own-token"}, system=CLAUDE_CODE_SYSTEM)
     assert reply.status_code == 200, reply.text
     (seen,) = [r for r in fake.requests if r["path"] == "/v1/messages"]  # the proxy reads /api/oauth/usage too
     assert seen["headers"]["authorization"] == "Bearer sk-ant-oat01-e2e-access" and "x-api-key" not in seen["headers"]

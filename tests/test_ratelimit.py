@@ -118,7 +118,7 @@ def test_spend_limit_benches_until_reset_and_says_so():
     health.observe("b", 429, read_signals(unified(status="rejected", **{
         "anthropic-ratelimit-unified-overage-status": "rejected",
         "anthropic-ratelimit-unified-overage-disabled-reason": "out_of_credits"}), NOW))
-    assert health.get("b").reason.startswith("out of credits")
+    assert health.get("b").reason.startswith("five_hour limit and out of credits")
 
 
 def test_overload_benches_for_seconds_only():
@@ -138,5 +138,66 @@ def test_needs_login_is_not_available_until_cleared():
     health = Health(Clock())
     health.needs_login("a", "invalid_grant")
     assert not health.available("a")
+    health.clear("a")
+    assert health.available("a")
+
+
+def test_out_of_credits_with_windows_allowed_does_not_bench():
+    # The paid overflow is spent, not the plan (contract §4): e.g. a long-context refusal.
+    health = Health(Clock())
+    signals = read_signals(unified(**{"anthropic-ratelimit-unified-overage-status": "rejected",
+                                      "anthropic-ratelimit-unified-overage-disabled-reason": "out_of_credits"}), NOW)
+    assert health.observe("a", 429, signals, "rate_limit_error") == "windowless"
+    assert health.available("a") and health.get("a").state == "ok"
+
+
+def test_a_jittered_reset_is_the_same_window_and_the_latest_reset_counts():
+    clock = Clock()
+    health = Health(clock)
+    health.observe("a", 429, read_signals(unified(status="rejected", reset=NOW + 3600), NOW))
+    assert health.get("a").until == NOW + 3600
+    # A later reply on the same window says a second or thirty earlier: still the same window.
+    health.observe("a", 429, read_signals(unified(status="rejected", reset=NOW + 3570), NOW))
+    assert health.get("a").until == NOW + 3600
+    # Several windows rejected: the latest reset counts, even when the unified reset names another.
+    both = unified(status="rejected", reset=NOW + 600, **{"anthropic-ratelimit-unified-7d-status": "rejected",
+                                                          "anthropic-ratelimit-unified-7d-reset": str(int(NOW + 7200))})
+    health.observe("b", 429, read_signals(both, NOW))
+    assert health.get("b").until == NOW + 7200
+
+
+def test_529_benches_no_longer_than_the_retry_delay():
+    health = Health(Clock(), overload_bench=0.5)
+    assert health.observe("a", 529, read_signals({"retry-after": "600"}, NOW), "overloaded_error") == "overloaded"
+    assert health.get("a").until == NOW + 0.5
+
+
+def test_a_family_weekly_window_benches_that_family_only():
+    clock = Clock()
+    health = Health(clock)
+    opus_week = unified(**{"anthropic-ratelimit-unified-status": "rejected",
+                           "anthropic-ratelimit-unified-representative-claim": "seven_day_opus",
+                           "anthropic-ratelimit-unified-7d_oi-status": "rejected",
+                           "anthropic-ratelimit-unified-7d_oi-utilization": "1",
+                           "anthropic-ratelimit-unified-7d_oi-reset": str(int(NOW + 86400))})
+    assert health.observe("a", 429, read_signals(opus_week, NOW), "rate_limit_error", family="opus") == "family-limited"
+    assert not health.available("a", family="opus")
+    assert health.available("a", family="sonnet") and health.available("a")
+    assert health.utilization_now("a", NOW) == 0.4  # the 5h window, not the opus week
+    # Only the 7d_oi window, no claim: the family of the refused request.
+    oi_only = unified(**{"anthropic-ratelimit-unified-status": "rejected", "anthropic-ratelimit-unified-7d_oi-status": "rejected",
+                         "anthropic-ratelimit-unified-7d_oi-reset": str(int(NOW + 600))})
+    assert health.observe("b", 429, read_signals(oi_only, NOW), family="sonnet") == "family-limited"
+    assert not health.available("b", family="sonnet") and health.available("b", family="haiku")
+    assert health.soonest(["a", "b"], "opus") == NOW + 86400 and health.soonest(["a", "b"], "sonnet") == NOW + 600
+    assert health.soonest(["a", "b"]) is None  # no account is benched for every model
+    clock.now = NOW + 601
+    assert health.available("b", family="sonnet")
+
+
+def test_disabled_is_not_available_until_cleared():
+    health = Health(Clock())
+    health.disable("a", "disabled by Anthropic (403)", "fingerprint")
+    assert not health.available("a") and health.get("a").state == "disabled"
     health.clear("a")
     assert health.available("a")
