@@ -34,7 +34,8 @@ def traffic(proxy, client_key: str) -> int:
     (a refused client writes none)."""
     session = requests.Session()
     headers = {"x-api-key": client_key, "anthropic-version": "2023-06-01"}
-    body = {"model": MODEL, "max_tokens": 50, "messages": [{"role": "user", "content": "secret sweep"}]}
+    # Claude Code's prompt, so the subscription account serves its share too.
+    body = {"model": MODEL, "max_tokens": 50, "system": CLAUDE_CODE_SYSTEM, "messages": [{"role": "user", "content": "secret sweep"}]}
     sent = 0
     for i in range(12):
         reply = session.post(f"{proxy.url}/v1/messages", json={**body, "stream": i % 2 == 0}, headers=headers, timeout=10)
