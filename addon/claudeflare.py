@@ -12,6 +12,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
 if str(_here.parent) not in sys.path:
     sys.path.append(str(_here.parent))  # a checkout run without `pip install -e .`
 
-from claudeflare import proxy  # noqa: E402
+from claudeflare import limits, proxy  # noqa: E402
 
-addons = proxy.addons()  # fresh instances on every (re)load of this script
+# Fresh instances on every (re)load of this script; connection limits last, so that they see any
+# refusal made in `requestheaders`.
+addons = [*proxy.addons(), limits.ConnectionLimits()]
