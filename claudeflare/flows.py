@@ -13,6 +13,7 @@ from mitmproxy.proxy.layers.http import _http1
 from .accounts import Account
 from .clock import utc_now
 from .credentials import Credential
+from .offloop import loads
 from .ratelimit import Signals
 
 METADATA = "claudeflare"  # flow.metadata key: plain values for mitmweb and `-w` files, never a secret
@@ -38,6 +39,7 @@ class FlowState:
     parser: "SideParser | None" = None  # recorder.SideParser, reading usage beside a stream
     first_byte_at: float | None = None
     settled: bool = False  # the reply was fetched by our own client: no further failover in `response`
+    request_summary: tuple[str | None, bool] | None = None  # of a big body, read off the loop (Recorder)
     released: bool = False
     logged: bool = False
 
@@ -109,10 +111,10 @@ def presented_key(request: http.Request) -> str | None:
     return auth[7:].strip() or None
 
 
-def request_summary(body: bytes) -> tuple[str | None, bool]:
+def request_summary(body: bytes, yielding: bool = False) -> tuple[str | None, bool]:
     """(model, stream) from a /v1/messages body; the body itself is forwarded untouched."""
     try:
-        data = json.loads(body)
+        data = loads(body, yielding)
     except (ValueError, RecursionError):
         return None, False
     if not isinstance(data, dict):

@@ -84,7 +84,7 @@ _wait_for_request_headers = HttpStream.state_wait_for_request_headers
 
 def state_wait_for_request_headers(self, event):
     yield from _wait_for_request_headers(self, event)
-    if self.flow.response and self.client_state == self.state_consume_request_body:
+    if self.flow.response and not event.end_stream and self.client_state == self.state_consume_request_body:
         yield from answer_before_body(self)
 
 

@@ -44,6 +44,7 @@ from .flows import (
     redact_credential,
 )
 from .oauth import OAuthSettings
+from .offloop import off_loop
 from .ratelimit import Health, Signals, error_details, read_signals
 from .recorder import Recorder
 from .refresh import TokenRefresher
@@ -305,7 +306,7 @@ class Claudeflare:
         if state is None or flow.response:
             return
         # Claude Code's session header spares parsing the body; the model is read from the reply.
-        state.session = conversation_key(flow.request.headers, flow.request.raw_content)
+        state.session = await off_loop(conversation_key, flow.request.headers, body=flow.request.raw_content)
         state.client_beta = flow.request.headers.get("anthropic-beta")
         pool = self.pool
         self.balancer.strategy = state.strategy = pool.strategy or self.strategy_option

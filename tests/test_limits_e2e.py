@@ -187,3 +187,50 @@ def test_running_out_of_descriptors_logs_one_line_not_a_traceback_a_second(fake,
     with connect(proxy.port) as s:  # the descriptors came back: served again
         s.sendall(messages_request(proxy.port, small_body(), b"Connection: close"))
         assert read_reply(s).startswith(b"HTTP/1.1 200")
+
+
+# --- item 9: big JSON bodies off the loop --------------------------------------------------------
+
+
+def big_body(mib: int) -> bytes:
+    """A conversation start of `mib` MiB in many small blocks, as a pasted log or a long chat would be."""
+    block = {"type": "text", "text": "All work and no play makes Jack a dull boy. " * 2}
+    count = mib * 1024**2 // len(json.dumps(block))
+    return json.dumps({"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": [block] * count}]}).encode()
+
+
+def test_big_json_bodies_do_not_stall_the_event_loop(home, start_proxy):
+    proxy = start_proxy(home)  # no account: each big request is parsed (session, summary) and refused with 503
+    body = big_body(16)
+    latencies, done = [], threading.Event()
+
+    def probe():
+        with connect(proxy.port) as s:
+            while not done.is_set():  # Claude Code's warm-up, answered by the proxy itself
+                started = time.monotonic()
+                s.sendall(b"HEAD / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % proxy.port)
+                assert s.recv(65536).startswith(b"HTTP/1.1 200")
+                latencies.append(time.monotonic() - started)
+                time.sleep(0.01)
+
+    def send_big():
+        with connect(proxy.port, timeout=60) as s:
+            s.sendall(messages_request(proxy.port, body, b"Connection: close"))
+            replies.append(read_reply(s))
+
+    replies: list[bytes] = []
+    prober = threading.Thread(target=probe)
+    prober.start()
+    senders = [threading.Thread(target=send_big) for _ in range(3)]
+    for t in senders:
+        t.start()
+    for t in senders:
+        t.join(60)
+    time.sleep(0.3)
+    done.set()
+    prober.join(10)
+    assert [r.split(b"\r\n", 1)[0] for r in replies] == [b"HTTP/1.1 503 Service Unavailable"] * 3
+    print(f"probe: {len(latencies)} requests, max {max(latencies) * 1000:.0f} ms")
+    assert max(latencies) < 0.5  # about 1.5 s when parsed on the loop
+    rows = db_rows(home, "status = 503", expect=3)
+    assert [r["model"] for r in rows] == [MODEL] * 3  # the big bodies are still read, off the loop
