@@ -118,7 +118,10 @@ class ConnectionLimits:
 
     def running(self) -> None:
         loop = asyncio.get_running_loop()
-        loop.set_exception_handler(ResourceExceptionHandler(loop.get_exception_handler()))
+        existing = loop.get_exception_handler()
+        if isinstance(existing, ResourceExceptionHandler):  # the script was reloaded
+            existing = existing.fallback
+        loop.set_exception_handler(ResourceExceptionHandler(existing))
 
     # --- waiting connections ---------------------------------------------------------------------
 

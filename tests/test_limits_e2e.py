@@ -1,6 +1,7 @@
 """Nothing unbounded before the client is known (issue #10, items 5, 7, 9), through a real mitmdump:
 head size, refused bodies, slowloris, running out of file descriptors, big JSON bodies."""
 
+import http.client
 import json
 import socket
 import sys
@@ -170,6 +171,23 @@ def test_half_sent_heads_time_out_and_cannot_exhaust_descriptors(fake, home, lim
         for s in slow:
             s.close()
     assert "Too many open files" not in proxy.output()
+
+
+def test_a_reply_outlasting_the_head_timeout_is_not_cut_and_the_idle_connection_closes_after_it(fake, home, start_proxy):
+    api_key_accounts(fake, home, ("a", 1))
+    proxy = start_proxy(home, "--set", "claudeflare_head_timeout=1")
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    body = json.dumps({"model": MODEL, "max_tokens": 30, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    for _ in range(2):  # twice on one kept-alive connection: the deadline starts again after each reply
+        conn.request("POST", "/v1/messages", body, {"content-type": "application/json", "x-fake-tokens": "15", "x-fake-delay-ms": "100"})
+        reply = conn.getresponse()
+        assert reply.status == 200 and b"message_stop" in reply.read()  # 1.5 s of stream, whole
+        time.sleep(0.5)
+    started = time.monotonic()
+    assert conn.sock.recv(1) == b""  # idle: closed a head timeout after the last reply
+    assert time.monotonic() - started < 2
+    conn.close()
+    assert [r["status"] for r in db_rows(home, expect=2)] == [200, 200]
 
 
 def test_running_out_of_descriptors_logs_one_line_not_a_traceback_a_second(fake, home, limited_proxy):
