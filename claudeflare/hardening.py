@@ -12,8 +12,11 @@ import logging
 import re
 import time
 
+from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import HttpStream, _http1
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from mitmproxy.proxy.layers.http._events import ErrorCode, RequestProtocolError
 from mitmproxy.proxy.layers.http._hooks import HttpRequestHook, HttpResponseHeadersHook
 
 logger = logging.getLogger(__name__)
@@ -33,9 +36,11 @@ def head_too_large(self: _http1.Http1Server) -> bool:
     return len(self.buf) > limit and not _HEAD_END.search(bytes(self.buf), 0, limit + 2)
 
 
-def refuse_head(self: _http1.Http1Server, why: str) -> layer.CommandGenerator[None]:
+def refuse(self: _http1.Http1Server, status: int | None, why: str) -> layer.CommandGenerator[None]:
+    """Log one bounded line, reply `status` (None: no reply) and stop reading into the buffer."""
     yield commands.Log(f"{self.conn.peername[0]}: {why}; connection closed", logging.INFO)
-    yield commands.SendData(self.conn, _http1.make_error_response(431, why))  # flows.anthropic_error_page
+    if status and self.conn.state & ConnectionState.CAN_WRITE:
+        yield commands.SendData(self.conn, _http1.make_error_response(status, why))  # flows.anthropic_error_page
     # Half-close, then drop what still arrives: closing a socket with unread data resets the
     # connection, which may destroy the reply before the client reads it. The client closes on
     # reading the reply; one that keeps sending is closed at its head deadline (limits.py).
@@ -58,21 +63,37 @@ _read_headers = _http1.Http1Server.read_headers
 
 def read_headers(self, event):
     if isinstance(event, events.DataReceived) and head_too_large(self):
-        yield from refuse_head(self, f"request head over {head_limit(self.context) // 1024} KiB (claudeflare_max_head_kb)")
+        yield from refuse(self, 431, f"request head over {head_limit(self.context) // 1024} KiB (claudeflare_max_head_kb)")
         return
     yield from _read_headers(self, event)
 
 
 # Patch 2 — while a reply is pending, Http1Server.wait appends whatever the client sends to its
-# buffer and ignores it (no pipelining): the same unbounded buffer. Hold at most one head's worth.
+# buffer and ignores it (no pipelining): the same unbounded buffer. Hold at most one head's worth;
+# beyond it, close without a reply, which could otherwise land inside the pending one.
 _wait = _http1.Http1Server.wait
 
 
 def wait(self, event):
     if isinstance(event, events.DataReceived) and len(self.buf) > head_limit(self.context):
-        yield from refuse_head(self, "data sent ahead of the reply over the head limit")
+        yield from refuse(self, None, "data sent ahead of the reply over the head limit")
         return
     yield from _wait(self, event)
+
+
+# Patch 2b — the chunked body reader (h11's ChunkedReader, driven by Http1Connection.read_body)
+# waits for a whole chunk-size or trailer line, buffering without limit: a chunk-size line that
+# never ends is the header attack again. What it leaves unread is one such line; cap it too.
+_read_body = _http1.Http1Server.read_body
+
+
+def read_body(self, event):
+    yield from _read_body(self, event)
+    stuck = self.state == self.read_body and self.conn.state & ConnectionState.CAN_READ
+    if stuck and len(self.buf) > head_limit(self.context):
+        why = f"chunk-size or trailer line over {head_limit(self.context) // 1024} KiB (claudeflare_max_head_kb)"
+        yield from refuse(self, 400, why)
+        yield ReceiveHttp(RequestProtocolError(self.stream_id, why, ErrorCode.GENERIC_CLIENT_ERROR))
 
 
 # Patch 3 — a reply set in `requestheaders` (a refusal) is sent by 12.3 only after the whole body
@@ -123,6 +144,7 @@ def install() -> None:
     """Apply the patches (idempotent: the addon script may be reloaded)."""
     _http1.Http1Server.read_headers = read_headers
     _http1.Http1Server.wait = wait
+    _http1.Http1Server.read_body = read_body
     HttpStream.state_wait_for_request_headers = state_wait_for_request_headers
     server_log = logging.getLogger("mitmproxy.proxy.server")
     if not any(isinstance(f, BoundedLines) for f in server_log.filters):

@@ -101,6 +101,24 @@ def test_an_oversize_head_gets_431_at_the_cap_and_is_neither_kept_nor_logged(fak
         assert read_reply(s).startswith(b"HTTP/1.1 200")
 
 
+def test_a_chunk_size_line_that_never_ends_gets_400_at_the_cap(fake, home, start_proxy):
+    api_key_accounts(fake, home, ("a", 1))
+    proxy = start_proxy(home)
+    before = rss(proxy)
+    with connect(proxy.port) as s:
+        s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nTransfer-Encoding: chunked\r\n\r\n" % proxy.port)
+        try:
+            for _ in range(256):  # up to 16 MiB of chunk size
+                s.sendall(b"1" * 65536)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        reply = read_reply(s)
+    assert reply.startswith(b"HTTP/1.1 400") and "chunk-size" in error_json(reply)["error"]["message"]
+    assert rss(proxy) - before < 8 * 1024**2
+    (row,) = db_rows(home, expect=1)
+    assert "chunk-size" in row["error"] and fake.requests == []
+
+
 def test_a_refused_request_is_answered_before_its_body_which_is_never_buffered(fake, home, start_proxy):
     api_key_accounts(fake, home, ("a", 1))
     CliRunner().invoke(cli, ["--home", str(home), "client-key", "create", "laptop"], catch_exceptions=False)
