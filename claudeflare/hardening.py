@@ -37,9 +37,14 @@ def head_too_large(self: _http1.Http1Server) -> bool:
 
 
 def refuse(self: _http1.Http1Server, status: int | None, why: str) -> layer.CommandGenerator[None]:
-    """Log one bounded line, reply `status` (None: no reply) and stop reading into the buffer."""
+    """Log one bounded line, reply `status` and stop reading into the buffer. None: a reply is
+    still to come from the upstream, which a half-closed connection could not take: close it."""
     yield commands.Log(f"{self.conn.peername[0]}: {why}; connection closed", logging.INFO)
-    if status and self.conn.state & ConnectionState.CAN_WRITE:
+    if status is None:
+        yield commands.CloseConnection(self.conn)
+        self.state = self.done
+        return
+    if self.conn.state & ConnectionState.CAN_WRITE:
         yield commands.SendData(self.conn, _http1.make_error_response(status, why))  # flows.anthropic_error_page
     # Half-close, then drop what still arrives: closing a socket with unread data resets the
     # connection, which may destroy the reply before the client reads it. The client closes on

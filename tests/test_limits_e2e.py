@@ -119,6 +119,23 @@ def test_a_chunk_size_line_that_never_ends_gets_400_at_the_cap(fake, home, start
     assert "chunk-size" in row["error"] and fake.requests == []
 
 
+def test_data_sent_ahead_of_a_pending_reply_is_capped(fake, home, start_proxy):
+    api_key_accounts(fake, home, ("a", 1))
+    proxy = start_proxy(home)
+    with connect(proxy.port) as s:
+        s.sendall(messages_request(proxy.port, small_body(), b"x-fake-first-byte-ms: 3000"))
+        started = time.monotonic()
+        try:
+            for _ in range(16):  # 1 MiB "pipelined" while the reply is pending
+                s.sendall(b"p" * 65536)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        assert read_reply(s) == b"" and time.monotonic() - started < 2.5  # closed, not buffered until the reply
+    (row,) = db_rows(home, expect=1)
+    assert row["error"]
+    assert "crashed" not in proxy.output() and "Traceback" not in proxy.output()
+
+
 def test_a_refused_request_is_answered_before_its_body_which_is_never_buffered(fake, home, start_proxy):
     api_key_accounts(fake, home, ("a", 1))
     CliRunner().invoke(cli, ["--home", str(home), "client-key", "create", "laptop"], catch_exceptions=False)
