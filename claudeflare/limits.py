@@ -2,7 +2,7 @@
 the head's size, the time to send it, and how many connections may wait without one.
 
 A connection "waits" from its connect, and again from the end of each reply when it is kept alive,
-until its next request head is complete. It is closed once it has waited `claudeflare_head_timeout`
+until its next request head is complete (through a CONNECT tunnel: the first request inside it). It is closed once it has waited `claudeflare_head_timeout`
 seconds, however slowly it trickles bytes (slowloris), and a new connection is refused while
 `claudeflare_max_idle_conns` wait in total or `claudeflare_max_idle_conns_per_peer` from its
 address, so waiting connections can't use up the file descriptors the served ones need.
@@ -137,8 +137,10 @@ class ConnectionLimits:
         self.stop_waiting(client)
         self.in_flight.pop(client.id, None)
 
-    def http_connect(self, flow: http.HTTPFlow) -> None:
-        self.stop_waiting(flow.client_conn)  # a tunnel: what follows has deadlines of its own, or none
+    # CONNECT is no request of its own: the deadline runs on through the TLS handshake to the first
+    # request inside the tunnel, unless the tunnel turns out to be a TCP passthrough.
+    def tcp_start(self, flow) -> None:
+        self.stop_waiting(flow.client_conn)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         client = flow.client_conn
@@ -161,9 +163,11 @@ class ConnectionLimits:
             return
         self.open_flows.discard(flow)
         client = flow.client_conn
-        self.in_flight[client.id] -= 1
-        if self.in_flight[client.id] <= 0 and client.timestamp_end is None:
-            del self.in_flight[client.id]
+        if self.in_flight[client.id] > 1:
+            self.in_flight[client.id] -= 1
+            return
+        self.in_flight.pop(client.id, None)
+        if client.timestamp_end is None:
             self.wait(client)  # kept alive: the next head has its deadline too
 
     def wait(self, client: connection.Client) -> None:

@@ -187,6 +187,11 @@ def test_half_sent_heads_time_out_and_cannot_exhaust_descriptors(fake, home, lim
         with connect(proxy.port) as s:  # a real client is still served
             s.sendall(messages_request(proxy.port, small_body(), b"Connection: close"))
             assert read_reply(s).startswith(b"HTTP/1.1 200")
+        tunnel = connect(proxy.port, source="127.0.0.4")  # a CONNECT, then no TLS handshake
+        slow.append(tunnel)
+        target = fake.url.removeprefix("http://").encode()  # loopback: the fake
+        tunnel.sendall(b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (target, target))
+        assert tunnel.recv(65536).startswith(b"HTTP/1.1 200")
         trickle = connect(proxy.port, source="127.0.0.3")
         slow.append(trickle)
         closed = False
@@ -199,7 +204,7 @@ def test_half_sent_heads_time_out_and_cannot_exhaust_descriptors(fake, home, lim
             time.sleep(0.2)
         assert closed or trickle.recv(1) == b""
         assert time.monotonic() - started < 6
-        for s in slow:  # every half-sent head has been closed by now
+        for s in slow:  # every half-sent head, and the idle tunnel, has been closed by now
             s.settimeout(3)
             assert read_reply(s) == b""
     finally:
