@@ -18,17 +18,19 @@ from claudeflare.cli import cli
 
 MODEL = "claude-sonnet-4-6"
 # Run mitmdump under a lower descriptor limit (soft and hard, so the proxy can't raise it).
-NOFILE = "import os, resource, sys; n = int(sys.argv[1]); resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); os.execv(sys.argv[2], sys.argv[2:])"
+NOFILE = ("import os, resource, sys; soft, hard = map(int, sys.argv[1].split(':')); "
+          "resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)); os.execv(sys.argv[2], sys.argv[2:])")
 
 
 @pytest.fixture
 def limited_proxy(tmp_path, fake):
-    """start(home, nofile, *extra): a proxy whose open-file limit is `nofile`."""
+    """start(home, nofile, *extra): a proxy whose open-file limit is `nofile` ("soft:hard", or both)."""
     started = []
 
     def start(home, nofile, *extra):
         proxy = claudeflare_proxy(home, fake.url, tmp_path / f"limited-{len(started)}.log", *extra)
-        proxy.args = [sys.executable, "-c", NOFILE, str(nofile), *proxy.args]
+        limit = nofile if isinstance(nofile, str) else f"{nofile}:{nofile}"
+        proxy.args = [sys.executable, "-c", NOFILE, limit, *proxy.args]
         started.append(proxy)
         return proxy.start()
 
@@ -228,6 +230,11 @@ def test_a_reply_outlasting_the_head_timeout_is_not_cut_and_the_idle_connection_
     assert time.monotonic() - started < 2
     conn.close()
     assert [r["status"] for r in db_rows(home, expect=2)] == [200, 200]
+
+
+def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(home, limited_proxy):
+    proxy = limited_proxy(home, "256:4096")
+    assert psutil.Process(proxy.proc.pid).rlimit(psutil.RLIMIT_NOFILE) == (4096, 4096)
 
 
 def test_running_out_of_descriptors_logs_one_line_not_a_traceback_a_second(fake, home, limited_proxy):
