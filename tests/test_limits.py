@@ -1,6 +1,7 @@
 """Unit tests of the limits: yielding parses give the same results, options are checked, repeated
 warnings are throttled, and HTTP/2 header lists are bounded by the h2 that mitmproxy uses."""
 
+import asyncio
 import json
 import logging
 
@@ -9,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mitmproxy.proxy.layers.http._http2 import Http2Server
 from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
-from mitmproxy.test import taddons
+from mitmproxy.test import taddons, tflow
 
 from claudeflare.conversation import conversation_key
 from claudeflare.flows import request_summary
@@ -62,3 +63,31 @@ def test_http2_header_lists_are_bounded():
     conn = BufferedH2Connection(Http2Server.h2_conf)
     assert conn.local_settings.max_header_list_size == 64 * 1024
     assert conn.decoder.max_header_list_size == 64 * 1024
+
+
+def test_connections_waiting_for_a_head_are_capped_per_peer_and_in_total():
+    async def scenario():
+        limits = ConnectionLimits()
+        with taddons.context(limits) as tctx:
+            tctx.configure(limits, claudeflare_max_idle_conns=5, claudeflare_max_idle_conns_per_peer=3)
+
+            def arrive(peer: str):
+                client = tflow.tclient_conn()
+                client.peername, client.timestamp_end = (peer, 40000), None  # connected, not ended
+                limits.client_connected(client)
+                return client
+
+            same = [arrive("192.0.2.1") for _ in range(4)]
+            assert [c.error is None for c in same] == [True, True, True, False]  # per peer
+            others = [arrive(f"192.0.2.{n}") for n in (2, 3, 4)]
+            assert [c.error is None for c in others] == [True, True, False]  # in total
+            flow = tflow.tflow()
+            flow.client_conn = same[0]
+            limits.requestheaders(flow)  # its head arrived: it no longer counts
+            assert arrive("192.0.2.1").error is None
+            limits.response(flow)  # kept alive: waiting again, over the cap now
+            assert len(limits.timers) == 6
+            for client in [*same, *others]:
+                limits.client_disconnected(client)
+
+    asyncio.run(scenario())
