@@ -295,7 +295,7 @@ def test_big_json_bodies_do_not_stall_the_event_loop(home, start_proxy):
     done.set()
     prober.join(10)
     assert [r.split(b"\r\n", 1)[0] for r in replies] == [b"HTTP/1.1 503 Service Unavailable"] * 3
-    print(f"probe: {len(latencies)} requests, max {max(latencies) * 1000:.0f} ms")
+    print(f"probe: {len(latencies)} requests, slowest {[round(x * 1000) for x in sorted(latencies)[-5:]]} ms")
     assert max(latencies) < 0.5  # about 1.5 s when parsed on the loop
     rows = db_rows(home, "status = 503", expect=3)
     assert [r["model"] for r in rows] == [MODEL] * 3  # the big bodies are still read, off the loop
