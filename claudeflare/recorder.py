@@ -90,12 +90,16 @@ class Recorder:
         flow.response.stream = state.parser = SideParser(SSEUsageParser(flow.response.headers.get("content-encoding")), state)
 
     async def response(self, flow: http.HTTPFlow) -> None:
-        await self.summarize(flow)
-        self.record(flow)
+        try:
+            await self.summarize(flow)
+        finally:
+            self.record(flow)
 
     async def error(self, flow: http.HTTPFlow) -> None:
-        await self.summarize(flow)
-        self.record(flow, flow.error.msg if flow.error else "error")
+        try:
+            await self.summarize(flow)
+        finally:
+            self.record(flow, flow.error.msg if flow.error else "error")
 
     async def summarize(self, flow: http.HTTPFlow) -> None:
         """The model of a big request body whose reply names none, read off the loop for `flow_row`."""
