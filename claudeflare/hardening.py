@@ -4,7 +4,8 @@ logged unbounded before the client is known. Written against mitmproxy 12.3 (`pr
 `ConnectionLimits.load` (claudeflare/limits.py).
 
 HTTP/2 needs no patch: h2 4.x (which mitmproxy 12.3 uses with its defaults) advertises and enforces
-SETTINGS_MAX_HEADER_LIST_SIZE of 64 KiB (decoded) and refuses more than 64 CONTINUATION frames.
+SETTINGS_MAX_HEADER_LIST_SIZE of 64 KiB (decoded), refuses more than 64 CONTINUATION frames, and
+allows 100 concurrent streams (tests/test_limits.py checks these stay so).
 """
 
 import functools

@@ -63,6 +63,7 @@ def test_http2_header_lists_are_bounded():
     conn = BufferedH2Connection(Http2Server.h2_conf)
     assert conn.local_settings.max_header_list_size == 64 * 1024
     assert conn.decoder.max_header_list_size == 64 * 1024
+    assert conn.local_settings.max_concurrent_streams == 100
 
 
 def test_connections_waiting_for_a_head_are_capped_per_peer_and_in_total():
