@@ -17,7 +17,7 @@ from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import HttpStream, _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
-from mitmproxy.proxy.layers.http._events import ErrorCode, RequestProtocolError
+from mitmproxy.proxy.layers.http._events import ErrorCode, RequestProtocolError, ResponseProtocolError
 from mitmproxy.proxy.layers.http._hooks import HttpRequestHook, HttpResponseHeadersHook
 
 logger = logging.getLogger(__name__)
@@ -102,6 +102,21 @@ def read_body(self, event):
         yield ReceiveHttp(RequestProtocolError(self.stream_id, why, ErrorCode.GENERIC_CLIENT_ERROR))
 
 
+# Patch 2c — mitmproxy answers a request it refuses while reading its body (over body_size_limit,
+# a broken chunk) with its error page and a close: with the rest of the body unread, the close
+# resets the connection, and a client still sending (as SDKs do) sees "connection reset" instead of
+# the 413. Half-close after the page and drop the rest of the body instead.
+_send = _http1.Http1Server.send
+
+
+def send(self, event):
+    status = event.code.http_status_code() if isinstance(event, ResponseProtocolError) else None
+    if status and not self.response and self.state == self.read_body and self.conn.state & ConnectionState.CAN_WRITE:
+        yield from refuse(self, status, event.message)
+        return
+    yield from _send(self, event)
+
+
 # Patch 3 — a reply set in `requestheaders` (a refusal) is sent by 12.3 only after the whole body
 # has been read and buffered (up to body_size_limit: 20 refused 30 MiB bodies were +580 MB). Send it
 # at once instead; what arrives of the body is dropped unbuffered, and an HTTP/1 connection is
@@ -151,6 +166,7 @@ def install() -> None:
     _http1.Http1Server.read_headers = read_headers
     _http1.Http1Server.wait = wait
     _http1.Http1Server.read_body = read_body
+    _http1.Http1Server.send = send
     HttpStream.state_wait_for_request_headers = state_wait_for_request_headers
     server_log = logging.getLogger("mitmproxy.proxy.server")
     if not any(isinstance(f, BoundedLines) for f in server_log.filters):

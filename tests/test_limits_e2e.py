@@ -121,6 +121,19 @@ def test_a_chunk_size_line_that_never_ends_gets_400_at_the_cap(fake, home, start
     assert "chunk-size" in row["error"] and fake.requests == []
 
 
+def test_a_client_still_sending_a_body_over_the_limit_reads_the_413_not_a_reset(fake, home, start_proxy):
+    api_key_accounts(fake, home, ("a", 1))
+    proxy = start_proxy(home, "--set", "claudeflare_max_body_mb=1")
+    for _ in range(3):  # as SDKs do: send the whole body, then read the reply
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        conn.request("POST", "/v1/messages", b"x" * (4 * 1024**2), {"content-type": "application/json"})
+        reply = conn.getresponse()
+        assert reply.status == 413 and json.loads(reply.read())["error"]["type"] == "request_too_large"
+        conn.close()
+    assert fake.requests == []
+    assert all("body_size_limit" in r["error"] for r in db_rows(home, expect=3))
+
+
 def test_data_sent_ahead_of_a_pending_reply_is_capped(fake, home, start_proxy):
     api_key_accounts(fake, home, ("a", 1))
     proxy = start_proxy(home)
