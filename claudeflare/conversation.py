@@ -10,25 +10,29 @@ import json
 import re
 from collections.abc import Mapping
 
+from .offloop import loads
+
 SESSION_HEADER = "x-claude-code-session-id"
 MAX_KEY_LEN = 200
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 
 _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 # What Claude Code sent in metadata.user_id before it switched to a JSON string.
 _LEGACY_USER_ID = re.compile(rf"user_[0-9a-fA-F]+_account_(?:{_UUID})?_session_({_UUID})")
 
 
-def conversation_key(headers: Mapping[str, str], body: bytes | None) -> str | None:
-    """The session id Claude Code sends, else "h:" + a hash of the conversation's start; None if neither."""
+def conversation_key(headers: Mapping[str, str], body: bytes | None, yielding: bool = False) -> str | None:
+    """The session id Claude Code sends, else "h:" + a hash of the conversation's start; None if neither.
+    `yielding`: parse and hash a big body so that other threads run meanwhile (offloop.py)."""
     if key := _clean(_header(headers, SESSION_HEADER)):
         return key
     if not body:
         return None
     try:
-        parsed = json.loads(body)
+        parsed = loads(body, yielding)
         if not isinstance(parsed, dict):
             return None
-        return _metadata_session(parsed) or _start_hash(parsed)
+        return _metadata_session(parsed, yielding) or _start_hash(parsed, yielding)
     except (ValueError, TypeError, RecursionError):  # not JSON, not UTF-8, or nested too deep
         return None
 
@@ -49,14 +53,14 @@ def _clean(value: object) -> str | None:
     return value if 0 < len(value) <= MAX_KEY_LEN and value.isprintable() else None
 
 
-def _metadata_session(body: dict) -> str | None:
+def _metadata_session(body: dict, yielding: bool = False) -> str | None:
     metadata = body.get("metadata")
     user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
     if not isinstance(user_id, str):
         return None
     if user_id.lstrip().startswith("{"):  # Claude Code 2.1+: a JSON object serialised into the string
         try:
-            inner = json.loads(user_id)
+            inner = loads(user_id, yielding)
         except ValueError:
             return None  # a malformed user_id still leaves the hash to fall back on
         return _clean(inner.get("session_id")) if isinstance(inner, dict) else None
@@ -64,15 +68,19 @@ def _metadata_session(body: dict) -> str | None:
     return match[1] if match else None
 
 
-def _start_hash(body: dict) -> str | None:
+def _start_hash(body: dict, yielding: bool = False) -> str | None:
     system = body.get("system")
     messages = body.get("messages")
     messages = messages if isinstance(messages, list) else []
     first_user = next((m for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
     if not system and first_user is None:
         return None
-    canonical = json.dumps([_without_cache_control(system), _without_cache_control(first_user)], sort_keys=True, separators=(",", ":"))
-    return "h:" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
+    start = [_without_cache_control(system), _without_cache_control(first_user)]
+    digest = hashlib.sha256()
+    # iterencode (not one-shot) is the pure-Python encoder: same text, in pieces, GIL released between them.
+    for piece in _CANONICAL.iterencode(start) if yielding else [_CANONICAL.encode(start)]:
+        digest.update(piece.encode())
+    return "h:" + digest.hexdigest()[:32]
 
 
 def _without_cache_control(value: object) -> object:

@@ -14,6 +14,7 @@ from mitmproxy.proxy.layers.http import ResponseProtocolError, _http1, _http2
 from .accounts import Account
 from .clock import utc_now
 from .credentials import Credential
+from .offloop import loads
 from .ratelimit import Signals
 
 METADATA = "claudeflare"  # flow.metadata key: plain values for mitmweb and `-w` files, never a secret
@@ -45,6 +46,7 @@ class FlowState:
     keys_only: bool = False  # subscriptions may not serve it (not Claude Code, or one refused it)
     family: str | None = None  # model family asked for (policy.model_family)
     account_kind: str | None = None  # subscription | api-key, of the current attempt
+    request_summary: tuple[str | None, bool] | None = None  # of a big body, read off the loop (Recorder)
     released: bool = False
     logged: bool = False
 
@@ -161,10 +163,10 @@ def take_presented_key(request: http.Request) -> str | None:
     return key
 
 
-def request_summary(body: bytes) -> tuple[str | None, bool]:
+def request_summary(body: bytes, yielding: bool = False) -> tuple[str | None, bool]:
     """(model, stream) from a /v1/messages body; the body itself is forwarded untouched."""
     try:
-        data = json.loads(body)
+        data = loads(body, yielding)
     except (ValueError, RecursionError):
         return None, False
     if not isinstance(data, dict):

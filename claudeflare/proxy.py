@@ -43,8 +43,10 @@ from .flows import (
     install_anthropic_error_pages,
 )
 from .gate import ClientGate
+from .limits import ConnectionLimits
 from .oauth import OAuthSettings
 from . import policy
+from .offloop import off_loop
 from .ratelimit import OVERLOAD_BENCH, Health, Signals, error_details, read_signals
 from .recorder import Recorder
 from .refresh import TokenRefresher
@@ -323,7 +325,7 @@ class Claudeflare:
         if state is None or flow.response:
             return
         # Claude Code's session header spares parsing the body; the model is read from the reply.
-        state.session = conversation_key(flow.request.headers, flow.request.raw_content)
+        state.session = await off_loop(conversation_key, flow.request.headers, body=flow.request.raw_content)
         state.client_beta = flow.request.headers.get("anthropic-beta")
         body = flow.request.raw_content
         state.claude_code, state.family = policy.is_claude_code(body), policy.model_family(body)
@@ -589,8 +591,9 @@ def client_headers(request: http.Request, state: FlowState) -> http.Headers:
 
 
 def addons() -> list:
-    """Fresh instances, in hook order: the gate first, routing and failover before recording."""
+    """Fresh instances, in hook order: the gate first, routing and failover before recording, and
+    connection limits last, so that they see any refusal made in `requestheaders`."""
     states = FlowStates()
     recorder = Recorder(states)
     claudeflare = Claudeflare(recorder, states)
-    return [ClientGate(claudeflare, states), claudeflare, recorder]
+    return [ClientGate(claudeflare, states), claudeflare, recorder, ConnectionLimits()]

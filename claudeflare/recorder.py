@@ -13,6 +13,7 @@ from .accounts import apply_control
 from .config import DB_FILE, resolve_home
 from .flows import FlowState, FlowStates, is_event_stream, request_summary
 from .flowlog import FlowLog
+from .offloop import LOOP_PARSE_LIMIT, off_loop
 from .pricing import cost_usd
 from .retention import REQUEST_KEEP_DAYS
 from .storable import storable
@@ -96,11 +97,27 @@ class Recorder:
             return  # fetched whole by our own client (a retry): read in full when recorded
         flow.response.stream = state.parser = SideParser(SSEUsageParser(flow.response.headers.get("content-encoding")), state)
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        self.record(flow)
+    async def response(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self.summarize(flow)
+        finally:
+            self.record(flow)
 
-    def error(self, flow: http.HTTPFlow) -> None:
-        self.record(flow, flow.error.msg if flow.error else "error")
+    async def error(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self.summarize(flow)
+        finally:
+            self.record(flow, flow.error.msg if flow.error else "error")
+
+    async def summarize(self, flow: http.HTTPFlow) -> None:
+        """The model of a big request body whose reply names none, read off the loop for `flow_row`."""
+        state = self.states.get(flow)
+        body = flow.request.raw_content
+        if state is None or state.logged or not body or len(body) <= LOOP_PARSE_LIMIT:
+            return
+        usage = reply_usage(flow, state)
+        if usage is None or usage.model is None:
+            state.request_summary = await off_loop(request_summary, body=body)
 
     def done(self) -> None:
         for flow in list(self.live.values()):
@@ -152,7 +169,11 @@ def client_status(flow: http.HTTPFlow) -> int | None:
 def flow_row(flow: http.HTTPFlow, state: FlowState, error: str | None) -> dict:
     request, response = flow.request, flow.response
     usage = reply_usage(flow, state) or Usage()
-    model, stream = request_summary(request.raw_content or b"") if usage.model is None else (usage.model, False)
+    body = request.raw_content or b""
+    if usage.model is not None:
+        model, stream = usage.model, False
+    else:  # a big body is read off the loop beforehand (Recorder.summarize), or not at all (at shutdown)
+        model, stream = state.request_summary or (request_summary(body) if len(body) <= LOOP_PARSE_LIMIT else (None, False))
     usage.model = model
     cost = cost_usd(usage)
     tokens = usage.input_tokens + usage.output_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens
