@@ -178,8 +178,9 @@ def test_a_refused_request_is_answered_before_its_body_which_is_never_buffered(f
         for s in conns:
             s.close()
     assert fake.requests == []
-    rows = db_rows(home, expect=4)
-    assert [r["status"] for r in rows] == [401] * 4
+    proxy.stop()  # the gate logs its summary of refusals, at the latest when it stops
+    assert "refused 4 request(s)" in proxy.output()
+    assert db_rows(home) == []  # refused before the client is known: no rows (the gate's rule)
 
 
 # --- item 7: slowloris, file descriptors ---------------------------------------------------------
@@ -192,7 +193,10 @@ def test_half_sent_heads_time_out_and_cannot_exhaust_descriptors(fake, home, lim
     slow = []
     try:
         for _ in range(150):  # from another address (loopback too): more than the descriptor limit allows
-            s = connect(proxy.port, source="127.0.0.2")
+            try:
+                s = connect(proxy.port, source="127.0.0.2")
+            except ConnectionRefusedError:
+                continue  # a full accept queue on a loaded machine: refused before it was a connection
             try:
                 s.sendall(half)
             except OSError:
