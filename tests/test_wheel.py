@@ -53,6 +53,12 @@ def venv(wheel, tmp_path_factory) -> Path:
     return venv
 
 
+def test_a_checkout_serves_its_top_level_metadata():
+    from claudeflare.cli import METADATA as served
+
+    assert served == ROOT / METADATA  # the user's file, so an edit shows at the next start
+
+
 def test_the_wheel_carries_the_dashboards_metadata_and_plugins(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert f"claudeflare/{METADATA}" in names
