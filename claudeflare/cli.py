@@ -39,7 +39,7 @@ from .oauth import LoginFlow, OAuthError, OAuthSettings, create_api_key, exchang
 from .refresh import TokenRefresher
 
 CLAUDE_CODE_CREDENTIALS = Path("~/.claude/.credentials.json")
-# A link to the checkout's top-level file (edits show at once); a wheel holds a copy instead.
+# A link to the checkout's top-level file (edits show at the next start); a wheel holds a copy instead.
 METADATA = (Path(__file__).resolve().parent / "datasette-metadata.yml").resolve()
 
 
