@@ -29,18 +29,18 @@ from .accounts import (
     edit_accounts,
     hash_client_key,
     load_accounts,
-    load_pool,
 )
 from .config import DB_FILE, STRATEGIES, HomeError, check_home, default_strategy, ensure_home, resolve_home
 from .credentials import SECRET_RE, Credential, CredentialStore, CredentialStoreError
 from .clock import utc_now
-from .flowlog import account_status, open_db, query_readonly, requests_per_account
+from .flowlog import account_status, open_db, query_readonly
+from .listing import account_rows
 from .oauth import LoginFlow, OAuthError, OAuthSettings, create_api_key, exchange_code
 from .refresh import TokenRefresher
 
 CLAUDE_CODE_CREDENTIALS = Path("~/.claude/.credentials.json")
-STATUS_FRESH = 10  # seconds: the proxy rewrites account_status every second while it runs
-METADATA = Path(__file__).resolve().parent.parent / "datasette-metadata.yml"
+# A link to the checkout's top-level file (edits show at the next start); a wheel holds a copy instead.
+METADATA = (Path(__file__).resolve().parent / "datasette-metadata.yml").resolve()
 
 
 class Context:
@@ -72,6 +72,7 @@ class Group(click.Group):
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="claudeflare", prog_name="claudeflare")
 @click.option(
     "--home",
     envvar="CLAUDEFLARE_HOME",
@@ -125,6 +126,14 @@ def load_accounts_or_fail(home: Path):
         raise click.ClickException(str(e)) from None
 
 
+def json_option(fn):
+    return click.option("--json", "as_json", is_flag=True, help="Machine-readable output (JSON).")(fn)
+
+
+def yes_option(fn):
+    return click.option("--yes", is_flag=True, help="Do not ask for confirmation.")(fn)
+
+
 tier_option = click.option("--tier", type=click.Choice([str(t) for t in TIERS]), default="1", show_default=True,
                            help="Capacity weight: 1 = Pro or API key, 5 = Max 5x, 20 = Max 20x.")
 PRIORITY = click.IntRange(PRIORITY_MIN, PRIORITY_MAX)
@@ -159,7 +168,15 @@ def oauth_login(mode: str) -> Credential:
 @click.option("--api-key-env", metavar="VAR", help="api-key mode: read the key from this environment variable of the proxy instead.")
 @pass_ctx
 def add(obj: Context, name: str, mode: str, tier: str, priority: int, api_key_env: str | None) -> None:
-    """Add an account: log in with OAuth, or give an API key (hidden prompt or standard input)."""
+    """Add an account: log in with OAuth, or give an API key (hidden prompt or standard input).
+
+    Example:
+
+    \b
+        claudeflare add work-key --mode api-key --tier 1 < key.txt
+        claudeflare add ci-key --mode api-key --api-key-env CI_ANTHROPIC_KEY
+        claudeflare add my-max --mode max --tier 5 --priority 1
+    """
     checked_name(name)
     if api_key_env and mode != "api-key":
         raise click.UsageError("--api-key-env is for --mode api-key")
@@ -223,7 +240,14 @@ def refuse_duplicate(obj: Context, name: str) -> None:
               show_default=True, help="Claude Code's credentials JSON.")
 @pass_ctx
 def import_(obj: Context, name: str, mode: str, tier: str, priority: int, source: Path) -> None:
-    """Add an OAuth account from Claude Code's saved login."""
+    """Add an OAuth account from Claude Code's saved login.
+
+    Example:
+
+    \b
+        claudeflare import my-max --mode max --tier 5
+        claudeflare import team-max --mode max --tier 20 --from backup/credentials.json
+    """
     checked_name(name)
     refuse_duplicate(obj, name)
     credential = read_claude_code_credentials(source.expanduser())
@@ -274,39 +298,11 @@ def print_table(rows: list[dict]) -> None:
 
 
 @cli.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @pass_ctx
 def list_(obj: Context, as_json: bool) -> None:
     """Show the accounts: mode, tier, priority, state, token expiry, requests today, limits."""
-    try:
-        pool = load_pool(obj.home)
-    except (AccountsError, CredentialStoreError) as e:
-        raise click.ClickException(str(e)) from None
-    midnight = datetime.now().astimezone().replace(hour=0, minute=0, second=0, microsecond=0)
-    today = requests_per_account(obj.home / DB_FILE, midnight.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S"))
-    # What the running proxy saw (rate limits); stale when the proxy is not running.
-    live_after = datetime.fromtimestamp(time.time() - STATUS_FRESH, UTC).isoformat()
-    status = {n: r for n, r in account_status(obj.home / DB_FILE).items() if (r["updated_at"] or "") >= live_after}
-    rows = []
-    for account in pool.accounts:
-        credential = pool.credential(account)
-        seen = status.get(account.name, {})
-        state = pool.state(account)
-        rows.append({
-            "name": account.name,
-            "mode": account.mode,
-            "tier": account.tier,
-            "priority": account.priority,
-            "state": (seen.get("state") or state) if state == "ok" else state,
-            "token_expires_at": credential.expires_at if credential and not credential.api_key else None,
-            "requests_today": today.get(account.name, 0),
-            "limited_until": seen.get("limited_until"),
-            "utilization_5h": seen.get("utilization_5h"),
-            "utilization_7d": seen.get("utilization_7d"),
-            "reason": seen.get("reason"),
-            # From the usage endpoint too (idle subscriptions), with the reply headers' 5h and 7d.
-            **{column: seen.get(column) for column in USAGE_COLUMNS},
-        })
+    rows = account_rows(obj.home)  # a broken file: Group says which, in one line
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     elif not rows:
@@ -328,8 +324,6 @@ def percent(fraction: float | None) -> str:
     return "-" if fraction is None else f"{fraction:.0%}"
 
 
-USAGE_COLUMNS = ("reset_5h", "reset_7d", "utilization_7d_opus", "reset_7d_opus", "utilization_7d_sonnet", "reset_7d_sonnet",
-                 "utilization_extra", "usage_read_at")
 WINDOWS = ("5h", "7d", "7d_opus", "7d_sonnet")  # utilization_X and reset_X in account_status
 
 
@@ -368,7 +362,7 @@ def resume(obj: Context, name: str) -> None:
 
 @cli.command()
 @click.argument("name")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@yes_option
 @pass_ctx
 def remove(obj: Context, name: str, yes: bool) -> None:
     """Remove an account and its stored credentials."""
@@ -442,10 +436,17 @@ def parse_since(value: str, now: datetime | None = None) -> str:
 
 @cli.command()
 @click.option("--since", default="24h", show_default=True, help="Window: 30m, 24h, 7d or a date (local time).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @pass_ctx
 def stats(obj: Context, since: str, as_json: bool) -> None:
-    """Per account: requests, tokens, cost, errors and rate-limit state over a window."""
+    """Per account: requests, tokens, cost, errors and rate-limit state over a window.
+
+    Example:
+
+    \b
+        claudeflare stats --since 7d
+        claudeflare stats --since 2026-11-01 --json
+    """
     start = parse_since(since)
     reset_file = obj.home / STATS_SINCE_FILE
     if reset_file.exists():
@@ -495,7 +496,7 @@ def reset_stats(obj: Context) -> None:
 
 @cli.command("clear-history")
 @click.option("--before", help="Delete only requests before this date (local time), e.g. 2026-11-01; default: all.")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@yes_option
 @pass_ctx
 def clear_history(obj: Context, before: str | None, yes: bool) -> None:
     """Delete logged requests (all, or those before a date)."""
@@ -527,7 +528,13 @@ def client_key() -> None:
 @click.argument("name")
 @pass_ctx
 def client_key_create(obj: Context, name: str) -> None:
-    """Create a client key; it is shown once and stored only as a hash."""
+    """Create a client key; it is shown once and stored only as a hash.
+
+    Example:
+
+    \b
+        claudeflare client-key create laptop > laptop.key
+    """
     checked_name(name)
     key = "cfk-" + secrets.token_urlsafe(32)
 
@@ -542,7 +549,7 @@ def client_key_create(obj: Context, name: str) -> None:
 
 
 @client_key.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @pass_ctx
 def client_key_list(obj: Context, as_json: bool) -> None:
     """List client keys by name (the keys themselves are not stored)."""

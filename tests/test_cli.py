@@ -1,8 +1,10 @@
 import json
 import os
+import shlex
 import stat
 import time
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -10,6 +12,7 @@ from claudeflare.accounts import hash_client_key, load_accounts, load_pool
 from claudeflare.cli import cli
 from claudeflare.credentials import CredentialStore
 from claudeflare.flowlog import open_db
+from claudeflare.listing import account_rows
 
 KEY = "sk-ant-api03-" + "k" * 40
 
@@ -267,3 +270,42 @@ def test_a_non_utf8_accounts_file_is_named_with_its_line(run, home):
         assert result.exit_code == 1 and f"{path} line {line}: not UTF-8" in result.output, (args, result.output)
     path.write_text("[[accounts]\n")  # tomlkit's parse error, on the way to an edit
     assert str(path) in run("pause", "a", ok=False).output
+
+
+def test_version_comes_from_the_package_metadata(run, home):
+    from importlib.metadata import version
+
+    home.write_text("")  # a home that is not a folder is refused, but --version needs no home
+    assert run("--version").output == f"claudeflare, version {version('claudeflare')}\n"
+    assert "is a file" in run("list", ok=False).output
+
+
+EXAMPLE_COMMANDS = (("add",), ("import",), ("stats",), ("client-key", "create"))
+
+
+def examples(help_text: str) -> list[str]:
+    """The command lines of a help text's `Example:` block."""
+    block = help_text.split("Example:\n\n", 1)[1].split("\n\n", 1)[0]
+    return [line.strip() for line in block.splitlines()]
+
+
+@pytest.mark.parametrize("command", EXAMPLE_COMMANDS, ids=" ".join)
+def test_help_examples_are_kept_as_lines_and_parse(run, command):
+    lines = examples(run(*command, "--help").output)
+    assert lines and all(line.startswith("claudeflare " + " ".join(command) + " ") and line.count("claudeflare") == 1
+                         for line in lines)
+    for line in lines:  # click kept each on its own line (`\b`), and each is a valid invocation today
+        args = shlex.split(line)[1:]
+        args = args[:next((i for i, a in enumerate(args) if a in "<>"), len(args))]  # shell redirections
+        group = cli
+        while isinstance(group, click.Group):
+            group = group.commands[args.pop(0)]
+        group.make_context(group.name, args)  # parses and converts every option, without running the command
+
+
+def test_list_rows_are_plain_data_from_the_library(run, home):
+    run("add", "key", "--mode", "api-key", "--priority", "2", input=KEY + "\n")
+    run("add", "envy", "--mode", "api-key", "--api-key-env", "UNSET_CLAUDEFLARE_TEST_KEY")
+    rows = account_rows(home)
+    assert [(r["name"], r["state"], r["priority"]) for r in rows] == [("key", "ok", 2), ("envy", "no-credentials", 0)]
+    assert json.loads(run("list", "--json").output) == rows
