@@ -105,6 +105,16 @@ def test_health_is_200_while_an_account_serves_then_503_and_is_never_logged(fake
     assert [r["path"] for r in db_rows(home)] == ["/v1/messages"]
 
 
+def test_health_is_503_while_every_account_is_rate_limited(fake, home, start_proxy):
+    api_key_accounts(fake, home, ("a", 1))
+    fake.set_fault("a", "status:429", count=1)  # limited, back in 60 s
+    proxy = start_proxy(home)
+    assert ask(proxy).status_code == 429
+    health = requests.get(f"{proxy.url}/health", timeout=10)
+    assert health.status_code == 503 and health.json()["status"] == "unavailable"
+    assert health.json()["accounts"][0]["state"] == "limited"
+
+
 def test_health_follows_the_client_key_rule(fake, home, start_proxy):
     api_key_accounts(fake, home, ("a", 1))
     key = run(home, "client-key", "create", "lb")
