@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 MAX_LABEL_VALUES = 50  # distinct models (or clients) per label; further ones count as "other"
 OTHER = "other"
 # LLM replies take from well under a second to many minutes.
-BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, float("inf"))
+BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)  # and +Inf
 TOKEN_KINDS = {"input_tokens": "input", "output_tokens": "output",
                "cache_read_input_tokens": "cache_read", "cache_creation_input_tokens": "cache_creation"}
 UTILIZATION = "utilization_"  # status-row columns utilization_<window>
@@ -107,7 +107,7 @@ class Metrics:
         self.ttfb = Histogram("claudeflare_ttfb_seconds", "Time to the reply's first byte.", buckets=BUCKETS, registry=self.registry)
         self.duration = Histogram("claudeflare_request_duration_seconds", "Time to the reply's last byte.", buckets=BUCKETS,
                                   registry=self.registry)
-        self.failovers = Counter("claudeflare_failovers", "Attempts given up for another, by reason.", ["reason"], registry=self.registry)
+        self.failovers = Counter("claudeflare_failovers", "Refused attempts (retried, or the last), by reason.", ["reason"], registry=self.registry)
         self.gauges = AccountGauges(lambda: recorder.backlog)
         self.registry.register(self.gauges)
         self.endpoint: tuple[str, int] | None = None
