@@ -196,6 +196,7 @@ class FlowLog:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._owner_changes: queue.SimpleQueue = queue.SimpleQueue()  # (resource id, account or None to forget, kind, when)
         self._owner_pending: list[tuple] = []  # taken from the queue, not written yet
+        self._pending: list[dict] = []  # taken from the queue, not written yet (the writer's own list)
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="claudeflare-flowlog", daemon=True)
 
@@ -205,6 +206,11 @@ class FlowLog:
 
     def log(self, row: dict) -> None:
         self._queue.put(row)
+
+    @property
+    def backlog(self) -> int:
+        """Rows logged and not written yet (approximate: read from another thread)."""
+        return self._queue.qsize() + len(self._pending)
 
     def publish_status(self, rows: list[dict]) -> None:
         """Replace table account_status with these rows (the latest call wins)."""
@@ -224,7 +230,7 @@ class FlowLog:
 
     def _run(self) -> None:
         db: sqlite_utils.Database | None = None
-        pending: list[dict] = []
+        pending = self._pending
         failing_since = None
         while True:
             # Once closing, the wake-up sentinel may already be consumed: never block again.

@@ -66,6 +66,11 @@ class FlowStates:
     def get(self, flow: http.HTTPFlow) -> FlowState | None:
         return self._states.get(flow)
 
+    def discard(self, flow: http.HTTPFlow) -> None:
+        """Forget a flow the proxy answers itself: without a state it is neither routed nor logged."""
+        self._states.pop(flow, None)
+        flow.metadata.pop(METADATA, None)
+
     def show(self, flow: http.HTTPFlow, state: FlowState) -> None:
         """Copy what a person inspecting the flow may see (no secrets) into `flow.metadata`."""
         flow.metadata[METADATA] = {"id": state.id, "account": state.account, "client": state.client, "attempts": state.attempts}

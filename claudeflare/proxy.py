@@ -43,7 +43,9 @@ from .flows import (
     install_anthropic_error_pages,
 )
 from .gate import ClientGate
+from .healthcheck import HealthCheck
 from .limits import ConnectionLimits
+from .metrics import Metrics
 from .oauth import OAuthSettings
 from . import policy
 from .offloop import off_loop
@@ -591,9 +593,12 @@ def client_headers(request: http.Request, state: FlowState) -> http.Headers:
 
 
 def addons() -> list:
-    """Fresh instances, in hook order: the gate first, routing and failover before recording, and
-    connection limits last, so that they see any refusal made in `requestheaders`."""
+    """Fresh instances, in hook order: the gate first, then /health (for whom the gate let in),
+    routing and failover before recording, and connection limits last, so that they see any refusal
+    made in `requestheaders`."""
     states = FlowStates()
     recorder = Recorder(states)
     claudeflare = Claudeflare(recorder, states)
-    return [ClientGate(claudeflare, states), claudeflare, recorder, ConnectionLimits()]
+    recorder.metrics = metrics = Metrics(claudeflare, recorder)
+    return [ClientGate(claudeflare, states), HealthCheck(claudeflare, recorder, states), claudeflare, recorder, metrics,
+            ConnectionLimits()]

@@ -63,6 +63,7 @@ class Recorder:
         self.states = states or FlowStates()  # shared with the Claudeflare addon
         self.flowlog: FlowLog | None = None
         self.live: dict[str, http.HTTPFlow] = {}  # logged at shutdown if still open
+        self.metrics = None  # metrics.Metrics: counts each row logged
 
     def load(self, loader) -> None:
         loader.add_option("claudeflare_db", str, "", f"SQLite flow log (default: {DB_FILE} in claudeflare_home).")
@@ -83,6 +84,11 @@ class Recorder:
         if self.flowlog:
             self.flowlog.close()
         self.flowlog = FlowLog(path, control=partial(apply_control, home), keep_days=ctx.options.claudeflare_keep_days).start()
+
+    @property
+    def backlog(self) -> int:
+        """Flow-log rows not written yet."""
+        return self.flowlog.backlog if self.flowlog else 0
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         state = self.states.get(flow)
@@ -138,7 +144,10 @@ class Recorder:
             logger.exception("claudeflare: reading flow %s for the log failed", state.id)
             row = {"id": state.id, "started_at": state.started_at, "account": state.account, "client": state.client,
                    "session": state.session, "attempts": state.attempts, "error": "claudeflare: flow unreadable"}
-        self.flowlog.log(storable(row))
+        row = storable(row)
+        self.flowlog.log(row)
+        if self.metrics:
+            self.metrics.observe(row)
 
 
 def reply_usage(flow: http.HTTPFlow, state: FlowState) -> Usage | None:
