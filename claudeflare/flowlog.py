@@ -158,8 +158,7 @@ def m008_resources(db: sqlite_utils.Database) -> None:
 def m009_request_facts(db: sqlite_utils.Database) -> None:
     # Each figure's rule written once, for the dashboard, its reports and `claudeflare stats`.
     # failover_events gains the attempt's place in the list, so reports keep the order of attempts.
-    db.execute("drop view if exists failover_events")
-    db.create_view("failover_events", """
+    db.create_view("failover_events", replace=True, sql="""
         select r.id as request_id, r.started_at, r.session, r.client, r.model,
           json_extract(f.value, '$.account') as failed_account,
           json_extract(f.value, '$.status') as failed_status,
@@ -182,8 +181,7 @@ def m009_request_facts(db: sqlite_utils.Database) -> None:
           cast(strftime('%s', started_at) as integer) as epoch
         from requests
     """)
-    db.execute("drop view if exists sessions")
-    db.create_view("sessions", """
+    db.create_view("sessions", replace=True, sql="""
         select session, group_concat(distinct account) as accounts,
           min(started_at) as first_seen, max(started_at) as last_seen, count(*) as requests,
           sum(input_tokens) as input_tokens, sum(output_tokens) as output_tokens,
