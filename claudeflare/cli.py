@@ -33,10 +33,11 @@ from .accounts import (
 from .config import DB_FILE, STRATEGIES, HomeError, check_home, default_strategy, ensure_home, resolve_home
 from .credentials import SECRET_RE, Credential, CredentialStore, CredentialStoreError
 from .clock import utc_now
-from .flowlog import account_status, open_db, query_readonly
+from .flowlog import open_db
 from .listing import account_rows
 from .oauth import LoginFlow, OAuthError, OAuthSettings, create_api_key, exchange_code
 from .refresh import TokenRefresher
+from .stats import per_account, per_client
 
 CLAUDE_CODE_CREDENTIALS = Path("~/.claude/.credentials.json")
 # A link to the checkout's top-level file (edits show at the next start); a wheel holds a copy instead.
@@ -451,29 +452,8 @@ def stats(obj: Context, since: str, as_json: bool) -> None:
     reset_file = obj.home / STATS_SINCE_FILE
     if reset_file.exists():
         start = max(start, reset_file.read_text().strip())  # `reset-stats` moved the start
-    rows = query_readonly(
-        obj.home / DB_FILE,
-        """select account, count(*) as requests, sum(input_tokens) as input_tokens, sum(output_tokens) as output_tokens,
-                  sum(cache_read_input_tokens) as cache_read, sum(cache_creation_input_tokens) as cache_write,
-                  round(sum(cost_usd), 6) as cost_usd, sum(status >= 400 or error is not null) as errors,
-                  sum(status = 429) as rate_limited
-           from requests where started_at >= ? and account is not null group by account order by account""",
-        [start],
-    )
-    status = account_status(obj.home / DB_FILE)
-    for row in rows:
-        seen = status.get(row["account"], {})
-        row["state"] = seen.get("state") or "-"
-        row["limited_until"] = seen.get("limited_until")
-    # Per client, how much went to subscriptions and how much to API keys (policy: only Claude Code on subscriptions).
-    clients = query_readonly(
-        obj.home / DB_FILE,
-        """select coalesce(client, '-') as client, coalesce(account_kind, '-') as account_kind, count(*) as requests,
-                  sum(input_tokens + output_tokens + cache_read_input_tokens + cache_creation_input_tokens) as tokens,
-                  round(sum(cost_usd), 6) as cost_usd
-           from requests where started_at >= ? and account is not null group by 1, 2 order by 1, 2""",
-        [start],
-    )
+    rows = per_account(obj.home / DB_FILE, start)
+    clients = per_client(obj.home / DB_FILE, start)
     if as_json:
         click.echo(json.dumps({"since": start, "accounts": rows, "clients": clients}, indent=2))
     elif rows:

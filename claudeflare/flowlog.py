@@ -154,6 +154,66 @@ def m008_resources(db: sqlite_utils.Database) -> None:
     db["resources"].create({"id": str, "account": str, "kind": str, "recorded_at": str}, pk="id")
 
 
+@migrations()
+def m009_request_facts(db: sqlite_utils.Database) -> None:
+    # Each figure's rule written once, for the dashboard, its reports and `claudeflare stats`.
+    # failover_events gains the attempt's place in the list, so reports keep the order of attempts.
+    db.create_view("failover_events", replace=True, sql="""
+        select r.id as request_id, r.started_at, r.session, r.client, r.model,
+          json_extract(f.value, '$.account') as failed_account,
+          json_extract(f.value, '$.status') as failed_status,
+          json_extract(f.value, '$.reason') as reason,
+          r.account as served_by, r.status as final_status, r.attempts, f.key as attempt
+        from requests r
+        join json_each(case when json_valid(r.failovers) then r.failovers else '[]' end) f
+        where r.failovers is not null
+    """)
+    # Token sums stay null when a count is missing, so a row without counts adds nothing to a ratio.
+    db.create_view("request_facts", """
+        select requests.*,
+          (status is null or status >= 400 or error is not null) as is_error,
+          status = 429 as rate_limited,
+          status < 400 and path = '/v1/messages' as message_ok,
+          exists (select 1 from failover_events e where e.request_id = requests.id and e.failed_status = 429) as upstream_429,
+          input_tokens + cache_read_input_tokens + cache_creation_input_tokens as input_all,
+          input_tokens + output_tokens + cache_read_input_tokens + cache_creation_input_tokens as tokens_total,
+          date(started_at) as day,
+          cast(strftime('%s', started_at) as integer) as epoch
+        from requests
+    """)
+    db.create_view("sessions", replace=True, sql="""
+        select session, group_concat(distinct account) as accounts,
+          min(started_at) as first_seen, max(started_at) as last_seen, count(*) as requests,
+          sum(input_tokens) as input_tokens, sum(output_tokens) as output_tokens,
+          sum(cache_read_input_tokens) as cache_read_input_tokens,
+          sum(cache_creation_input_tokens) as cache_creation_input_tokens,
+          round(1.0 * sum(cache_read_input_tokens) / nullif(sum(input_all), 0), 4) as cache_hit_ratio,
+          round(sum(cost_usd), 6) as cost_usd
+        from request_facts
+        where session is not null
+        group by session
+    """)
+    # The time axis of the dashboard's charts for each of its ranges ('' = all time): the bucket
+    # width, and one row per bucket from the start of the range (or of the log) to now.
+    db.create_view("time_buckets", """
+        with recursive
+        p(range, seconds, since) as (
+          select column1, column2, cast(coalesce(strftime('%s', 'now', '-' || nullif(column1, '')),
+            (select strftime('%s', min(started_at)) from requests), strftime('%s', 'now')) as integer)
+          from (values ('1 hour', 60), ('6 hours', 300), ('24 hours', 900), ('7 days', 3600), ('30 days', 14400),
+                       ('90 days', 86400), ('', 86400))
+        ),
+        b(range, seconds, t) as (
+          select range, seconds, since / seconds * seconds from p
+          union all
+          select range, seconds, t + seconds from b where t + seconds <= cast(strftime('%s', 'now') as integer)
+        )
+        select range, seconds, t, strftime('%Y-%m-%dT%H:%M:%SZ', t, 'unixepoch') as time,
+          strftime('%Y-%m-%dT%H:%M:%SZ', t + seconds, 'unixepoch') as time_end
+        from b
+    """)
+
+
 def transient(e: Exception) -> bool:
     """A fault of the database or disk (locked, full, replaced), worth retrying the same rows for;
     anything else is a bad row or a bug, which retrying cannot mend."""
