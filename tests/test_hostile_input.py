@@ -13,8 +13,7 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from conftest import api_key_accounts, db_rows, key_for
-from harness import add_account, claudeflare_proxy
+from harness import add_account, api_key_accounts, claudeflare_proxy, db_rows, key_for
 
 from claudeflare.accounts import AccountsError, check_name, load_accounts
 from claudeflare.cli import cli

@@ -16,8 +16,7 @@ from urllib.parse import urljoin, urlsplit
 import psutil
 import requests
 from click.testing import CliRunner
-from conftest import db_rows, key_for, wait_until
-from harness import ADDON, CLAUDE_CODE_SYSTEM, MITMDUMP, add_account, claudeflare_proxy, free_port, wait_for_port
+from harness import ADDON, CLAUDE_CODE_SYSTEM, MITMDUMP, add_account, claudeflare_proxy, db_rows, free_port, key_for, wait_for_port, wait_until
 from mitmproxy import io
 
 from claudeflare.cli import cli
