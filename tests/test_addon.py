@@ -10,8 +10,7 @@ from harness import add_account
 
 
 @pytest.fixture
-def addon(tmp_path):
-    home = tmp_path / "home"
+def addon(home):
     add_account(home, "a", "api-key", api_key="sk-ant-api03-aaaaaaaaaaaa")
     gate, claudeflare, recorder, _ = addons()
     with taddons.context(gate, claudeflare, recorder) as tctx:
