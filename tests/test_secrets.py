@@ -14,6 +14,7 @@ from secrets import token_hex
 from urllib.parse import urljoin, urlsplit
 
 import psutil
+import pytest
 import requests
 from click.testing import CliRunner
 from harness import ADDON, CLAUDE_CODE_SYSTEM, MITMDUMP, add_account, claudeflare_proxy, db_rows, free_port, key_for, wait_for_port, wait_until
@@ -26,6 +27,8 @@ CLAUDEFLARE = Path(sys.executable).parent / "claudeflare"
 MITMWEB = Path(sys.executable).parent / "mitmweb"
 MODEL = "claude-sonnet-4-6"
 PRIVATE_FILES = {"credentials.json"}  # where the secrets belong
+
+pytestmark = pytest.mark.e2e  # every test here starts mitmdump or mitmweb
 
 
 def traffic(proxy, client_key: str) -> int:
