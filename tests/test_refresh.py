@@ -49,11 +49,15 @@ def test_many_waiters_share_one_refresh_and_the_rotated_tokens_are_stored_first(
     old = enrol(fake, home)
     fake.token_delay_s = 0.3  # every waiter arrives while the one refresh is in flight
     tokens = refresher(home, fake.url + "/v1/oauth/token")
+    runs = []
+    refresh_sync = tokens.refresh_sync
+    tokens.refresh_sync = lambda *args: runs.append(args) or refresh_sync(*args)
 
     async def many():
         return await asyncio.gather(*(tokens.fresh(NAME, old) for _ in range(10)))
 
     got = asyncio.run(many())
+    assert len(runs) == 1  # one worker thread, not ten queueing on the file lock
     assert fake.token_calls(NAME) == 1
     new = stored(home)
     assert got == [new] * 10
