@@ -21,7 +21,7 @@ def fast_tests_start_no_process(request, monkeypatch):
     if request.node.get_closest_marker("e2e") is None:
         def refuse(*args, **kwargs):
             raise AssertionError(f"{request.node.nodeid} starts a process: mark it `e2e`")
-        monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+        monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
 
 
 @pytest.fixture(scope="session")
