@@ -9,9 +9,11 @@ from mitmproxy import flow as mflow
 from mitmproxy import http
 from mitmproxy.test import tflow, tutils
 
-from claudeflare.flows import FlowState
+from claudeflare import recorder
+from claudeflare.flowlog import FlowLog, open_db
+from claudeflare.flows import FlowState, FlowStates
 from claudeflare.offloop import LOOP_PARSE_LIMIT
-from claudeflare.recorder import SideParser, flow_row
+from claudeflare.recorder import Recorder, SideParser, flow_row
 from claudeflare.storable import storable
 from claudeflare.usage import SSEUsageParser
 
@@ -148,3 +150,26 @@ def test_the_status_is_the_one_the_client_got(streamed, error, status):
     flow.response.stream = streamed
     row = flow_row(flow, state(), error)
     assert (row["status"], row["error"]) == (status, error)
+
+
+def test_a_flow_that_cannot_be_read_still_gets_one_row_and_open_flows_get_theirs_at_shutdown(tmp_path, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(recorder, "flow_row", broken)
+    states = FlowStates()
+    log = Recorder(states)
+    log.flowlog = FlowLog(tmp_path / "log.db").start()
+    unreadable, open_ = pool_flow(content=b"{}", headers=[]), pool_flow()
+    for flow, account in ((unreadable, "a"), (open_, "b")):
+        known = states.start(flow)
+        known.account, known.client = account, "laptop"
+        log.requestheaders(flow)
+    log.record(unreadable)
+    log.record(unreadable)  # a second record of the same flow adds no row
+    monkeypatch.undo()
+    log.done()  # the flow still open is logged as cut off by the shutdown
+    rows = {r["account"]: r for r in open_db(tmp_path / "log.db")["requests"].rows}
+    assert len(rows) == 2
+    assert (rows["a"]["error"], rows["a"]["client"], rows["a"]["attempts"]) == ("claudeflare: flow unreadable", "laptop", 0)
+    assert (rows["b"]["error"], rows["b"]["model"], rows["b"]["status"]) == ("proxy shut down", MODEL, None)
