@@ -41,8 +41,8 @@ def refresher(home, token_url):
     return TokenRefresher(home, OAuthSettings(token_url=token_url))
 
 
-def fresh(refresher, credential, rejected=None):
-    return asyncio.run(refresher.fresh(NAME, credential, rejected))
+def fresh(tokens, credential, rejected=None):
+    return asyncio.run(tokens.fresh(NAME, credential, rejected))
 
 
 def test_many_waiters_share_one_refresh_and_the_rotated_tokens_are_stored_first(fake, home):
