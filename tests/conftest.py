@@ -1,10 +1,27 @@
-import hashlib
-import sqlite3
-import time
+import subprocess
 
 import pytest
 from fake_anthropic import FakeAnthropic
-from harness import add_account, claudeflare_proxy
+from harness import claudeflare_proxy
+
+E2E_FIXTURES = {"start_proxy"}  # fixtures that start a process
+
+
+def pytest_collection_modifyitems(items):
+    """Mark `e2e` every test that starts a process: by its file's name or its fixtures (others say so
+    themselves), so that `pytest -m "not e2e"` runs the fast tests alone."""
+    for item in items:
+        if item.path.name.endswith("_e2e.py") or E2E_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(autouse=True)
+def fast_tests_start_no_process(request, monkeypatch):
+    """A test not marked `e2e` that starts a process fails, rather than slow down `-m "not e2e"`."""
+    if request.node.get_closest_marker("e2e") is None:
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"{request.node.nodeid} starts a process: mark it `e2e`")
+        monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
 
 
 @pytest.fixture(scope="session")
@@ -37,43 +54,3 @@ def start_proxy(tmp_path, fake):
     yield start
     for proxy in started:
         proxy.stop()
-
-
-def db_rows(home, where="1=1", expect=None, timeout=10.0):
-    """Rows of the flow log, waiting (bounded) until `expect` rows are there."""
-    path = home / "claudeflare.db"
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = []
-        if path.exists():
-            conn = sqlite3.connect(path)
-            conn.row_factory = sqlite3.Row
-            try:
-                rows = [dict(r) for r in conn.execute(f"select * from requests where {where} order by started_at")]
-            except sqlite3.OperationalError:
-                pass
-            finally:
-                conn.close()
-        if expect is None or len(rows) >= expect or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.05)
-
-
-def wait_until(predicate, timeout=5.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
-
-
-def key_for(name):
-    return f"sk-ant-api03-{name}-" + hashlib.sha256(name.encode()).hexdigest()[:24]
-
-
-def api_key_accounts(fake, home, *specs):
-    """specs: (name, tier[, priority]) — enrolled in the proxy and known to the fake."""
-    for name, tier, *priority in specs:
-        fake.add_api_key(key_for(name), account=name)
-        add_account(home, name, "api-key", tier, *priority, api_key=key_for(name))

@@ -1,9 +1,12 @@
-"""Running a real `mitmdump -s addon/claudeflare.py` for end-to-end tests and benchmarks."""
+"""Helpers for the tests and benchmarks: running a real `mitmdump -s addon/claudeflare.py`, enrolling
+accounts, reading its flow log."""
 
+import hashlib
 import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -110,3 +113,43 @@ def claudeflare_proxy(home: Path, upstream: str, log: Path, *extra: str, env: di
         log=log,
         env=env,
     )
+
+
+def db_rows(home, where="1=1", expect=None, timeout=10.0):
+    """Rows of the flow log, waiting (bounded) until `expect` rows are there."""
+    path = home / "claudeflare.db"
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = []
+        if path.exists():
+            conn = sqlite3.connect(path)
+            conn.row_factory = sqlite3.Row
+            try:
+                rows = [dict(r) for r in conn.execute(f"select * from requests where {where} order by started_at")]
+            except sqlite3.OperationalError:
+                pass
+            finally:
+                conn.close()
+        if expect is None or len(rows) >= expect or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)
+
+
+def wait_until(predicate, timeout=5.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def key_for(name):
+    return f"sk-ant-api03-{name}-" + hashlib.sha256(name.encode()).hexdigest()[:24]
+
+
+def api_key_accounts(fake, home, *specs):
+    """specs: (name, tier[, priority]) — enrolled in the proxy and known to the fake."""
+    for name, tier, *priority in specs:
+        fake.add_api_key(key_for(name), account=name)
+        add_account(home, name, "api-key", tier, *priority, api_key=key_for(name))

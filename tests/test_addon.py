@@ -10,8 +10,7 @@ from harness import add_account
 
 
 @pytest.fixture
-def addon(tmp_path):
-    home = tmp_path / "home"
+def addon(home):
     add_account(home, "a", "api-key", api_key="sk-ant-api03-aaaaaaaaaaaa")
     by_type = {type(a).__name__: a for a in addons()}  # whatever other addons the list holds
     gate, claudeflare, recorder = by_type["ClientGate"], by_type["Claudeflare"], by_type["Recorder"]

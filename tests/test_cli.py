@@ -18,11 +18,6 @@ KEY = "sk-ant-api03-" + "k" * 40
 
 
 @pytest.fixture
-def home(tmp_path):
-    return tmp_path / "home"
-
-
-@pytest.fixture
 def run(home):
     runner = CliRunner()
 

@@ -67,11 +67,6 @@ RECENT = [r for r in ROWS if r["id"] != "r5"]
 
 
 @pytest.fixture
-def home(tmp_path):
-    return tmp_path / "home"
-
-
-@pytest.fixture
 def db_path(home):
     db = open_db(home / "claudeflare.db")
     db["requests"].insert_all(ROWS)

@@ -19,8 +19,7 @@ import aiohttp
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import db_rows
-from harness import CLAUDE_CODE_SYSTEM, add_account, free_port, wait_for_port
+from harness import CLAUDE_CODE_SYSTEM, add_account, db_rows, free_port, wait_for_port
 
 from claudeflare.accounts import load_accounts
 from claudeflare.cli import cli

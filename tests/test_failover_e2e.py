@@ -6,8 +6,7 @@ from collections import Counter
 
 import anthropic
 import requests
-from conftest import db_rows, wait_until
-from harness import CLAUDE_CODE_SYSTEM, add_account
+from harness import CLAUDE_CODE_SYSTEM, add_account, db_rows, wait_until
 
 from claudeflare.flowlog import query_readonly
 

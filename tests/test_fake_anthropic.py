@@ -291,6 +291,7 @@ def test_many_concurrent_slow_streams(fake):
     assert stats["by_status"] == {200: 500} and stats["max_in_flight"] > 100 and stats["output_tokens"] == 5000
 
 
+@pytest.mark.e2e
 def test_standalone_process_and_http_control(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"api_keys": {"sk-from-config": "cfg"}}))

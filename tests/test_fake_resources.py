@@ -3,7 +3,7 @@
 import time
 
 import requests
-from conftest import key_for
+from harness import key_for
 
 FILES_BETA = "files-api-2025-04-14"
 

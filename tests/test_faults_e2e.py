@@ -14,9 +14,8 @@ from contextlib import contextmanager
 
 import pytest
 import requests
-from conftest import api_key_accounts, db_rows, key_for, wait_until
 from fake_anthropic import FakeAnthropic
-from harness import free_port
+from harness import api_key_accounts, db_rows, free_port, key_for, wait_until
 
 MODEL = "claude-sonnet-4-6"
 FAST_RETRY = ("--set", "claudeflare_retry_delay_ms=50", "--set", "claudeflare_retry_backoff=2")

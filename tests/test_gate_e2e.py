@@ -16,8 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 from click.testing import CliRunner
-from conftest import api_key_accounts, db_rows, key_for
-from harness import free_port
+from harness import api_key_accounts, db_rows, free_port
 
 from claudeflare.cli import cli
 

@@ -13,8 +13,7 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from conftest import api_key_accounts, db_rows, key_for
-from harness import add_account, claudeflare_proxy
+from harness import add_account, api_key_accounts, claudeflare_proxy, db_rows, key_for
 
 from claudeflare.accounts import AccountsError, check_name, load_accounts
 from claudeflare.cli import cli
@@ -25,10 +24,9 @@ MODEL = "claude-sonnet-4-6"
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
-def test_names_that_could_inject_headers_or_paths_are_refused(name, tmp_path):
+def test_names_that_could_inject_headers_or_paths_are_refused(name, home):
     with pytest.raises(AccountsError, match="invalid name"):
         check_name(name)
-    home = tmp_path / "home"
     runner = CliRunner()
     for args in (["add", name, "--mode", "api-key"], ["client-key", "create", name]):
         result = runner.invoke(cli, ["--home", str(home), *args], input=key_for("x") + "\n")
@@ -84,6 +82,7 @@ def test_junk_client_keys_get_401_and_the_proxy_serves_on(fake, home, start_prox
     assert fake.requests == []
 
 
+@pytest.mark.e2e
 def test_home_that_is_a_file_or_writable_by_others_is_refused(tmp_path, fake):
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("x")
@@ -169,8 +168,7 @@ def test_one_hostile_request_cannot_silence_the_flow_log(fake, home, start_proxy
     assert "Traceback" not in proxy.output()
 
 
-def test_priorities_beyond_sqlite_are_refused(tmp_path):
-    home = tmp_path / "home"
+def test_priorities_beyond_sqlite_are_refused(home):
     runner = CliRunner()
     runner.invoke(cli, ["--home", str(home), "add", "a", "--mode", "api-key"], input=key_for("a") + "\n", catch_exceptions=False)
     for args in (["set", "a", "--priority", "99999999999999999999"], ["add", "b", "--mode", "api-key", "--priority", "-10000000"]):
@@ -188,8 +186,9 @@ def test_priorities_beyond_sqlite_are_refused(tmp_path):
         assert result.exit_code == 2 and "use 30m, 24h, 7d" in result.output
 
 
-def test_a_retention_period_past_the_calendar_is_refused_at_start(tmp_path, fake):
-    proxy = claudeflare_proxy(tmp_path / "home", fake.url, tmp_path / "proxy.log", "--set", "claudeflare_keep_days=99999999999")
+@pytest.mark.e2e
+def test_a_retention_period_past_the_calendar_is_refused_at_start(tmp_path, home, fake):
+    proxy = claudeflare_proxy(home, fake.url, tmp_path / "proxy.log", "--set", "claudeflare_keep_days=99999999999")
     try:
         proxy.start(timeout=20)  # mitmdump may bind its port before it reports the error and exits
     except RuntimeError:

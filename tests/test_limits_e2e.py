@@ -11,8 +11,7 @@ import time
 import psutil
 import pytest
 from click.testing import CliRunner
-from conftest import api_key_accounts, db_rows, wait_until
-from harness import claudeflare_proxy
+from harness import api_key_accounts, claudeflare_proxy, db_rows, wait_until
 
 from claudeflare.cli import cli
 

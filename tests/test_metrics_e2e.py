@@ -5,8 +5,7 @@ import time
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import api_key_accounts, db_rows, key_for, wait_until
-from harness import free_port
+from harness import api_key_accounts, db_rows, free_port, key_for, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from claudeflare.cli import cli

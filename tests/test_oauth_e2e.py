@@ -11,8 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import db_rows, wait_until
-from harness import CLAUDE_CODE_SYSTEM, add_account, claudeflare_proxy, free_port
+from harness import CLAUDE_CODE_SYSTEM, add_account, claudeflare_proxy, db_rows, free_port, wait_until
 
 from claudeflare import oauth
 from claudeflare.cli import cli

@@ -9,8 +9,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import wait_until
-from harness import CLAUDE_CODE_SYSTEM, add_account
+from harness import CLAUDE_CODE_SYSTEM, add_account, wait_until
 from mitmproxy.test import taddons
 from test_oauth_e2e import enrol_oauth
 

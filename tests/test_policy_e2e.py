@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import api_key_accounts, db_rows, wait_until
 from fake_anthropic import expected_text
-from harness import CLAUDE_CODE_SYSTEM, ROOT, add_account
+from harness import CLAUDE_CODE_SYSTEM, ROOT, add_account, api_key_accounts, db_rows, wait_until
 
 from claudeflare.cli import cli
 from claudeflare.credentials import Credential, CredentialStore

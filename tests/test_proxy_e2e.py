@@ -8,8 +8,7 @@ import anthropic
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import api_key_accounts, db_rows, key_for, wait_until
-from harness import CLAUDE_CODE_SYSTEM, add_account
+from harness import CLAUDE_CODE_SYSTEM, add_account, api_key_accounts, db_rows, key_for, wait_until
 
 from claudeflare.cli import cli
 from claudeflare.pricing import cost_usd

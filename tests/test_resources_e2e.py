@@ -8,8 +8,7 @@ import time
 import anthropic
 import requests
 from click.testing import CliRunner
-from conftest import api_key_accounts, db_rows, key_for, wait_until
-from harness import add_account
+from harness import add_account, api_key_accounts, db_rows, key_for, wait_until
 
 from claudeflare.cli import cli
 

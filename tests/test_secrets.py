@@ -14,10 +14,10 @@ from secrets import token_hex
 from urllib.parse import urljoin, urlsplit
 
 import psutil
+import pytest
 import requests
 from click.testing import CliRunner
-from conftest import db_rows, key_for, wait_until
-from harness import ADDON, CLAUDE_CODE_SYSTEM, MITMDUMP, add_account, claudeflare_proxy, free_port, wait_for_port
+from harness import ADDON, CLAUDE_CODE_SYSTEM, MITMDUMP, add_account, claudeflare_proxy, db_rows, free_port, key_for, wait_for_port, wait_until
 from mitmproxy import io
 
 from claudeflare.cli import cli
@@ -27,6 +27,8 @@ CLAUDEFLARE = Path(sys.executable).parent / "claudeflare"
 MITMWEB = Path(sys.executable).parent / "mitmweb"
 MODEL = "claude-sonnet-4-6"
 PRIVATE_FILES = {"credentials.json"}  # where the secrets belong
+
+pytestmark = pytest.mark.e2e  # every test here starts mitmdump or mitmweb
 
 
 def traffic(proxy, client_key: str) -> int:

@@ -7,8 +7,7 @@ import threading
 import time
 
 import requests
-from conftest import api_key_accounts
-from harness import claudeflare_proxy
+from harness import api_key_accounts, claudeflare_proxy
 
 MODEL = "claude-sonnet-4-6"
 CLIENTS = 20

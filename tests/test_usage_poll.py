@@ -8,8 +8,7 @@ from datetime import UTC, datetime
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import api_key_accounts, wait_until
-from harness import CLAUDE_CODE_SYSTEM, add_account
+from harness import CLAUDE_CODE_SYSTEM, add_account, api_key_accounts, wait_until
 
 from mitmproxy import exceptions
 from mitmproxy.test import taddons

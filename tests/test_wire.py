@@ -9,8 +9,7 @@ import ssl
 import h2.connection
 import h2.events
 import pytest
-from conftest import key_for
-from harness import Mitmdump, add_account
+from harness import Mitmdump, add_account, key_for
 from mitmproxy import http, io
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy import commands
