@@ -17,7 +17,7 @@ import pytest
 
 from harness import ROOT, free_port, wait_for_port
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.e2e]  # builds and installs a wheel, runs the dashboard
 
 METADATA = "datasette-metadata.yml"
 PLUGINS = ("claudeflare_dashboard.py", "claudeflare_login.py")
