@@ -22,6 +22,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from . import resources
 from .accounts import Account, Pool, PoolWatcher
+from .alerts import Alerts
 from .balancer import Balancer
 from .config import (
     HomeError,
@@ -592,8 +593,9 @@ def client_headers(request: http.Request, state: FlowState) -> http.Headers:
 
 def addons() -> list:
     """Fresh instances, in hook order: the gate first, routing and failover before recording, and
-    connection limits last, so that they see any refusal made in `requestheaders`."""
+    connection limits after them, so that they see any refusal made in `requestheaders`; alerts,
+    which watch account states and touch no flow, anywhere."""
     states = FlowStates()
     recorder = Recorder(states)
     claudeflare = Claudeflare(recorder, states)
-    return [ClientGate(claudeflare, states), claudeflare, recorder, ConnectionLimits()]
+    return [ClientGate(claudeflare, states), claudeflare, recorder, ConnectionLimits(), Alerts(claudeflare)]
