@@ -62,12 +62,22 @@ class Silent:
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
         self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
 
     def url(self, path: str = "/hook") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
+
+    def accept(self, timeout: float = 10.0) -> socket.socket:
+        """Wait for a sender to connect; the connection is kept open, unanswered."""
+        self.sock.settimeout(timeout)
+        conn, _ = self.sock.accept()
+        self.held.append(conn)
+        return conn
 
     def __enter__(self) -> "Silent":
         return self
 
     def __exit__(self, *exc) -> None:
+        for conn in self.held:
+            conn.close()
         self.sock.close()
