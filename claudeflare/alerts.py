@@ -91,10 +91,10 @@ def check_url(url) -> None:
         or parts.scheme not in ("http", "https")
         or not parts.hostname
         or len(url) > MAX_URL
-        or not url.isprintable()
+        or not (url.isascii() and url.isprintable())
         or " " in url
     ):
-        raise ValueError(f"[alerts]: 'url' must be an http:// or https:// URL with a host (at most {MAX_URL} printable characters, no spaces)")
+        raise ValueError(f"[alerts]: 'url' must be an http:// or https:// URL with a host (at most {MAX_URL} printable ASCII characters, no spaces)")
 
 
 # --- events --------------------------------------------------------------------------------------

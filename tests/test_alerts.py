@@ -38,6 +38,7 @@ def test_alerts_table_takes_slack_format_and_a_subset_of_events():
     ('url = "https:///XXXXSECRETXXXX"', "'url' must be an http:// or https:// URL"),
     ('url = "http://example.com:99999/XXXXSECRETXXXX"', "'url' must be an http:// or https:// URL"),
     ('url = "http://example.com/a\\nXXXXSECRETXXXX"', "'url' must be an http:// or https:// URL"),
+    ('url = "http://example.com/é/XXXXSECRETXXXX"', "'url' must be an http:// or https:// URL"),
     ('format = "slack"', "'url' is required"),
     ('url = "https://example.com/XXXXSECRETXXXX"\nformat = "teams"', "'format' must be one of generic, slack"),
     ('url = "https://example.com/XXXXSECRETXXXX"\nevents = ["limited", "on-fire"]', "unknown event(s) 'on-fire'"),
