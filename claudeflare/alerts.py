@@ -15,6 +15,7 @@ shown. Payloads are built from names and states; anything shaped like an Anthrop
 
 import asyncio
 import base64
+import contextlib
 import http.client
 import json
 import logging
@@ -265,13 +266,17 @@ class Sender:
         return True
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while True:
             try:
-                config, body = self._queue.get(timeout=0.5)
+                item = self._queue.get(timeout=0.5)
             except queue.Empty:
+                if self._stop.is_set():
+                    return
                 continue
+            if item is None:  # stop(): what was queued before it has had one try each
+                return
             try:
-                self._send(config, body)
+                self._send(*item)
             except Exception:  # the thread must outlive any surprise
                 logger.exception("claudeflare: sending an alert failed")
 
@@ -280,15 +285,18 @@ class Sender:
             why = deliver(config, body, self.post)
             if why is None:
                 return
-            if why.startswith("HTTP 4") and why != "HTTP 429":
-                break  # the receiver refuses it: asking again won't help
+            if why.startswith("HTTP ") and not why.startswith(("HTTP 5", "HTTP 429")):
+                break  # the receiver refuses it (or redirects, which a webhook should not): asking again won't help
             if attempt + 1 < self.tries and self._stop.wait(self.delay * 2**attempt):
                 break
         logger.warning("claudeflare: alert %r to %s not delivered (%d tries): %s",
                        body.get("event", "alert"), config.host, attempt + 1, why)
 
     def stop(self, timeout: float = 2.0) -> None:
+        """Pending alerts get one try each, within `timeout`; retries stop at once."""
         self._stop.set()
+        with contextlib.suppress(queue.Full):  # a full queue: the worker sees the flag once it is empty
+            self._queue.put_nowait(None)
         if self._thread:
             self._thread.join(timeout)
 
@@ -318,7 +326,9 @@ class Alerts:
 
     @property
     def config(self) -> AlertsConfig | None:
-        return self.claudeflare.pool.alerts
+        # The watcher's latest pool, read as is: notify() may be called from any thread.
+        watcher = self.claudeflare.watcher
+        return watcher.pool.alerts if watcher else None
 
     async def watch(self, every: float = 1.0) -> None:
         failed = None

@@ -1,6 +1,8 @@
 """Alerts without a proxy: the [alerts] table, event detection over snapshots, payloads, the sender."""
 
 import logging
+import time
+from types import SimpleNamespace
 
 import pytest
 from alert_receiver import AlertReceiver
@@ -180,8 +182,10 @@ def test_sender_gives_up_after_its_tries_and_says_so_by_host_only(caplog):
     assert "SECRET" not in caplog.text
 
 
-def test_sender_does_not_retry_a_refusal(caplog):
+def test_sender_does_not_retry_a_refusal_or_a_redirect():
     assert send(Posts(404)) == 1
+    assert send(Posts(302)) == 1
+    assert send(Posts(429, 200)) == 2
 
 
 def test_a_full_queue_drops_with_one_log_line_and_never_blocks(caplog):
@@ -208,16 +212,23 @@ def test_sender_posts_json_to_a_real_receiver():
 
 
 def test_notify_follows_the_configured_events():
-    class Pool:
-        alerts = AlertsConfig(SECRET_URL, events=frozenset({"budget-100"}))
-
-    class Claudeflare:
-        pool = Pool()
-
-    addon = alerts.Alerts(Claudeflare(), Sender())
+    watcher = SimpleNamespace(pool=SimpleNamespace(alerts=AlertsConfig(SECRET_URL, events=frozenset({"budget-100"}))))
+    addon = alerts.Alerts(SimpleNamespace(watcher=watcher), Sender())
     assert addon.notify("budget-100", client="ci", message="ci is over its budget")
     assert not addon.notify("budget-80", client="ci", message="ci passed 80%")
     with pytest.raises(ValueError):
         addon.notify("budget-90", client="ci", message="?")
-    Claudeflare.pool = type("NoAlerts", (), {"alerts": None})()
+    watcher.pool = SimpleNamespace(alerts=None)
     assert not addon.notify("budget-100", client="ci", message="ci is over its budget")
+
+
+def test_stopping_gives_queued_alerts_one_try_and_returns_at_once():
+    post = Posts(500, 500)
+    sender = Sender(delay=10, post=post)
+    config = AlertsConfig(SECRET_URL)
+    sender.submit(config, {"event": "limited"})
+    sender.submit(config, {"event": "exhausted"})
+    sender.start()
+    start = time.monotonic()
+    sender.stop()
+    assert time.monotonic() - start < 1 and post.calls == 2  # no 10 s wait for a retry

@@ -70,7 +70,7 @@ def test_a_revoked_refresh_token_alerts_needs_login_in_slack_format(fake, home, 
     time.sleep(1.1)  # the access token has expired: the next use needs a refresh, which is refused
     with AlertReceiver() as receiver:
         write_alerts(home, receiver.url(SECRET_PATH), 'format = "slack"', 'events = ["needs-login", "exhausted"]')
-        proxy = start_proxy(home, "--set", f"claudeflare_token_url={fake.url}/v1/oauth/token")
+        proxy = start_proxy(home, "--set", f"claudeflare_token_url={fake.url}/v1/oauth/token", "--set", "termlog_verbosity=debug")
         assert [ask(proxy).status_code for _ in range(6)] == [200] * 6  # alive serves
         (alert,) = receiver.wait(1)
         time.sleep(QUIET)
@@ -78,6 +78,7 @@ def test_a_revoked_refresh_token_alerts_needs_login_in_slack_format(fake, home, 
         assert receiver.bodies() == [alert]
     assert set(alert) == {"text"} and "account dead needs a new log-in" in alert["text"]
     assert tokens["refresh_token"] not in str(receiver.posts) and tokens["access_token"] not in str(receiver.posts)
+    assert "XXXXSECRETPATHXXXX" not in proxy.output()  # not even at debug verbosity
 
 
 def test_a_receiver_that_never_answers_does_not_slow_requests(fake, home, start_proxy):
