@@ -5,9 +5,11 @@ and which `events`. `detect` is a pure function over two successive snapshots of
 effective states (the proxy's status rows, every second), so an event fires once per occurrence,
 not once per request. A `Sender` thread posts them, with retries, off the event loop.
 
-Other addons raise their own events through `Alerts.notify(event, account=None, client=None,
-message=…, **fields)`, e.g. a client key's budget: `notify("budget-80", client="ci", message=…,
-spent_usd=8.1, budget_usd=10)`. It never blocks and returns whether the alert was queued.
+Client keys' budgets: whoever tracks spend sets `Alerts.budgets` to a function returning each
+budgeted client's `BudgetView` (its period, spend and budget) now; `budget_events` then sends
+budget-80 and budget-100 once per period. Other addons may raise an event directly with
+`Alerts.notify(event, account=None, client=None, message=…, **fields)`, which never blocks and
+returns whether the alert was queued.
 
 Webhook URLs are secrets (Slack's carry their key in the path): only the host is ever logged or
 shown. Payloads are built from names and states; anything shaped like an Anthropic key is masked.
@@ -166,6 +168,42 @@ def account_event(name: str, view: AccountView) -> Event:
     return Event("limited", f"Claudeflare: account {name} is rate limited {until}.", name, {"reset": view.limited_until})
 
 
+@dataclass(frozen=True)
+class BudgetView:
+    """A client key's spend in its current budget period."""
+
+    period_start: str
+    spent_usd: float
+    budget_usd: float
+
+    @property
+    def share(self) -> float:
+        return self.spent_usd / self.budget_usd if self.budget_usd > 0 else 0.0  # no budget, nothing to pass
+
+
+BUDGET_SHARES = ((0.8, "budget-80"), (1.0, "budget-100"))
+
+
+def budget_events(before: Mapping[str, BudgetView], after: Mapping[str, BudgetView]) -> list[Event]:
+    """A client's spend passing 80 % and 100 % of its budget: once each per period."""
+    events = []
+    for client, now in after.items():
+        was = before.get(client)
+        earlier = was.share if was and was.period_start == now.period_start else 0.0
+        share = now.share
+        for threshold, event in BUDGET_SHARES:
+            if share >= threshold > earlier:
+                over = "; its requests are refused until the period ends" if threshold >= 1 else ""
+                events.append(Event(
+                    event,
+                    f"Claudeflare: client key {client} has spent ${now.spent_usd:.2f} of its ${now.budget_usd:.2f} budget "
+                    f"({share:.0%}) in the period since {now.period_start}{over}.",
+                    None,
+                    {"client": client, "spent_usd": now.spent_usd, "budget_usd": now.budget_usd, "period_start": now.period_start},
+                ))
+    return events
+
+
 SAMPLES = {
     "needs-login": AccountView("needs-login"),
     "disabled": AccountView("disabled"),
@@ -181,9 +219,8 @@ def sample(event: str) -> Event:
         return detect({}, {"sample-account": SAMPLES["limited"]})[-1]
     if event == "refresh-failing":
         return detect({}, {"sample-account": AccountView("ok", refresh_failures=REFRESH_FAILURES)})[0]
-    share = event.removeprefix("budget-")
-    return Event(event, f"Claudeflare: client sample-client has spent {share}% of its budget (test alert).", None,
-                 {"client": "sample-client"})
+    spent = {"budget-80": 8.0, "budget-100": 10.0}[event]
+    return budget_events({}, {"sample-client": BudgetView("2030-01-01T00:00:00.000Z", spent, 10.0)})[-1]
 
 
 # --- payloads and posting ------------------------------------------------------------------------
@@ -313,6 +350,8 @@ class Alerts:
         self.claudeflare = claudeflare
         self.sender = sender or Sender()
         self.seen: dict[str, AccountView] = {}
+        self.budgets: Callable[[], Mapping[str, BudgetView]] | None = None  # set by the budget tracking
+        self.seen_budgets: Mapping[str, BudgetView] = {}
         self._task: asyncio.Task | None = None
 
     def running(self) -> None:
@@ -346,6 +385,10 @@ class Alerts:
         refresher = self.claudeflare.refresher
         now = snapshot(self.claudeflare.status_rows(), refresher.failures if refresher else {})
         events, self.seen = detect(self.seen, now), now
+        if self.budgets:
+            budgets = self.budgets()
+            events += budget_events(self.seen_budgets, budgets)
+            self.seen_budgets = budgets
         for e in events:
             self.notify(e.event, e.account, message=e.message, **e.fields)
 

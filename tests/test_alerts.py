@@ -119,6 +119,42 @@ def test_refresh_failing_fires_at_the_threshold_once_and_again_after_a_success()
     assert [e.event for e in run(*failing, views(a="ok"), *failing)] == ["refresh-failing", "refresh-failing"]
 
 
+def test_budget_events_fire_once_per_period_at_80_and_100_percent():
+    def spend(*amounts, period="2030-01-01T00:00:00.000Z"):
+        return [{"ci": alerts.BudgetView(period, amount, 10.0)} for amount in amounts]
+
+    events = [(e.event, e.fields["client"], e.fields["spent_usd"]) for e in run_budgets(*spend(1, 7.9, 8, 8.5, 9.9, 10, 12))]
+    assert events == [("budget-80", "ci", 8), ("budget-100", "ci", 10)]
+    assert [e.event for e in run_budgets(*spend(0, 11))] == ["budget-80", "budget-100"]  # both passed in one step
+    next_period = spend(1, 9, period="2030-02-01T00:00:00.000Z")
+    assert [e.event for e in run_budgets(*spend(9, 9), *next_period)] == ["budget-80", "budget-80"]  # a new period
+    assert run_budgets({"free": alerts.BudgetView("2030-01-01T00:00:00.000Z", 5.0, 0.0)}) == []
+    (event,) = run_budgets(*spend(0, 10))[1:]
+    assert "client key ci has spent $10.00 of its $10.00 budget (100%)" in event.message
+
+
+def run_budgets(*snapshots):
+    seen, events = {}, []
+    for snap in snapshots:
+        events += alerts.budget_events(seen, snap)
+        seen = snap
+    return events
+
+
+def test_the_addon_sends_account_and_budget_events_each_once():
+    rows = [{"name": "a", "state": "limited", "limited_until": "2030-01-01T00:00:00.000Z"}, {"name": "b", "state": "ok"}]
+    config = AlertsConfig(SECRET_URL)
+    claudeflare = SimpleNamespace(watcher=SimpleNamespace(pool=SimpleNamespace(alerts=config)), refresher=None,
+                                  status_rows=lambda: rows)
+    sent = []
+    addon = alerts.Alerts(claudeflare, SimpleNamespace(submit=lambda config, body: sent.append(body) or True))
+    addon.budgets = lambda: {"ci": alerts.BudgetView("2030-01-01T00:00:00.000Z", 8.5, 10.0)}
+    for _ in range(3):
+        addon.check()
+    assert [(b["event"], b["account"], b.get("client")) for b in sent] == [("limited", "a", None), ("budget-80", None, "ci")]
+    assert sent[1]["spent_usd"] == 8.5 and sent[1]["budget_usd"] == 10.0
+
+
 def test_every_event_has_a_sample():
     assert [alerts.sample(e).event for e in alerts.EVENTS] == list(alerts.EVENTS)
 
