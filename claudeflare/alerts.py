@@ -12,7 +12,7 @@ budget-80 and budget-100 once per period. Other addons may raise an event direct
 returns whether the alert was queued.
 
 Webhook URLs are secrets (Slack's carry their key in the path): only the host is ever logged or
-shown. Payloads are built from names and states; anything shaped like an Anthropic key is masked.
+shown. Payloads are built from names and states; anything shaped like a key or token is masked.
 """
 
 import asyncio
@@ -41,7 +41,7 @@ BROKEN_STATES = ("needs-login", "disabled", "limited")  # an account entering on
 SERVING_STATES = {"ok", "warning", "overloaded"}  # overloaded: a 529 benches for seconds, Anthropic-wide
 REFRESH_FAILURES = 3  # consecutive failed refreshes (30 s, then 60 s apart) before "refresh-failing"
 MAX_URL = 2048
-SECRET_SHAPE = re.compile(r"sk-ant-[A-Za-z0-9_-]+")
+SECRET_SHAPE = re.compile(r"\b(?:sk-ant-|cfk-)[A-Za-z0-9_-]+")  # Anthropic's keys and tokens, client keys
 
 
 # --- configuration -------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ def sample(event: str) -> Event:
 
 
 def mask(value):
-    return SECRET_SHAPE.sub("sk-ant-…", value) if isinstance(value, str) else value
+    return SECRET_SHAPE.sub("[redacted]", value) if isinstance(value, str) else value
 
 
 def payload(config: AlertsConfig, event: str, message: str, account: str | None = None, client: str | None = None,

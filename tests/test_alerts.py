@@ -177,10 +177,10 @@ def test_slack_payload_is_only_text():
 
 
 def test_a_key_passed_by_a_caller_never_reaches_a_payload():
-    key = "sk-ant-api03-" + "k" * 40
-    for fmt in alerts.FORMATS:
-        body = alerts.payload(AlertsConfig(SECRET_URL, fmt), "budget-100", f"client ci ({key}) is over", client="ci", note=key)
-        assert "k" * 40 not in str(body)
+    for key in ("sk-ant-api03-" + "k" * 40, "sk-ant-ort01-" + "k" * 40, "cfk-" + "k" * 40):
+        for fmt in alerts.FORMATS:
+            body = alerts.payload(AlertsConfig(SECRET_URL, fmt), "budget-100", f"client ci ({key}) is over", client="ci", note=key)
+            assert "k" * 40 not in str(body) and "[redacted]" in str(body)
 
 
 # --- sending -------------------------------------------------------------------------------------
