@@ -352,6 +352,7 @@ class Alerts:
         self.seen: dict[str, AccountView] = {}
         self.budgets: Callable[[], Mapping[str, BudgetView]] | None = None  # set by the budget tracking
         self.seen_budgets: Mapping[str, BudgetView] = {}
+        self.announced: AlertsConfig | None = None
         self._task: asyncio.Task | None = None
 
     def running(self) -> None:
@@ -382,6 +383,7 @@ class Alerts:
             await asyncio.sleep(every)
 
     def check(self) -> None:
+        self.announce(self.config)
         refresher = self.claudeflare.refresher
         now = snapshot(self.claudeflare.status_rows(), refresher.failures if refresher else {})
         events, self.seen = detect(self.seen, now), now
@@ -391,6 +393,16 @@ class Alerts:
             self.seen_budgets = budgets
         for e in events:
             self.notify(e.event, e.account, message=e.message, **e.fields)
+
+    def announce(self, config: AlertsConfig | None) -> None:
+        """One log line when [alerts] changes, naming the host only."""
+        if config != self.announced:
+            if config:
+                logger.info("claudeflare: alerts go to %s (%s format): %s", config.host, config.format,
+                            ", ".join(e for e in EVENTS if e in config.events) or "no events")
+            else:
+                logger.info("claudeflare: alerts off (no [alerts] in accounts.toml)")
+        self.announced = config
 
     def notify(self, event: str, account: str | None = None, client: str | None = None, message: str = "", **fields) -> bool:
         """Queue an alert if `[alerts]` asks for this event; safe from any thread, never blocks."""

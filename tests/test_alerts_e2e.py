@@ -58,6 +58,7 @@ def test_limited_alerts_once_with_its_reset_and_an_exhausted_pool_once(fake, hom
         events = [(b["event"], b["account"]) for b in receiver.bodies()]
     assert sorted(events, key=str) == sorted([("limited", "a"), ("limited", "b"), ("exhausted", None)], key=str)
     assert {path for path, _ in receiver.posts} == {SECRET_PATH}
+    assert f"alerts go to 127.0.0.1:{receiver.port} (generic format): needs-login, disabled, limited," in proxy.output()
     assert "XXXXSECRETPATHXXXX" not in proxy.output()
 
 
