@@ -17,6 +17,7 @@ from pathlib import Path
 import tomlkit
 import tomlkit.exceptions
 
+from .alerts import AlertsConfig, parse_alerts
 from .config import ACCOUNTS_FILE, check_strategy
 from .credentials import Credential, CredentialStore, write_private
 
@@ -60,6 +61,7 @@ class Account:
 class AccountsFile:
     accounts: tuple[Account, ...] = ()
     strategy: str | None = None  # overrides the proxy option while set
+    alerts: AlertsConfig | None = None
 
 
 def parse_accounts(text: str, source: str = ACCOUNTS_FILE) -> AccountsFile:
@@ -76,7 +78,7 @@ def parse_accounts(text: str, source: str = ACCOUNTS_FILE) -> AccountsFile:
             check_strategy(strategy if isinstance(strategy, str) else repr(strategy))
         except ValueError as e:
             raise AccountsError(f"{source}: {e}") from None
-    unknown = set(doc) - {"strategy", "accounts"}
+    unknown = set(doc) - {"strategy", "accounts", "alerts"}
     if unknown:
         raise AccountsError(f"{source}: unknown top-level key(s): {', '.join(sorted(unknown))}")
     tables = doc.get("accounts", [])
@@ -93,7 +95,17 @@ def parse_accounts(text: str, source: str = ACCOUNTS_FILE) -> AccountsFile:
             raise AccountsError(f"{where}: duplicate account name {account.name!r}")
         seen.add(account.name)
         accounts.append(account)
-    return AccountsFile(tuple(accounts), strategy)
+    return AccountsFile(tuple(accounts), strategy, _alerts(doc, text, source))
+
+
+def _alerts(doc: dict, text: str, source: str) -> AlertsConfig | None:
+    if "alerts" not in doc:
+        return None
+    line = next((i for i, line in enumerate(text.splitlines(), 1) if re.match(r"\s*\[\s*alerts\s*\]", line)), None)
+    try:
+        return parse_alerts(doc["alerts"])
+    except ValueError as e:
+        raise AccountsError(f"{source} line {line}: {e}" if line else f"{source}: {e}") from None
 
 
 def _account(table: dict) -> Account:
@@ -201,6 +213,7 @@ class Pool:
     credentials: dict[str, Credential] = field(default_factory=dict)
     client_keys: dict[str, str] = field(default_factory=dict)  # sha256 hex -> client name
     strategy: str | None = None
+    alerts: AlertsConfig | None = None
 
     def stored_credential(self, account: Account) -> Credential | None:
         if account.api_key_env:
@@ -244,7 +257,7 @@ def load_pool(home: Path) -> Pool:
     data = CredentialStore(home).read()
     credentials = {n: Credential.from_json(c) for n, c in data["accounts"].items()}  # shapes checked by read()
     client_keys = {c["sha256"]: n for n, c in data["client_keys"].items()}
-    return Pool(accounts_file.accounts, credentials, client_keys, accounts_file.strategy)
+    return Pool(accounts_file.accounts, credentials, client_keys, accounts_file.strategy, accounts_file.alerts)
 
 
 class PoolWatcher:

@@ -30,7 +30,8 @@ from .accounts import (
     hash_client_key,
     load_accounts,
 )
-from .config import DB_FILE, STRATEGIES, HomeError, check_home, default_strategy, ensure_home, resolve_home
+from . import alerts
+from .config import ACCOUNTS_FILE, DB_FILE, STRATEGIES, HomeError, check_home, default_strategy, ensure_home, resolve_home
 from .credentials import SECRET_RE, Credential, CredentialStore, CredentialStoreError
 from .clock import utc_now
 from .flowlog import open_db
@@ -648,6 +649,27 @@ def dashboard_password(obj: Context) -> None:
         f.write(hash_password(password) + "\n")
     os.replace(tmp, path)
     click.echo(f"dashboard password set (user {DASHBOARD_USER}); restart `claudeflare dashboard` to use it")
+
+
+@cli.group("alerts")
+def alerts_group() -> None:
+    """Webhook alerts: the [alerts] table of accounts.toml."""
+
+
+@alerts_group.command("test")
+@click.option("--event", type=click.Choice(alerts.EVENTS), default="limited", show_default=True, help="Which kind of sample to send.")
+@pass_ctx
+def alerts_test(obj: Context, event: str) -> None:
+    """Post a sample alert to the [alerts] url now, and say whether the receiver took it."""
+    config = load_accounts_or_fail(obj.home).alerts
+    if config is None:
+        raise click.ClickException(f"no [alerts] table in {obj.home / ACCOUNTS_FILE}: add one with url = \"https://…\" (see accounts.example.toml)")
+    sample = alerts.sample(event)
+    body = alerts.payload(config, event, sample.message, sample.account, **sample.fields)
+    why = alerts.deliver(config, body)  # the URL is a secret: only its host is shown
+    if why:
+        raise click.ClickException(f"the {event!r} sample to {config.host} was not delivered: {why}")
+    click.echo(f"sent a sample {event!r} alert to {config.host} ({config.format} format)")
 
 
 def main() -> None:

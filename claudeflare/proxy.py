@@ -22,6 +22,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from . import resources
 from .accounts import Account, Pool, PoolWatcher
+from .alerts import Alerts
 from .balancer import Balancer
 from .config import (
     HomeError,
@@ -594,11 +595,11 @@ def client_headers(request: http.Request, state: FlowState) -> http.Headers:
 
 def addons() -> list:
     """Fresh instances, in hook order: the gate first, then /health (for whom the gate let in),
-    routing and failover before recording, and connection limits last, so that they see any refusal
-    made in `requestheaders`."""
+    routing and failover before recording, and connection limits last of those that touch flows, so
+    that they see any refusal made in `requestheaders`; alerts, which watch account states, after."""
     states = FlowStates()
     recorder = Recorder(states)
     claudeflare = Claudeflare(recorder, states)
     recorder.metrics = metrics = Metrics(claudeflare, recorder)
     return [ClientGate(claudeflare, states), HealthCheck(claudeflare, recorder, states), claudeflare, recorder, metrics,
-            ConnectionLimits()]
+            ConnectionLimits(), Alerts(claudeflare)]

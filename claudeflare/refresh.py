@@ -32,6 +32,7 @@ class TokenRefresher:
         self._latest: dict[str, Credential] = {}
         self._backoff: dict[str, tuple[float, float]] = {}  # name -> (retry at, current delay)
         self.failing: dict[str, str] = {}  # name -> why its refreshes fail for now (shown by `list`)
+        self.failures: dict[str, int] = {}  # name -> refreshes failed in a row, retryably (alerts)
 
     def needs_refresh(self, credential: Credential, rejected: str | None = None) -> bool:
         if credential.api_key or not credential.refresh_token:
@@ -73,7 +74,9 @@ class TokenRefresher:
         if error is None:
             self._backoff.pop(name, None)
             self.failing.pop(name, None)
+            self.failures.pop(name, None)
         elif isinstance(error, OAuthError) and error.retryable:
+            self.failures[name] = self.failures.get(name, 0) + 1
             # Never hammer the token endpoint; a wrong URL is retried as slowly, in case it is fixed.
             delay = min(MAX_BACKOFF, self._backoff.get(name, (0.0, MIN_BACKOFF / 2))[1] * 2)
             self._backoff[name] = (time.time() + delay, delay)
@@ -86,6 +89,7 @@ class TokenRefresher:
                 logger.warning("claudeflare: refreshing %s failed, retrying in %.0fs: %s", name, delay, error)
         else:
             self.failing.pop(name, None)
+            self.failures.pop(name, None)
             logger.error("claudeflare: %s needs a new log-in (`claudeflare login %s`): %s", name, name, error)
 
     def refresh_sync(self, name: str, rejected: str | None = None) -> Credential:
