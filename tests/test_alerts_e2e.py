@@ -6,8 +6,7 @@ from datetime import datetime
 import requests
 from alert_receiver import AlertReceiver, Silent
 from click.testing import CliRunner
-from conftest import api_key_accounts
-from harness import CLAUDE_CODE_SYSTEM, add_account, free_port
+from harness import CLAUDE_CODE_SYSTEM, add_account, api_key_accounts, free_port
 
 from claudeflare.cli import cli
 
