@@ -42,6 +42,7 @@ from .flows import (
     inject_credential,
     install_anthropic_error_pages,
 )
+from .client_limits import ClientLimits
 from .gate import ClientGate
 from .limits import ConnectionLimits
 from .oauth import OAuthSettings
@@ -591,9 +592,9 @@ def client_headers(request: http.Request, state: FlowState) -> http.Headers:
 
 
 def addons() -> list:
-    """Fresh instances, in hook order: the gate first, routing and failover before recording, and
-    connection limits last, so that they see any refusal made in `requestheaders`."""
+    """Fresh instances, in hook order: the gate first, then the client's limits, routing and failover
+    before recording, and connection limits last, so that they see any refusal made in `requestheaders`."""
     states = FlowStates()
     recorder = Recorder(states)
     claudeflare = Claudeflare(recorder, states)
-    return [ClientGate(claudeflare, states), claudeflare, recorder, ConnectionLimits()]
+    return [ClientGate(claudeflare, states), ClientLimits(claudeflare, states), claudeflare, recorder, ConnectionLimits()]
