@@ -1,11 +1,13 @@
 """The ClientLimits addon: each pool flow's client held to its key's limits (client_rules.py),
 right after the ClientGate has named the client.
 
-Expiry, budget, concurrency and requests per minute are decided on the request head (a refused
-body is never read), the model allow-list once the body is in. Each check is a dict lookup or two:
+Expiry, budget, concurrency and requests per minute are decided on the request head, the model
+allow-list once the body is in (every "model" the JSON names, parsed as upstream would). Each check is a dict lookup or two:
 spend comes from the flow log's SpendCounter, summed on the writer thread.
 """
 
+import asyncio
+import logging
 import math
 import time
 from collections import Counter
@@ -16,6 +18,10 @@ from .client_rules import Limits, SpendCounter, iso_z, model_refused, named_mode
 from .flows import FlowStates, error_response
 from .offloop import off_loop
 
+logger = logging.getLogger(__name__)
+
+SPEND_WAIT = 3.0  # seconds a request waits for its client's spend to be summed at first
+
 
 def refuse(status: int, kind: str, message: str, retry_after: float | None = None) -> http.Response:
     headers = {"retry-after": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
@@ -25,8 +31,8 @@ def refuse(status: int, kind: str, message: str, retry_after: float | None = Non
 class ClientLimits:
     """Checks each pool flow's client against its key's limits, after the ClientGate named the client.
 
-    Expiry, rpm, concurrency and budget are decided on the request head (a refused body is never
-    read); the model allow-list once the body is in. A concurrency slot is released when the flow
+    Expiry, budget, concurrency and requests per minute are decided on the request head; the model
+    allow-list once the body is in. A concurrency slot is released when the flow
     ends, by response or error, in `finish`."""
 
     def __init__(self, claudeflare, states: FlowStates) -> None:
@@ -47,16 +53,42 @@ class ClientLimits:
             spend.budgets = pool.client_limits  # the pool changed: what the flow log sums
         return pool.client_limits.get(client) if client else None
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        await self.guarded(flow, self.check_head)
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        await self.guarded(flow, self.check_model)
+
+    async def guarded(self, flow: http.HTTPFlow, check) -> None:
+        """mitmproxy would log a hook's exception and relay the flow unchecked: refuse it instead."""
         state = self.states.get(flow)
         limits = self.limits(state.client) if state and not flow.response else None
         if limits is None:
             return
-        now = time.time()
-        flow.response = self.head_refusal(state.client, limits, now)
+        try:
+            await check(flow, state.client, limits)
+        except Exception:
+            logger.exception("claudeflare: internal error checking a client's limits; the request was refused")
+            flow.response = error_response(500, "api_error", "Claudeflare: internal error; the proxy's log says more.")
+        if flow.response:
+            self.finish(flow)
+
+    async def check_head(self, flow: http.HTTPFlow, client: str, limits: Limits) -> None:
+        if limits.budget_usd is not None:
+            await self.await_spend(client, limits.per)
+        flow.response = self.head_refusal(client, limits, time.time())
         if flow.response is None and limits.concurrency:
-            self.in_flight[state.client] += 1
-            self.holding[state.id] = state.client
+            self.in_flight[client] += 1
+            self.holding[self.states.get(flow).id] = client
+
+    async def check_model(self, flow: http.HTTPFlow, client: str, limits: Limits) -> None:
+        if not limits.models:
+            return
+        if flow.request.headers.get("content-encoding", "identity").lower() != "identity":
+            flow.response = refuse(400, "invalid_request_error", f"client key {client!r} has a model allow-list: send bodies uncompressed.")
+        elif refused := model_refused(await off_loop(named_models, body=flow.request.raw_content or b"") or [], limits.models):
+            flow.response = refuse(403, "permission_error", f"client key {client!r} may not use model {refused[:128]!r}; "
+                                   f"allowed: {', '.join(limits.models)}.")
 
     def head_refusal(self, client: str, limits: Limits, now: float) -> http.Response | None:
         expires = limits.expires_epoch
@@ -84,19 +116,13 @@ class ClientLimits:
             counts[client] += 1
         return None
 
-    async def request(self, flow: http.HTTPFlow) -> None:
-        state = self.states.get(flow)
-        limits = self.limits(state.client) if state and not flow.response else None
-        if limits is None or not limits.models:
-            return
-        body = flow.request.raw_content or b""
-        if flow.request.headers.get("content-encoding", "identity").lower() != "identity":
-            flow.response = refuse(415, "invalid_request_error", f"client key {state.client!r} has a model allow-list: send bodies uncompressed.")
-        elif refused := model_refused(await off_loop(named_models, body=body) or [], limits.models):
-            flow.response = refuse(403, "permission_error", f"client key {state.client!r} may not use model {refused!r}; "
-                                   f"allowed: {', '.join(limits.models)}.")
-        if flow.response:
-            self.finish(flow)
+    async def await_spend(self, client: str, per: str) -> None:
+        """A key's budget just came into force (the proxy started, or it was set): the flow log
+        sums its spend within a second; wait for that rather than refuse at once."""
+        for _ in range(int(SPEND_WAIT / 0.05)):
+            if self.spent(client, per, time.time()) is not None:
+                return
+            await asyncio.sleep(0.05)
 
     def spent(self, client: str, per: str, now: float) -> float | None:
         spend = self.spend()
