@@ -183,12 +183,12 @@ class SpendCounter:
         budgets = self.budgets
         return budgets is not self._budgets_summed or (any(b.per for b in budgets.values()) and time.monotonic() >= self._next_sum)
 
-    def chore(self, db, finished: int) -> None:
+    def chore(self, db, finished: int, now: float | None = None) -> None:
         """Sum each budgeted client's rows (all `finished` rows are written) and publish; keep table
         client_limits (the dashboard's) in step."""
         if not self.due():
             return
-        budgets, now = self.budgets, time.time()
+        budgets, now = self.budgets, time.time() if now is None else now
         self._budgets_summed, self._next_sum = budgets, time.monotonic() + self.SUM_EVERY
         starts = period_starts(budgets, now)
         sums = spend_since(db.conn, starts)
