@@ -2,6 +2,7 @@
 allow-list, expiry, budget — and spend counted from the flow log, so it survives a restart."""
 
 import json
+import socket
 import sqlite3
 import threading
 import time
@@ -127,3 +128,15 @@ def test_budget_refuses_once_spent_and_still_after_a_restart(fake, home, start_p
 
     assert wait_until(lambda: round(published().get("ci", (0,))[0], 2) == 0.6)
     assert published()["ci"][1] == 0.5
+
+
+def test_a_client_that_hangs_up_mid_body_gives_its_slot_back(fake, home, start_proxy):
+    api_key_accounts(fake, home, ("a", 1))
+    key = client_key(home, "create", "ci", "--concurrency", "1")
+    proxy = start_proxy(home)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+        s.sendall(f"POST /v1/messages HTTP/1.1\r\nhost: 127.0.0.1:{proxy.port}\r\nx-api-key: {key}\r\n"
+                  "content-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"model\"".encode())
+        time.sleep(0.5)  # the head is in: the slot is taken
+        assert ask(proxy, key).status_code == 429
+    assert wait_until(lambda: ask(proxy, key).status_code == 200, timeout=5)
