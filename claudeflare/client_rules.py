@@ -13,6 +13,7 @@ from 00:00, a week from Monday 00:00, a month from the 1st 00:00.
 """
 
 import fnmatch
+import functools
 import json
 import math
 import re
@@ -47,7 +48,7 @@ class Limits:
     def to_json(self) -> dict:
         return {k: (list(v) if k == "models" else v) for k, v in asdict(self).items() if v not in (None, ())}
 
-    @property
+    @functools.cached_property  # limits are immutable: read once, not on every request
     def expires_epoch(self) -> float | None:
         return parse_when(self.expires_at).timestamp() if self.expires_at else None
 

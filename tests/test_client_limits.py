@@ -127,3 +127,30 @@ def test_the_flow_log_publishes_spend_from_its_writer_thread(tmp_path):
         assert log.spend.spent("ci", "month", time.time()) == pytest.approx(0.75)  # counted once
     finally:
         log.close()
+
+
+def test_client_key_set_changes_and_clears_limits_and_refuses_bad_ones(tmp_path):
+    from click.testing import CliRunner
+
+    from claudeflare.cli import cli
+
+    def run(*args, ok=True):
+        result = CliRunner().invoke(cli, ["--home", str(tmp_path), "client-key", *args])
+        assert (result.exit_code == 0) == ok, result.output
+        return result.output
+
+    def stored():
+        return CredentialStore(tmp_path).read()["client_keys"]["ci"].get("limits")
+
+    run("create", "ci", "--budget-usd", "5", "--per", "day", "--rpm", "10")
+    run("set", "ci", "--budget-usd", "7.5")  # the period stays
+    assert stored() == {"budget_usd": 7.5, "per": "day", "rpm": 10}
+    run("set", "ci", "--clear", "budget", "--models", "claude-haiku-*")
+    assert stored() == {"rpm": 10, "models": ["claude-haiku-*"]}
+    assert "budget needs both" in run("set", "ci", "--budget-usd", "3", ok=False)  # no period to keep
+    assert "rpm must be a whole number" in run("set", "ci", "--rpm", "0", ok=False)
+    assert "expiry must be an ISO date" in run("create", "x", "--expires", "tomorrow", ok=False)
+    assert stored() == {"rpm": 10, "models": ["claude-haiku-*"]}  # a refused change changes nothing
+    run("set", "ci", "--clear", "rpm", "--clear", "models")
+    assert stored() is None
+    assert "no client key named 'nope'" in run("set", "nope", "--rpm", "1", ok=False)
