@@ -239,18 +239,21 @@ def budget_rows(budgets: dict[str, Limits], spend: dict[str, float], now: float)
 
 
 def named_models(body: bytes, yielding: bool = False) -> list[str] | None:
-    """Every string under a "model" key anywhere in a JSON body (duplicates and escapes decoded, as
-    any JSON parser upstream would see them; batches name one per request). None: not JSON."""
+    """Every string under a "model" key anywhere in a JSON body, as a lenient parser upstream could
+    read it: escapes decoded, duplicate keys all counted, bad UTF-8 replaced, control characters and
+    numbers of any length taken (a batch names one model per request). None: not JSON (a file
+    upload). The hook makes the parse yielding (offloop.py) whatever `yielding` says."""
     found: list[str] = []
 
     def pairs(items):
         for k, v in items:
             if k == "model":
-                found.append(v if isinstance(v, str) else json.dumps(v)[:64])
-        return dict(items)
+                found.append(v if isinstance(v, str) else f"<{type(v).__name__}>")
+        return None  # nothing of the document is kept
 
     try:
-        json.loads(body, object_pairs_hook=pairs)
+        json.loads(body.decode("utf-8", "replace"), object_pairs_hook=pairs, strict=False,
+                   parse_int=len, parse_float=len, parse_constant=len)
     except (ValueError, RecursionError):
         return None
     return found
