@@ -13,7 +13,7 @@ from harness import add_account
 def addon(tmp_path):
     home = tmp_path / "home"
     add_account(home, "a", "api-key", api_key="sk-ant-api03-aaaaaaaaaaaa")
-    gate, claudeflare, recorder, _ = addons()
+    gate, _, claudeflare, recorder, _ = addons()
     with taddons.context(gate, claudeflare, recorder) as tctx:
         tctx.configure(claudeflare, claudeflare_home=str(home), claudeflare_upstream="http://127.0.0.1:9")
         tctx.configure(recorder, claudeflare_home=str(home))
