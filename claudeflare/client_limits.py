@@ -2,8 +2,9 @@
 right after the ClientGate has named the client.
 
 Expiry, budget, concurrency and requests per minute are decided on the request head, the model
-allow-list once the body is in (every "model" the JSON names, parsed as upstream would). Each check is a dict lookup or two:
-spend comes from the flow log's SpendCounter, summed on the writer thread.
+allow-list once the body is in (every "model" the JSON names, parsed as upstream could). Each head
+check is a dict lookup or two: spend comes from the flow log's SpendCounter, summed on its writer
+thread. A refusal is a row in the flow log under the client's name, like any answered request.
 """
 
 import asyncio
