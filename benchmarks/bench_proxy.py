@@ -30,6 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from harness import Mitmdump, add_account, wait_for_port  # noqa: E402
 
+from claudeflare.accounts import hash_client_key  # noqa: E402
+from claudeflare.credentials import CredentialStore  # noqa: E402
+
 KEY = "sk-ant-api03-benchmark-" + "b" * 32
 FIRST_KEY = "sk-ant-api03-benchmark-first-" + "f" * 26
 BODY = {"model": "claude-sonnet-4-5-20250929", "max_tokens": 4096, "stream": True,
@@ -115,6 +118,9 @@ def main() -> int:
         fake, upstream = start_fake(tmp)
         home = tmp / "home"
         add_account(home, "bench", "api-key", 1, api_key=KEY)
+        # The client's key is a client key with every limit, none of them reached: the checks are on the path.
+        limits = {"budget_usd": 1e6, "per": "day", "rpm": 10**6, "concurrency": 10**5, "models": ["claude-*"], "expires_at": "2999-01-01T00:00:00Z"}
+        CredentialStore(home).update(lambda d: d["client_keys"].__setitem__("bench", {"sha256": hash_client_key(KEY), "limits": limits}))
         quiet = ("--set", "flow_detail=0")
         # The bare proxy streams bodies too (stream_large_bodies=1), so both forward SSE as it comes.
         bare = Mitmdump("--mode", f"reverse:{upstream}", "--set", "stream_large_bodies=1", *quiet,

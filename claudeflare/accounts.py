@@ -18,6 +18,7 @@ import tomlkit
 import tomlkit.exceptions
 
 from .alerts import AlertsConfig, parse_alerts
+from .client_rules import Limits, parse_limits
 from .config import ACCOUNTS_FILE, check_strategy
 from .credentials import Credential, CredentialStore, write_private
 
@@ -214,6 +215,7 @@ class Pool:
     client_keys: dict[str, str] = field(default_factory=dict)  # sha256 hex -> client name
     strategy: str | None = None
     alerts: AlertsConfig | None = None
+    client_limits: dict[str, Limits] = field(default_factory=dict)  # client name -> its key's limits, if any
 
     def stored_credential(self, account: Account) -> Credential | None:
         if account.api_key_env:
@@ -257,7 +259,8 @@ def load_pool(home: Path) -> Pool:
     data = CredentialStore(home).read()
     credentials = {n: Credential.from_json(c) for n, c in data["accounts"].items()}  # shapes checked by read()
     client_keys = {c["sha256"]: n for n, c in data["client_keys"].items()}
-    return Pool(accounts_file.accounts, credentials, client_keys, accounts_file.strategy, accounts_file.alerts)
+    client_limits = {n: parse_limits(c["limits"]) for n, c in data["client_keys"].items() if c.get("limits")}
+    return Pool(accounts_file.accounts, credentials, client_keys, accounts_file.strategy, accounts_file.alerts, client_limits)
 
 
 class PoolWatcher:

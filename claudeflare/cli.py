@@ -31,6 +31,7 @@ from .accounts import (
     load_accounts,
 )
 from . import alerts
+from .client_rules import PERIODS, SPEND_SQL, LimitsError, budget_rows, parse_limits, period_starts
 from .config import ACCOUNTS_FILE, DB_FILE, STRATEGIES, HomeError, check_home, default_strategy, ensure_home, resolve_home
 from .credentials import SECRET_RE, Credential, CredentialStore, CredentialStoreError
 from .clock import utc_now
@@ -502,13 +503,50 @@ def clear_history(obj: Context, before: str | None, yes: bool) -> None:
 
 @cli.group("client-key")
 def client_key() -> None:
-    """Keys the proxy's own clients must present (required for clients beyond loopback)."""
+    """Keys the proxy's own clients must present (required for clients beyond loopback), with optional limits."""
+
+
+def limit_options(command):
+    """The limits `client-key create` and `set` take (client_rules.py checks them)."""
+    for option in reversed([
+        click.option("--budget-usd", type=float, help="Spend cap in USD at list price, per --per period (UTC)."),
+        click.option("--per", type=click.Choice(PERIODS), help="Budget period: day, week (from Monday) or month, in UTC."),
+        click.option("--rpm", type=int, help="Requests per minute (per UTC minute)."),
+        click.option("--concurrency", type=int, help="Requests in flight at once."),
+        click.option("--models", help="Allowed models, glob patterns separated by commas (e.g. 'claude-sonnet-*')."),
+        click.option("--expires", help="Expiry: an ISO date (its 00:00 UTC) or date and time (UTC unless it names a zone)."),
+    ]):
+        command = option(command)
+    return command
+
+
+CLEARS = {"budget": ("budget_usd", "per"), "rpm": ("rpm",), "concurrency": ("concurrency",), "models": ("models",),
+          "expires": ("expires_at",)}  # `client-key set --clear LIMIT`: the stored fields it removes
+
+
+def with_limits(raw: dict, budget_usd, per, rpm, concurrency, models, expires, clear=()) -> dict:
+    """`raw` (a key's stored limits) changed as the options say, checked; {} when none are left."""
+    dropped = {field for limit in clear for field in CLEARS[limit]}
+    changed = {k: v for k, v in raw.items() if k not in dropped}
+    given = {"budget_usd": budget_usd, "per": per, "rpm": rpm, "concurrency": concurrency, "models": models, "expires_at": expires}
+    changed.update({k: v for k, v in given.items() if v is not None})
+    try:
+        return parse_limits(changed).to_json()
+    except LimitsError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def stored_key(data: dict, name: str) -> dict:
+    if name not in data["client_keys"]:
+        raise click.ClickException(f"no client key named {name!r} (see `claudeflare client-key list`)")
+    return data["client_keys"][name]
 
 
 @client_key.command("create")
 @click.argument("name")
+@limit_options
 @pass_ctx
-def client_key_create(obj: Context, name: str) -> None:
+def client_key_create(obj: Context, name: str, **limits) -> None:
     """Create a client key; it is shown once and stored only as a hash.
 
     Example:
@@ -517,31 +555,66 @@ def client_key_create(obj: Context, name: str) -> None:
         claudeflare client-key create laptop > laptop.key
     """
     checked_name(name)
+    checked = with_limits({}, **limits)
     key = "cfk-" + secrets.token_urlsafe(32)
 
     def change(data):
         if name in data["client_keys"]:
             raise click.ClickException(f"a client key named {name!r} already exists")
-        data["client_keys"][name] = {"sha256": hash_client_key(key), "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
+        entry = {"sha256": hash_client_key(key), "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
+        data["client_keys"][name] = {**entry, "limits": checked} if checked else entry
 
     obj.store().update(change)
     click.echo(key)
     click.echo(f"client key {name!r} created; clients send it as x-api-key (ANTHROPIC_API_KEY). It is not shown again.", err=True)
 
 
+@client_key.command("set")
+@click.argument("name")
+@limit_options
+@click.option("--clear", multiple=True, type=click.Choice(list(CLEARS)),
+              help="Remove a limit (repeat for several).")
+@pass_ctx
+def client_key_set(obj: Context, name: str, clear: tuple[str, ...], **limits) -> None:
+    """Change a client key's limits; the running proxy applies them within a second."""
+    def change(data):
+        entry = stored_key(data, name)
+        checked = with_limits(entry.get("limits") or {}, clear=clear, **limits)
+        entry.pop("limits", None)
+        if checked:
+            entry["limits"] = checked
+
+    obj.store().update(change)
+    click.echo(f"client key {name!r} updated")
+
+
 @client_key.command("list")
 @json_option
 @pass_ctx
 def client_key_list(obj: Context, as_json: bool) -> None:
-    """List client keys by name (the keys themselves are not stored)."""
+    """List client keys by name with their limits and spend this period (the keys themselves are not stored)."""
     keys = obj.store().read()["client_keys"]
-    rows = [{"name": n, "created_at": k.get("created_at", "")} for n, k in sorted(keys.items())]
+    budgets = {n: parse_limits(k.get("limits")) for n, k in keys.items()}
+    now = time.time()
+    path = obj.home / DB_FILE
+    spend = {n: query_readonly(path, SPEND_SQL, [n, start])[:1] for n, start in period_starts(budgets, now).items()}
+    limits = {r["name"]: r for r in budget_rows(budgets, {n: r[0]["spend"] if r else 0.0 for n, r in spend.items()}, now)}
+    rows = [{"created_at": k.get("created_at", ""), **limits[n]} for n, k in sorted(keys.items())]
+    rows = [{"name": r.pop("name"), **r} for r in rows]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     elif rows:
-        print_table(rows)
+        print_table([{"name": r["name"], "created_at": r["created_at"], "spend": spend_text(r), "rpm": r["rpm"] or "-",
+                      "concurrency": r["concurrency"] or "-", "models": r["models"] or "any", "expires": r["expires_at"] or "-"}
+                     for r in rows])
     else:
         click.echo("no client keys: the proxy serves loopback clients without one")
+
+
+def spend_text(row: dict) -> str:
+    if row["budget_usd"] is None:
+        return "-"
+    return f"${row['spend_usd']:.2f} of ${row['budget_usd']:.2f}/{row['per']} (resets {row['resets_at']})"
 
 
 @client_key.command("revoke")

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .client_rules import LimitsError, parse_limits
 from .config import CREDENTIALS_FILE
 
 # Secrets go into HTTP headers: printable ASCII without spaces, or one could inject headers.
@@ -137,7 +138,13 @@ def entry_problem(section: str, entry) -> str | None:
     if not isinstance(entry, dict):
         return "must be an object"
     if section == "client_keys":
-        return None if isinstance(entry.get("sha256"), str) else "needs \"sha256\", a string"
+        if not isinstance(entry.get("sha256"), str):
+            return "needs \"sha256\", a string"
+        try:
+            parse_limits(entry.get("limits"))
+        except LimitsError as e:
+            return f"limits: {e}"
+        return None
     expires = entry.get("expires_at")
     if expires is not None and (isinstance(expires, bool) or not isinstance(expires, (int, float)) or not 0 <= expires < 1e11):
         return "\"expires_at\" must be a time in seconds since 1970"

@@ -17,6 +17,7 @@ import sqlite_utils
 from sqlite_utils import Migrations
 
 from . import retention
+from .client_rules import SpendCounter
 from .storable import storable
 from .clock import utc_now
 
@@ -214,6 +215,16 @@ def m009_request_facts(db: sqlite_utils.Database) -> None:
     """)
 
 
+@migrations()
+def m010_client_limits(db: sqlite_utils.Database) -> None:
+    # Each client key's limits and spend this period, from the running proxy (client_rules.SpendCounter).
+    db["client_limits"].create(
+        {"name": str, "budget_usd": float, "per": str, "period_start": str, "resets_at": str, "spend_usd": float,
+         "rpm": int, "concurrency": int, "models": str, "expires_at": str, "updated_at": str},
+        pk="name",
+    )
+
+
 def transient(e: Exception) -> bool:
     """A fault of the database or disk (locked, full, replaced), worth retrying the same rows for;
     anything else is a bad row or a bug, which retrying cannot mend."""
@@ -257,6 +268,8 @@ class FlowLog:
         self._owner_changes: queue.SimpleQueue = queue.SimpleQueue()  # (resource id, account or None to forget, kind, when)
         self._owner_pending: list[tuple] = []  # taken from the queue, not written yet
         self._pending: list[dict] = []  # taken from the queue, not written yet (the writer's own list)
+        self.spend = SpendCounter()  # per budgeted client key, summed here
+        self._dequeued = 0  # rows taken from the queue: the first n rows logged
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="claudeflare-flowlog", daemon=True)
 
@@ -265,6 +278,7 @@ class FlowLog:
         return self
 
     def log(self, row: dict) -> None:
+        self.spend.log(row)
         self._queue.put(row)
 
     @property
@@ -297,7 +311,7 @@ class FlowLog:
             self._drain(pending, wait=not pending and not self._closing.is_set())
             now = time.monotonic()
             chores = self._status is not None or now >= self._next_prune or (self.control and now >= self._next_control)
-            chores = chores or self._owner_pending or not self._owner_changes.empty()
+            chores = chores or self._owner_pending or not self._owner_changes.empty() or self.spend.due()
             if not pending and not chores:
                 if self._closing.is_set() and self._queue.empty():
                     break
@@ -358,7 +372,7 @@ class FlowLog:
 
     def _chores(self, db: sqlite_utils.Database) -> None:
         # Each chore on its own: one failing (a bad value, say) must not starve the others.
-        for chore in (self._write_owners, self._prune, self._publish_status, self._apply_control):
+        for chore in (self._write_owners, self._prune, self._publish_status, self._apply_control, self._sum_spend):
             try:
                 chore(db)
             except Exception as e:
@@ -389,6 +403,9 @@ class FlowLog:
                     result = f"error: {e}"
                 with db.conn:
                     db["control"].update(row["id"], storable({"applied_at": utc_now(), "result": result}))
+
+    def _sum_spend(self, db: sqlite_utils.Database) -> None:
+        self.spend.chore(db, self._dequeued)  # chores run once every row taken is written (or dropped)
 
     def _write_owners(self, db: sqlite_utils.Database) -> None:
         """In the order they were made; kept to retry when the database is unwritable."""
@@ -423,6 +440,7 @@ class FlowLog:
                 return
             if item is not None:
                 pending.append(item)
+                self._dequeued += 1
 
 
 def query_readonly(path: Path, sql: str, params=()) -> list[dict]:

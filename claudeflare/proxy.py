@@ -43,6 +43,7 @@ from .flows import (
     inject_credential,
     install_anthropic_error_pages,
 )
+from .client_limits import ClientLimits
 from .gate import ClientGate
 from .healthcheck import HealthCheck
 from .limits import ConnectionLimits
@@ -594,12 +595,13 @@ def client_headers(request: http.Request, state: FlowState) -> http.Headers:
 
 
 def addons() -> list:
-    """Fresh instances, in hook order: the gate first, then /health (for whom the gate let in),
-    routing and failover before recording, and connection limits last of those that touch flows, so
-    that they see any refusal made in `requestheaders`; alerts, which watch account states, after."""
+    """Fresh instances, in hook order: the gate first, then /health (for whom the gate let in) and
+    the client's limits, routing and failover before recording, and connection limits last of those
+    that touch flows, so that they see any refusal made in `requestheaders`; alerts, which watch
+    account states, after."""
     states = FlowStates()
     recorder = Recorder(states)
     claudeflare = Claudeflare(recorder, states)
     recorder.metrics = metrics = Metrics(claudeflare, recorder)
-    return [ClientGate(claudeflare, states), HealthCheck(claudeflare, recorder, states), claudeflare, recorder, metrics,
-            ConnectionLimits(), Alerts(claudeflare)]
+    return [ClientGate(claudeflare, states), HealthCheck(claudeflare, recorder, states), ClientLimits(claudeflare, states),
+            claudeflare, recorder, metrics, ConnectionLimits(), Alerts(claudeflare)]

@@ -617,3 +617,22 @@ def test_client_split_between_subscriptions_and_keys(serve, db_path):
         assert sum(r["requests"] for r in await chart_rows(ds, cookies, "client-split")) == 4
 
     run(check())
+
+
+def test_client_budgets_show_spend_against_each_budget(serve, db_path):
+    db = sqlite_utils.Database(db_path)
+    db["client_limits"].insert_all([
+        {"name": "ci", "budget_usd": 50.0, "per": "month", "spend_usd": 45.5, "resets_at": "2026-12-01T00:00:00Z", "rpm": 60},
+        {"name": "laptop", "models": "claude-sonnet-*", "concurrency": 2},
+    ])
+    db.close()
+    ds = serve()
+
+    async def check():
+        cookies = await login(ds)
+        rows = {r["client"]: r for r in await chart_rows(ds, cookies, "client-budgets")}
+        assert rows["ci"]["spend"] == "$45.50 of $50.00 per month" and rows["ci"]["renews (UTC)"] == "2026-12-01T00:00:00Z"
+        assert rows["ci"]["used"] == '<span style="color:#bf8700">91%</span>' and rows["ci"]["per minute"] == 60
+        assert (rows["laptop"]["spend"], rows["laptop"]["models"], rows["laptop"]["at once"]) == ("–", "claude-sonnet-*", 2)
+
+    run(check())

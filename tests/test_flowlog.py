@@ -22,7 +22,7 @@ def test_schema_by_migrations_in_wal_mode(tmp_path):
     assert db.journal_mode == "wal"
     assert [m.name for m in migrations.applied(db)] == ["m001_requests", "m002_account_status", "m003_control", "m004_failovers",
                                                     "m005_views", "m006_account_kind", "m007_usage_columns", "m008_resources",
-                                                    "m009_request_facts"]
+                                                    "m009_request_facts", "m010_client_limits"]
     assert {"utilization_7d_opus", "reset_7d_opus", "utilization_7d_sonnet", "reset_7d_sonnet", "utilization_extra",
             "usage_read_at"} <= set(db["account_status"].columns_dict)
     columns = set(db["requests"].columns_dict)
