@@ -35,7 +35,7 @@ from .client_rules import PERIODS, SPEND_SQL, LimitsError, budget_rows, parse_li
 from .config import ACCOUNTS_FILE, DB_FILE, STRATEGIES, HomeError, check_home, default_strategy, ensure_home, resolve_home
 from .credentials import SECRET_RE, Credential, CredentialStore, CredentialStoreError
 from .clock import utc_now
-from .flowlog import open_db
+from .flowlog import open_db, query_readonly
 from .listing import account_rows
 from .oauth import LoginFlow, OAuthError, OAuthSettings, create_api_key, exchange_code
 from .refresh import TokenRefresher

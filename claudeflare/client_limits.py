@@ -15,7 +15,9 @@ from collections import Counter
 
 from mitmproxy import http
 
-from .client_rules import Limits, SpendCounter, iso_z, model_refused, named_models, period_end
+from .alerts import BudgetView
+from .client_rules import Limits, SpendCounter, iso_z, model_refused, named_models, period_end, period_start
+from .clock import iso_utc
 from .flows import FlowStates, error_response
 from .offloop import off_loop
 
@@ -46,6 +48,17 @@ class ClientLimits:
     def spend(self) -> SpendCounter | None:
         recorder = self.claudeflare.recorder
         return recorder.flowlog.spend if recorder and recorder.flowlog else None
+
+    def budget_views(self) -> dict[str, BudgetView]:
+        """Each budgeted client's spend this period, for the budget alerts (`Alerts.budgets`)."""
+        spend, now = self.spend(), time.time()
+        views = {}
+        for client, limits in self.claudeflare.pool.client_limits.items():
+            if spend is None or not (limits.budget_usd and limits.per):
+                continue
+            if (spent := spend.spent(client, limits.per, now)) is not None:
+                views[client] = BudgetView(iso_utc(period_start(limits.per, now).timestamp()), spent, limits.budget_usd)
+        return views
 
     def limits(self, client: str | None) -> Limits | None:
         pool = self.claudeflare.pool

@@ -102,7 +102,7 @@ def parse_limits(raw) -> Limits:
         return Limits()
     if not isinstance(raw, dict):
         raise LimitsError("\"limits\" must be an object")
-    if unknown := set(raw) - LIMIT_KEYS:
+    if set(raw) - LIMIT_KEYS:
         raise LimitsError(f"unknown key(s) in limits; allowed: {', '.join(sorted(LIMIT_KEYS))}")
     budget, per = raw.get("budget_usd"), raw.get("per")
     if (budget is None) != (per is None):

@@ -603,5 +603,7 @@ def addons() -> list:
     recorder = Recorder(states)
     claudeflare = Claudeflare(recorder, states)
     recorder.metrics = metrics = Metrics(claudeflare, recorder)
-    return [ClientGate(claudeflare, states), HealthCheck(claudeflare, recorder, states), ClientLimits(claudeflare, states),
-            claudeflare, recorder, metrics, ConnectionLimits(), Alerts(claudeflare)]
+    client_limits, alerts = ClientLimits(claudeflare, states), Alerts(claudeflare)
+    alerts.budgets = client_limits.budget_views
+    return [ClientGate(claudeflare, states), HealthCheck(claudeflare, recorder, states), client_limits,
+            claudeflare, recorder, metrics, ConnectionLimits(), alerts]

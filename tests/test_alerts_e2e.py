@@ -144,3 +144,31 @@ def test_cli_alerts_test_without_an_alerts_table_says_what_to_add(home):
     add_account(home, "a", "api-key", 1, api_key="sk-ant-api03-" + "x" * 30)
     result = cli_run(home)
     assert result.exit_code == 1 and "no [alerts] table in" in result.output and 'url = "https://…"' in result.output
+
+
+def test_a_client_key_past_its_budget_alerts_budget_80_then_100_once(fake, home, start_proxy):
+    api_key_accounts(fake, home, ("a", 1))
+    created = CliRunner().invoke(cli, ["--home", str(home), "client-key", "create", "ci", "--budget-usd", "1", "--per", "day"])
+    key = created.stdout.strip()
+    with AlertReceiver() as receiver:
+        write_alerts(home, receiver.url(SECRET_PATH), 'events = ["budget-80", "budget-100"]')
+        proxy = start_proxy(home)
+
+        def spend(input_tokens):  # Sonnet input at $3 per million tokens
+            body = {"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+            headers = {"x-api-key": key, "x-fake-input-tokens": str(input_tokens)}
+            return requests.post(f"{proxy.url}/v1/messages", json=body, headers=headers, timeout=30).status_code
+
+        assert spend(100_000) == 200  # $0.30
+        assert spend(200_000) == 200  # $0.90: past 80 %
+        (eighty,) = receiver.wait(1, event="budget-80")
+        assert eighty["client"] == "ci" and eighty["budget_usd"] == 1 and round(eighty["spent_usd"], 2) == 0.9
+        assert spend(100_000) == 200  # $1.20: past 100 %
+        (hundred,) = receiver.wait(1, event="budget-100")
+        assert hundred["client"] == "ci"
+        deadline = time.monotonic() + QUIET
+        while time.monotonic() < deadline:  # refused from now on, and no alert repeats
+            assert spend(10) == 429
+            time.sleep(0.2)
+        assert sorted(b["event"] for b in receiver.bodies()) == ["budget-100", "budget-80"]
+    assert key not in str(receiver.posts)

@@ -6,7 +6,7 @@ import time
 from datetime import UTC, datetime
 
 import pytest
-from conftest import wait_until
+from harness import wait_until
 
 from claudeflare.accounts import load_pool
 from claudeflare.client_rules import (

@@ -9,7 +9,7 @@ import time
 
 import requests
 from click.testing import CliRunner
-from conftest import api_key_accounts, db_rows, wait_until
+from harness import api_key_accounts, db_rows, wait_until
 
 from claudeflare.cli import cli
 
