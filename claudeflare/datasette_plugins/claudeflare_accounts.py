@@ -1,0 +1,283 @@
+"""Datasette plugin: add and remove the pool's accounts from the browser (`/-/claudeflare/accounts`).
+
+The same library functions as `claudeflare add/remove` (claudeflare/enrol.py), on the home folder
+`claudeflare dashboard` names in the environment (CLAUDEFLARE_HOME). For logged-in users only, even
+with `--public`. Every change is a POST carrying Datasette's CSRF token (asgi-csrf checks it for
+plugin routes too) and a body under the login plugin's cap. Secrets travel only in POST bodies: they
+are never put back into a page (a form shown again after an error has its key field empty), a URL
+or a message. An OAuth log-in's PKCE verifier stays in this process, in `PendingLogins`, under a
+random id that the page carries; the id is worth nothing to another user or after 10 minutes.
+File locks and the token URL are reached from a worker thread, never on the event loop. Pages are
+Jinja templates under Datasette's autoescaping: every value from the files or the form is escaped there.
+"""
+
+import asyncio
+import secrets
+import time
+import weakref
+from dataclasses import dataclass
+
+from datasette import hookimpl
+from datasette.utils.asgi import Response
+
+from claudeflare import oauth
+from claudeflare.accounts import TIERS, Account, AccountsError, load_pool
+from claudeflare.config import resolve_home
+from claudeflare.credentials import CredentialStoreError
+from claudeflare.enrol import OAUTH_MODES, add_api_key_account, finish_oauth, new_account, refuse_duplicate, remove_account, \
+    start_oauth
+from claudeflare.oauth import LoginFlow, OAuthError
+
+PAGE = "/-/claudeflare/accounts"
+MAX_PENDING = 32  # log-ins in progress at once, per dashboard
+REFUSED = (ValueError, OAuthError, CredentialStoreError)  # AccountsError and HomeError are ValueErrors
+
+
+@dataclass(frozen=True)
+class Pending:
+    flow: LoginFlow
+    account: Account
+    actor_id: str
+    url: str
+
+
+class PendingLogins:
+    """OAuth log-ins between the link and the pasted code, by a random id; each lives FLOW_LIFETIME."""
+
+    def __init__(self) -> None:
+        self.logins: dict[str, Pending] = {}
+
+    def prune(self, now: float) -> None:
+        self.logins = {k: p for k, p in self.logins.items() if now - p.flow.started <= oauth.FLOW_LIFETIME}
+
+    def add(self, pending: Pending) -> str:
+        self.prune(time.time())
+        if len(self.logins) >= MAX_PENDING:
+            raise AccountsError("too many log-ins in progress: finish one, or wait 10 minutes")
+        key = secrets.token_urlsafe(32)
+        self.logins[key] = pending
+        return key
+
+    def get(self, key: str, actor_id: str) -> Pending:
+        self.prune(time.time())
+        pending = self.logins.get(key)
+        if pending is None or pending.actor_id != actor_id:
+            raise AccountsError("this log-in has expired or was finished: start it again")
+        return pending
+
+    def drop(self, key: str) -> None:
+        self.logins.pop(key, None)
+
+
+pending_logins: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per Datasette instance
+
+
+def home():
+    return resolve_home(None)  # CLAUDEFLARE_HOME, set by `claudeflare dashboard`
+
+
+def account_rows() -> tuple[list[dict], str | None]:
+    try:
+        pool = load_pool(home())
+    except REFUSED as e:
+        return [], str(e)
+    return [{"name": a.name, "mode": a.mode, "tier": a.tier, "priority": a.priority, "state": pool.state(a)}
+            for a in pool.accounts], None
+
+
+def form_account(form: dict, mode: str) -> Account:
+    try:
+        tier, priority = int(form.get("tier") or 1), int(form.get("priority") or 0)
+    except ValueError:
+        raise AccountsError("tier and priority must be whole numbers") from None
+    return new_account(form.get("name", "").strip(), mode, tier, priority)
+
+
+# --- pages ----------------------------------------------------------------------------------------
+
+TEMPLATE = """{% extends "base.html" %}
+{% block title %}Accounts{% endblock %}
+{% block content %}
+<h1>Accounts</h1>
+{% if error %}<p class="message-error">{{ error }}</p>{% endif %}
+{% macro tiers(selected) %}<select name="tier">{% for t in tier_choices %}
+  <option value="{{ t }}"{% if t|string == selected|string %} selected{% endif %}>{{ t }}</option>{% endfor %}
+</select>{% endmacro %}
+{% if view == "oauth" %}
+<p>Open this link, log in as the account <strong>{{ name }}</strong> ({{ mode }}), then paste the code the page shows:</p>
+<p><a id="authorize" href="{{ url }}" target="_blank" rel="noopener noreferrer">{{ url }}</a></p>
+<form method="post" action="{{ page }}/oauth/finish" class="oauth-finish">
+  <input type="hidden" name="csrftoken" value="{{ csrftoken() }}">
+  <input type="hidden" name="login" value="{{ login }}">
+  <label>Code (CODE#STATE) <input type="password" name="code" autocomplete="off" required></label>
+  <input type="submit" value="Add the account">
+</form>
+<p><a href="{{ page }}">Cancel</a></p>
+{% elif view == "remove" %}
+<p>Remove the account <strong>{{ name }}</strong> and its stored credentials?</p>
+<form method="post" action="{{ page }}/remove" class="remove-confirm">
+  <input type="hidden" name="csrftoken" value="{{ csrftoken() }}">
+  <input type="hidden" name="name" value="{{ name }}">
+  <input type="hidden" name="confirm" value="yes">
+  <input type="submit" value="Remove {{ name }}">
+</form>
+<p><a href="{{ page }}">Cancel</a></p>
+{% else %}
+{% if list_error %}<p class="message-error">{{ list_error }}</p>{% endif %}
+<table class="rows-and-columns accounts">
+  <thead><tr><th>name</th><th>mode</th><th>tier</th><th>priority</th><th>state</th><th></th></tr></thead>
+  <tbody>{% for a in accounts %}
+  <tr data-account="{{ a.name }}"><td>{{ a.name }}</td><td>{{ a.mode }}</td><td>{{ a.tier }}</td><td>{{ a.priority }}</td><td>{{ a.state }}</td>
+    <td><form method="post" action="{{ page }}/remove" class="remove">
+      <input type="hidden" name="csrftoken" value="{{ csrftoken() }}">
+      <input type="hidden" name="name" value="{{ a.name }}">
+      <input type="submit" value="Remove…"></form></td></tr>{% else %}
+  <tr><td colspan="6">no accounts yet</td></tr>{% endfor %}
+  </tbody>
+</table>
+<h2>Add an API key</h2>
+<form method="post" action="{{ page }}/add-key" class="add-key">
+  <input type="hidden" name="csrftoken" value="{{ csrftoken() }}">
+  <p><label>Name <input name="name" value="{{ form.name if form_kind == 'key' else '' }}" required></label>
+  <label>Tier {{ tiers(form.tier if form_kind == 'key' else 1) }}</label>
+  <label>Priority <input name="priority" type="number" value="{{ form.priority if form_kind == 'key' else 0 }}"></label></p>
+  <p><label>API key <input name="key" type="password" autocomplete="off" required></label>
+  <input type="submit" value="Add"></p>
+</form>
+<h2>Log in with OAuth</h2>
+<p>A Pro/Max subscription (<em>max</em>), or a Console log-in that mints an API key (<em>console</em>).</p>
+<form method="post" action="{{ page }}/oauth/start" class="oauth-start">
+  <input type="hidden" name="csrftoken" value="{{ csrftoken() }}">
+  <p><label>Name <input name="name" value="{{ form.name if form_kind == 'oauth' else '' }}" required></label>
+  <label>Mode <select name="mode">{% for m in oauth_modes %}<option value="{{ m }}"{% if form_kind == 'oauth' and form.mode == m %} selected{% endif %}>{{ m }}</option>{% endfor %}</select></label>
+  <label>Tier {{ tiers(form.tier if form_kind == 'oauth' else 5) }}</label>
+  <label>Priority <input name="priority" type="number" value="{{ form.priority if form_kind == 'oauth' else 0 }}"></label>
+  <input type="submit" value="Get the log-in link"></p>
+</form>
+{% endif %}
+{% endblock %}
+"""
+
+
+async def render(datasette, request, status: int = 200, view: str = "list", **context) -> Response:
+    if view == "list":
+        context["accounts"], context["list_error"] = await asyncio.to_thread(account_rows)
+    template = datasette.jinja_env.from_string(TEMPLATE)
+    context = {"page": datasette.urls.path(PAGE), "tier_choices": TIERS, "oauth_modes": OAUTH_MODES, "form": {},
+               "form_kind": None, "view": view, **context}
+    return Response.html(await datasette.render_template(template, context, request=request), status=status)
+
+
+def done(datasette, request, message: str) -> Response:
+    datasette.add_message(request, message, datasette.INFO)
+    return Response.redirect(datasette.urls.path(PAGE))
+
+
+def refused(request) -> Response | None:
+    """Managing accounts needs a login, whatever `--public` allows."""
+    if request.actor is not None:
+        return None
+    if request.method == "GET":
+        return Response.redirect("/-/login")
+    return Response.text("Log in to manage accounts.", status=403)
+
+
+def without_secrets(form: dict) -> dict:
+    return {k: v for k, v in form.items() if k in ("name", "mode", "tier", "priority")}
+
+
+async def accounts_page(request, datasette):
+    if response := refused(request):
+        return response
+    if request.method != "GET":
+        return Response.text("Method not allowed", status=405)
+    return await render(datasette, request)
+
+
+async def add_key(request, datasette):
+    if response := refused(request) or post_only(request):
+        return response
+    form = await request.post_vars()
+    try:
+        account = form_account(form, "api-key")
+        await asyncio.to_thread(add_api_key_account, home(), account, form.get("key", ""))
+    except REFUSED as e:
+        return await render(datasette, request, 400, error=str(e), form=without_secrets(form), form_kind="key")
+    return done(datasette, request, f"added {account.name} (api-key, tier {account.tier})")
+
+
+async def oauth_start(request, datasette):
+    if response := refused(request) or post_only(request):
+        return response
+    form = await request.post_vars()
+    try:
+        account = form_account(form, form.get("mode", ""))
+        await asyncio.to_thread(refuse_duplicate, home(), account.name)  # before the person logs in
+        flow, url = start_oauth(account.mode)
+        login = logins(datasette).add(Pending(flow, account, request.actor.get("id"), url))
+    except REFUSED as e:
+        return await render(datasette, request, 400, error=str(e), form=without_secrets(form), form_kind="oauth")
+    return await render(datasette, request, view="oauth", url=url, login=login, name=account.name, mode=account.mode)
+
+
+async def oauth_finish(request, datasette):
+    if response := refused(request) or post_only(request):
+        return response
+    form = await request.post_vars()
+    key, store = form.get("login", ""), logins(datasette)
+    try:
+        pending = store.get(key, request.actor.get("id"))
+    except REFUSED as e:
+        return await render(datasette, request, 400, error=str(e))
+    try:
+        await asyncio.to_thread(finish_oauth, home(), pending.account, pending.flow, form.get("code", ""))
+    except OAuthError as e:
+        if e.kind != "state":  # the code was spent or the flow is over: only a fresh link helps
+            store.drop(key)
+            return await render(datasette, request, 400, error=f"{e} (start the log-in again)")
+        return await render(datasette, request, 400, view="oauth", error=str(e), url=pending.url, login=key,
+                            name=pending.account.name, mode=pending.account.mode)
+    except REFUSED as e:
+        store.drop(key)
+        return await render(datasette, request, 400, error=str(e))
+    store.drop(key)
+    account = pending.account
+    return done(datasette, request, f"added {account.name} ({account.mode}, tier {account.tier})")
+
+
+async def remove(request, datasette):
+    if response := refused(request) or post_only(request):
+        return response
+    form = await request.post_vars()
+    name = form.get("name", "")
+    if form.get("confirm") != "yes":
+        return await render(datasette, request, view="remove", name=name)
+    try:
+        await asyncio.to_thread(remove_account, home(), name)
+    except REFUSED as e:
+        return await render(datasette, request, 400, error=str(e))
+    return done(datasette, request, f"removed {name}")
+
+
+def post_only(request) -> Response | None:
+    return None if request.method == "POST" else Response.text("Method not allowed", status=405)
+
+
+def logins(datasette) -> PendingLogins:
+    return pending_logins.setdefault(datasette, PendingLogins())
+
+
+@hookimpl
+def register_routes(datasette):
+    return [
+        (rf"^{PAGE}$", accounts_page),
+        (rf"^{PAGE}/add-key$", add_key),
+        (rf"^{PAGE}/oauth/start$", oauth_start),
+        (rf"^{PAGE}/oauth/finish$", oauth_finish),
+        (rf"^{PAGE}/remove$", remove),
+    ]
+
+
+@hookimpl
+def menu_links(datasette, actor):
+    return [{"href": datasette.urls.path(PAGE), "label": "Accounts"}] if actor else []
