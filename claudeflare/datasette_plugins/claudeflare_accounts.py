@@ -72,13 +72,14 @@ class PendingLogins:
 pending_logins: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per Datasette instance
 
 
-def home():
-    return resolve_home(None)  # CLAUDEFLARE_HOME, set by `claudeflare dashboard`
+async def in_home(function, *args):
+    """`function(home, *args)` in a worker thread, on the home `claudeflare dashboard` set in CLAUDEFLARE_HOME."""
+    return await asyncio.to_thread(lambda: function(resolve_home(None), *args))
 
 
-def account_rows() -> tuple[list[dict], str | None]:
+def account_rows(home) -> tuple[list[dict], str | None]:
     try:
-        pool = load_pool(home())
+        pool = load_pool(home)
     except REFUSED as e:
         return [], str(e)
     return [{"name": a.name, "mode": a.mode, "tier": a.tier, "priority": a.priority, "state": pool.state(a)}
@@ -161,7 +162,7 @@ TEMPLATE = """{% extends "base.html" %}
 
 async def render(datasette, request, status: int = 200, view: str = "list", **context) -> Response:
     if view == "list":
-        context["accounts"], context["list_error"] = await asyncio.to_thread(account_rows)
+        context["accounts"], context["list_error"] = await in_home(account_rows)
     template = datasette.jinja_env.from_string(TEMPLATE)
     context = {"page": datasette.urls.path(PAGE), "tier_choices": TIERS, "oauth_modes": OAUTH_MODES, "form": {},
                "form_kind": None, "view": view, **context}
@@ -173,12 +174,12 @@ def done(datasette, request, message: str) -> Response:
     return Response.redirect(datasette.urls.path(PAGE))
 
 
-def refused(request) -> Response | None:
+def refused(datasette, request) -> Response | None:
     """Managing accounts needs a login, whatever `--public` allows."""
     if request.actor is not None:
         return None
     if request.method == "GET":
-        return Response.redirect("/-/login")
+        return Response.redirect(datasette.urls.path("/-/login"))
     return Response.text("Log in to manage accounts.", status=403)
 
 
@@ -187,7 +188,7 @@ def without_secrets(form: dict) -> dict:
 
 
 async def accounts_page(request, datasette):
-    if response := refused(request):
+    if response := refused(datasette, request):
         return response
     if request.method != "GET":
         return Response.text("Method not allowed", status=405)
@@ -195,24 +196,24 @@ async def accounts_page(request, datasette):
 
 
 async def add_key(request, datasette):
-    if response := refused(request) or post_only(request):
+    if response := refused(datasette, request) or post_only(request):
         return response
     form = await request.post_vars()
     try:
         account = form_account(form, "api-key")
-        await asyncio.to_thread(add_api_key_account, home(), account, form.get("key", ""))
+        await in_home(add_api_key_account, account, form.get("key", ""))
     except REFUSED as e:
         return await render(datasette, request, 400, error=str(e), form=without_secrets(form), form_kind="key")
     return done(datasette, request, f"added {account.name} (api-key, tier {account.tier})")
 
 
 async def oauth_start(request, datasette):
-    if response := refused(request) or post_only(request):
+    if response := refused(datasette, request) or post_only(request):
         return response
     form = await request.post_vars()
     try:
         account = form_account(form, form.get("mode", ""))
-        await asyncio.to_thread(refuse_duplicate, home(), account.name)  # before the person logs in
+        await in_home(refuse_duplicate, account.name)  # before the person logs in
         flow, url = start_oauth(account.mode)
         login = logins(datasette).add(Pending(flow, account, request.actor.get("id"), url))
     except REFUSED as e:
@@ -221,7 +222,7 @@ async def oauth_start(request, datasette):
 
 
 async def oauth_finish(request, datasette):
-    if response := refused(request) or post_only(request):
+    if response := refused(datasette, request) or post_only(request):
         return response
     form = await request.post_vars()
     key, store = form.get("login", ""), logins(datasette)
@@ -230,7 +231,7 @@ async def oauth_finish(request, datasette):
     except REFUSED as e:
         return await render(datasette, request, 400, error=str(e))
     try:
-        await asyncio.to_thread(finish_oauth, home(), pending.account, pending.flow, form.get("code", ""))
+        await in_home(finish_oauth, pending.account, pending.flow, form.get("code", ""))
     except OAuthError as e:
         if e.kind != "state":  # the code was spent or the flow is over: only a fresh link helps
             store.drop(key)
@@ -246,14 +247,14 @@ async def oauth_finish(request, datasette):
 
 
 async def remove(request, datasette):
-    if response := refused(request) or post_only(request):
+    if response := refused(datasette, request) or post_only(request):
         return response
     form = await request.post_vars()
     name = form.get("name", "")
     if form.get("confirm") != "yes":
         return await render(datasette, request, view="remove", name=name)
     try:
-        await asyncio.to_thread(remove_account, home(), name)
+        await in_home(remove_account, name)
     except REFUSED as e:
         return await render(datasette, request, 400, error=str(e))
     return done(datasette, request, f"removed {name}")
