@@ -119,15 +119,15 @@ PRIORITY = click.IntRange(PRIORITY_MIN, PRIORITY_MAX)
 priority_option = click.option("--priority", type=PRIORITY, default=0, show_default=True, help="Lower is preferred.")
 
 
-def oauth_login(mode: str) -> Credential:
-    """The PKCE flow: print the link, read the pasted CODE#STATE, exchange it for tokens."""
+def oauth_login(mode: str, finish) -> None:
+    """The PKCE flow: print the link, read the pasted CODE#STATE, then `finish(flow, pasted)` exchanges it."""
     flow, url = enrolment.start_oauth(mode)
     click.echo(f"Open this link, log in, then paste the code the page shows:\n\n  {url}\n", err=True)
     if os.environ.get("DISPLAY") or sys.platform == "darwin":
         webbrowser.open(url)
     pasted = click.prompt("Code", hide_input=True, err=True)
     try:
-        return enrolment.oauth_credential(flow, pasted)
+        finish(flow, pasted)
     except OAuthError as e:
         raise click.ClickException(str(e)) from None
 
@@ -150,7 +150,7 @@ def add(obj: Context, name: str, mode: str, tier: str, priority: int, api_key_en
     if mode == "api-key":
         enrolment.add_api_key_account(obj.home, account, None if api_key_env else read_secret("API key"))
     else:
-        enrol(obj, account, oauth_login(mode))
+        oauth_login(mode, lambda flow, pasted: enrolment.finish_oauth(obj.home, account, flow, pasted))
     click.echo(f"added {name} ({mode}, tier {tier})")
 
 
@@ -159,10 +159,8 @@ def add(obj: Context, name: str, mode: str, tier: str, priority: int, api_key_en
 @pass_ctx
 def login(obj: Context, name: str) -> None:
     """Log an existing OAuth account in again (e.g. when it shows needs-login)."""
-    account = find_account(obj, name)
-    if not account.oauth:
-        raise click.ClickException(f"{name} is an api-key account; replace its key with `remove` and `add`")
-    obj.store().set_account(name, oauth_login(account.mode))
+    account = enrolment.oauth_account(obj.home, name)
+    oauth_login(account.mode, lambda flow, pasted: enrolment.finish_relogin(obj.home, account, flow, pasted))
     click.echo(f"logged in {name}")
 
 

@@ -90,6 +90,24 @@ def finish_oauth(home: Path, account: Account, flow: LoginFlow, pasted: str) -> 
     enrol(home, account, oauth_credential(flow, pasted))
 
 
+def oauth_account(home: Path, name: str) -> Account:
+    """An existing OAuth account, to log in again (e.g. when it shows needs-login)."""
+    for account in load_accounts(home).accounts:
+        if account.name == name:
+            if not account.oauth:
+                raise AccountsError(f"{name} is an api-key account; replace its key by removing and adding it again")
+            return account
+    raise AccountsError(f"no account named {name!r}")
+
+
+def finish_relogin(home: Path, account: Account, flow: LoginFlow, pasted: str) -> None:
+    """Exchange the pasted code and replace the existing account's credentials."""
+    if account.mode != flow.mode:
+        raise AccountsError(f"this log-in was started for mode {flow.mode}")
+    oauth_account(home, account.name)  # still there
+    CredentialStore(ensure_home(home)).set_account(account.name, oauth_credential(flow, pasted))
+
+
 def remove_account(home: Path, name: str) -> None:
     """Remove an account and its stored credentials."""
 

@@ -8,6 +8,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from click.testing import CliRunner
+from datasette.app import Datasette
+from harness import add_account
 from test_dashboard import PASSWORD, metadata
 
 from claudeflare import oauth
@@ -15,8 +17,6 @@ from claudeflare.accounts import load_accounts
 from claudeflare.cli import DASHBOARD_PLUGINS, METADATA, cli, dashboard_command, dashboard_settings
 from claudeflare.credentials import CredentialStore
 from claudeflare.flowlog import open_db
-
-from datasette.app import Datasette
 
 PAGE = "/-/claudeflare/accounts"
 KEY = "sk-ant-api03-from-the-browser-0123456789abcdef"
@@ -217,3 +217,26 @@ def test_a_body_over_the_cap_is_refused_unread(dashboard, home):
 def test_the_page_is_linked_from_the_dashboard():
     manage = metadata()["plugins"]["datasette-dashboards"]["pool"]["charts"]["manage"]["display"]
     assert f"]({PAGE})" in manage
+
+
+def test_log_an_account_in_again(dashboard, home, fake):
+    add_account(home, "sub", "max", 5, access_token="sk-ant-oat01-old-token", refresh_token="sk-ant-ort01-old-token", needs_login=True)
+    add_account(home, "key", "api-key", 1, api_key=KEY)
+
+    async def go():
+        browser = await Browser(dashboard).login()
+        listed = await browser.get(PAGE)
+        assert "needs-login" in listed.text and listed.text.count('name="relogin"') == 1  # OAuth accounts only
+        started = await browser.post(f"{PAGE}/oauth/start", {"relogin": "sub"})
+        assert started.status_code == 200 and "log in again as the account <strong>sub</strong>" in started.text
+        url, login = link_and_login(started)
+        done = await browser.post(f"{PAGE}/oauth/finish", {"login": login, "code": issue_code(fake, url, "sub")})
+        assert done.status_code == 302
+        assert "logged in sub" in (await browser.get(PAGE)).text
+        refused = await browser.post(f"{PAGE}/oauth/start", {"relogin": "key"})
+        assert refused.status_code == 400 and "api-key account" in refused.text
+
+    run(go())
+    credential = CredentialStore(home).credentials()["sub"]
+    assert not credential.needs_login and credential.access_token == fake.tokens("sub")["access_token"]
+    assert [(a.name, a.tier) for a in load_accounts(home).accounts] == [("sub", 5), ("key", 1)]

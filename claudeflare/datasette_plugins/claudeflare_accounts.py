@@ -24,8 +24,8 @@ from claudeflare import oauth
 from claudeflare.accounts import TIERS, Account, AccountsError, load_pool
 from claudeflare.config import resolve_home
 from claudeflare.credentials import CredentialStoreError
-from claudeflare.enrol import OAUTH_MODES, add_api_key_account, finish_oauth, new_account, refuse_duplicate, remove_account, \
-    start_oauth
+from claudeflare.enrol import OAUTH_MODES, add_api_key_account, finish_oauth, finish_relogin, new_account, oauth_account, \
+    refuse_duplicate, remove_account, start_oauth
 from claudeflare.oauth import LoginFlow, OAuthError
 
 PAGE = "/-/claudeflare/accounts"
@@ -39,6 +39,7 @@ class Pending:
     account: Account
     actor_id: str
     url: str
+    relogin: bool  # an existing account's new log-in, not a new account
 
 
 class PendingLogins:
@@ -82,7 +83,7 @@ def account_rows(home) -> tuple[list[dict], str | None]:
         pool = load_pool(home)
     except REFUSED as e:
         return [], str(e)
-    return [{"name": a.name, "mode": a.mode, "tier": a.tier, "priority": a.priority, "state": pool.state(a)}
+    return [{"name": a.name, "mode": a.mode, "tier": a.tier, "priority": a.priority, "state": pool.state(a), "oauth": a.oauth}
             for a in pool.accounts], None
 
 
@@ -105,13 +106,13 @@ TEMPLATE = """{% extends "base.html" %}
   <option value="{{ t }}"{% if t|string == selected|string %} selected{% endif %}>{{ t }}</option>{% endfor %}
 </select>{% endmacro %}
 {% if view == "oauth" %}
-<p>Open this link, log in as the account <strong>{{ name }}</strong> ({{ mode }}), then paste the code the page shows:</p>
+<p>Open this link, log in {% if relogin %}again {% endif %}as the account <strong>{{ name }}</strong> ({{ mode }}), then paste the code the page shows:</p>
 <p><a id="authorize" href="{{ url }}" target="_blank" rel="noopener noreferrer">{{ url }}</a></p>
 <form method="post" action="{{ page }}/oauth/finish" class="oauth-finish">
   <input type="hidden" name="csrftoken" value="{{ csrftoken() }}">
   <input type="hidden" name="login" value="{{ login }}">
   <label>Code (CODE#STATE) <input type="password" name="code" autocomplete="off" required></label>
-  <input type="submit" value="Add the account">
+  <input type="submit" value="{{ 'Log in' if relogin else 'Add the account' }}">
 </form>
 <p><a href="{{ page }}">Cancel</a></p>
 {% elif view == "remove" %}
@@ -129,7 +130,11 @@ TEMPLATE = """{% extends "base.html" %}
   <thead><tr><th>name</th><th>mode</th><th>tier</th><th>priority</th><th>state</th><th></th></tr></thead>
   <tbody>{% for a in accounts %}
   <tr data-account="{{ a.name }}"><td>{{ a.name }}</td><td>{{ a.mode }}</td><td>{{ a.tier }}</td><td>{{ a.priority }}</td><td>{{ a.state }}</td>
-    <td><form method="post" action="{{ page }}/remove" class="remove">
+    <td>{% if a.oauth %}<form method="post" action="{{ page }}/oauth/start" class="relogin">
+      <input type="hidden" name="csrftoken" value="{{ csrftoken() }}">
+      <input type="hidden" name="relogin" value="{{ a.name }}">
+      <input type="submit" value="Log in again"></form>{% endif %}
+    <form method="post" action="{{ page }}/remove" class="remove">
       <input type="hidden" name="csrftoken" value="{{ csrftoken() }}">
       <input type="hidden" name="name" value="{{ a.name }}">
       <input type="submit" value="Remove…"></form></td></tr>{% else %}
@@ -211,14 +216,24 @@ async def oauth_start(request, datasette):
     if response := refused(datasette, request) or post_only(request):
         return response
     form = await request.post_vars()
+    relogin = "relogin" in form
     try:
-        account = form_account(form, form.get("mode", ""))
-        await in_home(refuse_duplicate, account.name)  # before the person logs in
+        if relogin:
+            account = await in_home(oauth_account, form["relogin"])
+        else:
+            account = form_account(form, form.get("mode", ""))
+            await in_home(refuse_duplicate, account.name)  # before the person logs in
         flow, url = start_oauth(account.mode)
-        login = logins(datasette).add(Pending(flow, account, request.actor.get("id"), url))
+        pending = Pending(flow, account, request.actor.get("id"), url, relogin)
+        login = logins(datasette).add(pending)
     except REFUSED as e:
         return await render(datasette, request, 400, error=str(e), form=without_secrets(form), form_kind="oauth")
-    return await render(datasette, request, view="oauth", url=url, login=login, name=account.name, mode=account.mode)
+    return await render(datasette, request, view="oauth", **oauth_page(login, pending))
+
+
+def oauth_page(login: str, pending: Pending) -> dict:
+    return {"url": pending.url, "login": login, "name": pending.account.name, "mode": pending.account.mode,
+            "relogin": pending.relogin}
 
 
 async def oauth_finish(request, datasette):
@@ -231,18 +246,19 @@ async def oauth_finish(request, datasette):
     except REFUSED as e:
         return await render(datasette, request, 400, error=str(e))
     try:
-        await in_home(finish_oauth, pending.account, pending.flow, form.get("code", ""))
+        await in_home(finish_relogin if pending.relogin else finish_oauth, pending.account, pending.flow, form.get("code", ""))
     except OAuthError as e:
         if e.kind != "state":  # the code was spent or the flow is over: only a fresh link helps
             store.drop(key)
             return await render(datasette, request, 400, error=f"{e} (start the log-in again)")
-        return await render(datasette, request, 400, view="oauth", error=str(e), url=pending.url, login=key,
-                            name=pending.account.name, mode=pending.account.mode)
+        return await render(datasette, request, 400, view="oauth", error=str(e), **oauth_page(key, pending))
     except REFUSED as e:
         store.drop(key)
         return await render(datasette, request, 400, error=str(e))
     store.drop(key)
     account = pending.account
+    if pending.relogin:
+        return done(datasette, request, f"logged in {account.name}")
     return done(datasette, request, f"added {account.name} ({account.mode}, tier {account.tier})")
 
 
