@@ -112,7 +112,8 @@ def remove_account(home: Path, name: str) -> None:
     """Remove an account and its stored credentials."""
 
     def change(doc):
-        doc["accounts"].remove(account_table(doc, name))
+        table = account_table(doc, name)  # first: a file without accounts has no "accounts" to look into
+        doc["accounts"].remove(table)
 
     edit_accounts(ensure_home(home), change)
     CredentialStore(home).remove_account(name)

@@ -240,3 +240,19 @@ def test_log_an_account_in_again(dashboard, home, fake):
     credential = CredentialStore(home).credentials()["sub"]
     assert not credential.needs_login and credential.access_token == fake.tokens("sub")["access_token"]
     assert [(a.name, a.tier) for a in load_accounts(home).accounts] == [("sub", 5), ("key", 1)]
+
+
+def test_names_from_the_form_are_shown_as_text(dashboard, home):
+    markup = '<script>window.x=1</script>"><img src=x>'
+
+    async def go():
+        browser = await Browser(dashboard).login()
+        confirm = await browser.post(f"{PAGE}/remove", {"name": markup})
+        refused = await browser.post(f"{PAGE}/add-key", {"name": markup, "key": KEY})
+        gone = await browser.post(f"{PAGE}/remove", {"name": markup, "confirm": "yes"})
+        for reply in (confirm, refused, gone):
+            assert "<script>window.x" not in reply.text and "<img src=x>" not in reply.text
+            assert "&lt;script&gt;window.x=1&lt;/script&gt;" in reply.text
+        assert refused.status_code == gone.status_code == 400 and "no account named" in gone.text
+
+    run(go())

@@ -59,15 +59,16 @@ class PendingLogins:
         self.logins[key] = pending
         return key
 
-    def get(self, key: str, actor_id: str) -> Pending:
+    def take(self, key: str, actor_id: str) -> Pending:
+        """The log-in, out of the store: a second paste sent meanwhile finds nothing."""
         self.prune(time.time())
         pending = self.logins.get(key)
         if pending is None or pending.actor_id != actor_id:
             raise AccountsError("this log-in has expired or was finished: start it again")
-        return pending
+        return self.logins.pop(key)
 
-    def drop(self, key: str) -> None:
-        self.logins.pop(key, None)
+    def put_back(self, key: str, pending: Pending) -> None:
+        self.logins[key] = pending
 
 
 pending_logins: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per Datasette instance
@@ -242,20 +243,15 @@ async def oauth_finish(request, datasette):
     form = await request.post_vars()
     key, store = form.get("login", ""), logins(datasette)
     try:
-        pending = store.get(key, request.actor.get("id"))
-    except REFUSED as e:
-        return await render(datasette, request, 400, error=str(e))
-    try:
+        pending = store.take(key, request.actor.get("id"))
         await in_home(finish_relogin if pending.relogin else finish_oauth, pending.account, pending.flow, form.get("code", ""))
     except OAuthError as e:
         if e.kind != "state":  # the code was spent or the flow is over: only a fresh link helps
-            store.drop(key)
             return await render(datasette, request, 400, error=f"{e} (start the log-in again)")
+        store.put_back(key, pending)  # a mistyped paste: the same link still works
         return await render(datasette, request, 400, view="oauth", error=str(e), **oauth_page(key, pending))
     except REFUSED as e:
-        store.drop(key)
         return await render(datasette, request, 400, error=str(e))
-    store.drop(key)
     account = pending.account
     if pending.relogin:
         return done(datasette, request, f"logged in {account.name}")
