@@ -24,7 +24,6 @@ from .accounts import (
     Account,
     AccountsError,
     account_table,
-    add_account_table,
     check_name,
     edit_accounts,
     hash_client_key,
@@ -35,9 +34,10 @@ from .client_rules import PERIODS, SPEND_SQL, LimitsError, budget_rows, parse_li
 from .config import ACCOUNTS_FILE, DB_FILE, STRATEGIES, HomeError, check_home, default_strategy, ensure_home, resolve_home
 from .credentials import SECRET_RE, Credential, CredentialStore, CredentialStoreError
 from .clock import utc_now
+from . import enrol as enrolment
 from .flowlog import open_db, query_readonly
 from .listing import account_rows
-from .oauth import LoginFlow, OAuthError, OAuthSettings, create_api_key, exchange_code
+from .oauth import OAuthError, OAuthSettings
 from .refresh import TokenRefresher
 from .stats import per_account, per_client
 
@@ -96,10 +96,7 @@ def read_secret(what: str) -> str:
         value = click.prompt(what, hide_input=True)
     else:
         value = sys.stdin.readline()
-    value = value.strip()
-    if not SECRET_RE.fullmatch(value):
-        raise click.ClickException(f"that does not look like {what.lower()}: expected 8-4096 printable characters without spaces")
-    return value
+    return enrolment.check_secret(value, what.lower())
 
 
 def checked_name(name: str) -> str:
@@ -110,16 +107,7 @@ def checked_name(name: str) -> str:
 
 
 def enrol(obj: Context, account: Account, credential: Credential | None) -> None:
-    """Store the secret, then add the account; undo the secret if the account can't be added."""
-    refuse_duplicate(obj, account.name)
-    if credential:
-        obj.store().set_account(account.name, credential)
-    try:
-        obj.edit(lambda doc: add_account_table(doc, account))
-    except click.ClickException:
-        if credential:
-            obj.store().remove_account(account.name)
-        raise
+    enrolment.enrol(obj.home, account, credential)
 
 
 def load_accounts_or_fail(home: Path):
@@ -143,23 +131,17 @@ PRIORITY = click.IntRange(PRIORITY_MIN, PRIORITY_MAX)
 priority_option = click.option("--priority", type=PRIORITY, default=0, show_default=True, help="Lower is preferred.")
 
 
-def oauth_login(mode: str) -> Credential:
-    """The PKCE flow: print the link, read the pasted CODE#STATE, exchange it for tokens."""
-    settings = OAuthSettings.from_env()
-    flow = LoginFlow.start(mode)
-    url = flow.authorize_url(settings)
+def oauth_login(mode: str, finish) -> None:
+    """The PKCE flow: print the link, read the pasted CODE#STATE, then `finish(flow, pasted)` exchanges it."""
+    flow, url = enrolment.start_oauth(mode)
     click.echo(f"Open this link, log in, then paste the code the page shows:\n\n  {url}\n", err=True)
     if os.environ.get("DISPLAY") or sys.platform == "darwin":
         webbrowser.open(url)
     pasted = click.prompt("Code", hide_input=True, err=True)
     try:
-        credential = exchange_code(settings, flow, flow.parse_pasted(pasted))
-        if mode == "console":
-            # Console log-ins serve through an API key minted once; the OAuth tokens are not kept.
-            credential = Credential(api_key=create_api_key(settings, credential.access_token))
+        finish(flow, pasted)
     except OAuthError as e:
         raise click.ClickException(str(e)) from None
-    return credential
 
 
 @cli.command()
@@ -184,11 +166,11 @@ def add(obj: Context, name: str, mode: str, tier: str, priority: int, api_key_en
     if api_key_env and mode != "api-key":
         raise click.UsageError("--api-key-env is for --mode api-key")
     refuse_duplicate(obj, name)
+    account = Account(name, mode, int(tier), priority, api_key_env=api_key_env)
     if mode == "api-key":
-        credential = None if api_key_env else Credential(api_key=read_secret("API key"))
+        enrolment.add_api_key_account(obj.home, account, None if api_key_env else read_secret("API key"))
     else:
-        credential = oauth_login(mode)
-    enrol(obj, Account(name, mode, int(tier), priority, api_key_env=api_key_env), credential)
+        oauth_login(mode, lambda flow, pasted: enrolment.finish_oauth(obj.home, account, flow, pasted))
     click.echo(f"added {name} ({mode}, tier {tier})")
 
 
@@ -197,10 +179,8 @@ def add(obj: Context, name: str, mode: str, tier: str, priority: int, api_key_en
 @pass_ctx
 def login(obj: Context, name: str) -> None:
     """Log an existing OAuth account in again (e.g. when it shows needs-login)."""
-    account = find_account(obj, name)
-    if not account.oauth:
-        raise click.ClickException(f"{name} is an api-key account; replace its key with `remove` and `add`")
-    obj.store().set_account(name, oauth_login(account.mode))
+    account = enrolment.oauth_account(obj.home, name)
+    oauth_login(account.mode, lambda flow, pasted: enrolment.finish_relogin(obj.home, account, flow, pasted))
     click.echo(f"logged in {name}")
 
 
@@ -230,8 +210,7 @@ def find_account(obj: Context, name: str) -> Account:
 
 
 def refuse_duplicate(obj: Context, name: str) -> None:
-    if any(a.name == name for a in load_accounts_or_fail(obj.home).accounts):
-        raise click.ClickException(f"an account named {name!r} already exists (see `claudeflare list`)")
+    enrolment.refuse_duplicate(obj.home, name)
 
 
 @cli.command("import")
@@ -371,12 +350,7 @@ def remove(obj: Context, name: str, yes: bool) -> None:
     """Remove an account and its stored credentials."""
     if not yes:
         click.confirm(f"remove account {name} and its stored credentials?", abort=True)
-
-    def change(doc):
-        doc["accounts"].remove(account_table(doc, name))
-
-    obj.edit(change)
-    obj.store().remove_account(name)
+    enrolment.remove_account(obj.home, name)
     click.echo(f"removed {name}")
 
 
@@ -636,6 +610,7 @@ DASHBOARD_PASSWORD_FILE = "dashboard-password-hash"
 DASHBOARD_USER = "admin"  # datasette-auth-passwords: admin_password_hash in datasette-metadata.yml
 PASSWORD_HASH_ENV = "CLAUDEFLARE_DASHBOARD_PASSWORD_HASH"
 PUBLIC_ENV = "CLAUDEFLARE_DASHBOARD_PUBLIC"
+HOME_ENV = "CLAUDEFLARE_HOME"
 
 
 def dashboard_settings(allow_sql: bool = False) -> dict:
@@ -661,6 +636,7 @@ def dashboard_command(home: Path, host: str, port: int, metadata: Path, public: 
     if password_hash:
         env[PASSWORD_HASH_ENV] = password_hash
     env[PUBLIC_ENV] = "1" if public else "0"
+    env[HOME_ENV] = str(home)  # the accounts page manages this home's accounts
     return args, env
 
 

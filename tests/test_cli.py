@@ -146,6 +146,12 @@ def test_pause_resume_remove(run, home):
     assert not load_accounts(home).accounts and "a" not in CredentialStore(home).credentials()
 
 
+def test_remove_from_a_home_without_accounts_says_so(run, home):
+    # Was a KeyError (the document had no "accounts" to look into), also on the dashboard's page.
+    result = run("remove", "nobody", "--yes", ok=False)
+    assert result.exit_code == 1 and "no account named 'nobody'" in result.output
+
+
 def test_strategy_show_and_switch(run, home, monkeypatch):
     monkeypatch.delenv("LB_STRATEGY", raising=False)
     assert run("strategy").output.startswith("session (proxy option")

@@ -8,12 +8,14 @@ tests/artifacts/dashboard.png. Chromium is driven over the DevTools protocol (ai
 
 import asyncio
 import base64
+import contextlib
 import json
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
@@ -23,6 +25,7 @@ from harness import CLAUDE_CODE_SYSTEM, add_account, db_rows, free_port, wait_fo
 
 from claudeflare.accounts import load_accounts
 from claudeflare.cli import cli
+from claudeflare.credentials import CredentialStore
 from claudeflare.flowlog import query_readonly
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,18 +195,28 @@ def test_dashboard_draws_every_chart_over_real_traffic(fake, home, start_proxy, 
     rows = db_rows(home, expect=sent)
     assert len(rows) == sent
 
+    with dashboard_and_chromium(home, tmp_path) as (base, devtools_port):
+        charts = asyncio.run(drive(devtools_port, base, sent, home))
+    assert {c["id"] for c in charts} >= {"requests-per-minute", "tokens-over-time", "cost-per-day", "error-rate",
+                                         "ttfb", "duration", "cache-by-account", "cache-by-session", "health",
+                                         "utilization", "failures", "client-split"}
+
+
+@contextlib.contextmanager
+def dashboard_and_chromium(home: Path, tmp_path: Path):
+    """`claudeflare dashboard` with a password set, as `scripts/run` starts it, and a headless Chromium:
+    (the dashboard's URL, Chromium's DevTools port)."""
     result = CliRunner().invoke(cli, ["--home", str(home), "dashboard-password"], input=PASSWORD + "\n")
     assert result.exit_code == 0, result.output
     port = free_port()
-    dashboard_log = tmp_path / "dashboard.log"
-    with open(dashboard_log, "wb") as out:
+    with open(tmp_path / "dashboard.log", "wb") as out:
         dashboard = subprocess.Popen([str(CLAUDEFLARE), "--home", str(home), "dashboard", "--port", str(port)],
                                      stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
     chromium = None
     try:
         wait_for_port(port, 30, alive=lambda: dashboard.poll() is None)
         chromium, devtools_port = start_chromium(tmp_path / "chromium-profile", tmp_path / "chromium.log")
-        charts = asyncio.run(drive(devtools_port, f"http://127.0.0.1:{port}", sent, home))
+        yield f"http://127.0.0.1:{port}", devtools_port
     finally:
         for proc in (chromium, dashboard):
             if proc and proc.poll() is None:
@@ -212,22 +225,23 @@ def test_dashboard_draws_every_chart_over_real_traffic(fake, home, start_proxy, 
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-    assert {c["id"] for c in charts} >= {"requests-per-minute", "tokens-over-time", "cost-per-day", "error-rate",
-                                         "ttfb", "duration", "cache-by-account", "cache-by-session", "health",
-                                         "utilization", "failures", "client-split"}
+
+
+async def log_in(page: Page, base: str, path: str = "/") -> None:
+    """Anonymous, `path` leads to the login form; fill it in."""
+    await page.send("Page.navigate", url=base + path)
+    await page.wait_for("location.pathname === '/-/login' && document.readyState === 'complete'", what="the login page")
+    await page.eval(f"""(() => {{
+        document.querySelector('#id_username').value = 'admin';
+        document.querySelector('#id_password').value = {json.dumps(PASSWORD)};
+        document.querySelector('form.password-login').submit();
+    }})()""")
 
 
 async def drive(devtools_port: int, base: str, sent: int, home: Path) -> list[dict]:
     session, page = await open_page(devtools_port)
     try:
-        # Anonymous: the home page leads to the login form.
-        await page.send("Page.navigate", url=base + "/")
-        await page.wait_for("location.pathname === '/-/login' && document.readyState === 'complete'", what="the login page")
-        await page.eval(f"""(() => {{
-            document.querySelector('#id_username').value = 'admin';
-            document.querySelector('#id_password').value = {json.dumps(PASSWORD)};
-            document.querySelector('form.password-login').submit();
-        }})()""")
+        await log_in(page, base)
         await page.wait_for("location.pathname === '/-/dashboards/pool' && document.readyState === 'complete'",
                             what="the dashboard after logging in")
         assert await page.eval("new URLSearchParams(location.search).get('range')") == "24 hours"
@@ -303,3 +317,89 @@ async def drive(devtools_port: int, base: str, sent: int, home: Path) -> list[di
 
 METRICS = {"requests", "tokens", "cost", "errors", "cache-hit", "ttfb-p95"}
 TABLES = {"health", "failures"}
+
+
+# --- accounts from the browser ---------------------------------------------------------------------
+
+ACCOUNTS_PAGE = "/-/claudeflare/accounts"
+
+
+@pytest.mark.timeout(120)
+def test_an_account_added_in_the_browser_serves_then_is_removed(fake, home, start_proxy, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLAUDEFLARE_TOKEN_URL", f"{fake.url}/v1/oauth/token")  # the dashboard's log-ins go to the fake
+    proxy = start_proxy(home)  # no accounts yet: it picks them up as they are added
+    assert ask(proxy, "before") == 503
+    with dashboard_and_chromium(home, tmp_path) as (base, devtools_port):
+        pasted, seen = asyncio.run(add_serve_remove(devtools_port, base, fake, home, proxy))
+    secrets = [pasted.partition("#")[0], *seen]
+    logs = (tmp_path / "dashboard.log").read_text(errors="replace") + proxy.output()
+    assert not [s for s in secrets if s in logs]
+    assert load_accounts(home).accounts == ()
+
+
+async def add_serve_remove(devtools_port: int, base: str, fake, home: Path, proxy) -> tuple[str, list[str]]:
+    """Log in, add `web-max` through the OAuth form, see it listed and serve a request, remove it.
+    Returns the pasted CODE#STATE and the stored tokens, and checks no page or URL showed them."""
+    session, page = await open_page(devtools_port)
+    html = []
+
+    async def snapshot():
+        html.append(await page.eval("document.documentElement.outerHTML"))
+
+    try:
+        await log_in(page, base, ACCOUNTS_PAGE)
+        await page.wait_for("location.pathname === '/-/dashboards/pool'", what="the dashboard after logging in")
+        await page.send("Page.navigate", url=base + ACCOUNTS_PAGE)
+        await page.wait_for("document.readyState === 'complete' && !!document.querySelector('form.oauth-start')", what="the accounts page")
+        await page.eval("""(() => {
+            const form = document.querySelector('form.oauth-start');
+            form.querySelector('[name=name]').value = 'web-max';
+            form.querySelector('[name=mode]').value = 'max';
+            form.querySelector('[name=tier]').value = '5';
+            form.submit();
+        })()""")
+        url = await page.wait_for("document.readyState === 'complete' && document.querySelector('#authorize')?.href",
+                                  what="the authorization link")
+        await snapshot()
+        query = {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
+        code = f"code-web-max-{time.monotonic_ns()}"  # what the person's log-in yields
+        fake.add_auth_code(code, account="web-max", state=query["state"], code_challenge=query["code_challenge"])
+        pasted = f"{code}#{query['state']}"
+        await page.eval(f"""(() => {{
+            document.querySelector('form.oauth-finish [name=code]').value = {json.dumps(pasted)};
+            document.querySelector('form.oauth-finish').submit();
+        }})()""")
+        await page.wait_for(f"location.pathname === '{ACCOUNTS_PAGE}' && document.readyState === 'complete' && "
+                            "!!document.querySelector('tr[data-account=\"web-max\"]')", what="web-max listed")
+        assert "added web-max (max, tier 5)" in await page.eval("document.body.innerText")
+        await snapshot()
+        credential = CredentialStore(home).credentials()["web-max"]
+        stored = [credential.access_token, credential.refresh_token]
+
+        # The running proxy reloads accounts.toml within a second: the new subscription serves.
+        deadline = time.monotonic() + 5
+        while (status := ask(proxy, "after")) != 200:
+            assert time.monotonic() < deadline, f"the proxy still answers {status}"
+            await asyncio.sleep(0.2)
+        assert [r["account"] for r in db_rows(home, "status = 200", expect=1)] == ["web-max"]
+
+        await page.eval("document.querySelector('tr[data-account=\"web-max\"] form.remove').submit()")
+        await page.wait_for("document.readyState === 'complete' && !!document.querySelector('form.remove-confirm')",
+                            what="the confirmation")
+        await page.eval("document.querySelector('form.remove-confirm').submit()")
+        await page.wait_for(f"location.pathname === '{ACCOUNTS_PAGE}' && document.readyState === 'complete' && "
+                            "document.body.innerText.includes('removed web-max')", what="web-max removed")
+        assert not await page.eval("!!document.querySelector('tr[data-account=\"web-max\"]')")
+        await snapshot()
+        deadline = time.monotonic() + 5
+        while (status := ask(proxy, "removed")) != 503:
+            assert time.monotonic() < deadline, f"the removed account still serves ({status})"
+            await asyncio.sleep(0.2)
+
+        assert not page.problems(), page.problems()
+        shown = "\n".join(html + page.requested())
+        assert not [s for s in [code, *stored] if s in shown]
+        return pasted, stored
+    finally:
+        await page.ws.close()
+        await session.close()

@@ -243,3 +243,11 @@ def test_kill_9_during_refresh_leaves_a_working_account(fake, home, tmp_path):
     finally:
         again.stop()
     json.loads((home / "credentials.json").read_text())  # never torn
+
+
+def test_login_replaces_a_needs_login_accounts_tokens(fake, home, oauth_env, monkeypatch):
+    add_account(home, "m", "max", 5, access_token="sk-ant-oat01-old-token", refresh_token="sk-ant-ort01-old-token", needs_login=True)
+    result = run(home, "login", "m", stdin=Browser(fake, "m", monkeypatch).stdin())
+    assert result.exit_code == 0 and "logged in m" in result.output, result.output
+    credential = CredentialStore(home).credentials()["m"]
+    assert not credential.needs_login and credential.access_token == fake.tokens("m")["access_token"]
