@@ -20,8 +20,9 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 import pytest
 import requests
+import yaml
 from click.testing import CliRunner
-from harness import CLAUDE_CODE_SYSTEM, add_account, db_rows, free_port, wait_for_port
+from harness import CLAUDE_CODE_SYSTEM, ROOT, add_account, db_rows, free_port, wait_for_port
 
 from claudeflare.accounts import load_accounts
 from claudeflare.cli import cli
@@ -251,7 +252,7 @@ async def drive(devtools_port: int, base: str, sent: int, home: Path) -> list[di
 
         def drawn(charts):
             kinds = {c["id"]: c for c in charts}
-            return (all(c["marks"] for k, c in kinds.items() if k not in METRICS | TABLES | {"manage"})
+            return (all(c["marks"] for k, c in kinds.items() if k not in METRICS | TABLES | TEXT)
                     and all(c["text"] for k, c in kinds.items() if k in METRICS)
                     and all(c["rows"] >= 2 for k, c in kinds.items() if k in TABLES))
 
@@ -263,7 +264,7 @@ async def drive(devtools_port: int, base: str, sent: int, home: Path) -> list[di
         charts = await page.eval(CHART_STATE)
         by_id = {c["id"]: c for c in charts}
 
-        blank = [c["id"] for c in charts if c["id"] not in METRICS | TABLES | {"manage"} and not (c["symbols"] or c["inked"])]
+        blank = [c["id"] for c in charts if c["id"] not in METRICS | TABLES | TEXT and not (c["symbols"] or c["inked"])]
         assert not blank, f"charts that drew no data: {blank}"
         assert by_id["requests-per-minute"]["symbols"] >= 96  # a bar per account and 15-minute bucket
         assert by_id["requests"]["text"] == str(sent)
@@ -315,8 +316,11 @@ async def drive(devtools_port: int, base: str, sent: int, home: Path) -> list[di
         await session.close()
 
 
-METRICS = {"requests", "tokens", "cost", "errors", "cache-hit", "ttfb-p95"}
-TABLES = {"health", "failures"}
+# Each chart by how it is drawn, from the metadata itself: a chart added later is checked too.
+CHARTS = yaml.safe_load((ROOT / "datasette-metadata.yml").read_text())["plugins"]["datasette-dashboards"]["pool"]["charts"]
+METRICS = {name for name, chart in CHARTS.items() if chart["library"] == "metric"}
+TABLES = {name for name, chart in CHARTS.items() if chart["library"] == "table"}
+TEXT = {name for name, chart in CHARTS.items() if chart["library"] == "markdown"}
 
 
 # --- accounts from the browser ---------------------------------------------------------------------
