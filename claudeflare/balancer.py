@@ -75,10 +75,12 @@ class Balancer:
                 return min(rotated, key=lambda a: self.in_flight[a.name])
         raise AssertionError(self.strategy)
 
-    def acquire(self, name: str) -> None:
+    def lease(self, name: str) -> "Lease":
+        """One attempt's place in the account's in-flight count, until the lease is released."""
         self.in_flight[name] += 1
+        return Lease(self, name)
 
-    def release(self, name: str) -> None:
+    def _give_back(self, name: str) -> None:
         self.in_flight[name] -= 1
         if self.in_flight[name] <= 0:
             del self.in_flight[name]
@@ -136,3 +138,19 @@ class Balancer:
         choice = max(group, key=lambda a: self._smooth_weights[a.name])
         self._smooth_weights[choice.name] -= total
         return choice
+
+
+class Lease:
+    """An attempt's share of an account's in-flight count: `release()` gives it back once, however
+    often it is called, so every path that ends an attempt may call it."""
+
+    __slots__ = ("account", "_balancer")
+
+    def __init__(self, balancer: Balancer, account: str) -> None:
+        self.account = account
+        self._balancer: Balancer | None = balancer
+
+    def release(self) -> None:
+        if self._balancer is not None:
+            self._balancer, balancer = None, self._balancer
+            balancer._give_back(self.account)

@@ -412,8 +412,8 @@ class Claudeflare:
         state.account_kind = "subscription" if policy.is_subscription(account.mode) else "api-key"
         state.sent_token = credential.access_token
         state.attempts += 1
-        state.released = False
-        self.balancer.acquire(account.name)
+        self.release(state)  # the one place a flow's lease changes hands
+        state.lease = self.balancer.lease(account.name)
         self.states.show(flow, state)
         return headers
 
@@ -469,18 +469,20 @@ class Claudeflare:
         state = self.states.get(flow)
         if state is None or not state.account:
             return
-        if state.settled or flow.response is None:
-            pass
-        elif flow.response.status_code in RETRY_STATUSES:
-            outcome = self.observe_refusal(state.account, state, flow.response)
-            if outcome in RETRY_OUTCOMES:
-                await self.failover(flow, state, outcome)
-        elif state.parser and state.parser.usage.error_type:
-            # An error inside a stream that began with 200: too late to retry, but it tells on the account.
-            self.health.observe(state.account, 200, Signals(), state.parser.usage.error_type)
-        self.owners.observe(flow.request, flow.response, state.account)
-        resources.localize_batch_reply(flow.request, flow.response)
-        self.release(state)
+        try:
+            if state.settled or flow.response is None:
+                pass
+            elif flow.response.status_code in RETRY_STATUSES:
+                outcome = self.observe_refusal(state.account, state, flow.response)
+                if outcome in RETRY_OUTCOMES:
+                    await self.failover(flow, state, outcome)
+            elif state.parser and state.parser.usage.error_type:
+                # An error inside a stream that began with 200: too late to retry, but it tells on the account.
+                self.health.observe(state.account, 200, Signals(), state.parser.usage.error_type)
+            self.owners.observe(flow.request, flow.response, state.account)
+            resources.localize_batch_reply(flow.request, flow.response)
+        finally:
+            self.release(state)  # whatever went wrong above, the attempt is over
 
     def observe_refusal(self, name: str, state: FlowState, response: http.Response) -> str:
         body = response.get_content(strict=False) or b""
@@ -508,7 +510,6 @@ class Claudeflare:
             status = flow.response.status_code if flow.response and outcome != "unreachable" else None
             state.failovers.append({"account": state.account, "status": status, "reason": outcome})
             nxt = await self.next_attempt(pool, state, outcome, tries, refreshed)
-            self.release(state)
             if nxt is None:
                 break
             account, credential, delay = nxt
@@ -575,9 +576,8 @@ class Claudeflare:
             self.upstream_down_at = time.time()  # open the circuit (see request)
 
     def release(self, state: FlowState) -> None:
-        if state.account and not state.released:
-            state.released = True
-            self.balancer.release(state.account)
+        if state.lease:
+            state.lease.release()
 
 
 def client_headers(request: http.Request, state: FlowState) -> http.Headers:

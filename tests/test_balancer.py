@@ -47,16 +47,25 @@ def test_weighted_interleaves_instead_of_bursting():
 
 def test_least_requests_prefers_fewest_in_flight():
     balancer = Balancer("least-requests")
-    balancer.acquire("a")
-    balancer.acquire("a")
-    balancer.acquire("b")
+    a_leases = [balancer.lease("a"), balancer.lease("a")]
+    balancer.lease("b")
     assert balancer.pick([A, B, C], None).name == "c"
-    balancer.acquire("c")
-    balancer.acquire("c")
+    balancer.lease("c")
+    balancer.lease("c")
     assert balancer.pick([A, B, C], None).name == "b"
-    balancer.release("a")
-    balancer.release("a")
+    for lease in a_leases:
+        lease.release()
     assert balancer.pick([A, B, C], None).name == "a"
+
+
+def test_a_lease_is_given_back_once_however_often_it_is_released():
+    balancer = Balancer()
+    first, second = balancer.lease("a"), balancer.lease("a")
+    for _ in range(3):
+        first.release()
+    assert balancer.in_flight == {"a": 1}
+    second.release()
+    assert balancer.in_flight == {}
 
 
 def test_least_requests_rotates_ties():
@@ -126,7 +135,7 @@ def test_requests_without_conversation_key_are_not_bound():
 
 def test_switching_strategy_keeps_in_flight_counts():
     balancer = Balancer("session")
-    balancer.acquire("a")
+    balancer.lease("a")
     balancer.strategy = "least-requests"
     assert balancer.pick([A, B], None) == B
 
