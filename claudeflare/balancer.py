@@ -8,7 +8,7 @@ counts, conversation bindings, rotation cursors) keyed by account name, so a rel
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from .accounts import Account
 from .config import DEFAULT_STRATEGY, check_strategy
@@ -29,9 +29,6 @@ class Balancer:
         self.session_seconds = session_seconds
         self.clock = clock
         self.in_flight: Counter[str] = Counter()
-        # Latest known utilization (0..1) of each account's binding window; 0 when unknown.
-        self.utilization: dict[str, float] = {}
-        self.warning: set[str] = set()  # accounts Anthropic says are close to their limit
         self.switch_utilization = 0.95  # a conversation leaves its account past this utilization
         self.sessions: dict[str, tuple[str, float]] = {}  # conversation key -> (account, expiry)
         self.session_counts: Counter[str] = Counter()  # live conversations per account
@@ -39,9 +36,12 @@ class Balancer:
         self._smooth_weights: dict[str, float] = {}
         self._next_prune = clock() + PRUNE_EVERY
 
-    def pick(self, accounts: Sequence[Account], key: str | None = None) -> Account | None:
+    def pick(self, accounts: Sequence[Account], key: str | None = None, *, warning: Collection[str] = (),
+             utilization: Mapping[str, float] | None = None) -> Account | None:
         """The account for a request, or None when no account is usable.
 
+        `utilization` is the latest known fraction (0..1) of each account's binding window (0 when
+        unknown); `warning` names the accounts Anthropic says are close to their limit.
         Only the best (lowest) priority present takes new work, and accounts near their limit
         (`warning`, or utilization past `switch_utilization`) only when nothing else is left.
         `session` keeps an existing conversation on its account while that account is usable and
@@ -49,17 +49,18 @@ class Balancer:
         """
         if not accounts:
             return None
+        utilization = utilization or {}
         moved = None
         if self.strategy == "session" and key:
-            bound, moved = self._bound(accounts, key)
+            bound, moved = self._bound(accounts, key, utilization)
             if bound:
                 return bound
-        roomy = [a for a in accounts if not self._near_limit(a.name)] or accounts
+        roomy = [a for a in accounts if a.name not in warning and not self._past_switch(a.name, utilization)] or accounts
         best = min(a.priority for a in roomy)
         group = sorted((a for a in roomy if a.priority == best), key=lambda a: a.name)
         match self.strategy:
             case "session":
-                choice = max(group, key=self._headroom)
+                choice = max(group, key=lambda a: self._headroom(a, utilization))
                 if key:
                     self._bind(key, choice.name, moved)
                 return choice
@@ -85,15 +86,15 @@ class Balancer:
         if self.in_flight[name] <= 0:
             del self.in_flight[name]
 
-    def _headroom(self, account: Account) -> float:
-        free = max(0.0, 1.0 - self.utilization.get(account.name, 0.0))
+    def _headroom(self, account: Account, utilization: Mapping[str, float]) -> float:
+        free = max(0.0, 1.0 - utilization.get(account.name, 0.0))
         load = 1 + self.session_counts[account.name] + self.in_flight[account.name]
         return account.tier * free / load
 
-    def _near_limit(self, name: str) -> bool:
-        return name in self.warning or self.utilization.get(name, 0.0) > self.switch_utilization
+    def _past_switch(self, name: str, utilization: Mapping[str, float]) -> bool:
+        return utilization.get(name, 0.0) > self.switch_utilization
 
-    def _bound(self, accounts: Sequence[Account], key: str) -> tuple[Account | None, str | None]:
+    def _bound(self, accounts: Sequence[Account], key: str, utilization: Mapping[str, float]) -> tuple[Account | None, str | None]:
         """The conversation's live account if it may keep it, else (None, why it must move)."""
         now = self.clock()
         if now >= self._next_prune:
@@ -104,7 +105,7 @@ class Balancer:
         account = next((a for a in accounts if a.name == bound[0]), None)
         if account is None:
             return None, f"{bound[0]} is not usable"
-        if self.utilization.get(account.name, 0.0) > self.switch_utilization:
+        if self._past_switch(account.name, utilization):
             return None, f"{bound[0]} is past {self.switch_utilization:.0%} of its limit"
         return account, None
 

@@ -37,6 +37,7 @@ from .clock import utc_now
 from .flowlog import account_status, open_db, query_readonly, requests_per_account
 from .oauth import LoginFlow, OAuthError, OAuthSettings, create_api_key, exchange_code
 from .refresh import TokenRefresher
+from .states import Seen, effective_state
 
 CLAUDE_CODE_CREDENTIALS = Path("~/.claude/.credentials.json")
 STATUS_FRESH = 10  # seconds: the proxy rewrites account_status every second while it runs
@@ -291,13 +292,13 @@ def list_(obj: Context, as_json: bool) -> None:
     for account in pool.accounts:
         credential = pool.credential(account)
         seen = status.get(account.name, {})
-        state = pool.state(account)
+        state, _ = effective_state(pool.state(account), Seen(seen["state"], seen["reason"]) if seen.get("state") else None)
         rows.append({
             "name": account.name,
             "mode": account.mode,
             "tier": account.tier,
             "priority": account.priority,
-            "state": (seen.get("state") or state) if state == "ok" else state,
+            "state": state,
             "token_expires_at": credential.expires_at if credential and not credential.api_key else None,
             "requests_today": today.get(account.name, 0),
             "limited_until": seen.get("limited_until"),

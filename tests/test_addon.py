@@ -75,7 +75,7 @@ def test_a_bug_in_a_request_hook_refuses_the_flow_rather_than_letting_it_through
     assert flow.response.status_code == 500 and b'"api_error"' in flow.response.content
     assert "internal error in the gate" in caplog.text
     monkeypatch.undo()
-    monkeypatch.setattr(claudeflare, "choose", broken)
+    monkeypatch.setattr(claudeflare.router, "choose", broken)
     flow = pool_flow()
     asyncio.run(gate.requestheaders(flow))
     asyncio.run(claudeflare.request(flow))

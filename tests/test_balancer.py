@@ -123,8 +123,7 @@ def test_priority_is_a_preference_not_a_weight():
 
 def test_known_utilization_lowers_headroom():
     balancer = Balancer("session")
-    balancer.utilization["c"] = 0.99
-    assert balancer.pick([B, C], "conv") == B
+    assert balancer.pick([B, C], "conv", utilization={"c": 0.99}) == B
 
 
 def test_requests_without_conversation_key_are_not_bound():
@@ -144,15 +143,12 @@ def test_a_conversation_leaves_an_account_past_the_threshold_and_says_so(caplog)
     caplog.set_level("INFO")
     balancer = Balancer("session")
     assert balancer.pick([A, C], "conv") == C
-    balancer.utilization["c"] = 0.90
-    assert balancer.pick([A, C], "conv") == C  # under the threshold: stays for the warm cache
-    balancer.utilization["c"] = 0.96
-    assert balancer.pick([A, C], "conv") == A
+    assert balancer.pick([A, C], "conv", utilization={"c": 0.90}) == C  # under the threshold: stays for the warm cache
+    assert balancer.pick([A, C], "conv", utilization={"c": 0.96}) == A
     assert "conversation conv moved from c to a: c is past 95% of its limit" in caplog.text
 
 
 def test_new_conversations_avoid_accounts_in_warning_while_others_have_room():
     balancer = Balancer("session")
-    balancer.warning = {"c"}
-    assert {balancer.pick([A, C], f"k{i}").name for i in range(5)} == {"a"}
-    assert balancer.pick([C], "only") == C  # but a warning account still serves when it is the last
+    assert {balancer.pick([A, C], f"k{i}", warning={"c"}).name for i in range(5)} == {"a"}
+    assert balancer.pick([C], "only", warning={"c"}) == C  # but a warning account still serves when it is the last

@@ -10,7 +10,13 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 
+from claudeflare.accounts import Account, Pool
+from claudeflare.balancer import Balancer
+from claudeflare.credentials import Credential
+from claudeflare.flows import FlowState, FlowStates
 from claudeflare.proxy import Claudeflare
+from claudeflare.ratelimit import Health
+from claudeflare.router import Router
 from conftest import key_for
 from harness import add_account
 
@@ -67,9 +73,118 @@ def upstream_answers(claudeflare, flow, response: http.Response):
 
 
 def test_a_failover_that_raises_still_gives_its_in_flight_count_back(proxy):
-    proxy.resender = FakeResender(RuntimeError("a bug in the resend"))
+    proxy.router.resender = FakeResender(RuntimeError("a bug in the resend"))
     flow = pool_flow(proxy)
     with pytest.raises(RuntimeError):
         asyncio.run(upstream_answers(proxy, flow, reply(429, LIMITED, "rate_limit_error")))
-    assert len(proxy.resender.sent) == 1  # the failover did try the other account
+    assert len(proxy.router.resender.sent) == 1  # the failover did try the other account
     assert dict(proxy.balancer.in_flight) == {}
+
+
+# --- the Router alone, with its collaborators in memory -------------------------------------------
+
+class FakeRefresher:
+    """A token server that hands out a new access token when told the old one was refused."""
+
+    def __init__(self):
+        self.refused: list[str] = []
+
+    async def fresh(self, name, credential, rejected=None):
+        if rejected is None:
+            return credential
+        self.refused.append(rejected)
+        return Credential(access_token=f"{rejected}-fresh", refresh_token=credential.refresh_token, expires_at=time.time() + 3600)
+
+
+def make_router(*accounts: Account, credentials: dict, resender: FakeResender) -> Router:
+    pool = Pool(accounts, credentials)
+    sleeps = []
+
+    async def sleep(seconds):
+        sleeps.append(seconds)
+
+    router = Router(lambda: pool, Balancer("round-robin"), Health(), FlowStates(), sleep=sleep)
+    router.resender, router.sleeps = resender, sleeps
+    return router
+
+
+def keyed(*names, resender) -> Router:
+    return make_router(*(Account(n, "api-key") for n in names), credentials={n: Credential(api_key=key_for(n)) for n in names},
+                       resender=resender)
+
+
+async def serve(router: Router, upstream: http.Response, owner: str | None = None) -> tuple[http.HTTPFlow, FlowState]:
+    """What the addon's hooks do for one pool flow: choose and attempt, then the upstream's reply."""
+    flow = tflow.tflow()
+    flow.request.path = "/v1/messages"
+    state = router.states.start(flow)
+    state.owner = owner
+    chosen = await router.choose(router.pool(), state, exclude=())
+    router.attempt(flow, flow.request.headers.copy(), state, *chosen)
+    flow.response = upstream
+    router.observe_signals(state.account, state, upstream)  # responseheaders
+    try:
+        await router.settle(flow, state)
+    finally:
+        router.release(state)
+    return flow, state
+
+
+def test_a_429_fails_over_to_the_next_account():
+    router = keyed("a", "b", resender=FakeResender(reply(200)))
+    flow, state = asyncio.run(serve(router, reply(429, LIMITED, "rate_limit_error")))
+    first = state.failovers[0]["account"]
+    assert flow.response.status_code == 200 and state.account != first and state.attempts == 2
+    assert router.resender.sent == [key_for(state.account)]
+    assert state.failovers == [{"account": first, "status": 429, "reason": "limited"}]
+    assert not router.health.available(first) and router.balancer.in_flight == {}
+
+
+def test_a_529_waits_and_retries_the_same_account_with_backoff():
+    router = keyed("a", "b", resender=FakeResender(reply(529, kind="overloaded_error"), reply(200)))
+    router.retry_attempts, router.retry_delay, router.retry_backoff = 3, 0.5, 3.0
+    flow, state = asyncio.run(serve(router, reply(529, kind="overloaded_error")))
+    assert flow.response.status_code == 200 and state.attempts == 3
+    assert router.resender.sent == [key_for(state.account)] * 2 and router.sleeps == [0.5, 1.5]
+    assert [f["reason"] for f in state.failovers] == ["overloaded", "overloaded"]
+    assert router.balancer.in_flight == {}
+
+
+def test_a_401_refreshes_the_token_once_then_the_account_needs_a_login():
+    account = Account("m", "max")
+    router = make_router(account, credentials={"m": Credential(access_token="sk-ant-oat01-old", refresh_token="sk-ant-ort01-r",
+                                                               expires_at=time.time() + 3600)},
+                         resender=FakeResender(reply(401, kind="authentication_error")))
+    router.refresher = FakeRefresher()
+    flow, state = asyncio.run(serve(router, reply(401, kind="authentication_error")))
+    assert router.refresher.refused == ["sk-ant-oat01-old"]  # one refresh, for the token refused
+    assert router.resender.sent == ["Bearer sk-ant-oat01-old-fresh"]
+    assert router.health.get("m").state == "needs-login" and not router.health.available("m")
+    assert flow.response.status_code == 503 and b"m: needs-login" in flow.response.content
+    assert router.balancer.in_flight == {}
+
+
+def test_a_request_pinned_to_its_owner_never_moves():
+    router = keyed("a", "b", resender=FakeResender())
+    flow, state = asyncio.run(serve(router, reply(429, LIMITED, "rate_limit_error"), owner="a"))
+    assert state.account == "a" and router.resender.sent == []
+    assert flow.response.status_code == 429  # the owner's own refusal: nobody else has the file
+    assert router.balancer.in_flight == {}
+
+
+def test_nobody_left_is_a_429_that_says_until_when():
+    router = keyed("a", "b", resender=FakeResender(reply(429, LIMITED, "rate_limit_error")))
+    flow, state = asyncio.run(serve(router, reply(429, LIMITED, "rate_limit_error")))
+    assert [f["reason"] for f in state.failovers] == ["limited", "limited"]
+    body = json.loads(flow.response.content)
+    assert flow.response.status_code == 429 and body["error"]["type"] == "rate_limit_error"
+    assert "all 2 usable account(s) are rate limited" in body["error"]["message"]
+    assert 3590 <= int(flow.response.headers["retry-after"]) <= 3600
+    assert router.balancer.in_flight == {}
+
+
+def test_the_lease_is_given_back_when_the_resender_raises():
+    router = keyed("a", "b", resender=FakeResender(httpx.ConnectError("refused"), RuntimeError("a bug")))
+    with pytest.raises(RuntimeError):
+        asyncio.run(serve(router, reply(529, kind="overloaded_error")))
+    assert len(router.resender.sent) == 2 and router.balancer.in_flight == {}
