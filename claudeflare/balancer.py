@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 
 from .accounts import Account
-from .config import DEFAULT_STRATEGY, check_strategy
+from .config import DEFAULT_SESSION_HOURS, DEFAULT_STRATEGY, DEFAULT_SWITCH_UTILIZATION, check_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -22,14 +22,14 @@ class Balancer:
     def __init__(
         self,
         strategy: str = DEFAULT_STRATEGY,
-        session_seconds: float = 5 * 3600,
+        session_seconds: float = DEFAULT_SESSION_HOURS * 3600,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.strategy = check_strategy(strategy)
         self.session_seconds = session_seconds
         self.clock = clock
         self.in_flight: Counter[str] = Counter()
-        self.switch_utilization = 0.95  # a conversation leaves its account past this utilization
+        self.switch_utilization = DEFAULT_SWITCH_UTILIZATION  # a conversation leaves its account past this utilization
         self.sessions: dict[str, tuple[str, float]] = {}  # conversation key -> (account, expiry)
         self.session_counts: Counter[str] = Counter()  # live conversations per account
         self._cursor = 0

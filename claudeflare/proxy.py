@@ -1,4 +1,6 @@
-"""The Claudeflare addon: which account each pool flow goes to, and failover.
+"""The Claudeflare addon: thin hooks that hand each pool flow to the Router (router.py: which
+account, and failover), its options (parsed in options.py), and its background tasks (tokens
+refreshed ahead, usage read, account status published).
 
 `addon/claudeflare.py` loads it after the ClientGate (gate.py: which flows are the pool's and who
 may send them) and before the Recorder. The decisions live in the modules it calls
@@ -10,7 +12,6 @@ import contextlib
 import functools
 import inspect
 import logging
-import math
 import os
 import time
 from dataclasses import replace
@@ -23,13 +24,19 @@ from . import resources
 from .accounts import Pool, PoolWatcher
 from .balancer import Balancer
 from .config import (
-    HomeError,
-    check_strategy,
+    DEFAULT_MAX_BODY_MB,
+    DEFAULT_REFRESH_MARGIN,
+    DEFAULT_RETRY_ATTEMPTS,
+    DEFAULT_RETRY_BACKOFF,
+    DEFAULT_RETRY_DELAY_MS,
+    DEFAULT_SESSION_HOURS,
+    DEFAULT_SUBSCRIPTION_CLIENTS,
+    DEFAULT_SWITCH_UTILIZATION,
+    DEFAULT_USAGE_INTERVAL,
+    STRATEGIES,
     default_strategy,
     default_upstream,
-    ensure_home,
     parse_upstream,
-    resolve_home,
 )
 from .conversation import conversation_key
 from .clock import iso_utc, utc_now
@@ -44,6 +51,20 @@ from .limits import ConnectionLimits
 from .oauth import OAuthSettings
 from . import policy
 from .offloop import off_loop
+from .options import (
+    check_proxy_debug,
+    env_number,
+    parse_home,
+    parse_max_body,
+    parse_refresh,
+    parse_retry,
+    parse_session_seconds,
+    parse_strategy,
+    parse_subscription_clients,
+    parse_switch_utilization,
+    parse_upstream_option,
+    parse_usage_interval,
+)
 from .ratelimit import OVERLOAD_BENCH, Health
 from .recorder import Recorder
 from .refresh import TokenRefresher
@@ -54,23 +75,6 @@ from .usage_poll import UsagePoller, status_columns
 from . import wire
 
 logger = logging.getLogger(__name__)
-
-
-def env_number(name: str, default: float) -> float:
-    try:
-        return float(os.environ[name])
-    except (KeyError, ValueError):
-        return default
-
-
-def fraction_option(opts, name: str, low: float, high: float, low_inclusive: bool = False) -> float:
-    try:
-        value = float(getattr(opts, name))
-    except ValueError:
-        value = math.nan
-    if not (low <= value if low_inclusive else low < value) or not value <= high:
-        raise exceptions.OptionsError(f"{name} must be a number {'≥' if low_inclusive else '>'} {low:g} and ≤ {high:g}")
-    return value
 
 
 def fail_closed(hook):
@@ -115,8 +119,8 @@ class Claudeflare:
         self.upstream = parse_upstream(default_upstream())
         self.strategy_option = default_strategy()
         self.oauth = OAuthSettings.from_env()
-        self.refresh_margin = 300.0
-        self.subscription_clients = "claude-code"
+        self.refresh_margin = float(DEFAULT_REFRESH_MARGIN)
+        self.subscription_clients = DEFAULT_SUBSCRIPTION_CLIENTS
         self._tasks: list[asyncio.Task] = []
         self.loop: asyncio.AbstractEventLoop | None = None  # mitmproxy's, once running
         self.pool_servers: set[tuple[str, int]] = set()  # where pool flows have been sent
@@ -128,86 +132,66 @@ class Claudeflare:
         add = loader.add_option
         add("claudeflare_home", str, "", "Folder with accounts.toml, credentials and the flow log (default: $CLAUDEFLARE_HOME or ~/.config/claudeflare).")
         add("claudeflare_upstream", str, default_upstream(), "Anthropic API base URL that pool requests go to.")
-        add("claudeflare_strategy", str, default_strategy(), "Load balancing: session, round-robin, weighted or least-requests.")
+        add("claudeflare_strategy", str, default_strategy(), "Load balancing across accounts.", choices=STRATEGIES)
         # mitmproxy parses only str/int/bool options from the command line: fractions are strings.
-        add("claudeflare_session_hours", str, "5", "How long a conversation stays on its account (session strategy).")
+        add("claudeflare_session_hours", str, str(DEFAULT_SESSION_HOURS), "How long a conversation stays on its account (session strategy).")
         add("claudeflare_token_url", str, self.oauth.token_url, "OAuth token endpoint used to refresh tokens.")
-        add("claudeflare_refresh_margin", int, 300, "Refresh OAuth tokens this many seconds before they expire.")
-        add("claudeflare_retry_attempts", int, int(env_number("RETRY_ATTEMPTS", 3)), "Tries per account for 529s and connection errors.")
-        add("claudeflare_retry_delay_ms", int, int(env_number("RETRY_DELAY_MS", 1000)), "Wait before the first retry on the same account.")
-        add("claudeflare_retry_backoff", str, os.environ.get("RETRY_BACKOFF", "2"), "Each further retry on the same account waits this many times longer.")
-        add("claudeflare_switch_utilization", str, "0.95", "A conversation leaves its account past this utilization of its limit.")
-        add("claudeflare_usage_interval", int, 300, "Read each subscription's usage endpoint at most this often, in seconds (0: never).")
-        add("claudeflare_max_body_mb", int, 32, "Largest body accepted, in MiB (Anthropic's own cap is 32 MB); sets body_size_limit.")
-        add("claudeflare_subscription_clients", str, "claude-code", "Which requests subscription (max) accounts serve: claude-code (Anthropic's terms) or any (at your own risk).")
+        add("claudeflare_refresh_margin", int, DEFAULT_REFRESH_MARGIN, "Refresh OAuth tokens this many seconds before they expire.")
+        add("claudeflare_retry_attempts", int, int(env_number("RETRY_ATTEMPTS", DEFAULT_RETRY_ATTEMPTS)), "Tries per account for 529s and connection errors.")
+        add("claudeflare_retry_delay_ms", int, int(env_number("RETRY_DELAY_MS", DEFAULT_RETRY_DELAY_MS)), "Wait before the first retry on the same account.")
+        add("claudeflare_retry_backoff", str, os.environ.get("RETRY_BACKOFF", str(DEFAULT_RETRY_BACKOFF)), "Each further retry on the same account waits this many times longer.")
+        add("claudeflare_switch_utilization", str, str(DEFAULT_SWITCH_UTILIZATION), "A conversation leaves its account past this utilization of its limit.")
+        add("claudeflare_usage_interval", int, DEFAULT_USAGE_INTERVAL, "Read each subscription's usage endpoint at most this often, in seconds (0: never).")
+        add("claudeflare_max_body_mb", int, DEFAULT_MAX_BODY_MB, "Largest body accepted, in MiB (Anthropic's own cap is 32 MB); sets body_size_limit.")
+        add("claudeflare_subscription_clients", str, DEFAULT_SUBSCRIPTION_CLIENTS, "Which requests subscription (max) accounts serve: claude-code (Anthropic's terms) or any (at your own risk).")
 
     def configure(self, updated: set[str]) -> None:
-        opts = ctx.options
+        try:
+            self.apply_options(ctx.options, updated)
+        except ValueError as e:  # the parsers name the option
+            raise exceptions.OptionsError(str(e)) from None
+
+    def apply_options(self, opts, updated: set[str]) -> None:
+        """Each changed option group, parsed (options.py) and handed to what uses it."""
+        if "proxy_debug" in updated:
+            check_proxy_debug(opts.proxy_debug)
         if "claudeflare_upstream" in updated:
-            try:
-                self.upstream = parse_upstream(opts.claudeflare_upstream)
-            except ValueError as e:
-                raise exceptions.OptionsError(f"claudeflare_upstream: {e}") from None
+            self.upstream = parse_upstream_option(opts.claudeflare_upstream)
         if "claudeflare_strategy" in updated:
-            try:
-                self.strategy_option = check_strategy(opts.claudeflare_strategy)
-            except ValueError as e:
-                raise exceptions.OptionsError(f"claudeflare_strategy: {e}") from None
+            self.strategy_option = parse_strategy(opts.claudeflare_strategy)
         if "claudeflare_max_body_mb" in updated:
-            if opts.claudeflare_max_body_mb < 1:
-                raise exceptions.OptionsError("claudeflare_max_body_mb must be at least 1")
+            self.router.max_body = parse_max_body(opts.claudeflare_max_body_mb)  # the same cap for replies our client fetches
             # mitmproxy's own limit refuses a body as soon as it is known to be too large (from its
             # Content-Length, or as chunks arrive) and before buffering it; an addon could only
             # answer after the whole body was read.
             opts.update(body_size_limit=f"{opts.claudeflare_max_body_mb}m")
-            self.router.max_body = opts.claudeflare_max_body_mb * 2**20  # the same cap for replies our client fetches
-        if "proxy_debug" in updated and opts.proxy_debug:
-            # mitmproxy's core then logs every byte on the wire: account credentials and client keys too.
-            raise exceptions.OptionsError("proxy_debug logs credentials as they are sent: Claudeflare refuses it")
         if "claudeflare_session_hours" in updated:
-            self.balancer.session_seconds = fraction_option(opts, "claudeflare_session_hours", 0, 24 * 365) * 3600
-        if {"claudeflare_retry_attempts", "claudeflare_retry_delay_ms", "claudeflare_retry_backoff"} & updated:
-            if opts.claudeflare_retry_attempts < 1 or opts.claudeflare_retry_delay_ms < 0:
-                raise exceptions.OptionsError("claudeflare_retry_attempts must be ≥ 1 and claudeflare_retry_delay_ms ≥ 0")
-            self.router.retry_attempts = opts.claudeflare_retry_attempts
-            self.router.retry_delay = opts.claudeflare_retry_delay_ms / 1000
-            self.router.retry_backoff = fraction_option(opts, "claudeflare_retry_backoff", 1, 100, low_inclusive=True)
-            self.health.overload_bench = min(OVERLOAD_BENCH, self.router.retry_delay)  # 529: no longer than a retry waits
-        if "claudeflare_subscription_clients" in updated:
-            try:
-                self.subscription_clients = policy.check_subscription_clients(opts.claudeflare_subscription_clients)
-            except ValueError as e:
-                raise exceptions.OptionsError(f"claudeflare_subscription_clients: {e}") from None
+            self.balancer.session_seconds = parse_session_seconds(opts.claudeflare_session_hours)
         if "claudeflare_switch_utilization" in updated:
-            self.balancer.switch_utilization = fraction_option(opts, "claudeflare_switch_utilization", 0, 10)
+            self.balancer.switch_utilization = parse_switch_utilization(opts.claudeflare_switch_utilization)
+        if {"claudeflare_retry_attempts", "claudeflare_retry_delay_ms", "claudeflare_retry_backoff"} & updated:
+            self.router.retry = parse_retry(opts.claudeflare_retry_attempts, opts.claudeflare_retry_delay_ms, opts.claudeflare_retry_backoff)
+            self.health.overload_bench = min(OVERLOAD_BENCH, self.router.retry.delay)  # 529: no longer than a retry waits
+        if "claudeflare_subscription_clients" in updated:
+            self.subscription_clients = parse_subscription_clients(opts.claudeflare_subscription_clients)
         if {"claudeflare_token_url", "claudeflare_refresh_margin"} & updated:
-            if not opts.claudeflare_token_url.startswith(("https://", "http://")):
-                raise exceptions.OptionsError("claudeflare_token_url must be an http(s) URL")
-            if opts.claudeflare_refresh_margin < 0:
-                raise exceptions.OptionsError("claudeflare_refresh_margin must not be negative")
-            self.oauth = replace(self.oauth, token_url=opts.claudeflare_token_url)
-            self.refresh_margin = float(opts.claudeflare_refresh_margin)
+            refresh = parse_refresh(opts.claudeflare_token_url, opts.claudeflare_refresh_margin)
+            self.oauth, self.refresh_margin = replace(self.oauth, token_url=refresh.token_url), refresh.margin
             if self.refresher:
                 self.refresher.settings, self.refresher.margin = self.oauth, self.refresh_margin
         if "claudeflare_usage_interval" in updated:
-            if opts.claudeflare_usage_interval < 0:
-                raise exceptions.OptionsError("claudeflare_usage_interval must not be negative (0 turns usage reads off)")
-            self.usage_poller.schedule.interval = float(opts.claudeflare_usage_interval)
+            self.usage_poller.schedule.interval = parse_usage_interval(opts.claudeflare_usage_interval)
         if "claudeflare_home" in updated:
-            home = resolve_home(opts.claudeflare_home)
-            try:
-                ensure_home(home)
-            except HomeError as e:
-                raise exceptions.OptionsError(f"claudeflare_home: {e}") from None
-            except OSError as e:
-                raise exceptions.OptionsError(f"claudeflare_home: cannot use {home}: {e.strerror}") from None
-            if self.watcher:
-                self.watcher.stop()
-            self.home = home
-            self.watcher = PoolWatcher(home, on_change=self.on_pool_change)
-            self.watcher.start()
-            self.router.refresher = TokenRefresher(home, self.oauth, self.refresh_margin)
-            logger.info("claudeflare: home %s, upstream %s://%s:%d", home, *self.upstream)
+            self.open_home(parse_home(opts.claudeflare_home))
+
+    def open_home(self, home: Path) -> None:
+        if self.watcher:
+            self.watcher.stop()
+        self.home = home
+        self.watcher = PoolWatcher(home, on_change=self.on_pool_change)
+        self.watcher.start()
+        self.router.refresher = TokenRefresher(home, self.oauth, self.refresh_margin)
+        logger.info("claudeflare: home %s, upstream %s", home, self.upstream.url)
 
     def running(self) -> None:
         self.router.resender = Resender()
@@ -265,8 +249,7 @@ class Claudeflare:
             if self.usage_poller.schedule.interval and self.refresher:
                 pool = self.pool
                 accounts = [(a.name, c) for a in pool.usable() if a.oauth and (c := pool.credential(a))]
-                scheme, host, port = self.upstream
-                await self.usage_poller.poll(accounts, f"{scheme}://{host}:{port}", self.refresher.fresh, self.health)
+                await self.usage_poller.poll(accounts, self.upstream.url, self.refresher.fresh, self.health)
             await asyncio.sleep(every)
 
     async def publish_status(self, every: float = 1.0) -> None:

@@ -19,8 +19,10 @@ from mitmproxy import http
 from . import policy
 from .accounts import Account, Pool
 from .balancer import Balancer
+from .config import DEFAULT_MAX_BODY_MB
 from .credentials import Credential
 from .flows import FlowState, FlowStates, error_response, inject_credential
+from .options import Retry
 from .ratelimit import Health, Signals, error_details, read_signals
 from .refresh import TokenRefresher
 from .resend import ReplyTooLarge, Resender
@@ -51,8 +53,8 @@ class Router:
         self.clock, self.sleep = clock, sleep
         self.refresher: TokenRefresher | None = None  # once the home is known
         self.resender: Resender | None = None  # once mitmproxy runs
-        self.retry_attempts, self.retry_delay, self.retry_backoff = 3, 1.0, 2.0
-        self.max_body = 32 * 2**20
+        self.retry = Retry()
+        self.max_body = DEFAULT_MAX_BODY_MB * 2**20
         self.upstream_down_at: float | None = None  # last failed connection to the upstream
 
     # --- choosing ---------------------------------------------------------------------------------
@@ -213,11 +215,11 @@ class Router:
                 if credential and credential.access_token != state.sent_token:
                     return current, credential, 0.0
             self.health.needs_login(current.name, "credentials refused (401)", self.fingerprint(current.name))
-        if current and outcome in (Outcome.OVERLOADED, Outcome.UNREACHABLE) and tries[current.name] < self.retry_attempts:
+        if current and outcome in (Outcome.OVERLOADED, Outcome.UNREACHABLE) and tries[current.name] < self.retry.attempts:
             # Overload is Anthropic-wide: waiting helps more than moving.
             credential = pool.credential(current)
             if credential:
-                return current, credential, self.retry_delay * self.retry_backoff ** (tries[current.name] - 1)
+                return current, credential, self.retry.delay * self.retry.backoff ** (tries[current.name] - 1)
         chosen = await self.choose(pool, state, exclude=set(tries))
         return (*chosen, 0.0) if chosen else None
 

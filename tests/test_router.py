@@ -12,12 +12,14 @@ from mitmproxy.test import taddons, tflow
 
 from claudeflare.accounts import Account, Pool
 from claudeflare.balancer import Balancer
-from claudeflare.credentials import Credential
+from claudeflare.credentials import Credential, CredentialStore
 from claudeflare.flows import FlowState, FlowStates
+from claudeflare.options import Retry
 from claudeflare.proxy import Claudeflare
+from claudeflare.policy import credential_fingerprint
 from claudeflare.ratelimit import Health
 from claudeflare.router import Router
-from conftest import key_for
+from conftest import key_for, wait_until
 from harness import add_account
 
 LIMITED = {"anthropic-ratelimit-unified-status": "rejected", "anthropic-ratelimit-unified-reset": str(int(time.time()) + 3600)}
@@ -142,7 +144,7 @@ def test_a_429_fails_over_to_the_next_account():
 
 def test_a_529_waits_and_retries_the_same_account_with_backoff():
     router = keyed("a", "b", resender=FakeResender(reply(529, kind="overloaded_error"), reply(200)))
-    router.retry_attempts, router.retry_delay, router.retry_backoff = 3, 0.5, 3.0
+    router.retry = Retry(attempts=3, delay=0.5, backoff=3.0)
     flow, state = asyncio.run(serve(router, reply(529, kind="overloaded_error")))
     assert flow.response.status_code == 200 and state.attempts == 3
     assert router.resender.sent == [key_for(state.account)] * 2 and router.sleeps == [0.5, 1.5]
@@ -188,3 +190,16 @@ def test_the_lease_is_given_back_when_the_resender_raises():
     with pytest.raises(RuntimeError):
         asyncio.run(serve(router, reply(529, kind="overloaded_error")))
     assert len(router.resender.sent) == 2 and router.balancer.in_flight == {}
+
+
+def test_a_pool_change_ends_a_refusal_only_where_the_credential_changed(proxy, tmp_path):
+    pool = proxy.pool
+    for name in ("a", "b"):
+        credential = pool.stored_credential(next(a for a in pool.accounts if a.name == name))
+        proxy.health.disable(name, "disabled by Anthropic (403)", credential_fingerprint(credential))
+    CredentialStore(proxy.home).set_account("b", Credential(api_key=key_for("b-new")))
+    assert wait_until(lambda: proxy.pool is not pool)  # the watcher's thread reloads it
+    assert proxy.health.view("b").state == "disabled"  # reading the pool changes nothing
+    proxy.pool_changed(proxy.pool)  # what the watcher's on_change hands to the event loop
+    assert proxy.health.view("a").state == "disabled" and not proxy.health.available("a")
+    assert proxy.health.available("b") and proxy.health.view("b").state == "ok"
