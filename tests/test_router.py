@@ -8,6 +8,7 @@ import time
 import httpx
 import pytest
 from mitmproxy import http
+from mitmproxy.io import tnetstring
 from mitmproxy.test import taddons, tflow
 
 from claudeflare.accounts import Account, Pool
@@ -203,3 +204,14 @@ def test_a_pool_change_ends_a_refusal_only_where_the_credential_changed(proxy, t
     proxy.pool_changed(proxy.pool)  # what the watcher's on_change hands to the event loop
     assert proxy.health.view("a").state == "disabled" and not proxy.health.available("a")
     assert proxy.health.available("b") and proxy.health.view("b").state == "ok"
+
+
+def test_flow_metadata_holds_plain_values_and_no_secret(proxy):
+    flow = pool_flow(proxy)
+    asyncio.run(proxy.request(flow))
+    state = proxy.states.get(flow)
+    assert state.lease and flow.metadata == {"claudeflare": {"id": state.id, "account": state.account, "client": None, "attempts": 1}}
+    saved = tnetstring.dumps(flow.get_state())  # what `-w` writes: the live state stays out of it
+    assert key_for("a").encode() not in saved and key_for("b").encode() not in saved
+    asyncio.run(proxy.response(flow))
+    assert dict(proxy.balancer.in_flight) == {}
