@@ -70,7 +70,7 @@ from .recorder import Recorder
 from .refresh import TokenRefresher
 from .resend import Resender
 from .router import Router, client_headers
-from .states import RETRY_OUTCOMES, AccountState, effective_state
+from .states import AccountState, effective_state
 from .usage_poll import UsagePoller, status_columns
 from . import wire
 
@@ -325,10 +325,7 @@ class Claudeflare:
         self.pool_servers.add((flow.request.host, flow.request.port))
         headers = self.router.attempt(flow, flow.request.headers.copy(), state, *chosen)
         if self.router.circuit_open():
-            state.settled = True  # sent by our client, which retries a failed connection
-            outcome = await self.router.resend(flow, state, headers)
-            if outcome in RETRY_OUTCOMES:
-                await self.router.failover(flow, state, outcome)
+            await self.router.send_ourselves(flow, state, headers)
 
     async def answer_list(self, flow: http.HTTPFlow, state: FlowState, pool: Pool) -> None:
         """GET /v1/files or /v1/messages/batches has no one owner: every usable account's, merged."""

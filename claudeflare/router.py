@@ -206,6 +206,14 @@ class Router:
         elif outcome == Outcome.UNREACHABLE:
             flow.response = error_response(502, "api_error", "Claudeflare: the Anthropic API could not be reached.")
 
+    async def send_ourselves(self, flow: http.HTTPFlow, state: FlowState, headers: http.Headers) -> None:
+        """The attempt through our own client, which can retry a failed connection (mitmproxy can't
+        retry its own), failing over from a refusal; the reply then arrives whole."""
+        state.settled = True  # nothing is left for `settle` to do
+        outcome = await self.resend(flow, state, headers)
+        if outcome in RETRY_OUTCOMES:
+            await self.failover(flow, state, outcome)
+
     async def next_attempt(self, pool, state, outcome, tries, refreshed) -> tuple[Account, Credential, float] | None:
         current = next((a for a in pool.accounts if a.name == state.account), None)
         if current and outcome == Outcome.AUTH:
