@@ -45,14 +45,16 @@ class Router:
         health: Health,
         states: FlowStates,
         pool_error: Callable[[], str | None] = lambda: None,
+        refresher: TokenRefresher | None = None,
+        resender: Resender | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable] = asyncio.sleep,
     ) -> None:
         self.pool, self.pool_error = pool, pool_error  # the latest snapshot, and why a newer one failed to load
         self.balancer, self.health, self.states = balancer, health, states
         self.clock, self.sleep = clock, sleep
-        self.refresher: TokenRefresher | None = None  # once the home is known
-        self.resender: Resender | None = None  # once mitmproxy runs
+        self.refresher = refresher  # the addon's, once the home is known
+        self.resender = resender  # the addon's, once mitmproxy runs
         self.retry = Retry()
         self.max_body = DEFAULT_MAX_BODY_MB * 2**20
         self.upstream_down_at: float | None = None  # last failed connection to the upstream

@@ -99,15 +99,15 @@ class FakeRefresher:
         return Credential(access_token=f"{rejected}-fresh", refresh_token=credential.refresh_token, expires_at=time.time() + 3600)
 
 
-def make_router(*accounts: Account, credentials: dict, resender: FakeResender) -> Router:
+def make_router(*accounts: Account, credentials: dict, resender: FakeResender, refresher=None) -> Router:
     pool = Pool(accounts, credentials)
     sleeps = []
 
     async def sleep(seconds):
         sleeps.append(seconds)
 
-    router = Router(lambda: pool, Balancer("round-robin"), Health(), FlowStates(), sleep=sleep)
-    router.resender, router.sleeps = resender, sleeps
+    router = Router(lambda: pool, Balancer("round-robin"), Health(), FlowStates(), refresher=refresher, resender=resender, sleep=sleep)
+    router.sleeps = sleeps
     return router
 
 
@@ -157,8 +157,7 @@ def test_a_401_refreshes_the_token_once_then_the_account_needs_a_login():
     account = Account("m", "max")
     router = make_router(account, credentials={"m": Credential(access_token="sk-ant-oat01-old", refresh_token="sk-ant-ort01-r",
                                                                expires_at=time.time() + 3600)},
-                         resender=FakeResender(reply(401, kind="authentication_error")))
-    router.refresher = FakeRefresher()
+                         resender=FakeResender(reply(401, kind="authentication_error")), refresher=FakeRefresher())
     flow, state = asyncio.run(serve(router, reply(401, kind="authentication_error")))
     assert router.refresher.refused == ["sk-ant-oat01-old"]  # one refresh, for the token refused
     assert router.resender.sent == ["Bearer sk-ant-oat01-old-fresh"]
