@@ -21,6 +21,7 @@ from .alerts import AlertsConfig, parse_alerts
 from .client_rules import Limits, parse_limits
 from .config import ACCOUNTS_FILE, check_strategy
 from .credentials import Credential, CredentialStore, write_private
+from .states import AccountState
 
 logger = logging.getLogger(__name__)
 
@@ -230,25 +231,25 @@ class Pool:
 
     def usable(self, now: float | None = None) -> list[Account]:
         """Accounts that may take traffic: not paused and holding a credential that works now."""
-        return [a for a in self.accounts if not a.paused and self.state(a, now) == "ok"]
+        return [a for a in self.accounts if not a.paused and self.state(a, now) == AccountState.OK]
 
-    def state(self, account: Account, now: float | None = None) -> str:
+    def state(self, account: Account, now: float | None = None) -> AccountState:
         if account.paused:
-            return "paused"
+            return AccountState.PAUSED
         cred = self.stored_credential(account)
         if cred is None:
-            return "no-credentials"
+            return AccountState.NO_CREDENTIALS
         if not cred.well_formed:
-            return "malformed-credentials"
+            return AccountState.MALFORMED_CREDENTIALS
         if cred.api_key:
-            return "ok"
+            return AccountState.OK
         if cred.needs_login:
-            return "needs-login"
+            return AccountState.NEEDS_LOGIN
         if cred.refresh_token:
-            return "ok"  # an expired access token is refreshed on the way
+            return AccountState.OK  # an expired access token is refreshed on the way
         if not cred.access_token:
-            return "no-credentials"
-        return "ok" if cred.valid_token(now) else "token-expired"
+            return AccountState.NO_CREDENTIALS
+        return AccountState.OK if cred.valid_token(now) else AccountState.TOKEN_EXPIRED
 
     def client_for(self, presented: str | None) -> str | None:
         return self.client_keys.get(hash_client_key(presented)) if presented else None

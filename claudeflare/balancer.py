@@ -8,10 +8,10 @@ counts, conversation bindings, rotation cursors) keyed by account name, so a rel
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from .accounts import Account
-from .config import DEFAULT_STRATEGY, check_strategy
+from .config import DEFAULT_SESSION_HOURS, DEFAULT_STRATEGY, DEFAULT_SWITCH_UTILIZATION, check_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -22,26 +22,26 @@ class Balancer:
     def __init__(
         self,
         strategy: str = DEFAULT_STRATEGY,
-        session_seconds: float = 5 * 3600,
+        session_seconds: float = DEFAULT_SESSION_HOURS * 3600,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.strategy = check_strategy(strategy)
         self.session_seconds = session_seconds
         self.clock = clock
         self.in_flight: Counter[str] = Counter()
-        # Latest known utilization (0..1) of each account's binding window; 0 when unknown.
-        self.utilization: dict[str, float] = {}
-        self.warning: set[str] = set()  # accounts Anthropic says are close to their limit
-        self.switch_utilization = 0.95  # a conversation leaves its account past this utilization
+        self.switch_utilization = DEFAULT_SWITCH_UTILIZATION  # a conversation leaves its account past this utilization
         self.sessions: dict[str, tuple[str, float]] = {}  # conversation key -> (account, expiry)
         self.session_counts: Counter[str] = Counter()  # live conversations per account
         self._cursor = 0
         self._smooth_weights: dict[str, float] = {}
         self._next_prune = clock() + PRUNE_EVERY
 
-    def pick(self, accounts: Sequence[Account], key: str | None = None) -> Account | None:
+    def pick(self, accounts: Sequence[Account], key: str | None = None, *, warning: Collection[str] = (),
+             utilization: Mapping[str, float] | None = None) -> Account | None:
         """The account for a request, or None when no account is usable.
 
+        `utilization` is the latest known fraction (0..1) of each account's binding window (0 when
+        unknown); `warning` names the accounts Anthropic says are close to their limit.
         Only the best (lowest) priority present takes new work, and accounts near their limit
         (`warning`, or utilization past `switch_utilization`) only when nothing else is left.
         `session` keeps an existing conversation on its account while that account is usable and
@@ -49,17 +49,18 @@ class Balancer:
         """
         if not accounts:
             return None
+        utilization = utilization or {}
         moved = None
         if self.strategy == "session" and key:
-            bound, moved = self._bound(accounts, key)
+            bound, moved = self._bound(accounts, key, utilization)
             if bound:
                 return bound
-        roomy = [a for a in accounts if not self._near_limit(a.name)] or accounts
+        roomy = [a for a in accounts if a.name not in warning and not self._past_switch(a.name, utilization)] or accounts
         best = min(a.priority for a in roomy)
         group = sorted((a for a in roomy if a.priority == best), key=lambda a: a.name)
         match self.strategy:
             case "session":
-                choice = max(group, key=self._headroom)
+                choice = max(group, key=lambda a: self._headroom(a, utilization))
                 if key:
                     self._bind(key, choice.name, moved)
                 return choice
@@ -75,23 +76,25 @@ class Balancer:
                 return min(rotated, key=lambda a: self.in_flight[a.name])
         raise AssertionError(self.strategy)
 
-    def acquire(self, name: str) -> None:
+    def lease(self, name: str) -> "Lease":
+        """One attempt's place in the account's in-flight count, until the lease is released."""
         self.in_flight[name] += 1
+        return Lease(self, name)
 
-    def release(self, name: str) -> None:
+    def _give_back(self, name: str) -> None:
         self.in_flight[name] -= 1
         if self.in_flight[name] <= 0:
             del self.in_flight[name]
 
-    def _headroom(self, account: Account) -> float:
-        free = max(0.0, 1.0 - self.utilization.get(account.name, 0.0))
+    def _headroom(self, account: Account, utilization: Mapping[str, float]) -> float:
+        free = max(0.0, 1.0 - utilization.get(account.name, 0.0))
         load = 1 + self.session_counts[account.name] + self.in_flight[account.name]
         return account.tier * free / load
 
-    def _near_limit(self, name: str) -> bool:
-        return name in self.warning or self.utilization.get(name, 0.0) > self.switch_utilization
+    def _past_switch(self, name: str, utilization: Mapping[str, float]) -> bool:
+        return utilization.get(name, 0.0) > self.switch_utilization
 
-    def _bound(self, accounts: Sequence[Account], key: str) -> tuple[Account | None, str | None]:
+    def _bound(self, accounts: Sequence[Account], key: str, utilization: Mapping[str, float]) -> tuple[Account | None, str | None]:
         """The conversation's live account if it may keep it, else (None, why it must move)."""
         now = self.clock()
         if now >= self._next_prune:
@@ -102,7 +105,7 @@ class Balancer:
         account = next((a for a in accounts if a.name == bound[0]), None)
         if account is None:
             return None, f"{bound[0]} is not usable"
-        if self.utilization.get(account.name, 0.0) > self.switch_utilization:
+        if self._past_switch(account.name, utilization):
             return None, f"{bound[0]} is past {self.switch_utilization:.0%} of its limit"
         return account, None
 
@@ -136,3 +139,19 @@ class Balancer:
         choice = max(group, key=lambda a: self._smooth_weights[a.name])
         self._smooth_weights[choice.name] -= total
         return choice
+
+
+class Lease:
+    """An attempt's share of an account's in-flight count: `release()` gives it back once, however
+    often it is called, so every path that ends an attempt may call it."""
+
+    __slots__ = ("account", "_balancer")
+
+    def __init__(self, balancer: Balancer, account: str) -> None:
+        self.account = account
+        self._balancer: Balancer | None = balancer
+
+    def release(self) -> None:
+        if self._balancer is not None:
+            self._balancer, balancer = None, self._balancer
+            balancer._give_back(self.account)

@@ -3,6 +3,7 @@
 import os
 import stat
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 ACCOUNTS_FILE = "accounts.toml"
@@ -12,6 +13,14 @@ DB_FILE = "claudeflare.db"
 DEFAULT_UPSTREAM = "https://api.anthropic.com"
 STRATEGIES = ("session", "round-robin", "weighted", "least-requests")
 DEFAULT_STRATEGY = "session"
+# The proxy's other defaults (its options are described in proxy.Claudeflare.load).
+DEFAULT_SESSION_HOURS = 5
+DEFAULT_SWITCH_UTILIZATION = 0.95
+DEFAULT_RETRY_ATTEMPTS, DEFAULT_RETRY_DELAY_MS, DEFAULT_RETRY_BACKOFF = 3, 1000, 2
+DEFAULT_REFRESH_MARGIN = 300
+DEFAULT_USAGE_INTERVAL = 300
+DEFAULT_MAX_BODY_MB = 32  # Anthropic's own cap is 32 MB
+DEFAULT_SUBSCRIPTION_CLIENTS = "claude-code"
 
 
 def default_home() -> Path:
@@ -67,12 +76,22 @@ def check_strategy(name: str) -> str:
     return name
 
 
-def parse_upstream(url: str) -> tuple[str, str, int]:
-    """`https://api.anthropic.com` → ("https", "api.anthropic.com", 443)."""
+class Upstream(NamedTuple):
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+
+def parse_upstream(url: str) -> Upstream:
+    """`https://api.anthropic.com` → Upstream("https", "api.anthropic.com", 443)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"upstream must be an http(s) URL such as {DEFAULT_UPSTREAM}, got {url!r}")
     if parts.path not in ("", "/") or parts.query:
         raise ValueError(f"upstream must not have a path or query, got {url!r}")
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    return parts.scheme, parts.hostname, port
+    return Upstream(parts.scheme, parts.hostname, port)

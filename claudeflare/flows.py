@@ -12,6 +12,7 @@ from mitmproxy.proxy.commands import SendData
 from mitmproxy.proxy.layers.http import ResponseProtocolError, _http1, _http2
 
 from .accounts import Account
+from .balancer import Lease
 from .clock import utc_now
 from .credentials import Credential
 from .offloop import loads
@@ -47,7 +48,7 @@ class FlowState:
     family: str | None = None  # model family asked for (policy.model_family)
     account_kind: str | None = None  # subscription | api-key, of the current attempt
     request_summary: tuple[str | None, bool] | None = None  # of a big body, read off the loop (Recorder)
-    released: bool = False
+    lease: "Lease | None" = None  # the current attempt's place in its account's in-flight count
     logged: bool = False
 
 

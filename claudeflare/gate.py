@@ -202,7 +202,8 @@ class ClientGate:
         return None
 
     def is_upstream(self, host: str, port: int) -> bool:
-        return (host.lower(), port) == self.claudeflare.upstream[1:]
+        upstream = self.claudeflare.upstream
+        return (host.lower(), port) == (upstream.host, upstream.port)
 
     @staticmethod
     def our_ports(sockname) -> set[int]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from .accounts import load_pool
 from .config import DB_FILE
 from .flowlog import account_status, requests_per_account
+from .states import Seen, effective_state
 
 STATUS_FRESH = 10  # seconds: the proxy rewrites account_status every second while it runs
 # From the usage endpoint too (idle subscriptions), beside the reply headers' 5h and 7d utilization.
@@ -30,13 +31,13 @@ def account_rows(home: Path) -> list[dict]:
     for account in pool.accounts:
         credential = pool.credential(account)
         seen = status.get(account.name, {})
-        state = pool.state(account)
+        state, _ = effective_state(pool.state(account), Seen(seen["state"], seen["reason"]) if seen.get("state") else None)
         rows.append({
             "name": account.name,
             "mode": account.mode,
             "tier": account.tier,
             "priority": account.priority,
-            "state": (seen.get("state") or state) if state == "ok" else state,
+            "state": state,
             "token_expires_at": credential.expires_at if credential and not credential.api_key else None,
             "requests_today": today.get(account.name, 0),
             "limited_until": seen.get("limited_until"),

@@ -11,6 +11,8 @@ import hashlib
 import json
 import re
 
+from .states import Outcome
+
 BILLING_PREFIX = "x-anthropic-billing-header:"
 CLAUDE_CODE_IDENTITIES = (
     "You are Claude Code, Anthropic's official CLI for Claude.",
@@ -94,7 +96,7 @@ LONG_CONTEXT_MESSAGES = ("Extra usage is required for long context", "Usage cred
 REFUSAL_STATUSES = (400, 403, 429)  # the statuses whose message `refusal` reads
 
 
-def refusal(status: int, body: bytes) -> str | None:
+def refusal(status: int, body: bytes) -> Outcome | None:
     """What an error reply means beyond its status: `disabled` (the account is gone until its
     credentials change), `claude-code-only` (a subscription refused a request: another kind of
     account may serve it), `long-context` (a subscription without extra usage refused this request
@@ -109,11 +111,11 @@ def refusal(status: int, body: bytes) -> str | None:
     if not isinstance(message, str):
         return None
     if status in (400, 403) and message.startswith(DISABLED_MESSAGES):
-        return "disabled"
+        return Outcome.DISABLED
     if status == 400 and CLAUDE_CODE_ONLY_MESSAGE in message:
-        return "claude-code-only"
+        return Outcome.CLAUDE_CODE_ONLY
     if status == 429 and message.startswith(LONG_CONTEXT_MESSAGES):
-        return "long-context"
+        return Outcome.LONG_CONTEXT
     return None
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 
+from .states import REFUSED, AccountState, Outcome
+
 MAX_BENCH = 24 * 3600  # never trust a reset further away than this
 COOLDOWN_MIN, COOLDOWN_MAX = 30.0, 300.0  # limited with no reset given: 30 s, 60 s, … 5 min
 OVERLOAD_BENCH = 5.0  # 529 is Anthropic-wide: seconds, never hours
@@ -164,7 +166,7 @@ def limit_reset(signals: Signals, now: float) -> float | None:
 
 @dataclass
 class AccountHealth:
-    state: str = "ok"  # ok | warning | limited | overloaded | needs-login | disabled
+    state: AccountState = AccountState.OK  # ok | warning | limited | overloaded | needs-login | disabled
     until: float | None = None  # limited / overloaded until (epoch seconds)
     reason: str | None = None
     utilization: dict[str, float] = field(default_factory=dict)  # window -> latest fraction
@@ -173,7 +175,7 @@ class AccountHealth:
     extra_usage: float | None = None  # share of the paid extra-usage pool spent (usage endpoint; not a window)
     usage_read_at: float | None = None  # when the usage endpoint was last read for the account
     family_until: dict[str, float] = field(default_factory=dict)  # model family -> out of its weekly window until
-    disabled_credential: str | None = None  # fingerprint of the credential Anthropic disabled the account with
+    refused_credential: str | None = None  # fingerprint of the credential Anthropic disabled or refused (needs-login)
 
 
 class Health:
@@ -187,23 +189,24 @@ class Health:
     def get(self, name: str) -> AccountHealth:
         return self.accounts.setdefault(name, AccountHealth())
 
+    def view(self, name: str) -> AccountHealth:
+        """The account's health to read: for an account not seen yet, a blank one, not kept."""
+        return self.accounts.get(name) or AccountHealth()
+
     def available(self, name: str, now: float | None = None, family: str | None = None) -> bool:
+        """Whether the account may take a request (for a model of `family`) now. A read: a bench whose
+        time has passed is available, and shows as ok through states.effective_state."""
         health = self.accounts.get(name)
         if health is None:
             return True
-        if health.state in ("needs-login", "disabled"):
+        if health.state in REFUSED:
             return False
         now = self.clock() if now is None else now
-        if family in health.family_until:
-            if now < health.family_until[family]:
-                return False
-            del health.family_until[family]
-        if health.state in ("ok", "warning"):
+        if now < health.family_until.get(family, -math.inf):
+            return False
+        if health.state in (AccountState.OK, AccountState.WARNING):
             return True
-        if health.until is not None and now >= health.until:
-            health.state, health.until, health.reason = "ok", None, None  # the reset has come
-            return True
-        return False
+        return health.until is not None and now >= health.until
 
     def utilization_now(self, name: str, now: float) -> float:
         """The highest utilization of the account's windows that have not reset since it was seen; a
@@ -216,15 +219,15 @@ class Health:
 
     def soonest(self, names, family: str | None = None) -> float | None:
         """The earliest time one of these benched accounts comes back (for a model of `family`)."""
-        times = []
+        now, times = self.clock(), []
         for health in (self.accounts[n] for n in names if n in self.accounts):
             back = max(health.until or 0.0, health.family_until.get(family, 0.0))
-            if back:
+            if back > now:  # a bench that has passed is over
                 times.append(back)
         return min(times) if times else None
 
     def observe(self, name: str, status: int, signals: Signals, error_type: str | None = None, error_code: str | None = None,
-                family: str | None = None) -> str:
+                family: str | None = None) -> Outcome:
         """Record a reply to a request for a model of `family`; returns what it means: ok, limited,
         family-limited (only that model family is out of its week), windowless, overloaded, auth, error."""
         now = self.clock()
@@ -237,32 +240,32 @@ class Health:
         if 200 <= status < 300 and error_type is None:
             health.cooldowns = 0
             warning = signals.status == "allowed_warning"
-            health.state, health.until = ("warning" if warning else "ok"), None
+            health.state, health.until = (AccountState.WARNING if warning else AccountState.OK), None
             health.reason = f"near the {signals.claim or 'window'} limit" if warning else None
-            return "ok"
+            return Outcome.OK
         if status == 429 or error_type == "rate_limit_error":
             return self._limited(health, signals, error_code, now, family)
         if status == 529 or error_type == "overloaded_error":
             delay = min(self.overload_bench, signals.retry_after or self.overload_bench)
-            health.state, health.until, health.reason = "overloaded", now + delay, "overloaded (529)"
-            return "overloaded"
+            health.state, health.until, health.reason = AccountState.OVERLOADED, now + delay, "overloaded (529)"
+            return Outcome.OVERLOADED
         if status == 401:
-            return "auth"
-        return "error"
+            return Outcome.AUTH
+        return Outcome.ERROR
 
-    def _limited(self, health: AccountHealth, signals: Signals, error_code: str | None, now: float, family: str | None) -> str:
+    def _limited(self, health: AccountHealth, signals: Signals, error_code: str | None, now: float, family: str | None) -> Outcome:
         # An overflow out of credits while the windows are allowed is no limit of the plan (contract §4).
         spend = error_code == "enforced_spend_limit_reached"
         if not spend and not signals.exhausted:
-            return "windowless"  # one request refused, not the account: fail over, don't bench
+            return Outcome.WINDOWLESS  # one request refused, not the account: fail over, don't bench
         family = FAMILY_CLAIMS.get(signals.claim or "", family)
         if not spend and not signals.account_exhausted:
             if family is None:
-                return "windowless"  # a model-scoped window, for a model we could not tell
+                return Outcome.WINDOWLESS  # a model-scoped window, for a model we could not tell
             scoped = [w.reset for n, w in signals.windows.items() if n not in ACCOUNT_WINDOWS and w.status == "rejected" and w.reset and w.reset > now]
             reset = max(scoped, default=None) or limit_reset(signals, now) or now + COOLDOWN_MIN
             health.family_until[family] = min(reset, now + MAX_BENCH)
-            return "family-limited"
+            return Outcome.FAMILY_LIMITED
         reset = limit_reset(signals, now)
         if reset is None:
             delay = min(COOLDOWN_MAX, COOLDOWN_MIN * 2**health.cooldowns)
@@ -278,8 +281,8 @@ class Health:
             why = f"{signals.claim or 'rate'} limit"
             if signals.overage_reason == "out_of_credits":
                 why += " and out of credits"
-        health.state, health.until, health.reason = "limited", until, f"{why}, {how}"
-        return "limited"
+        health.state, health.until, health.reason = AccountState.LIMITED, until, f"{why}, {how}"
+        return Outcome.LIMITED
 
     def observe_usage(self, name: str, windows: Mapping[str, tuple[float, float | None]], extra: float | None) -> None:
         """What the usage endpoint says (fractions, resets): an idle account's windows, which the
@@ -296,12 +299,21 @@ class Health:
 
     def disable(self, name: str, reason: str, credential: str | None) -> None:
         """Anthropic says the account is gone: no traffic until its credential differs from `credential`."""
-        health = self.get(name)
-        health.state, health.until, health.reason, health.disabled_credential = "disabled", None, reason, credential
+        self._refuse(name, AccountState.DISABLED, reason, credential)
 
-    def needs_login(self, name: str, reason: str) -> None:
+    def needs_login(self, name: str, reason: str, credential: str | None) -> None:
+        """Anthropic refused the credential (fingerprint `credential`): no traffic until it changes."""
+        self._refuse(name, AccountState.NEEDS_LOGIN, reason, credential)
+
+    def _refuse(self, name: str, state: AccountState, reason: str, credential: str | None) -> None:
         health = self.get(name)
-        health.state, health.until, health.reason = "needs-login", None, reason
+        health.state, health.until, health.reason, health.refused_credential = state, None, reason, credential
+
+    def credential_seen(self, name: str, credential: str | None) -> None:
+        """The account's credential now has fingerprint `credential`: a new login or key ends a refusal."""
+        health = self.accounts.get(name)
+        if health and health.state in REFUSED and credential != health.refused_credential:
+            self.clear(name)
 
     def clear(self, name: str) -> None:
         self.accounts.pop(name, None)

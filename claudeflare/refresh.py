@@ -15,6 +15,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from .config import DEFAULT_REFRESH_MARGIN
 from .credentials import Credential, CredentialStore
 from .oauth import OAuthError, OAuthSettings, refresh_tokens
 
@@ -24,7 +25,7 @@ MIN_BACKOFF, MAX_BACKOFF = 30.0, 300.0
 
 
 class TokenRefresher:
-    def __init__(self, home: Path, settings: OAuthSettings, margin: float = 300.0):
+    def __init__(self, home: Path, settings: OAuthSettings, margin: float = DEFAULT_REFRESH_MARGIN):
         self.store = CredentialStore(home)
         self.settings = settings
         self.margin = margin  # refresh this many seconds before the token expires

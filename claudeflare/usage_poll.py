@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from .clock import iso_utc
+from .config import DEFAULT_USAGE_INTERVAL
 from .credentials import Credential
 from .flows import OAUTH_BETA
 from .ratelimit import AccountHealth, Health, _retry_after, _rfc3339
@@ -104,7 +105,7 @@ class Schedule:
 
 
 class UsagePoller:
-    def __init__(self, interval: float = 300.0):
+    def __init__(self, interval: float = DEFAULT_USAGE_INTERVAL):
         self.schedule = Schedule(interval)
         self.client: httpx.AsyncClient | None = None
 

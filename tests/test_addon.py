@@ -5,6 +5,7 @@ import asyncio
 import pytest
 from mitmproxy.test import taddons, tflow
 
+from claudeflare.config import STRATEGIES
 from claudeflare.proxy import addons
 from harness import add_account
 
@@ -75,7 +76,7 @@ def test_a_bug_in_a_request_hook_refuses_the_flow_rather_than_letting_it_through
     assert flow.response.status_code == 500 and b'"api_error"' in flow.response.content
     assert "internal error in the gate" in caplog.text
     monkeypatch.undo()
-    monkeypatch.setattr(claudeflare, "choose", broken)
+    monkeypatch.setattr(claudeflare.router, "choose", broken)
     flow = pool_flow()
     asyncio.run(gate.requestheaders(flow))
     asyncio.run(claudeflare.request(flow))
@@ -88,3 +89,13 @@ def test_ipv4_mapped_peers_are_judged_by_their_ipv4_address(addon):
     for flow in (served, stranger):
         asyncio.run(gate.requestheaders(flow))
     assert served.response is None and stranger.response.status_code == 403
+
+
+def test_options_are_parsed_into_their_groups(addon):
+    _, claudeflare = addon
+    with taddons.context(claudeflare) as tctx:
+        tctx.configure(claudeflare, claudeflare_retry_attempts=4, claudeflare_retry_delay_ms=250, claudeflare_retry_backoff="1.5",
+                       claudeflare_upstream="https://api.example.test")
+        assert (claudeflare.router.retry.attempts, claudeflare.router.retry.delay, claudeflare.router.retry.backoff) == (4, 0.25, 1.5)
+        assert claudeflare.upstream.url == "https://api.example.test:443"
+        assert tctx.options._options["claudeflare_strategy"].choices == STRATEGIES

@@ -47,16 +47,25 @@ def test_weighted_interleaves_instead_of_bursting():
 
 def test_least_requests_prefers_fewest_in_flight():
     balancer = Balancer("least-requests")
-    balancer.acquire("a")
-    balancer.acquire("a")
-    balancer.acquire("b")
+    a_leases = [balancer.lease("a"), balancer.lease("a")]
+    balancer.lease("b")
     assert balancer.pick([A, B, C], None).name == "c"
-    balancer.acquire("c")
-    balancer.acquire("c")
+    balancer.lease("c")
+    balancer.lease("c")
     assert balancer.pick([A, B, C], None).name == "b"
-    balancer.release("a")
-    balancer.release("a")
+    for lease in a_leases:
+        lease.release()
     assert balancer.pick([A, B, C], None).name == "a"
+
+
+def test_a_lease_is_given_back_once_however_often_it_is_released():
+    balancer = Balancer()
+    first, second = balancer.lease("a"), balancer.lease("a")
+    for _ in range(3):
+        first.release()
+    assert balancer.in_flight == {"a": 1}
+    second.release()
+    assert balancer.in_flight == {}
 
 
 def test_least_requests_rotates_ties():
@@ -114,8 +123,7 @@ def test_priority_is_a_preference_not_a_weight():
 
 def test_known_utilization_lowers_headroom():
     balancer = Balancer("session")
-    balancer.utilization["c"] = 0.99
-    assert balancer.pick([B, C], "conv") == B
+    assert balancer.pick([B, C], "conv", utilization={"c": 0.99}) == B
 
 
 def test_requests_without_conversation_key_are_not_bound():
@@ -126,7 +134,7 @@ def test_requests_without_conversation_key_are_not_bound():
 
 def test_switching_strategy_keeps_in_flight_counts():
     balancer = Balancer("session")
-    balancer.acquire("a")
+    balancer.lease("a")
     balancer.strategy = "least-requests"
     assert balancer.pick([A, B], None) == B
 
@@ -135,15 +143,12 @@ def test_a_conversation_leaves_an_account_past_the_threshold_and_says_so(caplog)
     caplog.set_level("INFO")
     balancer = Balancer("session")
     assert balancer.pick([A, C], "conv") == C
-    balancer.utilization["c"] = 0.90
-    assert balancer.pick([A, C], "conv") == C  # under the threshold: stays for the warm cache
-    balancer.utilization["c"] = 0.96
-    assert balancer.pick([A, C], "conv") == A
+    assert balancer.pick([A, C], "conv", utilization={"c": 0.90}) == C  # under the threshold: stays for the warm cache
+    assert balancer.pick([A, C], "conv", utilization={"c": 0.96}) == A
     assert "conversation conv moved from c to a: c is past 95% of its limit" in caplog.text
 
 
 def test_new_conversations_avoid_accounts_in_warning_while_others_have_room():
     balancer = Balancer("session")
-    balancer.warning = {"c"}
-    assert {balancer.pick([A, C], f"k{i}").name for i in range(5)} == {"a"}
-    assert balancer.pick([C], "only") == C  # but a warning account still serves when it is the last
+    assert {balancer.pick([A, C], f"k{i}", warning={"c"}).name for i in range(5)} == {"a"}
+    assert balancer.pick([C], "only", warning={"c"}) == C  # but a warning account still serves when it is the last

@@ -22,7 +22,7 @@ import pytest
 import requests
 import yaml
 from click.testing import CliRunner
-from harness import CLAUDE_CODE_SYSTEM, ROOT, add_account, db_rows, free_port, wait_for_port
+from harness import CLAUDE_CODE_SYSTEM, add_account, db_rows, free_port, wait_for_port
 
 from claudeflare.accounts import load_accounts
 from claudeflare.cli import cli

@@ -8,6 +8,7 @@ import anthropic
 import requests
 from harness import CLAUDE_CODE_SYSTEM, add_account, db_rows, wait_until
 
+from claudeflare.clock import utc_now
 from claudeflare.flowlog import query_readonly
 
 MODEL = "claude-sonnet-4-6"
@@ -59,6 +60,7 @@ def test_pool_serves_until_every_limit_is_spent_then_fast_429s(fake, home, start
     assert sum(r["attempts"] for r in rows) == len(seen)  # every upstream request is accounted for, none twice
     reasons = [[f["reason"] for f in json.loads(r["failovers"])] for r in rows if r["failovers"]]
     assert reasons == [["limited"], ["limited"], ["limited"]]
+    assert_nothing_in_flight(home)
 
 
 def assert_round_robin_again(fake, proxy):
@@ -98,6 +100,7 @@ def test_streamed_reply_that_was_retried_arrives_complete(fake, home, start_prox
     assert outcomes == [(True, 30), (True, 30)]
     rows = db_rows(home, expect=2)
     assert [r["output_tokens"] for r in rows] == [30, 30] and sorted(r["attempts"] for r in rows) == [1, 2]
+    assert_nothing_in_flight(home)
 
 
 def test_529_is_retried_on_the_same_account_first(fake, home, start_proxy):
@@ -121,6 +124,7 @@ def test_529_burst_beyond_the_retries_moves_on_and_benches_only_briefly(fake, ho
         assert ask(proxy).status_code == 200
     a_tries = [s for acct, s in upstream_seen(fake) if acct == "a"]
     assert a_tries == [529, 529]  # two tries, then elsewhere, then benched for seconds
+    assert_nothing_in_flight(home)
     time.sleep(5.5)
     fake.clear_faults()
     assert_round_robin_again(fake, proxy)
@@ -139,6 +143,7 @@ def test_windowless_429_fails_over_without_benching(fake, home, start_proxy):
     assert account_state(home, "a")[0] == "ok"
     rows = db_rows(home, expect=6)
     assert [json.loads(r["failovers"])[0]["reason"] for r in rows if r["failovers"]] == ["windowless"]
+    assert_nothing_in_flight(home)
 
 
 def test_in_stream_error_is_passed_through_and_recorded(fake, home, start_proxy):
@@ -167,3 +172,15 @@ def account_state(home, name):
     time.sleep(1.1)
     rows = query_readonly(home / "claudeflare.db", "select state, reason from account_status where name = ?", [name])
     return (rows[0]["state"], rows[0]["reason"] or "") if rows else (None, "")
+
+
+def assert_nothing_in_flight(home):
+    """Every account's in-flight count, as the proxy publishes it after the traffic, is back to 0."""
+
+    def published():
+        return query_readonly(home / "claudeflare.db", "select name, requests_in_flight, updated_at from account_status")
+
+    after = utc_now()
+    assert wait_until(lambda: (rows := published()) and all(r["updated_at"] > after for r in rows), timeout=5)
+    rows = published()
+    assert {r["name"]: r["requests_in_flight"] for r in rows} == {r["name"]: 0 for r in rows}

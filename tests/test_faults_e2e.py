@@ -16,6 +16,7 @@ import pytest
 import requests
 from fake_anthropic import FakeAnthropic
 from harness import api_key_accounts, db_rows, free_port, key_for, wait_until
+from test_failover_e2e import assert_nothing_in_flight
 
 MODEL = "claude-sonnet-4-6"
 FAST_RETRY = ("--set", "claudeflare_retry_delay_ms=50", "--set", "claudeflare_retry_backoff=2")
@@ -77,6 +78,7 @@ def test_refused_connections_get_anthropic_errors_until_the_upstream_is_back(fak
         assert reply.status_code == 200 and "message_stop" in reply.text
     rows = db_rows(home, expect=3)
     assert [bool(r["error"]) for r in rows] == [True, True, False] and rows[2]["output_tokens"] == 10
+    assert_nothing_in_flight(home)
 
 
 FAULTS = {
@@ -114,6 +116,7 @@ def test_upstream_faults_end_cleanly_and_are_logged(fake, home, start_proxy, fau
     assert bool(faulty["error"]) != counted and (faulty["output_tokens"] == 30) == counted
     assert faulty["status"] == reply.status_code  # the status the client got (502: mitmproxy's, not the upstream's 200)
     assert all(not r["error"] and r["status"] == 200 for r in rows if r is not faulty)
+    assert_nothing_in_flight(home)
 
 
 def test_client_leaving_mid_stream_is_logged_and_the_rest_served(fake, home, start_proxy):
@@ -129,6 +132,7 @@ def test_client_leaving_mid_stream_is_logged_and_the_rest_served(fake, home, sta
     rows = db_rows(home, expect=len(statuses) + 1)
     (left,) = [r for r in rows if r["stream"]]
     assert left["error"] and len(rows) == len(statuses) + 1
+    assert_nothing_in_flight(home)
 
 
 HOLD_LOCK = """
@@ -268,3 +272,4 @@ def test_a_retried_reply_over_the_body_cap_is_refused_like_mitmproxy_would(fake,
     fake.set_fault("*", "status:429-windowless", 1)
     small = requests.post(f"{proxy.url}/v1/messages", json=body(True), timeout=30)  # under the cap: served whole
     assert small.status_code == 200 and "message_stop" in small.text
+    assert_nothing_in_flight(home)

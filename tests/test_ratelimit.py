@@ -1,4 +1,5 @@
 from claudeflare.ratelimit import COOLDOWN_MAX, MAX_BENCH, Health, read_signals
+from claudeflare.states import effective_state
 
 NOW = 1_800_000_000.0
 
@@ -75,7 +76,9 @@ def test_429_benches_until_the_reset_then_frees():
     clock.now = NOW + 1799
     assert not health.available("a")
     clock.now = NOW + 1800
-    assert health.available("a") and health.get("a").state == "ok"
+    assert health.available("a") and health.get("a").state == "limited"  # reading it changed nothing
+    assert effective_state("ok", health.get("a"), clock.now) == ("ok", None)  # it shows as back
+    assert health.soonest(["a"]) is None  # and no longer names a time to wait for
 
 
 def test_reset_is_capped_at_a_day():
@@ -136,9 +139,11 @@ def test_soonest_return():
 
 def test_needs_login_is_not_available_until_cleared():
     health = Health(Clock())
-    health.needs_login("a", "invalid_grant")
+    health.needs_login("a", "invalid_grant", "old login")
     assert not health.available("a")
-    health.clear("a")
+    health.credential_seen("a", "old login")  # the pool changed, but not this account's credential
+    assert not health.available("a")
+    health.credential_seen("a", "new login")
     assert health.available("a")
 
 
