@@ -20,8 +20,7 @@ from claudeflare.proxy import Claudeflare
 from claudeflare.policy import credential_fingerprint
 from claudeflare.ratelimit import Health
 from claudeflare.router import Router
-from conftest import key_for, wait_until
-from harness import add_account
+from harness import add_account, key_for, wait_until
 
 LIMITED = {"anthropic-ratelimit-unified-status": "rejected", "anthropic-ratelimit-unified-reset": str(int(time.time()) + 3600)}
 
