@@ -22,7 +22,9 @@ from claudeflare.ratelimit import Health
 from claudeflare.router import Router
 from harness import add_account, key_for, wait_until
 
-LIMITED = {"anthropic-ratelimit-unified-status": "rejected", "anthropic-ratelimit-unified-reset": str(int(time.time()) + 3600)}
+def limited() -> dict:
+    """A rejected window that resets an hour from now (now: when the reply is made, not imported)."""
+    return {"anthropic-ratelimit-unified-status": "rejected", "anthropic-ratelimit-unified-reset": str(int(time.time()) + 3600)}
 
 
 def reply(status: int, headers: dict | None = None, kind: str = "api_error") -> http.Response:
@@ -78,7 +80,7 @@ def test_a_failover_that_raises_still_gives_its_in_flight_count_back(proxy):
     proxy.router.resender = FakeResender(RuntimeError("a bug in the resend"))
     flow = pool_flow(proxy)
     with pytest.raises(RuntimeError):
-        asyncio.run(upstream_answers(proxy, flow, reply(429, LIMITED, "rate_limit_error")))
+        asyncio.run(upstream_answers(proxy, flow, reply(429, limited(), "rate_limit_error")))
     assert len(proxy.router.resender.sent) == 1  # the failover did try the other account
     assert dict(proxy.balancer.in_flight) == {}
 
@@ -134,7 +136,7 @@ async def serve(router: Router, upstream: http.Response, owner: str | None = Non
 
 def test_a_429_fails_over_to_the_next_account():
     router = keyed("a", "b", resender=FakeResender(reply(200)))
-    flow, state = asyncio.run(serve(router, reply(429, LIMITED, "rate_limit_error")))
+    flow, state = asyncio.run(serve(router, reply(429, limited(), "rate_limit_error")))
     first = state.failovers[0]["account"]
     assert flow.response.status_code == 200 and state.account != first and state.attempts == 2
     assert router.resender.sent == [key_for(state.account)]
@@ -167,15 +169,15 @@ def test_a_401_refreshes_the_token_once_then_the_account_needs_a_login():
 
 def test_a_request_pinned_to_its_owner_never_moves():
     router = keyed("a", "b", resender=FakeResender())
-    flow, state = asyncio.run(serve(router, reply(429, LIMITED, "rate_limit_error"), owner="a"))
+    flow, state = asyncio.run(serve(router, reply(429, limited(), "rate_limit_error"), owner="a"))
     assert state.account == "a" and router.resender.sent == []
     assert flow.response.status_code == 429  # the owner's own refusal: nobody else has the file
     assert router.balancer.in_flight == {}
 
 
 def test_nobody_left_is_a_429_that_says_until_when():
-    router = keyed("a", "b", resender=FakeResender(reply(429, LIMITED, "rate_limit_error")))
-    flow, state = asyncio.run(serve(router, reply(429, LIMITED, "rate_limit_error")))
+    router = keyed("a", "b", resender=FakeResender(reply(429, limited(), "rate_limit_error")))
+    flow, state = asyncio.run(serve(router, reply(429, limited(), "rate_limit_error")))
     assert [f["reason"] for f in state.failovers] == ["limited", "limited"]
     body = json.loads(flow.response.content)
     assert flow.response.status_code == 429 and body["error"]["type"] == "rate_limit_error"
