@@ -8,13 +8,14 @@ SETTINGS_MAX_HEADER_LIST_SIZE of 64 KiB (decoded), refuses more than 64 CONTINUA
 allows 100 concurrent streams (tests/test_limits.py checks these stay so).
 """
 
+import contextlib
 import functools
 import logging
 import re
 import time
 
 from mitmproxy.connection import ConnectionState
-from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy import commands, events, layer, server
 from mitmproxy.proxy.layers.http import HttpStream, _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import ErrorCode, RequestProtocolError, ResponseProtocolError
@@ -161,8 +162,26 @@ class BoundedLines(logging.Filter):
         return True
 
 
+# Patch 5 — ConnectionHandler.handle_connection closes its socket only on the paths it expects: a
+# connection cancelled (closed by a refusal above, a deadline in limits.py) while its read loop waits
+# for the server-event lock — held while a hook awaits — leaves with the CancelledError and never
+# closes the socket, which then lingers, unread, until the process ends: one descriptor a refusal.
+_handle_connection = server.ConnectionHandler.handle_connection
+
+
+async def handle_connection(self, connection) -> None:
+    try:
+        await _handle_connection(self, connection)
+    finally:
+        io = self.transports.pop(connection, None)  # still there only when mitmproxy skipped its close
+        if io is not None and io.writer is not None:
+            with contextlib.suppress(OSError):
+                io.writer.close()
+
+
 def install() -> None:
     """Apply the patches (idempotent: the addon script may be reloaded)."""
+    server.ConnectionHandler.handle_connection = handle_connection
     _http1.Http1Server.read_headers = read_headers
     _http1.Http1Server.wait = wait
     _http1.Http1Server.read_body = read_body
