@@ -688,6 +688,15 @@ def dashboard_password(obj: Context) -> None:
     click.echo(f"dashboard password set (user {DASHBOARD_USER}); restart `claudeflare dashboard` to use it")
 
 
+@cli.command()
+@pass_ctx
+def tui(obj: Context) -> None:
+    """Watch and steer the pool in a terminal UI (keys in its footer); works beside a running proxy."""
+    from .tui import run  # Textual loads only for this command
+
+    run(obj.home)
+
+
 @cli.group("alerts")
 def alerts_group() -> None:
     """Webhook alerts: the [alerts] table of accounts.toml."""

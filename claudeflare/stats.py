@@ -120,3 +120,11 @@ def conversation(path: Path, session: str, limit: int = 500) -> list[dict]:
         [session, limit],
     )
     return rows[::-1]
+
+
+def cost_per_account(path: Path, since: str) -> dict[str, float]:
+    rows = query_readonly(
+        path, "select account, coalesce(sum(cost_usd), 0) as cost from requests where started_at >= ? and account is not null "
+        "group by account", [since],
+    )
+    return {r["account"]: r["cost"] for r in rows}
