@@ -5,7 +5,6 @@ import asyncio
 import html
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
