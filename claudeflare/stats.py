@@ -25,7 +25,7 @@ def per_account(path: Path, since: str) -> list[dict]:
         """select account, count(*) as requests, sum(input_tokens) as input_tokens, sum(output_tokens) as output_tokens,
                   sum(cache_read_input_tokens) as cache_read, sum(cache_creation_input_tokens) as cache_write,
                   round(sum(cost_usd), 6) as cost_usd, sum(is_error) as errors, sum(rate_limited) as rate_limited
-           from request_facts where started_at >= ? and account is not null group by account order by account""",
+           from request_facts where started_at >= ? and account is not null group by +account order by account""",
         [since],
     )
     status = account_status(path)
@@ -93,7 +93,7 @@ def latest_requests(path: Path, since: str, limit: int = 100, account: str | Non
     the started_at index, newest first, that stops after `limit` matches or at `since`."""
     where, params = ["started_at >= ?"], [since]
     if account is not None:
-        where.append("account = ?")
+        where.append("+account = ?")  # +: stay on the started_at index
         params.append(account)
     if errors_only:
         where.append("is_error")
@@ -125,6 +125,6 @@ def conversation(path: Path, session: str, limit: int = 500) -> list[dict]:
 def cost_per_account(path: Path, since: str) -> dict[str, float]:
     rows = query_readonly(
         path, "select account, coalesce(sum(cost_usd), 0) as cost from requests where started_at >= ? and account is not null "
-        "group by account", [since],
+        "group by +account", [since],  # +: the started_at index, as in requests_per_account
     )
     return {r["account"]: r["cost"] for r in rows}
