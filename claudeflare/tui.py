@@ -88,12 +88,12 @@ def cell(value) -> Text:
     return Text("-" if value is None or value == "" else str(value), no_wrap=True)
 
 
-def bar(fraction: float | None, reset: str | None, width: int = 10, now: float | None = None) -> Text:
+def bar(fraction: float | None, reset: str | None, width: int = 8, now: float | None = None) -> Text:
     if fraction is None:
         return cell(None)
     filled = max(0, min(width, round(fraction * width)))
     style = "red" if fraction >= 0.95 else "yellow" if fraction >= 0.8 else "green"
-    text = Text("█" * filled, style=style) + Text("░" * (width - filled), style="dim") + Text(f" {fraction:4.0%}")
+    text = Text("█" * filled, style=style) + Text("░" * (width - filled), style="dim") + Text(f" {fraction:.0%}")
     return text + Text(f" ↻{until(reset, now)}" if until(reset, now) else "")
 
 
@@ -115,9 +115,9 @@ def ms(value) -> str:
     return "-" if value is None else f"{value:.0f} ms" if value < 1000 else f"{value / 1000:.2f} s"
 
 
-def local_time(started_at: str | None) -> str:
+def local_time(when: str | None, format: str = "%H:%M:%S") -> str:
     try:
-        return datetime.fromisoformat(started_at).astimezone().strftime("%H:%M:%S")  # type: ignore[arg-type]
+        return datetime.fromisoformat(when).astimezone().strftime(format)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return "-"
 
@@ -153,8 +153,8 @@ def qr_text(data: str) -> Text:
     return Text("\n".join(lines), style="black on white", no_wrap=True)
 
 
-ACCOUNT_COLUMNS = ("name", "mode", "tier", "prio", "state", "5h", "7d", "limited until", "token", "in flight",
-                   "req today", "cost today")
+ACCOUNT_COLUMNS = ("name", "mode", "tier", "prio", "state", "5h", "7d", "limited until", "token", "busy", "today",
+                   "$ today")
 REQUEST_COLUMNS = ("time", "account", "client", "model", "status", "TTFB", "tokens", "cost", "failovers")
 
 
@@ -163,8 +163,8 @@ def account_cells(row: dict, now: float | None = None) -> list[Text]:
     return [cell(row["name"]), cell(row["mode"]), cell(row["tier"]), cell(row["priority"]),
             Text(state, style="green" if row["state"] == "ok" else "yellow", no_wrap=True),
             bar(row["utilization_5h"], row["reset_5h"], now=now), bar(row["utilization_7d"], row["reset_7d"], now=now),
-            cell(until(row["limited_until"], now) and f"{row['limited_until']} ({until(row['limited_until'], now)})"),
-            cell(describe_expiry(row["token_expires_at"], now)), cell(row["requests_in_flight"]),
+            cell(until(row["limited_until"], now) and f"{local_time(row['limited_until'], '%a %H:%M')} ({until(row['limited_until'], now)})"),
+            cell(describe_expiry(row["token_expires_at"], now).removeprefix("expires in ")), cell(row["requests_in_flight"]),
             cell(row["requests_today"]), cell(f"${row['cost_today'] or 0:.2f}")]
 
 
@@ -402,11 +402,11 @@ class PoolApp(App):
     CSS = """
     #banner { background: $error; color: $text; padding: 0 1; }
     #problem { background: $warning; color: $text; padding: 0 1; }
-    #accounts { height: auto; max-height: 45%; }
+    #accounts { height: auto; max-height: 45%; border: round $primary; }
     #totals { padding: 0 1; height: auto; }
     #spark { height: 2; margin: 0 1; }
     #filters { padding: 0 1; color: $text-muted; }
-    #requests { height: 1fr; }
+    #requests { height: 1fr; border: round $primary; }
     .dialog { width: 70; height: auto; max-height: 90%; padding: 1 2; border: thick $accent; background: $surface; }
     .wide { width: 90%; }
     .tall { height: 90%; }
@@ -415,8 +415,8 @@ class PoolApp(App):
     """
     BINDINGS = [
         Binding("p", "pause", "Pause"), Binding("u", "resume", "Resume"), Binding("x", "remove", "Remove"),
-        Binding("t", "tier", "Tier/prio"), Binding("s", "strategy", "Strategy"), Binding("a", "add_key", "Add key"),
-        Binding("o", "add_oauth", "OAuth"), Binding("f", "filter_account", "Filter acct"),
+        Binding("t", "tier", "Tier"), Binding("s", "strategy", "Strategy"), Binding("a", "add_key", "Add key"),
+        Binding("o", "add_oauth", "OAuth"), Binding("f", "filter_account", "Account"),
         Binding("e", "errors_only", "Errors"), Binding("r", "range", "Range"), Binding("d", "details", "Details"),
         Binding("c", "conversation", "Conversation"), Binding("q", "quit", "Quit"),
     ]
@@ -443,8 +443,10 @@ class PoolApp(App):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#accounts", DataTable).add_columns(*ACCOUNT_COLUMNS)
-        self.query_one("#requests", DataTable).add_columns(*REQUEST_COLUMNS)
+        accounts, requests = self.query_one("#accounts", DataTable), self.query_one("#requests", DataTable)
+        accounts.add_columns(*ACCOUNT_COLUMNS)
+        requests.add_columns(*REQUEST_COLUMNS)
+        accounts.border_title, requests.border_title = "Accounts", "Latest requests"
         self.query_one("#banner").display = self.query_one("#problem").display = False
         self.prepare()
         if self.refresh_every:

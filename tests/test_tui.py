@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from harness import add_account, key_for
 
-from claudeflare.accounts import load_accounts
+from claudeflare.accounts import edit_accounts, load_accounts
 from claudeflare.clock import iso_utc
 from claudeflare.credentials import CredentialStore
 from claudeflare.flowlog import open_db
@@ -313,10 +313,41 @@ def test_a_refresh_reads_only_the_range_whatever_the_log_holds(pool, monkeypatch
         assert snap.latest and sum(steps) < 20_000, (range_key, steps)
 
 
-def test_screenshot_for_the_readme(pool):
+def showcase(home):
+    """Made-up accounts and an hour of traffic for the README's screenshot (no real names or secrets)."""
+    now = time.time()
+    add_account(home, "team-max", "max", 20, access_token="made-up-access-1", refresh_token="made-up-refresh-1",
+                expires_at=now + 5 * 3600)
+    add_account(home, "own-pro", "max", 5, 1, access_token="made-up-access-2", refresh_token="made-up-refresh-2",
+                expires_at=now + 40 * 60)
+    add_account(home, "ci-key", api_key=key_for("ci-key"))
+    edit_accounts(home, lambda doc: doc["accounts"][2].__setitem__("paused", True))
+    db = open_db(home / "claudeflare.db")
+    status = [("team-max", "ok", None, None, 0.31, 0.12, 1), ("own-pro", "limited", "5-hour limit reached", 3000, 1.0, 0.64, 0),
+              ("ci-key", "paused", None, None, None, None, 0)]
+    models = ("claude-sonnet-4-5", "claude-opus-4-1", "claude-haiku-4-5")
+    with db.conn:
+        db["account_status"].insert_all([
+            {"name": n, "state": state, "reason": reason, "limited_until": until and iso_utc(now + until),
+             "utilization_5h": u5, "reset_5h": u5 is not None and iso_utc(now + 3000) or None, "utilization_7d": u7,
+             "reset_7d": u7 is not None and iso_utc(now + 4 * 86400) or None, "requests_in_flight": flight,
+             "updated_at": iso_utc(now)} for n, state, reason, until, u5, u7, flight in status])
+        db["requests"].insert_all([
+            row(n, "team-max" if n % 3 else "own-pro", 3590 * (n / 240) ** 1.6, session=f"s-{n // 9}",
+                model=models[n % 3], status=429 if n % 41 == 0 else 200, attempts=2 if n % 41 == 0 else 1,
+                failovers=json.dumps([{"account": "own-pro", "status": 429, "reason": "limited"}]) if n % 41 == 0 else None)
+            for n in range(240)])
+    db.close()
+
+
+def test_screenshot_for_the_readme(home):
+    """docs/tui.svg is this file (tests/artifacts/tui.svg), copied."""
+    showcase(home)
+
     async def script(app, pilot):
         ARTIFACTS.mkdir(exist_ok=True)
         path = app.save_screenshot("tui.svg", str(ARTIFACTS))
-        assert "alpha" in Path(path).read_text()
+        text = Path(path).read_text()
+        assert "team-max" in text and "made-up" not in text
 
-    run(pool, script, size=(160, 36))
+    run(home, script, size=(170, 40))
