@@ -36,6 +36,11 @@ REFRESH = 1.0  # seconds
 FAILURES = (AccountsError, OAuthError, CredentialStoreError, OSError)  # their messages hold no secret
 
 
+def failure(e: Exception) -> str:
+    """What to tell the user: the message of an expected failure, else only its kind (it might quote a secret)."""
+    return str(e) if isinstance(e, FAILURES) else f"unexpected error ({type(e).__name__})"
+
+
 def iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
@@ -156,6 +161,14 @@ def qr_text(data: str) -> Text:
 ACCOUNT_COLUMNS = ("name", "mode", "tier", "prio", "state", "5h", "7d", "limited until", "token", "busy", "today",
                    "$ today")
 REQUEST_COLUMNS = ("time", "account", "client", "model", "status", "TTFB", "tokens", "cost", "failovers")
+
+
+def safe(cells, row: dict, columns: tuple) -> list[Text]:
+    """A row's cells, or a row saying it is unreadable: one odd value in the log must not stop the screen."""
+    try:
+        return cells(row)
+    except (TypeError, ValueError, KeyError, OverflowError):
+        return [cell("(unreadable row)"), *(cell(None) for _ in columns[1:])]
 
 
 def account_cells(row: dict, now: float | None = None) -> list[Text]:
@@ -357,8 +370,8 @@ class OAuthLogin(ModalScreen[str | None]):
     def finish(self, pasted: str) -> None:
         try:
             enrol.finish_oauth(self.home, self.account, self.flow, pasted)
-        except FAILURES as e:
-            self.app.call_from_thread(self.notify, str(e), severity="error", markup=False)
+        except Exception as e:  # the app outlives any failure
+            self.app.call_from_thread(self.notify, failure(e), severity="error", markup=False)
             return
         self.app.call_from_thread(self.dismiss, f"added {self.account.name} ({self.account.mode}, tier {self.account.tier})")
 
@@ -380,7 +393,7 @@ class Details(ModalScreen[None]):
                 table = DataTable(id="conversation", cursor_type="row")
                 table.add_columns(*REQUEST_COLUMNS)
                 for row in self.rows:
-                    table.add_row(*request_cells(row), key=row["id"])
+                    table.add_row(*safe(request_cells, row, REQUEST_COLUMNS), key=row["id"])
                 yield table
             else:
                 yield VerticalScroll(Static(self.body, id="detail"))
@@ -467,9 +480,11 @@ class PoolApp(App):
     def load(self) -> None:
         try:
             snap = load_snapshot(self.home, self.range_key, self.account_filter, self.errors_only)
-            self.call_from_thread(self.show, snap)
+        except Exception as e:  # a damaged or locked log: say so, try again next second
+            snap = Snapshot(problem=f"cannot read {self.home / DB_FILE}: {failure(e)}")
         finally:
             self.loading = False
+        self.call_from_thread(self.show, snap)
 
     def show(self, snap: Snapshot) -> None:
         self.snapshot = snap
@@ -481,13 +496,13 @@ class PoolApp(App):
         problem = self.query_one("#problem", Static)
         problem.display = snap.problem is not None
         problem.update(Text(snap.problem or ""))
-        fill(self.query_one("#accounts", DataTable), [(r["name"], account_cells(r)) for r in snap.accounts])
+        fill(self.query_one("#accounts", DataTable), [(r["name"], safe(account_cells, r, ACCOUNT_COLUMNS)) for r in snap.accounts])
         self.query_one("#totals", Static).update(totals_text(snap.totals, self.range_key))
         self.query_one("#spark", Sparkline).data = snap.per_minute or [0]
         self.query_one("#filters", Static).update(Text(
             f"latest requests · account: {self.account_filter or 'all'} · {'errors only' if self.errors_only else 'all statuses'}"
             f" · range {self.range_key} · requests per minute above, last {SPARK_MINUTES} min"))
-        fill(self.query_one("#requests", DataTable), [(r["id"], request_cells(r)) for r in snap.latest])
+        fill(self.query_one("#requests", DataTable), [(r["id"], safe(request_cells, r, REQUEST_COLUMNS)) for r in snap.latest])
 
     # --- which account, which request ---
 
@@ -513,8 +528,8 @@ class PoolApp(App):
     def change(self, fn, done: str) -> None:
         try:
             fn()
-        except FAILURES as e:
-            self.call_from_thread(self.notify, str(e), severity="error", markup=False)
+        except Exception as e:  # the app outlives any failure
+            self.call_from_thread(self.notify, failure(e), severity="error", markup=False)
             return
         self.call_from_thread(self.notify, done, markup=False)
         self.load()

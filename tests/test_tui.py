@@ -120,6 +120,38 @@ def test_a_stale_status_says_no_proxy_is_running(pool):
     run(pool, script)
 
 
+def test_odd_values_in_the_log_show_as_unreadable_rows_and_the_screen_goes_on(pool):
+    """The flow log is SQLite: any column may hold any type. One bad row must not stop the refresh."""
+    db = open_db(pool / "claudeflare.db")
+    with db.conn:
+        db.execute("insert into requests (id, started_at, account, status, ttfb_ms, cost_usd, attempts, input_tokens) "
+                   "values ('odd', ?, 'alpha', 'two hundred', 'fast', 'free', 'x', 'many')", [iso_utc(time.time())])
+    db.close()
+
+    async def script(app, pilot):
+        assert cells(app, column=0)[0] == "(unreadable row)"
+        assert cells(app) == ["-", "beta", "beta", "alpha", "alpha"]  # the others as before
+        await pilot.press("r")
+        await settle(app, pilot)
+        assert len(cells(app)) == 6 and app.is_running
+
+    run(pool, script)
+
+
+def test_a_broken_accounts_file_is_named_with_its_line(pool):
+    (pool / "accounts.toml").write_text("[[accounts]]\nname = 'alpha'\nmode = 'api-key'\ntier = 3\n")
+
+    async def script(app, pilot):
+        problem = app.query_one("#problem")
+        assert problem.display and "line 1" in str(problem.render()) and "tier" in str(problem.render())
+        assert len(cells(app)) == 4  # the requests still show
+        await pilot.press("p")
+        await settle(app, pilot)
+        assert "no account selected" in notes(app)
+
+    run(pool, script)
+
+
 def test_pause_resume_and_remove_with_confirmation(pool):
     async def script(app, pilot):
         await pilot.press("p")
@@ -227,7 +259,9 @@ def test_oauth_log_in_shows_the_link_and_a_qr_code_then_takes_the_pasted_code(po
         await pilot.press(*"wrong#" + query["state"], "enter")
         await settle(app, pilot)
         assert "not accepted" in notes(app) and app.screen is login
-        await pilot.press(*f"code-tui#{query['state']}", "enter")
+        await pilot.press(*f"code-tui#{query['state']}")
+        assert "code-tui" not in screen_text(app)  # a hidden field
+        await pilot.press("enter")
         await settle(app, pilot)
         assert app.screen is not login
         assert cells(app, "#accounts", 0) == ["alpha", "beta", "max-one"]
