@@ -21,7 +21,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Footer, Header, Input, Label, OptionList, Select, Sparkline, Static
 
 from . import enrol, manage, stats
-from .accounts import TIERS, AccountsError, load_accounts
+from .accounts import TIERS, Account, AccountsError, load_accounts
 from .cli import describe_expiry, duration
 from .config import DB_FILE, STRATEGIES, default_strategy
 from .credentials import CredentialStoreError
@@ -306,25 +306,31 @@ class StrategyPicker(ModalScreen[str | None]):
 
 class OAuthLogin(ModalScreen[str | None]):
     """Name and mode, then the authorization link (copy it, or show a QR code for a phone), then the
-    pasted CODE#STATE. The PKCE verifier stays in this screen; the exchange runs in a thread."""
+    pasted CODE#STATE. The PKCE verifier stays in this screen; the exchange runs in a thread.
+    With `again` (an existing OAuth account), the log-in replaces that account's credentials."""
 
     BINDINGS = [("escape", "cancel", "Cancel"), Binding("f2", "copy", "Copy link"), Binding("f3", "qr", "QR code")]
 
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, taken: frozenset[str] = frozenset(), again: Account | None = None):
         super().__init__()
         self.home = home
+        self.taken = taken  # names already in use, to refuse before the log-in rather than after
+        self.again = again
         self.flow = None
         self.url = ""
-        self.account = None
+        self.account = again
         self.qr_shown = False
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(classes="dialog wide"):
-            yield Label("Log in an OAuth account (max: Pro/Max; console: mints an API key)")
-            yield Input(placeholder="name", id="name")
-            yield Select([("max", "max"), ("console", "console")], value="max", allow_blank=False, id="mode")
-            yield tier_select(5)
-            yield Input("0", placeholder="priority", id="priority")
+            if self.again:
+                yield Label(Text(f"Log {self.again.name} in again ({self.again.mode})"))
+            else:
+                yield Label("Log in an OAuth account (max: Pro/Max; console: mints an API key)")
+                yield Input(placeholder="name", id="name")
+                yield Select([("max", "max"), ("console", "console")], value="max", allow_blank=False, id="mode")
+                yield tier_select(5)
+                yield Input("0", placeholder="priority", id="priority")
             yield Button("Get the log-in link", id="start", variant="primary")
             yield Static(id="link")
             yield Static(id="qr")
@@ -343,9 +349,12 @@ class OAuthLogin(ModalScreen[str | None]):
 
     def start(self) -> None:
         try:
-            self.account = enrol.new_account(self.query_one("#name", Input).value.strip(), self.query_one("#mode", Select).value,
-                                             self.query_one("#tier", Select).value,
-                                             priority_value(self.query_one("#priority", Input).value))
+            if not self.again:
+                self.account = enrol.new_account(self.query_one("#name", Input).value.strip(), self.query_one("#mode", Select).value,
+                                                 self.query_one("#tier", Select).value,
+                                                 priority_value(self.query_one("#priority", Input).value))
+                if self.account.name in self.taken:
+                    raise AccountsError(f"an account named {self.account.name!r} already exists")
             self.flow, self.url = enrol.start_oauth(self.account.mode)  # local: PKCE values and a link
         except AccountsError as e:
             self.notify(str(e), severity="error", markup=False)
@@ -369,11 +378,16 @@ class OAuthLogin(ModalScreen[str | None]):
     @work(thread=True, exclusive=True, group="oauth")
     def finish(self, pasted: str) -> None:
         try:
-            enrol.finish_oauth(self.home, self.account, self.flow, pasted)
+            if self.again:
+                enrol.finish_relogin(self.home, self.account, self.flow, pasted)
+            else:
+                enrol.finish_oauth(self.home, self.account, self.flow, pasted)
         except Exception as e:  # the app outlives any failure
             self.app.call_from_thread(self.notify, failure(e), severity="error", markup=False)
             return
-        self.app.call_from_thread(self.dismiss, f"added {self.account.name} ({self.account.mode}, tier {self.account.tier})")
+        account = self.account
+        done = f"logged in {account.name}" if self.again else f"added {account.name} ({account.mode}, tier {account.tier})"
+        self.app.call_from_thread(self.dismiss, done)
 
     def action_cancel(self) -> None:
         self.dismiss(None)
@@ -429,7 +443,7 @@ class PoolApp(App):
     BINDINGS = [
         Binding("p", "pause", "Pause"), Binding("u", "resume", "Resume"), Binding("x", "remove", "Remove"),
         Binding("t", "tier", "Tier"), Binding("s", "strategy", "Strategy"), Binding("a", "add_key", "Add key"),
-        Binding("o", "add_oauth", "OAuth"), Binding("f", "filter_account", "Account"),
+        Binding("o", "add_oauth", "OAuth"), Binding("l", "login_again", "Log in again"), Binding("f", "filter_account", "Account"),
         Binding("e", "errors_only", "Errors"), Binding("r", "range", "Range"), Binding("d", "details", "Details"),
         Binding("c", "conversation", "Conversation"), Binding("q", "quit", "Quit"),
     ]
@@ -580,12 +594,20 @@ class PoolApp(App):
         self.push_screen(ApiKeyForm(), answered)
 
     def action_add_oauth(self) -> None:
-        def answered(done: str | None) -> None:
-            if done:
-                self.notify(done, markup=False)
-                self.reload()
+        self.push_screen(OAuthLogin(self.home, frozenset(a["name"] for a in self.snapshot.accounts)), self.added)
 
-        self.push_screen(OAuthLogin(self.home), answered)
+    def action_login_again(self) -> None:
+        if account := self.selected_account():
+            if account["mode"] not in enrol.OAUTH_MODES:
+                self.notify(f"{account['name']} is an api-key account: remove it and add it again with a new key",
+                            severity="warning", markup=False)
+                return
+            self.push_screen(OAuthLogin(self.home, again=Account(account["name"], account["mode"])), self.added)
+
+    def added(self, done: str | None) -> None:
+        if done:
+            self.notify(done, markup=False)
+            self.reload_now()
 
     def action_filter_account(self) -> None:
         names = [None, *(a["name"] for a in self.snapshot.accounts)]

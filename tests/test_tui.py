@@ -272,6 +272,39 @@ def test_oauth_log_in_shows_the_link_and_a_qr_code_then_takes_the_pasted_code(po
     assert CredentialStore(pool).credentials()["max-one"].refresh_token
 
 
+def test_log_in_again_replaces_the_tokens_and_a_taken_name_is_refused_before_the_log_in(pool, fake, monkeypatch):
+    monkeypatch.setenv("CLAUDEFLARE_TOKEN_URL", f"{fake.url}/v1/oauth/token")
+    add_account(pool, "max-old", "max", 5, access_token="old-access-token", refresh_token="old-refresh-token",
+                expires_at=time.time() - 60)
+
+    async def script(app, pilot):
+        await pilot.press("l")  # alpha: an API key has no log-in
+        await pilot.pause()
+        assert "api-key account" in notes(app) and not isinstance(app.screen, OAuthLogin)
+        await pilot.press("o")
+        await pilot.pause()
+        app.screen.query_one("#name").value = "alpha"
+        await pilot.click("#start")
+        await pilot.pause()
+        assert "already exists" in notes(app) and not app.screen.url
+        await pilot.press("escape", "down", "down", "l")
+        await pilot.pause()
+        login = app.screen
+        assert "Log max-old in again" in screen_text(app)
+        await pilot.click("#start")
+        await pilot.pause()
+        query = {k: v[0] for k, v in parse_qs(urlsplit(login.url).query).items()}
+        fake.add_auth_code("code-again", account="max-old", state=query["state"], code_challenge=query["code_challenge"])
+        await pilot.press(*f"code-again#{query['state']}", "enter")
+        await settle(app, pilot)
+        assert app.screen is not login and "logged in max-old" in notes(app)
+
+    run(pool, script)
+    credential = CredentialStore(pool).credentials()["max-old"]
+    assert credential.refresh_token != "old-refresh-token" and credential.expires_at > time.time()
+    assert [a.name for a in load_accounts(pool).accounts] == ["alpha", "beta", "max-old"]
+
+
 def test_filters_by_account_and_errors_only_and_range(pool):
     async def script(app, pilot):
         await pilot.press("f")
