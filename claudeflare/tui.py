@@ -6,6 +6,7 @@ proxy reloads within a second). Every read and edit runs in a worker thread, nev
 Everything shown from the log is data, never markup: cells are `Text`, built in `cell`.
 """
 
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -133,18 +134,26 @@ def status_text(row: dict) -> Text:
 
 
 def failover_count(row: dict) -> int:
-    return max(0, (row.get("attempts") or 1) - 1)
+    """Failed attempts before the reply the client got (the failovers column, a JSON list)."""
+    try:
+        failed = json.loads(row["failovers"] or "[]")
+    except (TypeError, ValueError):
+        return 0
+    return len(failed) if isinstance(failed, list) else 0
+
+
+def share(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{fraction:.1%}"
 
 
 def totals_text(totals: dict, range_key: str) -> Text:
     if not totals or not totals.get("requests"):
         return Text(f"last {range_key}: no requests")
     t = totals
-    rate = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
     return Text(
         f"last {range_key}: {t['requests']:,} requests · tokens in {tokens(t['input_tokens'])} out {tokens(t['output_tokens'])} "
         f"cache read {tokens(t['cache_read'])} write {tokens(t['cache_write'])} · ${t['cost_usd']:.2f} · "
-        f"errors {rate(t['error_rate'])} · cache hit {rate(t['cache_hit_ratio'])} · p95 TTFB {ms(t['ttfb_p95_ms'])}"
+        f"errors {share(t['error_rate'])} · cache hit {share(t['cache_hit_ratio'])} · p95 TTFB {ms(t['ttfb_p95_ms'])}"
     )
 
 
