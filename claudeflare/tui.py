@@ -368,7 +368,9 @@ class OAuthLogin(ModalScreen[str | None]):
         except AccountsError as e:
             self.notify(str(e), severity="error", markup=False)
             return
-        self.query_one("#link", Static).update(Text(f"Open this link, log in, paste the code below "
+        for field_ in self.query("#name, #mode, #tier, #priority, #start"):  # fixed from here on: room for the QR code
+            field_.display = False
+        self.query_one("#link", Static).update(Text(f"{self.account.name} ({self.account.mode}): open this link, log in, paste the code below "
                                                     f"(F2 copies it, F3 shows a QR code for another device):\n{self.url}"))
         code = self.query_one("#code", Input)
         code.disabled = False
