@@ -35,6 +35,7 @@ from .config import ACCOUNTS_FILE, DB_FILE, STRATEGIES, HomeError, check_home, d
 from .credentials import SECRET_RE, Credential, CredentialStore, CredentialStoreError
 from .clock import utc_now
 from . import enrol as enrolment
+from . import manage
 from .flowlog import open_db, query_readonly
 from .listing import account_rows
 from .oauth import OAuthError, OAuthSettings
@@ -319,10 +320,7 @@ def used(fraction: float | None, reset: str | None, now: float | None = None) ->
 
 
 def set_paused(obj: Context, name: str, paused: bool) -> None:
-    def change(doc):
-        account_table(doc, name)["paused"] = paused
-
-    obj.edit(change)
+    manage.set_paused(obj.home, name, paused)  # a wrong name or file: Group says so in one line
     click.echo(f"{name} {'paused' if paused else 'resumed'}")
 
 
@@ -364,14 +362,7 @@ def set_(obj: Context, name: str, tier: str | None, priority: int | None) -> Non
     if tier is None and priority is None:
         raise click.UsageError("give --tier and/or --priority")
 
-    def change(doc):
-        table = account_table(doc, name)
-        if tier is not None:
-            table["tier"] = int(tier)
-        if priority is not None:
-            table["priority"] = priority
-
-    obj.edit(change)
+    manage.set_tier_priority(obj.home, name, None if tier is None else int(tier), priority)
     click.echo(f"{name}: " + ", ".join(f"{k} {v}" for k, v in (("tier", tier), ("priority", priority)) if v is not None))
 
 
@@ -385,10 +376,7 @@ def strategy(obj: Context, name: str | None) -> None:
         click.echo(chosen or f"{default_strategy()} (proxy option; not set in accounts.toml)")
         return
 
-    def change(doc):
-        doc["strategy"] = name
-
-    obj.edit(change)
+    manage.set_strategy(obj.home, name)
     click.echo(f"strategy: {name}")
 
 
@@ -698,6 +686,15 @@ def dashboard_password(obj: Context) -> None:
         f.write(hash_password(password) + "\n")
     os.replace(tmp, path)
     click.echo(f"dashboard password set (user {DASHBOARD_USER}); restart `claudeflare dashboard` to use it")
+
+
+@cli.command()
+@pass_ctx
+def tui(obj: Context) -> None:
+    """Watch and steer the pool in a terminal UI (keys in its footer); works beside a running proxy."""
+    from .tui import run  # Textual loads only for this command
+
+    run(obj.home)
 
 
 @cli.group("alerts")

@@ -461,7 +461,8 @@ def requests_per_account(path: Path, since: str) -> dict[str, int]:
     """Rows per account since an ISO timestamp."""
     rows = query_readonly(
         path,
-        "select account, count(*) as n from requests where started_at >= ? and account is not null group by account",
+        # `+account`: on the started_at index; grouping on the account index would read every row ever logged.
+        "select account, count(*) as n from requests where started_at >= ? and account is not null group by +account",
         [since],
     )
     return {r["account"]: r["n"] for r in rows}
