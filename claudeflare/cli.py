@@ -23,7 +23,7 @@ from .accounts import (
     TIERS,
     Account,
     AccountsError,
-    account_table,
+
     check_name,
     edit_accounts,
     hash_client_key,
