@@ -35,6 +35,7 @@ class Balancer:
         self._cursor = 0
         self._smooth_weights: dict[str, float] = {}
         self._next_prune = clock() + PRUNE_EVERY
+        self.on_bind: Callable[[str, str, float], None] | None = None  # (key, account, seconds): shared state
 
     def pick(self, accounts: Sequence[Account], key: str | None = None, *, warning: Collection[str] = (),
              utilization: Mapping[str, float] | None = None) -> Account | None:
@@ -117,6 +118,17 @@ class Balancer:
                 logger.info("claudeflare: conversation %s moved from %s to %s: %s", key, old[0], name, moved)
         self.sessions[key] = (name, self.clock() + self.session_seconds)
         self.session_counts[name] += 1
+        if self.on_bind:
+            self.on_bind(key, name, self.session_seconds)
+
+    def adopt(self, key: str, name: str, seconds: float) -> None:
+        """Another proxy bound the conversation (state.py): its turns here go to the same account."""
+        old = self.sessions.get(key)
+        if old and old[0] != name:
+            self._forget(old[0])
+        if not old or old[0] != name:
+            self.session_counts[name] += 1
+        self.sessions[key] = (name, self.clock() + seconds)
 
     def _forget(self, name: str) -> None:
         self.session_counts[name] -= 1
