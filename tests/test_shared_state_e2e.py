@@ -1,0 +1,133 @@
+"""One pool across workers and instances (issue #14): two real mitmdump processes, sharing one home
+(state.db) or two homes on one real redis-server."""
+
+import subprocess
+import time
+from collections import Counter
+
+import pytest
+import requests
+from harness import CLAUDE_CODE_SYSTEM, add_account, api_key_accounts, free_port, wait_for_port, wait_until
+
+from claudeflare.credentials import CredentialStore
+
+MODEL = "claude-sonnet-4-6"
+SYNC = 1.0  # a few of the state thread's rounds (state.POLL): long enough for an event to cross
+
+
+class RedisServer:
+    """A throwaway redis-server on a free loopback port, without persistence."""
+
+    def __init__(self, tmp_path):
+        self.port, self.dir = free_port(), tmp_path
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, 10, alive=lambda: self.proc.poll() is None)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+def ask(proxy, session=None, tokens=10):
+    headers = {"x-fake-tokens": str(tokens)}
+    if session:
+        headers["x-claude-code-session-id"] = session
+    body = {"model": MODEL, "max_tokens": 100, "system": CLAUDE_CODE_SYSTEM, "messages": [{"role": "user", "content": "hi"}]}
+    return requests.post(f"{proxy.url}/v1/messages", json=body, headers=headers, timeout=30)
+
+
+def served_by(fake) -> list[tuple[str, int]]:
+    return [(r["account"], r["status"]) for r in fake.requests if r["path"] == "/v1/messages"]
+
+
+def enrol_oauth(fake, homes, name, expires_in):
+    """The same OAuth account in every home (as `claudeflare import` on each machine would)."""
+    access, refresh = f"sk-ant-oat01-{name}-{time.monotonic_ns()}", f"sk-ant-ort01-{name}-{time.monotonic_ns()}"
+    fake.add_oauth(account=name, access_token=access, refresh_token=refresh, expires_in=expires_in)
+    for home in dict.fromkeys(homes):
+        add_account(home, name, "max", 5, access_token=access, refresh_token=refresh, expires_at=time.time() + expires_in)
+    return access
+
+
+def two_proxies(start_proxy, homes, *extra):
+    return [start_proxy(home, *extra) for home in homes]
+
+
+@pytest.fixture(params=["home", "redis"])
+def fleet(request, tmp_path, start_proxy):
+    """(homes, start): two workers on one home, or two instances with their own homes on one Redis."""
+    if request.param == "home":
+        homes, extra = [tmp_path / "home"] * 2, ()
+    else:
+        server = request.getfixturevalue("redis_server")
+        homes, extra = [tmp_path / "home-1", tmp_path / "home-2"], ("--set", f"claudeflare_state={server.url}")
+    return homes, lambda *more: two_proxies(start_proxy, homes, *extra, *more)
+
+
+def api_keys_everywhere(fake, homes, *specs):
+    for home in dict.fromkeys(homes):
+        api_key_accounts(fake, home, *specs)
+
+
+def test_a_conversation_stays_on_its_account_across_the_fleet(fake, fleet):
+    homes, start = fleet
+    api_keys_everywhere(fake, homes, ("a", 1), ("b", 1))
+    one, two = start()
+    assert ask(one, session="first").status_code == 200  # takes a (a tie, by name)
+    assert ask(one, session="second").status_code == 200  # takes b, a holds a conversation already
+    time.sleep(SYNC)
+    # Alone, the other proxy would put "second" on a (no conversation there); shared, it stays on b.
+    for proxy in (two, one, two, one, two):
+        assert ask(proxy, session="second").status_code == 200
+        time.sleep(SYNC / 2)
+    assert [a for a, _ in served_by(fake)] == ["a", "b", "b", "b", "b", "b", "b"]
+
+
+def test_an_account_limited_for_one_is_not_tried_by_the_other(fake, fleet):
+    homes, start = fleet
+    api_keys_everywhere(fake, homes, ("a", 1), ("b", 1))
+    fake.set_limit("a", requests=1, window_s=3600)
+    one, two = start("--set", "claudeflare_strategy=round-robin")
+    for _ in range(4):
+        assert ask(one).status_code == 200
+    assert Counter(s for a, s in served_by(fake) if a == "a") == {200: 1, 429: 1}
+    time.sleep(SYNC)
+    for _ in range(4):  # round-robin would give a two of these, were it not benched here too
+        assert ask(two).status_code == 200
+    seen = served_by(fake)
+    assert Counter(s for a, s in seen if a == "a") == {200: 1, 429: 1}  # one 429 for the fleet
+    assert Counter(a for a, s in seen if s == 200) == {"a": 1, "b": 7}
+
+
+def test_one_refresh_per_expiry_for_the_fleet(fake, fleet):
+    homes, start = fleet
+    old = enrol_oauth(fake, homes, "m", expires_in=60)  # inside the refresh margin: both refresh ahead at start
+    one, two = start("--set", f"claudeflare_token_url={fake.url}/v1/oauth/token")
+    assert wait_until(lambda: fake.token_calls("m") >= 1, timeout=10)
+    for proxy in (one, two, one, two):
+        assert ask(proxy).status_code == 200
+    assert fake.token_calls("m") == 1
+    rotated = fake.tokens("m")["access_token"]
+    assert rotated != old
+    sent = [r["headers"].get("authorization") for r in fake.requests if r["path"] == "/v1/messages"]
+    assert sent == [f"Bearer {rotated}"] * 4  # both use the token one of them rotated
+    for home in dict.fromkeys(homes):
+        assert CredentialStore(home).credentials()["m"].access_token == rotated
