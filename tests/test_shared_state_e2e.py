@@ -7,8 +7,9 @@ from collections import Counter
 
 import pytest
 import requests
-from harness import CLAUDE_CODE_SYSTEM, add_account, api_key_accounts, free_port, wait_for_port, wait_until
+from harness import CLAUDE_CODE_SYSTEM, add_account, api_key_accounts, db_rows, free_port, wait_for_port, wait_until
 
+from claudeflare import state
 from claudeflare.credentials import CredentialStore
 
 MODEL = "claude-sonnet-4-6"
@@ -99,6 +100,8 @@ def test_a_conversation_stays_on_its_account_across_the_fleet(fake, fleet):
         assert ask(proxy, session="second").status_code == 200
         time.sleep(SYNC / 2)
     assert [a for a, _ in served_by(fake)] == ["a", "b", "b", "b", "b", "b", "b"]
+    # One row per request for the fleet: workers write their home's one claudeflare.db.
+    assert wait_until(lambda: sum(len(db_rows(h)) for h in dict.fromkeys(homes)) == 7)
 
 
 def test_an_account_limited_for_one_is_not_tried_by_the_other(fake, fleet):
@@ -157,3 +160,21 @@ def test_redis_gone_the_local_copy_serves_and_resyncs_when_it_is_back(fake, tmp_
     for _ in range(4):  # one's bench reached two through the restarted Redis: a is not tried
         assert ask(two).status_code == 200
     assert [a for a, _ in served_by(fake)] == ["b"] * 4
+
+
+def test_a_refresh_lock_waits_for_its_holder_and_is_released_only_by_it(tmp_path, redis_server, monkeypatch):
+    monkeypatch.setattr(state, "LOCK_TTL_MS", 300)
+    monkeypatch.setattr(state, "LOCK_WAIT", 0.1)
+    one, two = (state.RedisState(redis_server.url, tmp_path / name) for name in ("h1", "h2"))
+    first = one.refresh_lock("m")
+    first.__enter__()
+    with pytest.raises(TimeoutError):
+        with two.refresh_lock("m"):
+            pass
+    time.sleep(0.4)  # the holder outlived its lock's expiry: another may take it
+    second = two.refresh_lock("m")
+    second.__enter__()
+    first.__exit__(None, None, None)  # too late: the lock is two's now, and stays
+    assert one.redis.get("claudeflare:refresh:m") is not None
+    second.__exit__(None, None, None)
+    assert one.redis.get("claudeflare:refresh:m") is None

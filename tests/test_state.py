@@ -1,0 +1,115 @@
+"""The shared state's pieces, in process: events from a hostile store, the option, the home backend
+between two proxies' copies, and merging into Balancer and Health."""
+
+import json
+import time
+
+import pytest
+
+from claudeflare import state
+from claudeflare.accounts import Account
+from claudeflare.balancer import Balancer
+from claudeflare.ratelimit import Health, Signals, Window
+from claudeflare.states import AccountState
+from claudeflare.state import Event, HomeState, merge, parse_state
+
+
+def bench(account="a", until=None, family=None):
+    return Event("bench", f"{account}/{family or ''}", account, until or time.time() + 60, family, "5h limit")
+
+
+@pytest.mark.parametrize("raw", [
+    "not json", "[]", "{}", '{"kind":"drop","key":"k","account":"a","until":1e12}',
+    json.dumps({"kind": "bind", "key": "k" * 300, "account": "a", "until": 1e12}),
+    json.dumps({"kind": "bind", "key": "k", "account": "a\nb", "until": 1e12}),
+    json.dumps({"kind": "bind", "key": "k", "account": "a", "until": "soon"}),
+    json.dumps({"kind": "bind", "key": "k", "account": "a", "until": True}),
+    '{"kind":"bind","key":"k","account":"a","until":NaN}',
+    json.dumps({"kind": "bench", "key": "k", "account": "a", "until": 1e12, "reason": "x" * 1000}),
+    json.dumps({"kind": "bench", "key": "k", "account": "a", "until": 1e12, "extra": 1}),
+    "[" * 100_000,
+])
+def test_an_event_from_the_store_is_checked(raw):
+    assert Event.parse(raw) is None
+
+
+def test_an_event_round_trips():
+    event = bench(family="opus")
+    assert Event.parse(event.to_json()) == event
+
+
+def test_the_option_takes_home_or_a_redis_url_and_never_echoes_it():
+    assert parse_state("") == parse_state("home") == "home"
+    assert parse_state("rediss://:pw@redis.example:6380/1") == "rediss://:pw@redis.example:6380/1"
+    with pytest.raises(ValueError) as e:
+        parse_state("http://:secret-password@host/")
+    assert "secret-password" not in str(e.value) and "claudeflare_state" in str(e.value)
+    assert state.where("redis://:secret-password@host:7000/2") == "redis://host:7000/2"
+
+
+def test_two_copies_share_through_state_db(tmp_path):
+    one, two = HomeState(tmp_path), HomeState(tmp_path)
+    seen = []
+    two.apply = seen.extend
+    one.publish(Event("bind", "conversation", "a", time.time() + 60))
+    one.publish(bench("b", until=time.time() - 1))  # expired: nobody needs it
+    one.sync_once()
+    two.sync_once()
+    assert [(e.kind, e.key, e.account) for e in seen] == [("bind", "conversation", "a")]
+    two.sync_once()  # read once only
+    assert len(seen) == 1
+
+
+def test_after_an_outage_everything_live_is_republished(tmp_path):
+    shared = HomeState(tmp_path)
+    written, fail = [], [True]
+
+    def write(events):
+        if fail[0]:
+            raise OSError("gone")
+        written.extend(events)
+
+    shared.write, shared.read_new = write, lambda: []
+    shared.publish(bind := Event("bind", "c", "a", time.time() + 60))
+    for _ in range(3):  # the thread's rounds while the store is gone (_run sets `down`)
+        with pytest.raises(OSError):
+            shared.sync_once()
+        shared.down = "OSError"
+    fail[0] = False
+    shared.sync_once()
+    assert written == [bind] and shared.down is None
+
+
+def test_merge_binds_a_conversation_and_counts_it_once():
+    balancer = Balancer()
+    events = [Event("bind", "c1", "b", time.time() + 60)]
+    merge(events, balancer, Health())
+    merge(events, balancer, Health())  # an echo
+    accounts = [Account("a", "api-key"), Account("b", "api-key")]
+    assert balancer.pick(accounts, "c1").name == "b"
+    assert balancer.session_counts == {"b": 1}
+    merge([Event("bind", "c1", "a", time.time() + 60)], balancer, Health())
+    assert balancer.session_counts == {"a": 1} and balancer.pick(accounts, "c1").name == "a"
+
+
+def test_merge_benches_never_shorter_and_never_over_a_refusal():
+    health = Health()
+    later = time.time() + 600
+    merge([bench("a", until=later), bench("a", until=time.time() + 60)], Balancer(), health)
+    assert health.view("a").state == AccountState.LIMITED and health.view("a").until == later
+    assert not health.available("a")
+    health.needs_login("n", "refused", None)
+    merge([bench("n")], Balancer(), health)
+    assert health.view("n").state == AccountState.NEEDS_LOGIN
+    merge([bench("f", family="opus")], Balancer(), health)
+    assert not health.available("f", family="opus") and health.available("f", family="sonnet")
+
+
+def test_a_limit_seen_here_is_published():
+    published = []
+    health, balancer = Health(), Balancer()
+    state.connect(type("Shared", (), {"publish": lambda self, e: published.append(e)})(), balancer, health, None)
+    signals = Signals(status="rejected", reset=time.time() + 300, windows={"5h": Window("rejected", 1.0, time.time() + 300)})
+    health.observe("a", 429, signals)
+    balancer.pick([Account("a", "api-key")], "c1")
+    assert [(e.kind, e.account) for e in published] == [("bench", "a"), ("bind", "a")]
