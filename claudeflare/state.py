@@ -31,7 +31,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .accounts import NAME_RE
-from .credentials import Credential, CredentialStore, entry_problem
+from .credentials import Credential, CredentialStore, CredentialStoreError, entry_problem
 
 logger = logging.getLogger(__name__)
 
@@ -296,6 +296,12 @@ class RedisState(SharedState):
     # --- credentials ------------------------------------------------------------------------------
 
     def sync_credentials(self) -> None:
+        try:
+            self._sync_credentials()
+        except CredentialStoreError:
+            pass  # the home's file is broken: the PoolWatcher says so, and events go on syncing
+
+    def _sync_credentials(self) -> None:
         if not self._pushed:
             for name, credential in self.store.credentials().items():
                 if credential.refresh_token:
