@@ -206,14 +206,14 @@ class Claudeflare:
         if self.shared:
             self.shared.stop()
         self.shared = shared_state.open_state(option, self.home)
-        shared_state.connect(self.shared, self.balancer, self.health, self.refresher)
+        shared_state.connect(self.shared, self.balancer, self.health, self.refresher, self.usage_poller)
         if self.loop:
             self.shared.start(self.on_shared)
 
     def on_shared(self, events: list) -> None:
         """Other proxies' bindings and benches (from the state thread) into the loop's copy."""
         with contextlib.suppress(RuntimeError):  # the loop has closed: mitmdump is exiting
-            self.loop.call_soon_threadsafe(shared_state.merge, events, self.balancer, self.health)
+            self.loop.call_soon_threadsafe(shared_state.merge, events, self.balancer, self.health, self.owners)
 
     def running(self) -> None:
         self.router.resender = Resender()
@@ -370,6 +370,8 @@ class Claudeflare:
     def store_owner(self, resource_id: str, account: str | None, kind: str | None) -> None:
         if self.recorder and self.recorder.flowlog:
             self.recorder.flowlog.resource_owner(resource_id, account, kind)
+        if self.shared:
+            self.shared.publish(shared_state.owner_event(resource_id, account))
 
     def route(self, flow: http.HTTPFlow) -> None:
         if isinstance(flow.client_conn.proxy_mode, ReverseMode):

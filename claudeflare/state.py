@@ -16,11 +16,13 @@ When the store is unreachable, the copy keeps serving; the error is logged once,
 with backoff, and on reconnect it republishes every live event it knows and reads what it missed.
 """
 
+import asyncio
 import contextlib
 import json
 import logging
 import math
 import queue
+import re
 import secrets
 import sqlite3
 import threading
@@ -43,12 +45,15 @@ MAX_KNOWN = 100_000  # live events kept for republishing; the oldest go first
 MAX_READ = 1000  # events read per round
 LOCK_TTL_MS = 60_000  # a refresh lock outlives any token request (oauth.py times out sooner)
 LOCK_WAIT = 30.0
+OWNER_DAYS = 30
 
 
 @dataclass(frozen=True)
 class Event:
     """`bind`: conversation `key` is on `account` until `until`. `bench`: `account` (for model
-    `family` only, if set) takes no traffic until `until`. Times are epoch seconds."""
+    `family` only, if set) takes no traffic until `until`. `usage`: what `account`'s usage endpoint
+    said (`data`: windows and extra, as Health.observe_usage takes them). `owner`: resource `key`
+    (a file or batch) is `account`'s; `unowned`: it is gone. Times are epoch seconds."""
 
     kind: str
     key: str
@@ -56,6 +61,7 @@ class Event:
     until: float
     family: str | None = None
     reason: str | None = None
+    data: dict | None = None
 
     @property
     def slot(self) -> tuple[str, str]:
@@ -74,14 +80,40 @@ class Event:
         except (ValueError, TypeError, RecursionError):
             return None
         ok = (
-            event.kind in ("bind", "bench")
+            event.kind in KINDS
             and isinstance(event.key, str) and 0 < len(event.key) <= MAX_KEY
-            and isinstance(event.account, str) and NAME_RE.fullmatch(event.account)
+            and isinstance(event.account, str) and (NAME_RE.fullmatch(event.account) or (event.kind == "unowned" and not event.account))
             and isinstance(event.until, (int, float)) and not isinstance(event.until, bool) and math.isfinite(event.until)
             and (event.family is None or (isinstance(event.family, str) and len(event.family) <= 32))
             and (event.reason is None or (isinstance(event.reason, str) and len(event.reason) <= 200))
+            and (event.data is None if event.kind != "usage" else usage_data(event.data) is not None)
         )
         return event if ok else None
+
+    def usage(self) -> tuple[dict[str, tuple[float, float | None]], float | None]:
+        """A checked `usage` event's (windows, extra)."""
+        return usage_data(self.data)  # type: ignore[return-value]
+
+
+KINDS = ("bind", "bench", "usage", "owner", "unowned")
+WINDOW_NAME = re.compile(r"[a-z0-9_]{1,16}")
+
+
+def usage_data(data) -> tuple[dict[str, tuple[float, float | None]], float | None] | None:
+    """`{"windows": {name: [fraction, reset or null]}, "extra": fraction or null}`, checked."""
+    def number(x, none_ok=False):
+        return (x is None and none_ok) or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0)
+
+    if not isinstance(data, dict) or not isinstance(windows := data.get("windows"), dict) or len(windows) > 8:
+        return None
+    checked = {}
+    for name, value in windows.items():
+        if not (WINDOW_NAME.fullmatch(name) and isinstance(value, list) and len(value) == 2
+                and number(value[0]) and number(value[1], none_ok=True)):
+            return None
+        checked[name] = (float(value[0]), value[1])
+    extra = data.get("extra")
+    return (checked, extra) if number(extra, none_ok=True) else None
 
 
 def parse_state(value: str) -> str:
@@ -200,6 +232,12 @@ class SharedState:
     def sync_credentials(self) -> None:
         """Adopt the shared credentials into the home's store (Redis only)."""
 
+    def claim_usage_read(self, name: str, seconds: float) -> bool:
+        """Blocking (a worker thread): whether this proxy reads `name`'s usage endpoint now, the
+        fleet's one read for the next `seconds`. True when the store can't tell: reads stay bounded
+        per proxy."""
+        return True
+
     # --- token refreshes (the refresher's worker thread) ------------------------------------------
 
     @contextlib.contextmanager
@@ -227,13 +265,32 @@ class HomeState(SharedState):
         self._next_prune = 0.0
 
     def connection(self) -> sqlite3.Connection:
+        """The state thread's own."""
         if self._db is None:
-            db = sqlite3.connect(self.path, timeout=5, isolation_level=None)
-            db.execute("pragma journal_mode=wal")
-            db.execute("create table if not exists events (id integer primary key autoincrement, body text not null, until real not null)")
-            db.execute("create index if not exists events_until on events(until)")
-            self._db = db
+            self._db = self.connect()
         return self._db
+
+    def connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=5, isolation_level=None)
+        db.execute("pragma journal_mode=wal")
+        db.execute("create table if not exists events (id integer primary key autoincrement, body text not null, until real not null)")
+        db.execute("create index if not exists events_until on events(until)")
+        db.execute("create table if not exists usage_claims (account text primary key, next_at real not null)")
+        return db
+
+    def claim_usage_read(self, name: str, seconds: float) -> bool:
+        now = time.time()
+        try:
+            with contextlib.closing(self.connect()) as db, db:
+                db.execute("begin immediate")
+                row = db.execute("select next_at from usage_claims where account = ?", (name,)).fetchone()
+                if row and row[0] > now:
+                    return False
+                db.execute("insert or replace into usage_claims values (?, ?)", (name, now + seconds))
+                return True
+        except sqlite3.Error as e:
+            logger.warning("claudeflare: cannot claim the usage read of %s in %s: %s", name, self.path, e)
+            return True
 
     def write(self, events: list[Event]) -> None:
         db = self.connection()
@@ -365,6 +422,12 @@ class RedisState(SharedState):
         pipe.incr(self.VERSION)
         pipe.execute()
 
+    def claim_usage_read(self, name: str, seconds: float) -> bool:
+        claimed = True
+        with self._tolerant("claiming the usage read of " + name):
+            claimed = bool(self.redis.set(f"claudeflare:usage:{name}", "1", nx=True, px=max(1, int(seconds * 1000))))
+        return claimed
+
     @contextlib.contextmanager
     def refresh_lock(self, name: str) -> Iterator[None]:
         key, token = f"claudeflare:refresh:{name}", secrets.token_hex(16)
@@ -398,22 +461,41 @@ def _stream_id(entry_id: str) -> tuple[int, int]:
 # --- the proxy's side --------------------------------------------------------------------------
 
 
-def connect(shared: SharedState, balancer, health, refresher) -> None:
-    """What the balancer binds and Health benches is published; refreshes go through `shared`."""
+def connect(shared: SharedState, balancer, health, refresher, usage_poller) -> None:
+    """What the balancer binds, Health benches and the usage endpoint says is published; usage reads
+    and refreshes go through `shared`."""
     balancer.on_bind = lambda key, name, seconds: shared.publish(Event("bind", key, name, time.time() + seconds))
     health.on_bench = lambda name, until, family, reason: shared.publish(
         Event("bench", f"{name}/{family or ''}", name, until, family, reason))
+    usage_poller.claim = lambda name, seconds: asyncio.to_thread(shared.claim_usage_read, name, seconds)
+    usage_poller.on_read = lambda name, usage, seconds: shared.publish(Event(
+        "usage", name, name, time.time() + seconds,
+        data={"windows": {w: list(v) for w, v in usage.windows.items()}, "extra": usage.extra}))
     if refresher:
         refresher.shared = shared
 
 
-def merge(events: list[Event], balancer, health) -> None:
+def owner_event(resource_id: str, account: str | None) -> Event:
+    """A file or batch created (`account`) or gone (None); files live until deleted, batches 29 days."""
+    if account is None:
+        return Event("unowned", resource_id, "", time.time() + OWNER_DAYS * 86400)
+    return Event("owner", resource_id, account, time.time() + OWNER_DAYS * 86400)
+
+
+def merge(events: list[Event], balancer, health, owners) -> None:
     """Others' events into the local copy (on the proxy's loop)."""
     now = time.time()
     for event in events:
         if event.until <= now:
             continue
-        if event.kind == "bind":
-            balancer.adopt(event.key, event.account, event.until - now)
-        else:
-            health.adopt_bench(event.account, event.until, event.family, event.reason)
+        match event.kind:
+            case "bind":
+                balancer.adopt(event.key, event.account, event.until - now)
+            case "bench":
+                health.adopt_bench(event.account, event.until, event.family, event.reason)
+            case "usage":
+                health.observe_usage(event.account, *event.usage())
+            case "owner":
+                owners.owners[event.key] = event.account  # the proxy that saw it created logged it
+            case "unowned":
+                owners.owners.pop(event.key, None)

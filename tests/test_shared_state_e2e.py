@@ -1,6 +1,7 @@
 """One pool across workers and instances (issue #14): two real mitmdump processes, sharing one home
 (state.db) or two homes on one real redis-server."""
 
+import sqlite3
 import subprocess
 import time
 from collections import Counter
@@ -178,3 +179,40 @@ def test_a_refresh_lock_waits_for_its_holder_and_is_released_only_by_it(tmp_path
     assert one.redis.get("claudeflare:refresh:m") is not None
     second.__exit__(None, None, None)
     assert one.redis.get("claudeflare:refresh:m") is None
+
+
+def account_status(home, name):
+    conn = sqlite3.connect(home / "claudeflare.db")
+    try:
+        row = conn.execute("select utilization_5h from account_status where name = ?", (name,)).fetchone()
+    except sqlite3.OperationalError:
+        row = None
+    finally:
+        conn.close()
+    return row[0] if row else None
+
+
+def test_one_usage_read_per_interval_for_the_fleet_and_everyone_learns_it(fake, fleet):
+    homes, start = fleet
+    enrol_oauth(fake, homes, "m", expires_in=7200)
+    fake.set_usage("m", {"five_hour": {"utilization": 42, "resets_at": "2099-01-01T00:00:00Z"}})
+    start()
+    for home in dict.fromkeys(homes):  # the reader's result reached the other's status too
+        assert wait_until(lambda: account_status(home, "m") == 0.42, timeout=10)
+    time.sleep(SYNC)
+    assert fake.usage_reads("m") == 1  # both start due to read it: one did
+
+
+def test_a_file_made_through_one_is_reached_through_the_other(fake, fleet):
+    homes, start = fleet
+    api_keys_everywhere(fake, homes, ("a", 1), ("b", 1))
+    one, two = start("--set", "claudeflare_strategy=round-robin")
+    headers = {"x-api-key": "client", "anthropic-version": "2023-06-01", "anthropic-beta": "files-api-2025-04-14"}
+    made = [requests.post(f"{one.url}/v1/files", headers=headers, files={"file": (f"{i}.txt", b"text", "text/plain")},
+                          timeout=30).json()["id"] for i in range(2)]
+    owner = {i: fake.resources.owner(i) for i in made}
+    assert sorted(owner.values()) == ["a", "b"]
+    time.sleep(SYNC)
+    for file_id in made * 2:  # round-robin would send every other one to the account without it
+        assert requests.get(f"{two.url}/v1/files/{file_id}", headers=headers, timeout=30).status_code == 200
+    assert {r["path"].rsplit("/", 1)[1]: r["account"] for r in fake.requests if r["method"] == "GET"} == owner

@@ -11,7 +11,13 @@ from claudeflare.accounts import Account
 from claudeflare.balancer import Balancer
 from claudeflare.ratelimit import Health, Signals, Window
 from claudeflare.states import AccountState
+from claudeflare.resources import Owners
 from claudeflare.state import Event, HomeState, merge, parse_state
+from claudeflare.usage_poll import UsagePoller
+
+
+def owners():
+    return Owners(lambda *change: None)
 
 
 def bench(account="a", until=None, family=None):
@@ -28,6 +34,12 @@ def bench(account="a", until=None, family=None):
     json.dumps({"kind": "bench", "key": "k", "account": "a", "until": 1e12, "reason": "x" * 1000}),
     json.dumps({"kind": "bench", "key": "k", "account": "a", "until": 1e12, "extra": 1}),
     "[" * 100_000,
+    json.dumps({"kind": "owner", "key": "file_1", "account": "", "until": 1e12}),
+    json.dumps({"kind": "usage", "key": "a", "account": "a", "until": 1e12}),
+    json.dumps({"kind": "usage", "key": "a", "account": "a", "until": 1e12, "data": {"windows": {"5h": [0.5]}}}),
+    json.dumps({"kind": "usage", "key": "a", "account": "a", "until": 1e12, "data": {"windows": {"5H!": [0.5, None]}}}),
+    json.dumps({"kind": "usage", "key": "a", "account": "a", "until": 1e12, "data": {"windows": {}, "extra": -1}}),
+    json.dumps({"kind": "bind", "key": "k", "account": "a", "until": 1e12, "data": {"windows": {}}}),
 ])
 def test_an_event_from_the_store_is_checked(raw):
     assert Event.parse(raw) is None
@@ -83,33 +95,51 @@ def test_after_an_outage_everything_live_is_republished(tmp_path):
 def test_merge_binds_a_conversation_and_counts_it_once():
     balancer = Balancer()
     events = [Event("bind", "c1", "b", time.time() + 60)]
-    merge(events, balancer, Health())
-    merge(events, balancer, Health())  # an echo
+    merge(events, balancer, Health(), owners())
+    merge(events, balancer, Health(), owners())  # an echo
     accounts = [Account("a", "api-key"), Account("b", "api-key")]
     assert balancer.pick(accounts, "c1").name == "b"
     assert balancer.session_counts == {"b": 1}
-    merge([Event("bind", "c1", "a", time.time() + 60)], balancer, Health())
+    merge([Event("bind", "c1", "a", time.time() + 60)], balancer, Health(), owners())
     assert balancer.session_counts == {"a": 1} and balancer.pick(accounts, "c1").name == "a"
 
 
 def test_merge_benches_never_shorter_and_never_over_a_refusal():
     health = Health()
     later = time.time() + 600
-    merge([bench("a", until=later), bench("a", until=time.time() + 60)], Balancer(), health)
+    merge([bench("a", until=later), bench("a", until=time.time() + 60)], Balancer(), health, owners())
     assert health.view("a").state == AccountState.LIMITED and health.view("a").until == later
     assert not health.available("a")
     health.needs_login("n", "refused", None)
-    merge([bench("n")], Balancer(), health)
+    merge([bench("n")], Balancer(), health, owners())
     assert health.view("n").state == AccountState.NEEDS_LOGIN
-    merge([bench("f", family="opus")], Balancer(), health)
+    merge([bench("f", family="opus")], Balancer(), health, owners())
     assert not health.available("f", family="opus") and health.available("f", family="sonnet")
 
 
 def test_a_limit_seen_here_is_published():
     published = []
     health, balancer = Health(), Balancer()
-    state.connect(type("Shared", (), {"publish": lambda self, e: published.append(e)})(), balancer, health, None)
+    state.connect(type("Shared", (), {"publish": lambda self, e: published.append(e)})(), balancer, health, None, UsagePoller())
     signals = Signals(status="rejected", reset=time.time() + 300, windows={"5h": Window("rejected", 1.0, time.time() + 300)})
     health.observe("a", 429, signals)
     balancer.pick([Account("a", "api-key")], "c1")
     assert [(e.kind, e.account) for e in published] == [("bench", "a"), ("bind", "a")]
+
+
+def test_usage_and_owners_merge():
+    health, known = Health(), owners()
+    usage = Event("usage", "m", "m", time.time() + 300, data={"windows": {"5h": [0.4, time.time() + 900], "7d": [0.1, None]}, "extra": None})
+    assert Event.parse(usage.to_json()) == usage
+    created, gone = state.owner_event("file_1", "a"), state.owner_event("batch_1", None)
+    merge([Event.parse(e.to_json()) for e in (usage, created, state.owner_event("batch_1", "b"), gone)], Balancer(), health, known)
+    assert health.view("m").utilization == {"5h": 0.4, "7d": 0.1}
+    assert known.owners == {"file_1": "a"}
+
+
+def test_one_usage_read_per_interval_for_the_fleet(tmp_path):
+    one, two = HomeState(tmp_path), HomeState(tmp_path)
+    assert one.claim_usage_read("m", 0.3) and not two.claim_usage_read("m", 0.3) and not one.claim_usage_read("m", 0.3)
+    assert two.claim_usage_read("other", 0.3)
+    time.sleep(0.35)
+    assert two.claim_usage_read("m", 0.3)
