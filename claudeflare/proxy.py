@@ -222,7 +222,7 @@ class Claudeflare:
         self.loop = loop = asyncio.get_running_loop()
         if self.shared:
             self.shared.start(self.on_shared)
-        self._tasks = [loop.create_task(self.refresh_ahead()), loop.create_task(self.publish_status()), loop.create_task(self.poll_usage())]
+        self._tasks = [loop.create_task(shared_state.publish_load(lambda: self.shared, self.balancer)), loop.create_task(self.refresh_ahead()), loop.create_task(self.publish_status()), loop.create_task(self.poll_usage())]
 
     def done(self) -> None:
         for task in self._tasks:

@@ -46,6 +46,7 @@ MAX_READ = 1000  # events read per round
 LOCK_TTL_MS = 60_000  # a refresh lock outlives any token request (oauth.py times out sooner)
 LOCK_WAIT = 30.0
 OWNER_DAYS = 30
+LOAD_EVERY, LOAD_TTL = 1.0, 3.0  # seconds
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class Event:
     """`bind`: conversation `key` is on `account` until `until`. `bench`: `account` (for model
     `family` only, if set) takes no traffic until `until`. `usage`: what `account`'s usage endpoint
     said (`data`: windows and extra, as Health.observe_usage takes them). `owner`: resource `key`
-    (a file or batch) is `account`'s; `unowned`: it is gone. Times are epoch seconds."""
+    (a file or batch) is `account`'s; `unowned`: it is gone. `load`: a proxy (`key`: its origin and
+    the account) has `data["n"]` requests in flight on `account`. Times are epoch seconds."""
 
     kind: str
     key: str
@@ -86,7 +88,7 @@ class Event:
             and isinstance(event.until, (int, float)) and not isinstance(event.until, bool) and math.isfinite(event.until)
             and (event.family is None or (isinstance(event.family, str) and len(event.family) <= 32))
             and (event.reason is None or (isinstance(event.reason, str) and len(event.reason) <= 200))
-            and (event.data is None if event.kind != "usage" else usage_data(event.data) is not None)
+            and DATA_CHECKS.get(event.kind, lambda data: data is None)(event.data)
         )
         return event if ok else None
 
@@ -95,7 +97,7 @@ class Event:
         return usage_data(self.data)  # type: ignore[return-value]
 
 
-KINDS = ("bind", "bench", "usage", "owner", "unowned")
+KINDS = ("bind", "bench", "usage", "owner", "unowned", "load")
 WINDOW_NAME = re.compile(r"[a-z0-9_]{1,16}")
 
 
@@ -114,6 +116,14 @@ def usage_data(data) -> tuple[dict[str, tuple[float, float | None]], float | Non
         checked[name] = (float(value[0]), value[1])
     extra = data.get("extra")
     return (checked, extra) if number(extra, none_ok=True) else None
+
+
+def _count(data) -> bool:
+    n = data.get("n") if isinstance(data, dict) else None
+    return isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 1_000_000
+
+
+DATA_CHECKS = {"usage": lambda data: usage_data(data) is not None, "load": _count}
 
 
 def parse_state(value: str) -> str:
@@ -153,6 +163,7 @@ class SharedState:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.down: str | None = None  # why the store is unreachable, while it is
+        self.origin = f"proxy-{secrets.token_hex(8)}/"  # the key prefix of this proxy's own `load` events
 
     # --- on the proxy's loop: never blocks --------------------------------------------------------
 
@@ -203,7 +214,7 @@ class SharedState:
         if self.down is not None:
             logger.info("claudeflare: %s reachable again, re-synced", self.name)
             self.down = None
-        events = [e for e in self.read_new() if e.until > now]
+        events = [e for e in self.read_new() if e.until > now and not e.key.startswith(self.origin)]
         for event in events:
             self._remember(event)
         self.sync_credentials()
@@ -499,3 +510,23 @@ def merge(events: list[Event], balancer, health, owners) -> None:
                 owners.owners[event.key] = event.account  # the proxy that saw it created logged it
             case "unowned":
                 owners.owners.pop(event.key, None)
+            case "load":
+                balancer.adopt_load(event.key, event.account, event.data["n"], event.until - now)
+
+
+async def publish_load(current: Callable[[], SharedState | None], balancer, every: float = LOAD_EVERY) -> None:
+    """This proxy's in-flight counts for the others' least-requests and headroom, checked each second:
+    a changed one at once, a standing one before it lapses (a dead proxy's lapse); an idle proxy is quiet."""
+    shown: dict[str, tuple[int, float]] = {}  # account -> (count, when published)
+    while True:
+        if shared := current():
+            counts, now = dict(balancer.in_flight), time.time()
+            for name in shown.keys() | counts.keys():
+                n = counts.get(name, 0)
+                count, at = shown.get(name, (0, 0.0))
+                if n != count or (n and now - at >= LOAD_TTL / 2):
+                    shared.publish(Event("load", shared.origin + name, name, now + LOAD_TTL, data={"n": n}))
+                    shown[name] = (n, now)
+                if not n:
+                    shown.pop(name, None)
+        await asyncio.sleep(every)

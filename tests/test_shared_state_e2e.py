@@ -216,3 +216,19 @@ def test_a_file_made_through_one_is_reached_through_the_other(fake, fleet):
     for file_id in made[::-1] * 2:  # round-robin (b, a, …) would send each to the account without it
         assert requests.get(f"{two.url}/v1/files/{file_id}", headers=headers, timeout=30).status_code == 200
     assert {r["path"].rsplit("/", 1)[1]: r["account"] for r in fake.requests if r["method"] == "GET"} == owner
+
+
+def test_least_requests_counts_the_other_proxys_streams(fake, fleet):
+    homes, start = fleet
+    api_keys_everywhere(fake, homes, ("a", 1), ("b", 1))
+    one, two = start("--set", "claudeflare_strategy=least-requests")
+    body = {"model": MODEL, "max_tokens": 100, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    slow = requests.post(f"{one.url}/v1/messages", json=body, stream=True, timeout=30,
+                         headers={"x-fake-tokens": "40", "x-fake-delay-ms": "100"})  # 4 s on one account
+    assert slow.status_code == 200
+    busy = served_by(fake)[0][0]
+    time.sleep(SYNC + 0.5)
+    for _ in range(2):  # alone, two would rotate onto the busy account for one of these
+        assert ask(two).status_code == 200
+    assert [a for a, _ in served_by(fake)[1:]] == [({"a", "b"} - {busy}).pop()] * 2
+    slow.close()

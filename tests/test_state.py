@@ -143,3 +143,35 @@ def test_one_usage_read_per_interval_for_the_fleet(tmp_path):
     assert two.claim_usage_read("other", 0.3)
     time.sleep(0.35)
     assert two.claim_usage_read("m", 0.3)
+
+
+def test_other_proxies_in_flight_counts_steer_least_requests_until_they_lapse():
+    now = [100.0]
+    balancer = Balancer("least-requests", clock=lambda: now[0])
+    accounts = [Account("a", "api-key"), Account("b", "api-key")]
+    merge([Event("load", "proxy-x/a", "a", time.time() + 3, data={"n": 2})], balancer, Health(), owners())
+    assert balancer.load("a") == 2
+    assert [balancer.pick(accounts).name for _ in range(3)] == ["b", "b", "b"]
+    now[0] += 3.1  # that proxy died: its count lapses
+    assert balancer.load("a") == 0
+
+
+def test_in_flight_counts_are_published_when_they_change():
+    import asyncio
+
+    published, balancer = [], Balancer()
+    shared = HomeState.__new__(HomeState)
+    shared.origin, shared.publish = "proxy-me/", published.append
+
+    async def rounds(n):
+        task = asyncio.create_task(state.publish_load(lambda: shared, balancer, every=0.01))
+        for step in range(n):
+            if step == 1:
+                lease = balancer.lease("a")
+            if step == 5:  # held across several of the publisher's rounds
+                lease.release()
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(rounds(8))
+    assert [(e.key, e.data["n"]) for e in published] == [("proxy-me/a", 1), ("proxy-me/a", 0)]
