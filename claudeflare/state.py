@@ -132,7 +132,12 @@ def parse_state(value: str) -> str:
     if value in ("", "home"):
         return "home"
     parts = urlsplit(value)
-    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+    try:
+        parts.port  # noqa: B018 (a port that is no number raises)
+        fine = parts.scheme in ("redis", "rediss") and bool(parts.hostname)
+    except ValueError:
+        fine = False
+    if not fine:
         # Never echo the value: it may hold a password.
         raise ValueError("claudeflare_state must be 'home' or a redis://[:password@]host:port/db URL (rediss:// for TLS)")
     return value

@@ -53,9 +53,10 @@ def test_an_event_round_trips():
 def test_the_option_takes_home_or_a_redis_url_and_never_echoes_it():
     assert parse_state("") == parse_state("home") == "home"
     assert parse_state("rediss://:pw@redis.example:6380/1") == "rediss://:pw@redis.example:6380/1"
-    with pytest.raises(ValueError) as e:
-        parse_state("http://:secret-password@host/")
-    assert "secret-password" not in str(e.value) and "claudeflare_state" in str(e.value)
+    for bad in ("http://:secret-password@host/", "redis://:secret-password@host:port-secret/0", "redis://:secret-password@/0"):
+        with pytest.raises(ValueError) as e:
+            parse_state(bad)
+        assert "secret" not in str(e.value) and "claudeflare_state" in str(e.value)
     assert state.where("redis://:secret-password@host:7000/2") == "redis://host:7000/2"
 
 
