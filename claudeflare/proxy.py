@@ -131,6 +131,7 @@ class Claudeflare:
         self.pool_servers: set[tuple[str, int]] = set()  # where pool flows have been sent
         self.owners = resources.Owners(self.store_owner)  # which account holds each file and batch
         self.shared: shared_state.SharedState | None = None  # what makes several proxies one pool (state.py)
+        self.client_limits: ClientLimits | None = None
 
     def load(self, loader) -> None:
         install_anthropic_error_pages()
@@ -213,7 +214,7 @@ class Claudeflare:
     def on_shared(self, events: list) -> None:
         """Other proxies' bindings and benches (from the state thread) into the loop's copy."""
         with contextlib.suppress(RuntimeError):  # the loop has closed: mitmdump is exiting
-            self.loop.call_soon_threadsafe(shared_state.merge, events, self.balancer, self.health, self.owners)
+            self.loop.call_soon_threadsafe(shared_state.merge, events, self.balancer, self.health, self.owners, self.client_limits)
 
     def running(self) -> None:
         self.router.resender = Resender()
@@ -222,7 +223,7 @@ class Claudeflare:
         self.loop = loop = asyncio.get_running_loop()
         if self.shared:
             self.shared.start(self.on_shared)
-        self._tasks = [loop.create_task(shared_state.publish_load(lambda: self.shared, self.balancer)), loop.create_task(self.refresh_ahead()), loop.create_task(self.publish_status()), loop.create_task(self.poll_usage())]
+        self._tasks = [loop.create_task(shared_state.publish_load(lambda: self.shared, self.balancer, self.client_limits)), loop.create_task(self.refresh_ahead()), loop.create_task(self.publish_status()), loop.create_task(self.poll_usage())]
 
     def done(self) -> None:
         for task in self._tasks:
@@ -418,6 +419,7 @@ def addons() -> list:
     claudeflare = Claudeflare(recorder, states)
     recorder.metrics = metrics = Metrics(claudeflare, recorder)
     client_limits, alerts = ClientLimits(claudeflare, states), Alerts(claudeflare)
+    claudeflare.client_limits = client_limits  # its counters are shared too (state.py)
     alerts.budgets = client_limits.budget_views
     return [ClientGate(claudeflare, states), HealthCheck(claudeflare, recorder, states), client_limits,
             claudeflare, recorder, metrics, ConnectionLimits(), alerts]

@@ -55,7 +55,9 @@ class Event:
     `family` only, if set) takes no traffic until `until`. `usage`: what `account`'s usage endpoint
     said (`data`: windows and extra, as Health.observe_usage takes them). `owner`: resource `key`
     (a file or batch) is `account`'s; `unowned`: it is gone. `load`: a proxy (`key`: its origin and
-    the account) has `data["n"]` requests in flight on `account`. Times are epoch seconds."""
+    the account) has `data["n"]` requests in flight on `account`; `client`: the same for client key
+    `account`, with `data["admitted"]` requests admitted in UTC minute `data["minute"]`. Times are
+    epoch seconds."""
 
     kind: str
     key: str
@@ -97,7 +99,7 @@ class Event:
         return usage_data(self.data)  # type: ignore[return-value]
 
 
-KINDS = ("bind", "bench", "usage", "owner", "unowned", "load")
+KINDS = ("bind", "bench", "usage", "owner", "unowned", "load", "client")
 WINDOW_NAME = re.compile(r"[a-z0-9_]{1,16}")
 
 
@@ -118,12 +120,14 @@ def usage_data(data) -> tuple[dict[str, tuple[float, float | None]], float | Non
     return (checked, extra) if number(extra, none_ok=True) else None
 
 
-def _count(data) -> bool:
-    n = data.get("n") if isinstance(data, dict) else None
-    return isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 1_000_000
+def _counts(*names: str) -> Callable[[object], bool]:
+    def check(data) -> bool:
+        return isinstance(data, dict) and set(data) == set(names) and all(
+            isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 10**9 for n in data.values())
+    return check
 
 
-DATA_CHECKS = {"usage": lambda data: usage_data(data) is not None, "load": _count}
+DATA_CHECKS = {"usage": lambda data: usage_data(data) is not None, "load": _counts("n"), "client": _counts("n", "minute", "admitted")}
 
 
 def parse_state(value: str) -> str:
@@ -498,7 +502,7 @@ def owner_event(resource_id: str, account: str | None) -> Event:
     return Event("owner", resource_id, account, time.time() + OWNER_DAYS * 86400)
 
 
-def merge(events: list[Event], balancer, health, owners) -> None:
+def merge(events: list[Event], balancer, health, owners, clients=None) -> None:
     """Others' events into the local copy (on the proxy's loop)."""
     now = time.time()
     for event in events:
@@ -517,21 +521,37 @@ def merge(events: list[Event], balancer, health, owners) -> None:
                 owners.owners.pop(event.key, None)
             case "load":
                 balancer.adopt_load(event.key, event.account, event.data["n"], event.until - now)
+            case "client" if clients:
+                clients.adopt_counts(event.key, event.account, event.data["n"], event.data["minute"], event.data["admitted"], event.until)
 
 
-async def publish_load(current: Callable[[], SharedState | None], balancer, every: float = LOAD_EVERY) -> None:
-    """This proxy's in-flight counts for the others' least-requests and headroom, checked each second:
-    a changed one at once, a standing one before it lapses (a dead proxy's lapse); an idle proxy is quiet."""
-    shown: dict[str, tuple[int, float]] = {}  # account -> (count, when published)
+def counts(balancer, clients) -> dict[tuple[str, str], dict]:
+    """This proxy's counters: requests in flight per account; per client key, in flight and admitted
+    this minute (client_limits.py)."""
+    found = {("load", name): {"n": n} for name, n in balancer.in_flight.items()}
+    if clients:
+        minute, admitted = clients.minute
+        if minute != int(time.time() // 60):
+            admitted = {}  # that minute is over: nothing admitted in this one yet
+        for client in clients.in_flight.keys() | admitted.keys():
+            found[("client", client)] = {"n": clients.in_flight[client], "minute": minute, "admitted": admitted.get(client, 0)}
+    return found
+
+
+async def publish_load(current: Callable[[], SharedState | None], balancer, clients=None, every: float = LOAD_EVERY) -> None:
+    """This proxy's counters for the other proxies, checked each second: a changed one at once, a
+    standing one before it lapses (a dead proxy's lapse), a zero once; an idle proxy is quiet."""
+    shown: dict[tuple[str, str], tuple[dict, float]] = {}  # (kind, name) -> (data, when published)
     while True:
         if shared := current():
-            counts, now = dict(balancer.in_flight), time.time()
-            for name in shown.keys() | counts.keys():
-                n = counts.get(name, 0)
-                count, at = shown.get(name, (0, 0.0))
-                if n != count or (n and now - at >= LOAD_TTL / 2):
-                    shared.publish(Event("load", shared.origin + name, name, now + LOAD_TTL, data={"n": n}))
-                    shown[name] = (n, now)
-                if not n:
-                    shown.pop(name, None)
+            now, found = time.time(), counts(balancer, clients)
+            for kind, name in shown.keys() | found.keys():
+                data = found.get((kind, name)) or dict.fromkeys(shown[kind, name][0], 0)
+                before, at = shown.get((kind, name), (None, 0.0))
+                idle = not data["n"] and not data.get("admitted")
+                if data != before or (not idle and now - at >= LOAD_TTL / 2):
+                    shared.publish(Event(kind, f"{shared.origin}{kind}:{name}", name, now + LOAD_TTL, data=data))
+                    shown[kind, name] = (data, now)
+                if idle:
+                    shown.pop((kind, name), None)
         await asyncio.sleep(every)

@@ -11,6 +11,7 @@ import requests
 from harness import CLAUDE_CODE_SYSTEM, add_account, api_key_accounts, db_rows, free_port, wait_for_port, wait_until
 
 from claudeflare import state
+from claudeflare.accounts import hash_client_key
 from claudeflare.credentials import CredentialStore
 
 MODEL = "claude-sonnet-4-6"
@@ -232,3 +233,27 @@ def test_least_requests_counts_the_other_proxys_streams(fake, fleet):
         assert ask(two).status_code == 200
     assert [a for a, _ in served_by(fake)[1:]] == [({"a", "b"} - {busy}).pop()] * 2
     slow.close()
+
+
+def test_a_client_keys_concurrency_holds_across_the_fleet(fake, fleet):
+    homes, start = fleet
+    api_keys_everywhere(fake, homes, ("a", 1))
+    key = "cf-fleet-client-key-" + "k" * 24
+    for home in dict.fromkeys(homes):
+        CredentialStore(home).update(lambda d: d["client_keys"].__setitem__(
+            "ci", {"sha256": hash_client_key(key), "limits": {"concurrency": 1}}))
+    one, two = start()
+    body = {"model": MODEL, "max_tokens": 100, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+
+    def send(proxy, **headers):
+        return requests.post(f"{proxy.url}/v1/messages", json=body, stream=True, timeout=30,
+                             headers={"x-api-key": key, **headers})
+
+    slow = send(one, **{"x-fake-tokens": "30", "x-fake-delay-ms": "100"})  # 3 s
+    assert slow.status_code == 200
+    time.sleep(SYNC + 0.5)
+    refused = send(two)
+    assert refused.status_code == 429 and "1 concurrent request" in refused.json()["error"]["message"]
+    slow.content  # the stream ends: its slot is free for the fleet
+    time.sleep(SYNC + 0.5)
+    assert send(two).status_code == 200

@@ -175,4 +175,25 @@ def test_in_flight_counts_are_published_when_they_change():
         task.cancel()
 
     asyncio.run(rounds(8))
-    assert [(e.key, e.data["n"]) for e in published] == [("proxy-me/a", 1), ("proxy-me/a", 0)]
+    assert [(e.key, e.data["n"]) for e in published] == [("proxy-me/load:a", 1), ("proxy-me/load:a", 0)]
+
+
+def test_other_proxies_client_counts_hold_a_key_to_its_limits():
+    from collections import Counter
+
+    from claudeflare.client_limits import ClientLimits
+    from claudeflare.client_rules import Limits
+
+    clients = ClientLimits(None, None)
+    now = time.time()
+    minute = int(now // 60)
+    merge([Event("client", "proxy-x/client:ci", "ci", now + 3, data={"n": 1, "minute": minute, "admitted": 2}),
+           Event("client", "proxy-x/client:old", "old", now + 3, data={"n": 0, "minute": minute - 1, "admitted": 5})],
+          Balancer(), Health(), owners(), clients)
+    assert clients.head_refusal("ci", Limits(concurrency=1), now).status_code == 429
+    assert clients.head_refusal("ci", Limits(concurrency=2), now) is None
+    assert clients.head_refusal("ci", Limits(rpm=2), now).status_code == 429
+    assert clients.head_refusal("old", Limits(rpm=2), now) is None  # admitted in another minute
+    assert clients.head_refusal("ci", Limits(rpm=2), now + 3.1) is None  # that proxy's counts lapsed
+    clients.minute = (minute, Counter({"ci": 1}))
+    assert state.counts(Balancer(), clients) == {("client", "ci"): {"n": 0, "minute": minute, "admitted": 1}}
