@@ -7,7 +7,9 @@ Measures, for streamed /v1/messages replies at N concurrent streams:
 - throughput (completed requests per second) through each proxy;
 - Claudeflare's p50 TTFB for 10-token against 2,000-token replies, one stream at a time, paced at
   1 token/ms (streaming must not buffer);
-- what failover costs: TTFB of streams retried on a second account after a 429, against direct ones.
+- what failover costs: TTFB of streams retried on a second account after a 429, against direct ones;
+- what the Redis backend of the shared state costs against the home one (state.db): the same load
+  through a Claudeflare with `claudeflare_state=redis://…` on a local redis-server (no bar).
 Both proxies are measured back to back in each round (alternating which goes first); the ratios are
 taken within each round and their median over rounds is compared with the bars from issue 2, so
 noise that shifts a whole round cancels out. Exits 1 if a bar is missed.
@@ -28,7 +30,7 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from harness import Mitmdump, add_account, wait_for_port  # noqa: E402
+from harness import Mitmdump, add_account, free_port, wait_for_port  # noqa: E402
 
 from claudeflare.accounts import hash_client_key  # noqa: E402
 from claudeflare.credentials import CredentialStore  # noqa: E402
@@ -116,11 +118,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         fake, upstream = start_fake(tmp)
-        home = tmp / "home"
-        add_account(home, "bench", "api-key", 1, api_key=KEY)
-        # The client's key is a client key with every limit, none of them reached: the checks are on the path.
-        limits = {"budget_usd": 1e6, "per": "day", "rpm": 10**6, "concurrency": 10**5, "models": ["claude-*"], "expires_at": "2999-01-01T00:00:00Z"}
-        CredentialStore(home).update(lambda d: d["client_keys"].__setitem__("bench", {"sha256": hash_client_key(KEY), "limits": limits}))
+        home, redis_home = tmp / "home", tmp / "redis-home"
+        for each in (home, redis_home):
+            add_account(each, "bench", "api-key", 1, api_key=KEY)
+            # The client's key is a client key with every limit, none of them reached: the checks are on the path.
+            limits = {"budget_usd": 1e6, "per": "day", "rpm": 10**6, "concurrency": 10**5, "models": ["claude-*"], "expires_at": "2999-01-01T00:00:00Z"}
+            CredentialStore(each).update(lambda d: d["client_keys"].__setitem__("bench", {"sha256": hash_client_key(KEY), "limits": limits}))
         quiet = ("--set", "flow_detail=0")
         # The bare proxy streams bodies too (stream_large_bodies=1), so both forward SSE as it comes.
         bare = Mitmdump("--mode", f"reverse:{upstream}", "--set", "stream_large_bodies=1", *quiet,
@@ -139,14 +142,21 @@ def main() -> int:
         add_account(retry_home, "bench", "api-key", 1, 1, api_key=KEY)
         failover = Mitmdump("--set", f"claudeflare_home={retry_home}", "--set", f"claudeflare_upstream={upstream}",
                             *quiet, log=tmp / "failover.log").start()
-        results = {"bare": ([], []), "claudeflare": ([], [])}
+        redis_port = free_port()
+        redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                                  "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL)
+        wait_for_port(redis_port, 10)
+        on_redis = Mitmdump("--set", f"claudeflare_home={redis_home}", "--set", f"claudeflare_upstream={upstream}",
+                            "--set", f"claudeflare_state=redis://127.0.0.1:{redis_port}/0", *quiet,
+                            log=tmp / "redis.log").start()
+        results = {"bare": ([], []), "claudeflare": ([], []), "redis": ([], [])}
         retried = {10: ([], []), 400: ([], [])}  # tokens -> (direct TTFBs, retried TTFBs)
         try:
-            for proxy in (bare, pool, failover):  # warm up: imports, caches, connection pools
+            for proxy in (bare, pool, failover, on_redis):  # warm up: imports, caches, connection pools
                 asyncio.run(load(proxy.url, 100, args.concurrency, 10))
             for i in range(args.rounds):
-                pair = (("bare", bare), ("claudeflare", pool))
-                for name, proxy in pair if i % 2 == 0 else pair[::-1]:  # alternate which goes first
+                trio = (("bare", bare), ("claudeflare", pool), ("redis", on_redis))
+                for name, proxy in trio[i % 3:] + trio[:i % 3]:  # rotate which goes first
                     ttfbs, rps = asyncio.run(load(proxy.url, args.requests, args.concurrency, 10))
                     results[name][0].append(ttfbs)
                     results[name][1].append(rps)
@@ -163,6 +173,8 @@ def main() -> int:
             bare.stop()
             pool.stop()
             failover.stop()
+            on_redis.stop()
+            redis.terminate()
             fake.terminate()
 
     def summary(name):
@@ -172,6 +184,7 @@ def main() -> int:
 
     b50, b95, brps = summary("bare")
     c50, c95, crps = summary("claudeflare")
+    r50, r95, rrps = summary("redis")
     short, long_ = statistics.median(lengths[10]) * 1000, statistics.median(lengths[2000]) * 1000
     # Ratios within each round (both proxies measured back to back), then the median over rounds:
     # machine noise that shifts a whole round cancels out.
@@ -185,6 +198,10 @@ def main() -> int:
     print(f"{'':14}{'p50 TTFB':>10}{'p95 TTFB':>10}{'req/s':>9}")
     print(f"{'bare mitmdump':14}{b50:>8.2f}ms{b95:>8.2f}ms{brps:>9.1f}")
     print(f"{'claudeflare':14}{c50:>8.2f}ms{c95:>8.2f}ms{crps:>9.1f}")
+    print(f"{'  on Redis':14}{r50:>8.2f}ms{r95:>8.2f}ms{rrps:>9.1f}")
+    redis_ttfb = statistics.median(pct(r, 50) / pct(c, 50) for c, r in zip(results["claudeflare"][0], results["redis"][0], strict=True))
+    redis_rps = statistics.median(r / c for c, r in zip(results["claudeflare"][1], results["redis"][1], strict=True))
+    print(f"shared state on Redis vs home: p50 TTFB ratio {redis_ttfb:.3f}, throughput ratio {redis_rps:.3f} (no bar)")
     checks = [
         (f"p50 TTFB ratio        {ttfb_ratio:.3f}  (bar ≤ 1.15)", ttfb_ratio <= 1.15),
         (f"throughput ratio      {rps_ratio:.3f}  (bar ≥ 0.85)", rps_ratio >= 0.85),

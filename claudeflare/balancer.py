@@ -35,6 +35,8 @@ class Balancer:
         self._cursor = 0
         self._smooth_weights: dict[str, float] = {}
         self._next_prune = clock() + PRUNE_EVERY
+        self.on_bind: Callable[[str, str, float], None] | None = None  # (key, account, seconds): shared state
+        self.elsewhere: dict[str, tuple[str, int, float]] = {}  # other proxies' in-flight: key -> (account, count, expiry)
 
     def pick(self, accounts: Sequence[Account], key: str | None = None, *, warning: Collection[str] = (),
              utilization: Mapping[str, float] | None = None) -> Account | None:
@@ -73,7 +75,7 @@ class Balancer:
                 self._cursor += 1
                 start = self._cursor % len(group)
                 rotated = group[start:] + group[:start]  # ties rotate instead of piling on one account
-                return min(rotated, key=lambda a: self.in_flight[a.name])
+                return min(rotated, key=lambda a: self.load(a.name))
         raise AssertionError(self.strategy)
 
     def lease(self, name: str) -> "Lease":
@@ -88,7 +90,7 @@ class Balancer:
 
     def _headroom(self, account: Account, utilization: Mapping[str, float]) -> float:
         free = max(0.0, 1.0 - utilization.get(account.name, 0.0))
-        load = 1 + self.session_counts[account.name] + self.in_flight[account.name]
+        load = 1 + self.session_counts[account.name] + self.load(account.name)
         return account.tier * free / load
 
     def _past_switch(self, name: str, utilization: Mapping[str, float]) -> bool:
@@ -117,6 +119,29 @@ class Balancer:
                 logger.info("claudeflare: conversation %s moved from %s to %s: %s", key, old[0], name, moved)
         self.sessions[key] = (name, self.clock() + self.session_seconds)
         self.session_counts[name] += 1
+        if self.on_bind:
+            self.on_bind(key, name, self.session_seconds)
+
+    def load(self, name: str) -> int:
+        """Requests in flight on the account here and, as last reported, in other proxies (state.py)."""
+        now = self.clock()
+        return self.in_flight[name] + sum(n for account, n, expiry in self.elsewhere.values() if account == name and expiry > now)
+
+    def adopt_load(self, key: str, name: str, count: int, seconds: float) -> None:
+        """Another proxy's in-flight count on `name`, valid `seconds`: a dead proxy's counts expire."""
+        now = self.clock()
+        for stale in [k for k, (_, _, expiry) in self.elsewhere.items() if expiry <= now]:
+            del self.elsewhere[stale]
+        self.elsewhere[key] = (name, count, now + seconds)
+
+    def adopt(self, key: str, name: str, seconds: float) -> None:
+        """Another proxy bound the conversation (state.py): its turns here go to the same account."""
+        old = self.sessions.get(key)
+        if old and old[0] != name:
+            self._forget(old[0])
+        if not old or old[0] != name:
+            self.session_counts[name] += 1
+        self.sessions[key] = (name, self.clock() + seconds)
 
     def _forget(self, name: str) -> None:
         self.session_counts[name] -= 1

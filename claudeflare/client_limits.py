@@ -44,6 +44,8 @@ class ClientLimits:
         self.minute: tuple[int, Counter] = (0, Counter())  # (UTC minute, requests admitted in it per client)
         self.in_flight: Counter[str] = Counter()
         self.holding: dict[str, str] = {}  # flow state id -> client holding a concurrency slot
+        # Other proxies' counts (state.py): key -> (client, in flight, UTC minute, admitted in it, valid until)
+        self.elsewhere: dict[str, tuple[str, int, int, int, float]] = {}
 
     def spend(self) -> SpendCounter | None:
         recorder = self.claudeflare.recorder
@@ -117,18 +119,30 @@ class ClientLimits:
                 return refuse(429, "rate_limit_error",
                               f"client key {client!r} has spent ${spent:.2f} of its ${limits.budget_usd:.2f} budget per {limits.per}; "
                               f"it renews at {iso_z(end)} (UTC).", end.timestamp() - now)
-        if limits.concurrency and self.in_flight[client] >= limits.concurrency:
+        busy, admitted = self.others(client, int(now // 60), now)
+        if limits.concurrency and self.in_flight[client] + busy >= limits.concurrency:
             return refuse(429, "rate_limit_error", f"client key {client!r} is limited to {limits.concurrency} concurrent request(s).", 1)
         if limits.rpm:
             minute = int(now // 60)
             if self.minute[0] != minute:
                 self.minute = (minute, Counter())
             counts = self.minute[1]
-            if counts[client] >= limits.rpm:
+            if counts[client] + admitted >= limits.rpm:
                 return refuse(429, "rate_limit_error", f"client key {client!r} is limited to {limits.rpm} request(s) per minute.",
                               (minute + 1) * 60 - now)
             counts[client] += 1
         return None
+
+    def others(self, client: str, minute: int, now: float) -> tuple[int, int]:
+        """(requests in flight, admitted in `minute`) for the client in the other proxies, as last reported."""
+        live = [v for v in self.elsewhere.values() if v[0] == client and v[4] > now]
+        return sum(v[1] for v in live), sum(v[3] for v in live if v[2] == minute)
+
+    def adopt_counts(self, key: str, client: str, in_flight: int, minute: int, admitted: int, until: float) -> None:
+        now = time.time()
+        for stale in [k for k, v in self.elsewhere.items() if v[4] <= now]:
+            del self.elsewhere[stale]
+        self.elsewhere[key] = (client, in_flight, minute, admitted, until)
 
     async def await_spend(self, client: str, per: str) -> None:
         """A key's budget just came into force (the proxy started, or it was set): the flow log

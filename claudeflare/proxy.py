@@ -75,6 +75,7 @@ from .refresh import TokenRefresher
 from .resend import Resender
 from .router import Router, client_headers
 from .states import AccountState, effective_state
+from . import state as shared_state
 from .usage_poll import UsagePoller, status_columns
 from . import wire
 
@@ -129,6 +130,8 @@ class Claudeflare:
         self.loop: asyncio.AbstractEventLoop | None = None  # mitmproxy's, once running
         self.pool_servers: set[tuple[str, int]] = set()  # where pool flows have been sent
         self.owners = resources.Owners(self.store_owner)  # which account holds each file and batch
+        self.shared: shared_state.SharedState | None = None  # what makes several proxies one pool (state.py)
+        self.client_limits: ClientLimits | None = None
 
     def load(self, loader) -> None:
         install_anthropic_error_pages()
@@ -147,6 +150,7 @@ class Claudeflare:
         add("claudeflare_switch_utilization", str, str(DEFAULT_SWITCH_UTILIZATION), "A conversation leaves its account past this utilization of its limit.")
         add("claudeflare_usage_interval", int, DEFAULT_USAGE_INTERVAL, "Read each subscription's usage endpoint at most this often, in seconds (0: never).")
         add("claudeflare_max_body_mb", int, DEFAULT_MAX_BODY_MB, "Largest body accepted, in MiB (Anthropic's own cap is 32 MB); sets body_size_limit.")
+        add("claudeflare_state", str, os.environ.get("CLAUDEFLARE_STATE", "home"), "Where workers and instances share the pool's state: home (state.db, one machine) or redis://[:password@]host:port/db (rediss:// for TLS); $CLAUDEFLARE_STATE keeps a password out of `ps`.")
         add("claudeflare_subscription_clients", str, DEFAULT_SUBSCRIPTION_CLIENTS, "Which requests subscription (max) accounts serve: claude-code (Anthropic's terms) or any (at your own risk).")
 
     def configure(self, updated: set[str]) -> None:
@@ -187,6 +191,8 @@ class Claudeflare:
             self.usage_poller.schedule.interval = parse_usage_interval(opts.claudeflare_usage_interval)
         if "claudeflare_home" in updated:
             self.open_home(parse_home(opts.claudeflare_home))
+        if {"claudeflare_state", "claudeflare_home"} & updated and self.home:
+            self.open_shared(shared_state.parse_state(opts.claudeflare_state))
 
     def open_home(self, home: Path) -> None:
         if self.watcher:
@@ -197,12 +203,27 @@ class Claudeflare:
         self.router.refresher = TokenRefresher(home, self.oauth, self.refresh_margin)
         logger.info("claudeflare: home %s, upstream %s", home, self.upstream.url)
 
+    def open_shared(self, option: str) -> None:
+        if self.shared:
+            self.shared.stop()
+        self.shared = shared_state.open_state(option, self.home)
+        shared_state.connect(self.shared, self.balancer, self.health, self.refresher, self.usage_poller)
+        if self.loop:
+            self.shared.start(self.on_shared)
+
+    def on_shared(self, events: list) -> None:
+        """Other proxies' bindings and benches (from the state thread) into the loop's copy."""
+        with contextlib.suppress(RuntimeError):  # the loop has closed: mitmdump is exiting
+            self.loop.call_soon_threadsafe(shared_state.merge, events, self.balancer, self.health, self.owners, self.client_limits)
+
     def running(self) -> None:
         self.router.resender = Resender()
         if self.recorder and self.recorder.flowlog:
             self.owners.load(self.recorder.flowlog.path)  # before traffic, so this read may block
         self.loop = loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self.refresh_ahead()), loop.create_task(self.publish_status()), loop.create_task(self.poll_usage())]
+        if self.shared:
+            self.shared.start(self.on_shared)
+        self._tasks = [loop.create_task(shared_state.publish_load(lambda: self.shared, self.balancer, self.client_limits)), loop.create_task(self.refresh_ahead()), loop.create_task(self.publish_status()), loop.create_task(self.poll_usage())]
 
     def done(self) -> None:
         for task in self._tasks:
@@ -212,6 +233,8 @@ class Claudeflare:
         asyncio.get_running_loop().create_task(self.usage_poller.close())
         if self.watcher:
             self.watcher.stop()
+        if self.shared:
+            self.shared.stop()
 
     @property
     def refresher(self) -> TokenRefresher | None:
@@ -348,6 +371,8 @@ class Claudeflare:
     def store_owner(self, resource_id: str, account: str | None, kind: str | None) -> None:
         if self.recorder and self.recorder.flowlog:
             self.recorder.flowlog.resource_owner(resource_id, account, kind)
+        if self.shared:
+            self.shared.publish(shared_state.owner_event(resource_id, account))
 
     def route(self, flow: http.HTTPFlow) -> None:
         if isinstance(flow.client_conn.proxy_mode, ReverseMode):
@@ -394,6 +419,7 @@ def addons() -> list:
     claudeflare = Claudeflare(recorder, states)
     recorder.metrics = metrics = Metrics(claudeflare, recorder)
     client_limits, alerts = ClientLimits(claudeflare, states), Alerts(claudeflare)
+    claudeflare.client_limits = client_limits  # its counters are shared too (state.py)
     alerts.budgets = client_limits.budget_views
     return [ClientGate(claudeflare, states), HealthCheck(claudeflare, recorder, states), client_limits,
             claudeflare, recorder, metrics, ConnectionLimits(), alerts]

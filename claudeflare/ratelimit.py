@@ -9,7 +9,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import parsedate_to_datetime
@@ -185,6 +185,7 @@ class Health:
         self.clock = clock
         self.overload_bench = overload_bench  # the proxy sets its retry delay: a 529 benches no longer
         self.accounts: dict[str, AccountHealth] = {}
+        self.on_bench: Callable[[str, float, str | None, str], None] | None = None  # shared state (state.py)
 
     def get(self, name: str) -> AccountHealth:
         return self.accounts.setdefault(name, AccountHealth())
@@ -244,7 +245,7 @@ class Health:
             health.reason = f"near the {signals.claim or 'window'} limit" if warning else None
             return Outcome.OK
         if status == 429 or error_type == "rate_limit_error":
-            return self._limited(health, signals, error_code, now, family)
+            return self._limited(name, health, signals, error_code, now, family)
         if status == 529 or error_type == "overloaded_error":
             delay = min(self.overload_bench, signals.retry_after or self.overload_bench)
             health.state, health.until, health.reason = AccountState.OVERLOADED, now + delay, "overloaded (529)"
@@ -253,7 +254,7 @@ class Health:
             return Outcome.AUTH
         return Outcome.ERROR
 
-    def _limited(self, health: AccountHealth, signals: Signals, error_code: str | None, now: float, family: str | None) -> Outcome:
+    def _limited(self, name: str, health: AccountHealth, signals: Signals, error_code: str | None, now: float, family: str | None) -> Outcome:
         # An overflow out of credits while the windows are allowed is no limit of the plan (contract §4).
         spend = error_code == "enforced_spend_limit_reached"
         if not spend and not signals.exhausted:
@@ -265,6 +266,7 @@ class Health:
             scoped = [w.reset for n, w in signals.windows.items() if n not in ACCOUNT_WINDOWS and w.status == "rejected" and w.reset and w.reset > now]
             reset = max(scoped, default=None) or limit_reset(signals, now) or now + COOLDOWN_MIN
             health.family_until[family] = min(reset, now + MAX_BENCH)
+            self._benched(name, health.family_until[family], family, f"{family} weekly limit")
             return Outcome.FAMILY_LIMITED
         reset = limit_reset(signals, now)
         if reset is None:
@@ -282,7 +284,21 @@ class Health:
             if signals.overage_reason == "out_of_credits":
                 why += " and out of credits"
         health.state, health.until, health.reason = AccountState.LIMITED, until, f"{why}, {how}"
+        self._benched(name, until, None, health.reason)
         return Outcome.LIMITED
+
+    def _benched(self, name: str, until: float, family: str | None, reason: str) -> None:
+        if self.on_bench:
+            self.on_bench(name, until, family, reason)
+
+    def adopt_bench(self, name: str, until: float, family: str | None, reason: str | None) -> None:
+        """Another proxy saw the account limited (state.py): it is benched here too, never shorter."""
+        until = min(until, self.clock() + MAX_BENCH)
+        health = self.get(name)
+        if family:
+            health.family_until[family] = max(until, health.family_until.get(family, 0.0))
+        elif health.state not in REFUSED and (health.state != AccountState.LIMITED or (health.until or 0) < until):
+            health.state, health.until, health.reason = AccountState.LIMITED, until, reason or "limited (seen by another proxy)"
 
     def observe_usage(self, name: str, windows: Mapping[str, tuple[float, float | None]], extra: float | None) -> None:
         """What the usage endpoint says (fractions, resets): an idle account's windows, which the

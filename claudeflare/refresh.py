@@ -18,6 +18,7 @@ from pathlib import Path
 from .config import DEFAULT_REFRESH_MARGIN
 from .credentials import Credential, CredentialStore
 from .oauth import OAuthError, OAuthSettings, refresh_tokens
+from .state import SharedState
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class TokenRefresher:
         self._backoff: dict[str, tuple[float, float]] = {}  # name -> (retry at, current delay)
         self.failing: dict[str, str] = {}  # name -> why its refreshes fail for now (shown by `list`)
         self.failures: dict[str, int] = {}  # name -> refreshes failed in a row, retryably (alerts)
+        self.shared = SharedState(home)  # with Redis: a fleet-wide lock, and the token every instance uses
 
     def needs_refresh(self, credential: Credential, rejected: str | None = None) -> bool:
         if credential.api_key or not credential.refresh_token:
@@ -95,7 +97,8 @@ class TokenRefresher:
 
     def refresh_sync(self, name: str, rejected: str | None = None) -> Credential:
         """Blocking (the proxy runs it in a worker thread). Returns the stored credential after the refresh."""
-        with self.store.account_lock(name):
+        with self.store.account_lock(name), self.shared.refresh_lock(name):
+            self.shared.adopt_credential(name, self.store)  # another instance may have rotated it
             current = self.store.credentials().get(name)
             if current is None or not current.refresh_token:
                 raise OAuthError("invalid_grant", f"no refresh token stored for {name}")
@@ -113,10 +116,13 @@ class TokenRefresher:
                 if stored and stored.refresh_token and stored.refresh_token != current.refresh_token and not stored.needs_login:
                     logger.info("claudeflare: the refresh token of %s was replaced meanwhile; using the stored one", name)
                     return stored
-                self.store.set_account(name, replace(current, needs_login=True))
+                refused = replace(current, needs_login=True)
+                self.shared.share_credential(name, refused)
+                self.store.set_account(name, refused)
                 raise
             # Durable before use: losing the rotated refresh token would lose the account.
             stored = replace(current, access_token=new.access_token, refresh_token=new.refresh_token, expires_at=new.expires_at)
+            self.shared.share_credential(name, stored)
             self.store.set_account(name, stored)
             logger.info("claudeflare: refreshed the token of %s", name)
             return stored

@@ -104,10 +104,17 @@ class Schedule:
         return wait
 
 
+async def _always(name: str, seconds: float) -> bool:
+    return True
+
+
 class UsagePoller:
     def __init__(self, interval: float = DEFAULT_USAGE_INTERVAL):
         self.schedule = Schedule(interval)
         self.client: httpx.AsyncClient | None = None
+        # The fleet's budget (state.py): whether this proxy makes the read, and who learns its result.
+        self.claim: Callable[[str, float], Awaitable[bool]] = _always
+        self.on_read: Callable[[str, Usage, float], None] = lambda name, usage, seconds: None
 
     async def poll(
         self,
@@ -121,6 +128,9 @@ class UsagePoller:
             now = time.time()
             if credential.api_key or not self.schedule.due(name, now):
                 continue
+            if not await self.claim(name, self.schedule.interval):
+                self.schedule.read(name, now)  # another proxy reads it; its result comes as an event
+                continue
             current = await fresh(name, credential)
             if current is None or not current.access_token:
                 self.schedule.failed(name, now)  # no token to read with now; the refresher says why
@@ -133,6 +143,7 @@ class UsagePoller:
                 continue
             if usage is not None:
                 health.observe_usage(name, usage.windows, usage.extra)
+                self.on_read(name, usage, self.schedule.interval)
 
     async def read(self, name: str, base_url: str, token: str, now: float) -> Usage | None:
         if self.client is None:
