@@ -108,7 +108,8 @@ class Supervisor:
         self.stopping = True
 
     def start(self, worker: Worker) -> None:
-        worker.proc = subprocess.Popen(self.command, env=self.env, preexec_fn=die_with_parent)
+        linux = sys.platform.startswith("linux")
+        worker.proc = subprocess.Popen(self.command, env=self.env, preexec_fn=die_with_parent if linux else None)
         worker.started_at = time.monotonic()
         self.say(f"claudeflare serve: worker {worker.number} started (pid {worker.proc.pid})")
 

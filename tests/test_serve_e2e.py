@@ -177,3 +177,17 @@ def test_serve_refuses_to_be_given_the_listening_address_twice(home):
     result = subprocess.run([str(CLAUDEFLARE), "--home", str(home), "serve", "--", "--listen-port", "9"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 1 and "'--listen-port' is set by `claudeflare serve`" in result.stderr
+
+
+def test_a_killed_supervisor_takes_its_workers_with_it_and_their_rows_are_written(start_serve, fake, home):
+    api_key_accounts(fake, home, ("a", 1))
+    serve = start_serve(home)
+    workers = serve.worker_pids()
+    for n in range(4):
+        assert requests.post(f"{serve.url}/v1/messages", timeout=10,
+                             json={"model": MODEL, "max_tokens": 50, "messages": [{"role": "user", "content": f"hi {n}"}]}).status_code == 200
+    serve.stop(signal.SIGKILL)
+    # Each worker got SIGTERM from the kernel (PR_SET_PDEATHSIG), so none holds the port, and they wrote their rows.
+    assert wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                                      for p in workers), 20)
+    assert len(db_rows(home, expect=4)) == 4
