@@ -41,6 +41,7 @@ from .listing import account_rows
 from .oauth import OAuthError, OAuthSettings
 from .refresh import TokenRefresher
 from .stats import per_account, per_client
+from . import supervisor
 
 CLAUDE_CODE_CREDENTIALS = Path("~/.claude/.credentials.json")
 # A link to the checkout's top-level file (edits show at the next start); a wheel holds a copy instead.
@@ -659,6 +660,29 @@ def dashboard(obj: Context, host: str, port: int, metadata: Path, public: bool, 
     else:
         click.echo(f"claudeflare dashboard: {url} (log in as {DASHBOARD_USER})", err=True)
     os.execve(sys.executable, args, env)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True, help="mitmdump processes (one core each).")
+@click.option("--listen-host", default="127.0.0.1", show_default=True, help="Interface to listen on ('' for all).")
+@click.option("--listen-port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port to listen on (0: a free one).")
+@click.argument("mitmdump_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- MITMDUMP ARGS...]")
+@pass_ctx
+def serve(obj: Context, workers: int, listen_host: str, listen_port: int, mitmdump_args: tuple[str, ...]) -> None:
+    """Run the proxy as N mitmdump workers sharing one port (SO_REUSEPORT), restarting any that dies.
+
+    Arguments after -- go to every worker. SIGTERM or Ctrl-C stops them all once their rows are written.
+
+    \b
+        claudeflare serve --workers 4 -- --set claudeflare_strategy=round-robin
+    """
+    env = {**os.environ, HOME_ENV: str(ensure_home(obj.home))}  # the workers serve this home
+    try:
+        code = supervisor.serve(workers, listen_host, listen_port, list(mitmdump_args), env,
+                                say=lambda line: click.echo(line, err=True))
+    except supervisor.ServeError as e:
+        raise click.ClickException(str(e)) from None
+    sys.exit(code)
 
 
 @cli.command("dashboard-password")

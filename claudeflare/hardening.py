@@ -8,6 +8,7 @@ SETTINGS_MAX_HEADER_LIST_SIZE of 64 KiB (decoded), refuses more than 64 CONTINUA
 allows 100 concurrent streams (tests/test_limits.py checks these stay so).
 """
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -15,7 +16,7 @@ import re
 import time
 
 from mitmproxy.connection import ConnectionState
-from mitmproxy.proxy import commands, events, layer, server
+from mitmproxy.proxy import commands, events, layer, mode_servers, server
 from mitmproxy.proxy.layers.http import HttpStream, _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import ErrorCode, RequestProtocolError, ResponseProtocolError
@@ -177,6 +178,26 @@ async def handle_connection(self, connection) -> None:
         if io is not None and io.writer is not None:
             with contextlib.suppress(OSError):
                 io.writer.close()
+
+
+# Patch 6 — `claudeflare serve --workers N` (supervisor.py) runs N mitmdumps on one port, which
+# the kernel spreads connections over (SO_REUSEPORT). AsyncioServerInstance.listen (12.3) calls
+# `asyncio.start_server(handler, host, port)` with no way to pass `reuse_port`, mitmproxy cannot
+# inherit a listening socket, and an addon loads only after the servers listen. So the worker's
+# entry point (worker.py) applies this before mitmdump starts: a TCP-only mode (regular, reverse,
+# upstream) on a fixed port listens the same way with `reuse_port=True`; anything else is
+# mitmproxy's own code. Plain `mitmdump -s addon/claudeflare.py` never applies it.
+_listen = mode_servers.AsyncioServerInstance.listen
+
+
+async def listen_sharing_port(self, host: str, port: int):
+    if port == 0 or self.mode.transport_protocol != "tcp":
+        return await _listen(self, host, port)
+    return [await asyncio.start_server(self.handle_stream, host, port, reuse_port=True)]
+
+
+def share_listening_port() -> None:
+    mode_servers.AsyncioServerInstance.listen = listen_sharing_port
 
 
 def install() -> None:

@@ -153,3 +153,30 @@ def api_key_accounts(fake, home, *specs):
     for name, tier, *priority in specs:
         fake.add_api_key(key_for(name), account=name)
         add_account(home, name, "api-key", tier, *priority, api_key=key_for(name))
+
+
+CLAUDEFLARE = Path(sys.executable).parent / "claudeflare"
+
+
+class Serve(Mitmdump):
+    """`claudeflare serve --workers N` on a free loopback port; `start` returns once every worker listens."""
+
+    def __init__(self, home: Path, upstream: str, log: Path, *extra: str, workers: int = 2, env: dict | None = None):
+        super().__init__(log=log, env=env)
+        self.workers = workers
+        self.args = [
+            str(CLAUDEFLARE), "--home", str(home), "serve", "--workers", str(workers), "--listen-port", "0", "--",
+            "--set", "termlog_verbosity=info", "--set", f"claudeflare_upstream={upstream}", *extra,
+        ]
+
+    def start(self, timeout: float = 30) -> "Serve":
+        super().start(timeout)
+        if not wait_until(lambda: len(LISTENING.findall(self.log.read_bytes())) >= self.workers, timeout):
+            self.stop()
+            raise RuntimeError(f"not every worker listens:\n{self.output()}")
+        return self
+
+    def worker_pids(self) -> list[int]:
+        import psutil
+
+        return [child.pid for child in psutil.Process(self.proc.pid).children()]
