@@ -2,7 +2,7 @@
 supervised.
 
 One mitmdump runs on one core. The workers (worker.py: mitmdump itself) all listen on the same
-address with SO_REUSEPORT (hardening.py, patch 5), and the kernel spreads new connections over them: no balancer process,
+address with SO_REUSEPORT (`hardening.share_listening_port`), and the kernel spreads new connections over them: no balancer process,
 no extra hop. They share the home folder as separate mitmdumps always could: accounts,
 credentials (a file lock for refreshes) and the flow log (SQLite in WAL mode, each its own writer,
 rows kept and retried while the database is busy).

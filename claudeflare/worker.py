@@ -1,6 +1,6 @@
 """A `claudeflare serve` worker: `python -m claudeflare.worker ARGS` is `mitmdump ARGS` whose
-listening socket is shared with the other workers on the same port (SO_REUSEPORT, hardening.py
-patch 5), applied here because mitmdump listens before it loads the addon script."""
+listening socket is shared with the other workers on the same port (SO_REUSEPORT,
+`hardening.share_listening_port`), applied here because mitmdump listens before it loads the addon script."""
 
 import sys
 
