@@ -292,7 +292,7 @@ def list_(obj: Context, as_json: bool) -> None:
     else:
         print_table([
             {
-                "name": r["name"], "mode": r["mode"], "tier": r["tier"], "priority": r["priority"], "state": r["state"],
+                "name": r["name"], "provider": r["provider"], "mode": r["mode"], "tier": r["tier"], "priority": r["priority"], "state": r["state"],
                 "token_expires_at": describe_expiry(r["token_expires_at"]), "requests_today": r["requests_today"],
                 **{window: used(r[f"utilization_{window}"], r[f"reset_{window}"]) for window in WINDOWS},
                 "extra": percent(r["utilization_extra"]),

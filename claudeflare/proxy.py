@@ -53,7 +53,7 @@ from .healthcheck import HealthCheck
 from .limits import ConnectionLimits
 from .metrics import Metrics
 from .oauth import OAuthSettings
-from . import policy
+from . import policy, providers
 from .offloop import off_loop
 from .options import (
     check_proxy_debug,
@@ -286,6 +286,7 @@ class Claudeflare:
                 "mode": account.mode,
                 "tier": account.tier,
                 "priority": account.priority,
+                "provider": account.provider,
                 "state": state,
                 "reason": reason or refresh_problem,
                 "limited_until": iso_utc(health.until) if health.until and health.until > now else None,
@@ -312,6 +313,7 @@ class Claudeflare:
         state.client_beta = flow.request.headers.get("anthropic-beta")
         body = flow.request.raw_content
         state.claude_code, state.family = policy.is_claude_code(body), policy.model_family(body)
+        state.model = policy.model_name(body)
         state.keys_only = self.subscription_clients == "claude-code" and not state.claude_code
         pool = self.pool
         self.balancer.strategy = state.strategy = pool.strategy or self.strategy_option
@@ -326,6 +328,7 @@ class Claudeflare:
             flow.response = self.router.no_account_response(pool, state)
             return
         self.route(flow)
+        await providers.adapt(flow.request, state, chosen[0])
         self.pool_servers.add((flow.request.host, flow.request.port))
         headers = self.router.attempt(flow, flow.request.headers.copy(), state, *chosen)
         if self.router.circuit_open():

@@ -214,4 +214,5 @@ def flow_row(flow: http.HTTPFlow, state: FlowState, error: str | None) -> dict:
         "stop_reason": usage.stop_reason,
         "request_id": response.headers.get("request-id") if response else None,
         "account_kind": state.account_kind,
+        "provider": state.provider,
     }

@@ -16,12 +16,12 @@ from collections.abc import Awaitable, Callable
 import httpx
 from mitmproxy import http
 
-from . import policy
+from . import policy, providers
 from .accounts import Account, Pool
 from .balancer import Balancer
 from .config import DEFAULT_MAX_BODY_MB
 from .credentials import Credential
-from .flows import FlowState, FlowStates, error_response, inject_credential
+from .flows import FlowState, FlowStates, error_response
 from .options import Retry
 from .ratelimit import Health, Signals, error_details, read_signals
 from .refresh import TokenRefresher
@@ -85,17 +85,19 @@ class Router:
         return credential
 
     def allowed(self, pool: Pool, state: FlowState) -> list[Account]:
-        """Usable accounts that may serve this request: subscriptions only Claude Code (policy)."""
-        usable = pool.usable()
+        """Usable accounts that may serve this request: those whose provider serves its model, and
+        subscriptions only Claude Code (policy)."""
+        usable = [a for a in pool.usable() if providers.of(a).serves(a, state.model)]
         return [a for a in usable if not policy.is_subscription(a.mode)] if state.keys_only else usable
 
     def attempt(self, flow: http.HTTPFlow, headers: http.Headers, state: FlowState, account: Account,
                 credential: Credential) -> http.Headers:
         """`headers` with the account's credential, for our own client; the flow shows them with a placeholder."""
-        inject_credential(headers, account, credential)
+        provider = providers.of(account)
+        provider.authenticate(headers, account, credential)
         wire.conceal(flow.request, headers, account.name)
-        state.account = account.name
-        state.account_kind = "subscription" if policy.is_subscription(account.mode) else "api-key"
+        state.account, state.provider = account.name, provider.name
+        state.account_kind = "subscription" if policy.is_subscription(account.mode) else provider.kind
         state.sent_token = credential.access_token
         state.attempts += 1
         self.release(state)  # the one place a flow's lease changes hands
@@ -109,6 +111,8 @@ class Router:
             state.lease.release()
 
     def no_account_response(self, pool: Pool, state: FlowState) -> http.Response:
+        if state.model and pool.usable() and not any(providers.of(a).serves(a, state.model) for a in pool.usable()):
+            return self.unserved_model_response(pool, state.model)
         usable = [a.name for a in self.allowed(pool, state)]
         if state.keys_only and not usable and pool.usable():
             return error_response(
@@ -137,6 +141,12 @@ class Router:
                 "log one in again with `claudeflare login NAME`, or add one with `claudeflare add NAME --mode api-key`."
             )
         return error_response(503, "api_error", why)
+
+    def unserved_model_response(self, pool: Pool, model: str) -> http.Response:
+        """No usable account serves the model: name it, and the accounts that could (their state)."""
+        could = [f"{a.name} ({self.describe(pool, a)})" for a in pool.accounts if providers.of(a).serves(a, model)]
+        who = f"accounts that could: {', '.join(could)}" if could else "no account lists it (accounts.toml: `models`)"
+        return error_response(404, "not_found_error", f"Claudeflare: no usable account serves model {model!r}; {who}.")
 
     def describe(self, pool: Pool, account: Account) -> str:
         return effective_state(pool.state(account), self.health.accounts.get(account.name), self.clock())[0]
@@ -197,6 +207,7 @@ class Router:
             logger.info("claudeflare: %s on %s, retrying on %s", outcome, state.account, account.name)
             if delay:
                 await self.sleep(delay)
+            await providers.adapt(flow.request, state, account)
             headers = self.attempt(flow, client_headers(flow.request, state), state, account, credential)
             tries[account.name] += 1
             outcome = await self.resend(flow, state, headers)

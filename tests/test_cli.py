@@ -109,10 +109,10 @@ def test_list_table_and_json(run, home, tmp_path):
     db.close()
 
     table = run("list").output.splitlines()
-    assert table[0].split() == ["NAME", "MODE", "TIER", "PRIORITY", "STATE", "TOKEN", "EXPIRES", "AT", "REQUESTS", "TODAY",
+    assert table[0].split() == ["NAME", "PROVIDER", "MODE", "TIER", "PRIORITY", "STATE", "TOKEN", "EXPIRES", "AT", "REQUESTS", "TODAY",
                                 "5H", "7D", "7D", "OPUS", "7D", "SONNET", "EXTRA", "LIMITED", "UNTIL", "REASON"]
-    assert table[1].split()[:5] == ["key", "api-key", "1", "2", "ok"]
-    assert table[2].split()[:5] == ["sub", "max", "20", "0", "limited"] and table[2].split()[8:10] == ["3", "102%"]
+    assert table[1].split()[:6] == ["key", "anthropic", "api-key", "1", "2", "ok"]
+    assert table[2].split()[:6] == ["sub", "anthropic", "max", "20", "0", "limited"] and table[2].split()[9:11] == ["3", "102%"]
     assert "2030-01-01T00:00:00.000Z  five_hour limit, until the reset" in table[2]
 
     rows = json.loads(run("list", "--json").output)

@@ -1,0 +1,149 @@
+"""The provider seam (claudeflare/providers): accounts.toml settings, model mapping, where a request
+goes and how it is authenticated, and the 404 for a model no usable account serves."""
+
+import asyncio
+import json
+
+import pytest
+from mitmproxy import http
+from mitmproxy.test import tflow
+
+from claudeflare import providers
+from claudeflare.accounts import AccountsError, Pool, parse_accounts
+from claudeflare.balancer import Balancer
+from claudeflare.credentials import Credential
+from claudeflare.flows import FlowState
+from claudeflare.ratelimit import Health
+from claudeflare.router import Router
+from claudeflare.states import AccountState
+
+COMPATIBLE = '''
+[[accounts]]
+name = "sub"
+mode = "max"
+
+[[accounts]]
+name = "glm"
+provider = "anthropic-compatible"
+base_url = "https://llm.example.com:8443/api/anthropic/"
+auth = "bearer"
+priority = 1
+models = { "claude-sonnet-*" = "glm-4.6", "claude-*" = "glm-4.5-air" }
+'''
+
+
+def accounts(text=COMPATIBLE):
+    return {a.name: a for a in parse_accounts(text).accounts}
+
+
+def test_an_account_without_provider_is_anthropic_as_before():
+    sub = accounts()["sub"]
+    assert (sub.provider, sub.mode, sub.settings) == ("anthropic", "max", None)
+    assert providers.of(sub).serves(sub, "anything-at-all") and providers.of(sub).destination(sub) is None
+
+
+def test_compatible_settings_are_parsed_once():
+    glm = accounts()["glm"]
+    assert (glm.provider, glm.mode, glm.priority) == ("anthropic-compatible", "api-key", 1)
+    assert glm.settings.destination == providers.Destination("https", "llm.example.com", 8443, "/api/anthropic")
+    assert glm.settings.auth == "bearer"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('provider = "openai"\n', "'provider' must be one of anthropic, anthropic-compatible, got 'openai'"),
+    ('provider = "anthropic-compatible"\n', "'base_url' is required"),
+    ('provider = "anthropic-compatible"\nbase_url = "ftp://x"\n', "'base_url' must be http(s)://host"),
+    ('provider = "anthropic-compatible"\nbase_url = "https://u:secret@x"\n', "'base_url' must not hold credentials"),
+    ('provider = "anthropic-compatible"\nbase_url = "https://x:99999"\n', "bad port"),
+    ('provider = "anthropic-compatible"\nbase_url = "https://x"\nauth = "basic"\n', "'auth' must be one of x-api-key, bearer"),
+    ('provider = "anthropic-compatible"\nbase_url = "https://x"\nmodels = ["a"]\n', "'models' must be a table"),
+    ('provider = "anthropic-compatible"\nbase_url = "https://x"\nmodels = { "claude-*" = "glm-*" }\n', "not a model glob = model name"),
+    ('provider = "anthropic-compatible"\nbase_url = "https://x"\nmode = "max"\n', "takes mode 'api-key'"),
+    ('mode = "api-key"\nbase_url = "https://x"\n', "base_url not for provider 'anthropic'"),
+])
+def test_bad_provider_settings_name_the_account_and_key(extra, message):
+    with pytest.raises(AccountsError) as e:
+        parse_accounts('[[accounts]]\nname = "a"\n' + extra, "accounts.toml")
+    assert "line 1: account 'a': " in str(e.value) and message in str(e.value)
+    assert "secret" not in str(e.value)  # a password in the URL is never echoed
+
+
+def test_models_map_by_the_first_matching_glob_and_only_those_are_served():
+    glm = accounts()["glm"]
+    compatible = providers.of(glm)
+    assert compatible.upstream_model(glm, "claude-sonnet-4-5") == "glm-4.6"  # first match wins
+    assert compatible.upstream_model(glm, "claude-opus-4-1") == "glm-4.5-air"
+    assert compatible.serves(glm, "glm-4.6") and compatible.upstream_model(glm, "glm-4.6") is None  # a listed name, as is
+    assert not compatible.serves(glm, "gpt-5")
+
+
+def test_with_model_replaces_the_top_level_model_only():
+    body = json.dumps({"messages": [{"role": "user", "content": [{"type": "tool_result", "content": '{"model": "x"}'}]}],
+                       "tools": [{"name": "t", "input_schema": {"model": "claude-sonnet-4-5"}}],
+                       "model": "claude-sonnet-4-5", "max_tokens": 5, "note": "ünïcode"}).encode()
+    out = json.loads(providers.with_model("glm-4.6", body))
+    assert out["model"] == "glm-4.6" and out["tools"][0]["input_schema"]["model"] == "claude-sonnet-4-5"
+    assert out["note"] == "ünïcode" and out["messages"] == json.loads(body)["messages"]
+    assert providers.with_model("glm-4.6", b"[1]") is None and providers.with_model("glm-4.6", b"{not json") is None
+
+
+def flow_for(model: str) -> http.HTTPFlow:
+    flow = tflow.tflow()
+    flow.request = http.Request.make("POST", "https://api.anthropic.com/v1/messages?beta=true",
+                                     json.dumps({"model": model, "max_tokens": 5, "messages": []}),
+                                     {"content-type": "application/json", "host": "api.anthropic.com"})
+    return flow
+
+
+def test_adapt_sends_each_attempt_where_its_provider_says_and_back():
+    found = accounts()
+    flow, state = flow_for("claude-sonnet-4-5"), FlowState(id="x", started_at="now", model="claude-sonnet-4-5")
+    client_body = flow.request.raw_content
+
+    asyncio.run(providers.adapt(flow.request, state, found["glm"]))
+    request = flow.request
+    assert (request.scheme, request.host, request.port, request.path) == ("https", "llm.example.com", 8443, "/api/anthropic/v1/messages?beta=true")
+    assert request.headers["host"] == "llm.example.com:8443"
+    assert json.loads(request.raw_content)["model"] == "glm-4.6"
+    assert request.headers["content-length"] == str(len(request.raw_content))
+
+    asyncio.run(providers.adapt(flow.request, state, found["sub"]))  # a failover to Anthropic: the client's request again
+    assert (request.scheme, request.host, request.port, request.path) == ("https", "api.anthropic.com", 443, "/v1/messages?beta=true")
+    assert request.headers["host"] == "api.anthropic.com"
+    assert request.raw_content == client_body and request.headers["content-length"] == str(len(client_body))
+
+
+@pytest.mark.parametrize("auth, header, value", [("bearer", "authorization", "Bearer glm-key-123456"), ("x-api-key", "x-api-key", "glm-key-123456")])
+def test_compatible_accounts_send_their_key_the_way_the_endpoint_wants(auth, header, value):
+    glm = accounts(COMPATIBLE.replace('auth = "bearer"', f'auth = "{auth}"'))["glm"]
+    headers = http.Headers(authorization="Bearer client", **{"x-api-key": "client", "anthropic-beta": "x"})
+    providers.of(glm).authenticate(headers, glm, Credential(api_key="glm-key-123456"))
+    assert headers.get(header) == value and len([k for k in headers if k in ("authorization", "x-api-key")]) == 1
+    assert headers["anthropic-beta"] == "x"  # no OAuth flag: that is Anthropic's subscriptions' own
+
+
+def router_for(pool: Pool) -> Router:
+    return Router(lambda: pool, Balancer(), Health(), None)
+
+
+def test_a_model_no_usable_account_serves_gets_a_404_naming_it_and_who_could():
+    found = accounts(COMPATIBLE.replace('name = "sub"\nmode = "max"', 'name = "sub"\nmode = "max"\npaused = true'))
+    pool = Pool(tuple(found.values()), {"glm": Credential(api_key="glm-key-123456"), "sub": Credential(access_token="t" * 20)})
+    router = router_for(pool)
+    state = FlowState(id="x", started_at="now", model="gpt-5")
+    assert router.allowed(pool, state) == []
+    reply = router.no_account_response(pool, state)
+    error = json.loads(reply.content)
+    assert reply.status_code == 404 and error["error"]["type"] == "not_found_error"
+    assert "'gpt-5'" in error["error"]["message"] and "sub (paused)" in error["error"]["message"]
+    assert "glm" not in error["error"]["message"] and "glm-key" not in reply.text
+
+    served = FlowState(id="y", started_at="now", model="claude-haiku-4-5")
+    assert [a.name for a in router.allowed(pool, served)] == ["glm"]
+
+
+def test_a_model_nobody_lists_says_so():
+    found = accounts()
+    pool = Pool((found["glm"],), {"glm": Credential(api_key="glm-key-123456")})
+    message = json.loads(router_for(pool).no_account_response(pool, FlowState(id="x", started_at="now", model="gpt-5")).content)["error"]["message"]
+    assert "no account lists it" in message and pool.state(found["glm"]) == AccountState.OK
