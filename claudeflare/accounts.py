@@ -208,6 +208,8 @@ def add_account_table(doc: tomlkit.TOMLDocument, account: Account) -> None:
         raise AccountsError(f"an account named {account.name!r} already exists")
     table = tomlkit.table()
     table.update({"name": account.name, "mode": account.mode, "tier": account.tier})
+    if account.provider != providers.DEFAULT:
+        table.update({"provider": account.provider, **providers.of(account).table(account.settings)})
     if account.priority:
         table["priority"] = account.priority
     if account.api_key_env:

@@ -310,3 +310,27 @@ def test_list_rows_are_plain_data_from_the_library(run, home):
     rows = account_rows(home)
     assert [(r["name"], r["state"], r["priority"]) for r in rows] == [("key", "ok", 2), ("envy", "no-credentials", 0)]
     assert json.loads(run("list", "--json").output) == rows
+
+
+def test_add_a_compatible_account_writes_what_accounts_toml_reads_back(run, home):
+    result = run("add", "glm", "--provider", "anthropic-compatible", "--base-url", "https://llm.example.com/api/anthropic",
+                 "--auth", "bearer", "--model", "claude-sonnet-*=glm-4.6", "--model", "claude-*=glm-4.5-air",
+                 "--priority", "1", input="glm-key-0123456789\n")
+    assert "added glm (anthropic-compatible, tier 1)" in result.output
+    (account,) = load_accounts(home).accounts
+    assert (account.provider, account.mode, account.priority, account.settings.auth) == ("anthropic-compatible", "api-key", 1, "bearer")
+    assert account.settings.models == (("claude-sonnet-*", "glm-4.6"), ("claude-*", "glm-4.5-air"))  # in the order given
+    assert "glm-key" not in (home / "accounts.toml").read_text()
+    assert CredentialStore(home).credentials()["glm"].api_key == "glm-key-0123456789"
+    assert json.loads(run("list", "--json").output)[0]["provider"] == "anthropic-compatible"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--provider", "anthropic-compatible"), "'base_url' is required"),
+    (("--provider", "anthropic-compatible", "--base-url", "https://x", "--model", "claude-*"), "--model takes GLOB=MODEL"),
+    (("--mode", "api-key", "--base-url", "https://x"), "--base-url: not for provider anthropic"),
+    (("--tier", "1",), "Missing option '--mode'"),
+])
+def test_add_refuses_provider_options_that_do_not_fit(run, home, args, message):
+    result = run("add", "glm", *args, input="glm-key-0123456789\n", ok=False)
+    assert message in result.output and not (home / "accounts.toml").exists()

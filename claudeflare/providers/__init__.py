@@ -48,6 +48,10 @@ class Provider:
         """The provider's settings from the account's table (an immutable value), or ProviderError."""
         return None
 
+    def table(self, settings) -> dict:
+        """The keys `parse` reads, from its settings: what `claudeflare add` writes to accounts.toml."""
+        return {}
+
     def serves(self, account, model: str | None) -> bool:
         return True
 

@@ -66,6 +66,12 @@ class AnthropicCompatible(Provider):
             raise ProviderError(f"'auth' must be one of {', '.join(AUTHS)}, got {auth!r}")
         return Settings(parse_base_url(table.get("base_url")), auth, parse_models(table.get("models")))
 
+    def table(self, settings: Settings) -> dict:
+        where = settings.destination
+        default_port = {"https": 443, "http": 80}[where.scheme]
+        url = f"{where.scheme}://{where.host}{'' if where.port == default_port else f':{where.port}'}{where.prefix}"
+        return {"base_url": url, "auth": settings.auth, **({"models": dict(settings.models)} if settings.models else {})}
+
     def upstream_model(self, account, model: str | None) -> str | None:
         if model is None:
             return None
