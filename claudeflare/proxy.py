@@ -313,7 +313,7 @@ class Claudeflare:
         state.client_beta = flow.request.headers.get("anthropic-beta")
         body = flow.request.raw_content
         state.claude_code, state.family = policy.is_claude_code(body), policy.model_family(body)
-        state.model = policy.model_name(body)
+        state.model, state.endpoint = policy.model_name(body), flow.request.path.split("?", 1)[0]
         state.keys_only = self.subscription_clients == "claude-code" and not state.claude_code
         pool = self.pool
         self.balancer.strategy = state.strategy = pool.strategy or self.strategy_option

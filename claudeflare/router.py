@@ -87,7 +87,7 @@ class Router:
     def allowed(self, pool: Pool, state: FlowState) -> list[Account]:
         """Usable accounts that may serve this request: those whose provider serves its model, and
         subscriptions only Claude Code (policy)."""
-        usable = [a for a in pool.usable() if providers.of(a).serves(a, state.model)]
+        usable = [a for a in pool.usable() if providers.serving(a, state)]
         return [a for a in usable if not policy.is_subscription(a.mode)] if state.keys_only else usable
 
     def attempt(self, flow: http.HTTPFlow, headers: http.Headers, state: FlowState, account: Account,
@@ -111,8 +111,8 @@ class Router:
             state.lease.release()
 
     def no_account_response(self, pool: Pool, state: FlowState) -> http.Response:
-        if state.model and pool.usable() and not any(providers.of(a).serves(a, state.model) for a in pool.usable()):
-            return self.unserved_model_response(pool, state.model)
+        if pool.usable() and not any(providers.serving(a, state) for a in pool.usable()):
+            return self.unserved_response(pool, state)
         usable = [a.name for a in self.allowed(pool, state)]
         if state.keys_only and not usable and pool.usable():
             return error_response(
@@ -142,11 +142,13 @@ class Router:
             )
         return error_response(503, "api_error", why)
 
-    def unserved_model_response(self, pool: Pool, model: str) -> http.Response:
-        """No usable account serves the model: name it, and the accounts that could (their state)."""
-        could = [f"{a.name} ({self.describe(pool, a)})" for a in pool.accounts if providers.of(a).serves(a, model)]
+    def unserved_response(self, pool: Pool, state: FlowState) -> http.Response:
+        """No usable account's provider serves the model (or path): name it, and the accounts that
+        could, with their state."""
+        what = f"model {state.model!r}" if state.model else f"{state.endpoint}"
+        could = [f"{a.name} ({self.describe(pool, a)})" for a in pool.accounts if providers.serving(a, state)]
         who = f"accounts that could: {', '.join(could)}" if could else "no account lists it (accounts.toml: `models`)"
-        return error_response(404, "not_found_error", f"Claudeflare: no usable account serves model {model!r}; {who}.")
+        return error_response(404, "not_found_error", f"Claudeflare: no usable account serves {what}; {who}.")
 
     def describe(self, pool: Pool, account: Account) -> str:
         return effective_state(pool.state(account), self.health.accounts.get(account.name), self.clock())[0]

@@ -130,7 +130,7 @@ def test_a_model_no_usable_account_serves_gets_a_404_naming_it_and_who_could():
     found = accounts(COMPATIBLE.replace('name = "sub"\nmode = "max"', 'name = "sub"\nmode = "max"\npaused = true'))
     pool = Pool(tuple(found.values()), {"glm": Credential(api_key="glm-key-123456"), "sub": Credential(access_token="t" * 20)})
     router = router_for(pool)
-    state = FlowState(id="x", started_at="now", model="gpt-5")
+    state = FlowState(id="x", started_at="now", model="gpt-5", endpoint="/v1/messages")
     assert router.allowed(pool, state) == []
     reply = router.no_account_response(pool, state)
     error = json.loads(reply.content)
@@ -138,12 +138,23 @@ def test_a_model_no_usable_account_serves_gets_a_404_naming_it_and_who_could():
     assert "'gpt-5'" in error["error"]["message"] and "sub (paused)" in error["error"]["message"]
     assert "glm" not in error["error"]["message"] and "glm-key" not in reply.text
 
-    served = FlowState(id="y", started_at="now", model="claude-haiku-4-5")
+    served = FlowState(id="y", started_at="now", model="claude-haiku-4-5", endpoint="/v1/messages")
     assert [a.name for a in router.allowed(pool, served)] == ["glm"]
 
 
 def test_a_model_nobody_lists_says_so():
     found = accounts()
     pool = Pool((found["glm"],), {"glm": Credential(api_key="glm-key-123456")})
-    message = json.loads(router_for(pool).no_account_response(pool, FlowState(id="x", started_at="now", model="gpt-5")).content)["error"]["message"]
+    message = json.loads(router_for(pool).no_account_response(pool, FlowState(id="x", started_at="now", model="gpt-5", endpoint="/v1/messages")).content)["error"]["message"]
     assert "no account lists it" in message and pool.state(found["glm"]) == AccountState.OK
+
+
+def test_compatible_accounts_serve_the_messages_api_only():
+    found = accounts()
+    pool = Pool((found["glm"],), {"glm": Credential(api_key="glm-key-123456")})
+    upload = FlowState(id="x", started_at="now", endpoint="/v1/files")
+    assert router_for(pool).allowed(pool, upload) == []
+    message = json.loads(router_for(pool).no_account_response(pool, upload).content)["error"]["message"]
+    assert "no usable account serves /v1/files" in message
+    counting = FlowState(id="y", started_at="now", model="claude-sonnet-4-5", endpoint="/v1/messages/count_tokens")
+    assert router_for(pool).allowed(pool, counting) == [found["glm"]]

@@ -43,6 +43,7 @@ class Provider:
     name = ""
     keys: frozenset[str] = frozenset()  # the account-table keys this provider reads besides the common ones
     kind = "api-key"  # account_kind in the flow log for its accounts
+    paths: frozenset[str] | None = None  # the API paths its accounts serve (None: all of Anthropic's)
 
     def parse(self, name: str, table: dict) -> Any:
         """The provider's settings from the account's table (an immutable value), or ProviderError."""
@@ -89,6 +90,12 @@ DEFAULT = Anthropic.name
 
 def of(account) -> Provider:
     return PROVIDERS[account.provider]
+
+
+def serving(account, state) -> bool:
+    """Whether `account` may serve the request: its provider offers the path and the model."""
+    provider = of(account)
+    return (provider.paths is None or state.endpoint in provider.paths) and provider.serves(account, state.model)
 
 
 def check_provider(name: Any) -> str:

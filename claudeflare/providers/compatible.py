@@ -59,6 +59,7 @@ def parse_models(models) -> tuple[tuple[str, str], ...]:
 class AnthropicCompatible(Provider):
     name = "anthropic-compatible"
     keys = frozenset({"base_url", "auth", "models"})
+    paths = frozenset({"/v1/messages", "/v1/messages/count_tokens"})  # files, batches, models: Anthropic's
 
     def parse(self, name: str, table: dict) -> Settings:
         auth = table.get("auth", "x-api-key")
