@@ -255,6 +255,8 @@ class Pool:
     def state(self, account: Account, now: float | None = None) -> AccountState:
         if account.paused:
             return AccountState.PAUSED
+        if providers.of(account).own_credentials:
+            return AccountState.OK  # fetched when needed (providers.Provider.credential)
         cred = self.stored_credential(account)
         if cred is None:
             return AccountState.NO_CREDENTIALS

@@ -372,6 +372,8 @@ class Claudeflare:
             return
         try:
             await self.router.settle(flow, state)
+            if state.provider and flow.response:
+                providers.PROVIDERS[state.provider].reply(flow.response)  # e.g. Google's errors in Anthropic's shape
             self.owners.observe(flow.request, flow.response, state.account)
             resources.localize_batch_reply(flow.request, flow.response)
         finally:

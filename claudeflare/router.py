@@ -79,6 +79,8 @@ class Router:
 
     async def fresh(self, pool: Pool, account: Account) -> Credential | None:
         """The account's credential, refreshed first if its token is about to expire."""
+        if providers.of(account).own_credentials:
+            return await providers.of(account).credential(account)
         credential = pool.credential(account)
         if credential and self.refresher:
             credential = await self.refresher.fresh(account.name, credential)
@@ -156,7 +158,8 @@ class Router:
     # --- replies ----------------------------------------------------------------------------------
 
     def observe_signals(self, name: str, state: FlowState, response: http.Response) -> None:
-        state.signals = signals = read_signals((k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.fields)
+        signals = read_signals((k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.fields)
+        state.signals = signals = providers.PROVIDERS[state.provider or providers.DEFAULT].signals(response, signals)
         if response.status_code < 400:
             self.health.observe(name, response.status_code, signals)
 

@@ -50,7 +50,7 @@ def test_compatible_settings_are_parsed_once():
 
 
 @pytest.mark.parametrize("extra, message", [
-    ('provider = "openai"\n', "'provider' must be one of anthropic, anthropic-compatible, got 'openai'"),
+    ('provider = "openai"\n', "'provider' must be one of anthropic, anthropic-compatible, vertex, got 'openai'"),
     ('provider = "anthropic-compatible"\n', "'base_url' is required"),
     ('provider = "anthropic-compatible"\nbase_url = "ftp://x"\n', "'base_url' must be http(s)://host"),
     ('provider = "anthropic-compatible"\nbase_url = "https://u:secret@x"\n', "'base_url' must not hold credentials"),
@@ -77,14 +77,18 @@ def test_models_map_by_the_first_matching_glob_and_only_those_are_served():
     assert not compatible.serves(glm, "gpt-5")
 
 
-def test_with_model_replaces_the_top_level_model_only():
+def test_a_rewrite_changes_the_top_level_model_only():
     body = json.dumps({"messages": [{"role": "user", "content": [{"type": "tool_result", "content": '{"model": "x"}'}]}],
                        "tools": [{"name": "t", "input_schema": {"model": "claude-sonnet-4-5"}}],
                        "model": "claude-sonnet-4-5", "max_tokens": 5, "note": "ünïcode"}).encode()
-    out = json.loads(providers.with_model("glm-4.6", body))
-    assert out["model"] == "glm-4.6" and out["tools"][0]["input_schema"]["model"] == "claude-sonnet-4-5"
+    glm = accounts()["glm"]
+    state = FlowState(id="x", started_at="now", model="claude-sonnet-4-5")
+    rewrite = lambda data: providers.of(glm).rewrite(glm, state, data)  # noqa: E731
+    out, path = providers.rewritten(rewrite, body)
+    out = json.loads(out)
+    assert path is None and out["model"] == "glm-4.6" and out["tools"][0]["input_schema"]["model"] == "claude-sonnet-4-5"
     assert out["note"] == "ünïcode" and out["messages"] == json.loads(body)["messages"]
-    assert providers.with_model("glm-4.6", b"[1]") is None and providers.with_model("glm-4.6", b"{not json") is None
+    assert providers.rewritten(rewrite, b"[1]") is None and providers.rewritten(rewrite, b"{not json") is None
 
 
 def flow_for(model: str) -> http.HTTPFlow:

@@ -7,6 +7,7 @@ balancer, failover, flow log and dashboard treat every account alike; they ask `
 Adding a provider means adding one module and registering its class in PROVIDERS.
 """
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -56,9 +57,27 @@ class Provider:
     def serves(self, account, model: str | None) -> bool:
         return True
 
-    def upstream_model(self, account, model: str | None) -> str | None:
-        """The model name the upstream must get instead of `model`, or None to send the body as is."""
+    own_credentials = False  # True: `credential` gets it (e.g. from google-auth), not the credential store
+
+    def rewrites(self, account, state) -> bool:
+        """Whether `rewrite` must adapt this request's body (parsed only then, off the loop if big)."""
+        return False
+
+    def rewrite(self, account, state, data: dict) -> str | None:
+        """Adapt the parsed body in place; returns the path to send it to, or None for the client's."""
         return None
+
+    async def credential(self, account):
+        """For `own_credentials` providers: a Credential good to send now, or None."""
+        return None
+
+    def signals(self, response, signals):
+        """The rate-limit signals of a reply (ratelimit.Signals, read from Anthropic's headers), as
+        this provider means them."""
+        return signals
+
+    def reply(self, response) -> None:
+        """Turn a reply (its head; the whole of an error) into Anthropic's shape, in place."""
 
     def destination(self, account) -> Destination | None:
         """Where the account's requests go; None: the proxy's upstream (claudeflare_upstream)."""
@@ -68,23 +87,24 @@ class Provider:
         raise NotImplementedError
 
 
-def with_model(model: str, body: bytes, yielding: bool = False) -> bytes | None:
-    """`body` with its top-level "model" replaced, or None when it is not a JSON object. Encoded
-    by the pure-Python encoder (`iterencode`), which lets the loop run when this runs off it."""
+def rewritten(rewrite, body: bytes, yielding: bool = False) -> tuple[bytes, str | None] | None:
+    """(`body` after `rewrite(data)`, what it returned), or None when the body is not a JSON object.
+    Encoded by the pure-Python encoder (`iterencode`), which lets the loop run when this runs off it."""
     try:
         data = loads(body, yielding)
     except (ValueError, RecursionError):
         return None
     if not isinstance(data, dict):
         return None
-    data["model"] = model
-    return "".join(json.JSONEncoder(ensure_ascii=False).iterencode(data)).encode()
+    path = rewrite(data)
+    return "".join(json.JSONEncoder(ensure_ascii=False).iterencode(data)).encode(), path
 
 
 from .anthropic import Anthropic  # noqa: E402  (the providers import the base above)
 from .compatible import AnthropicCompatible  # noqa: E402
+from .vertex import Vertex  # noqa: E402
 
-PROVIDERS: dict[str, Provider] = {p.name: p for p in (Anthropic(), AnthropicCompatible())}
+PROVIDERS: dict[str, Provider] = {p.name: p for p in (Anthropic(), AnthropicCompatible(), Vertex())}
 DEFAULT = Anthropic.name
 
 
@@ -117,10 +137,12 @@ async def adapt(request, state, account) -> None:
     where = provider.destination(account) or Destination(origin.scheme, origin.host, origin.port)
     if (request.scheme, request.host, request.port) != where[:3]:
         request.scheme, request.host, request.port = where[:3]  # in this order, the Host header follows
-    request.path = where.prefix + origin.path
-    body, target = origin.body, provider.upstream_model(account, state.model)
-    if body and target and target != state.model:
-        body = await off_loop(with_model, target, body=body) or body
+    body, path = origin.body, origin.path
+    if body and provider.rewrites(account, state):
+        done = await off_loop(rewritten, functools.partial(provider.rewrite, account, state), body=body)
+        if done:
+            body, path = done[0], done[1] or path
+    request.path = where.prefix + path
     if body is not request.raw_content:
         request.raw_content = body
         if "content-length" in request.headers:

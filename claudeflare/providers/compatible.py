@@ -81,6 +81,15 @@ class AnthropicCompatible(Provider):
                 return target
         return None
 
+    def rewrites(self, account, state) -> bool:
+        target = self.upstream_model(account, state.model)
+        return target is not None and target != state.model
+
+    def rewrite(self, account, state, data: dict) -> None:
+        model = data.get("model")
+        if target := self.upstream_model(account, model if isinstance(model, str) else None):
+            data["model"] = target
+
     def serves(self, account, model: str | None) -> bool:
         models = account.settings.models
         return not models or model is None or self.upstream_model(account, model) is not None or any(model == t for _, t in models)
