@@ -158,10 +158,15 @@ def oauth_login(mode: str, finish) -> None:
 @click.option("--base-url", help="anthropic-compatible: the endpoint's URL (its Messages API is BASE_URL/v1/messages).")
 @click.option("--auth", type=click.Choice(AUTHS), help="anthropic-compatible: how the key is sent (default x-api-key).")
 @click.option("--model", "models", multiple=True, metavar="GLOB=MODEL",
-              help="anthropic-compatible: map client models matching GLOB to MODEL (repeat; the first match wins).")
+              help="anthropic-compatible, vertex: map client models matching GLOB to MODEL (repeat; the first match wins).")
+@click.option("--region", help="vertex: the Vertex AI region (default global).")
+@click.option("--project", help="vertex: the Google Cloud project (default: the credentials' own).")
+@click.option("--credentials-file", type=click.Path(dir_okay=False, resolve_path=True),
+              help="vertex: a service-account key file (default: Application Default Credentials).")
 @pass_ctx
 def add(obj: Context, name: str, mode: str | None, tier: str, priority: int, api_key_env: str | None, provider: str,
-        base_url: str | None, auth: str | None, models: tuple[str, ...]) -> None:
+        base_url: str | None, auth: str | None, models: tuple[str, ...], region: str | None, project: str | None,
+        credentials_file: str | None) -> None:
     """Add an account: log in with OAuth, or give an API key (hidden prompt or standard input).
 
     Example:
@@ -171,6 +176,7 @@ def add(obj: Context, name: str, mode: str | None, tier: str, priority: int, api
         claudeflare add ci-key --mode api-key --api-key-env CI_ANTHROPIC_KEY
         claudeflare add my-max --mode max --tier 5 --priority 1
         claudeflare add glm --provider anthropic-compatible --base-url https://api.z.ai/api/anthropic --auth bearer --model 'claude-*=glm-4.6' --priority 1 < key.txt
+        claudeflare add gcp --provider vertex --region us-east5 --project my-project --priority 1
     """
     checked_name(name)
     mode = mode or ("api-key" if provider != providers.DEFAULT else None)
@@ -178,10 +184,13 @@ def add(obj: Context, name: str, mode: str | None, tier: str, priority: int, api
         raise click.UsageError("Missing option '--mode'.")
     if api_key_env and mode != "api-key":
         raise click.UsageError("--api-key-env is for --mode api-key")
-    settings = provider_settings(name, provider, base_url=base_url, auth=auth, models=models)
+    settings = provider_settings(name, provider, base_url=base_url, auth=auth, models=models, region=region, project=project,
+                                 credentials_file=credentials_file)
     refuse_duplicate(obj, name)
     account = Account(name, mode, int(tier), priority, api_key_env=api_key_env, provider=provider, settings=settings)
-    if mode == "api-key":
+    if providers.PROVIDERS[provider].own_credentials:
+        enrolment.enrol(obj.home, account, None)  # its credentials are google-auth's to find
+    elif mode == "api-key":
         enrolment.add_api_key_account(obj.home, account, None if api_key_env else read_secret("API key"))
     else:
         oauth_login(mode, lambda flow, pasted: enrolment.finish_oauth(obj.home, account, flow, pasted))
@@ -216,7 +225,8 @@ def refresh(obj: Context, name: str) -> None:
     click.echo(f"refreshed {name}, token {describe_expiry(fresh.expires_at)}")
 
 
-PROVIDER_OPTIONS = {"base_url": "--base-url", "auth": "--auth", "models": "--model"}  # `add` option of each key
+PROVIDER_OPTIONS = {"base_url": "--base-url", "auth": "--auth", "models": "--model", "region": "--region", "project": "--project",
+                    "credentials_file": "--credentials-file"}  # `add` option of each key
 
 
 def provider_settings(name: str, provider: str, **given) -> object:

@@ -334,3 +334,13 @@ def test_add_a_compatible_account_writes_what_accounts_toml_reads_back(run, home
 def test_add_refuses_provider_options_that_do_not_fit(run, home, args, message):
     result = run("add", "glm", *args, input="glm-key-0123456789\n", ok=False)
     assert message in result.output and not (home / "accounts.toml").exists()
+
+
+def test_add_a_vertex_account_asks_for_no_key(run, home, tmp_path):
+    result = run("add", "gcp", "--provider", "vertex", "--region", "us-east5", "--project", "my-project",
+                 "--credentials-file", str(tmp_path / "sa.json"), "--model", "claude-x=claude-x@1", input="")
+    assert "added gcp (vertex, tier 1)" in result.output
+    (account,) = load_accounts(home).accounts
+    assert (account.settings.region, account.settings.project, account.settings.credentials_file) == ("us-east5", "my-project", str(tmp_path / "sa.json"))
+    assert account.settings.models == (("claude-x", "claude-x@1"),)
+    assert CredentialStore(home).credentials() == {}

@@ -13,7 +13,7 @@ from claudeflare.accounts import AccountsError, Pool, parse_accounts
 from claudeflare.balancer import Balancer
 from claudeflare.credentials import Credential
 from claudeflare.flows import FlowState
-from claudeflare.ratelimit import Health
+from claudeflare.ratelimit import Health, Signals
 from claudeflare.router import Router
 from claudeflare.states import AccountState
 
@@ -162,3 +162,63 @@ def test_compatible_accounts_serve_the_messages_api_only():
     assert "no usable account serves /v1/files" in message
     counting = FlowState(id="y", started_at="now", model="claude-sonnet-4-5", endpoint="/v1/messages/count_tokens")
     assert router_for(pool).allowed(pool, counting) == [found["glm"]]
+
+
+VERTEX = '''
+[[accounts]]
+name = "gcp"
+provider = "vertex"
+region = "us-east5"
+project = "my-project"
+models = { "claude-sonnet-4-6*" = "claude-sonnet-4-6@20260101" }
+'''
+
+
+def test_vertex_models_map_to_vertex_ids():
+    gcp = accounts(VERTEX)["gcp"]
+    vertex = providers.of(gcp)
+    assert vertex.vertex_model(gcp, "claude-sonnet-4-5-20250929") == "claude-sonnet-4-5@20250929"  # a dated id: NAME@DATE
+    assert vertex.vertex_model(gcp, "claude-haiku-4-5") == "claude-haiku-4-5@20251001"  # an alias: the built-in table
+    assert vertex.vertex_model(gcp, "claude-sonnet-4-6") == "claude-sonnet-4-6@20260101"  # accounts.toml first
+    assert vertex.vertex_model(gcp, "claude-future-9") == "claude-future-9" and not vertex.serves(gcp, "gpt-5")
+    assert vertex.destination(gcp) == providers.Destination("https", "us-east5-aiplatform.googleapis.com", 443)
+    assert providers.of(gcp).destination(accounts(VERTEX.replace("us-east5", "global"))["gcp"]).host == "aiplatform.googleapis.com"
+
+
+def test_vertex_takes_the_model_out_of_the_body_and_into_the_url():
+    gcp = accounts(VERTEX)["gcp"]
+    vertex = providers.of(gcp)
+    vertex.held["gcp"] = providers.vertex.Held(gcp.settings, project="my-project")
+    state = FlowState(id="x", started_at="now", model="claude-sonnet-4-5")
+    for stream, method in ((True, "streamRawPredict"), (False, "rawPredict")):
+        body = json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 5, "stream": stream, "messages": []}).encode()
+        out, path = providers.rewritten(lambda data: vertex.rewrite(gcp, state, data), body)
+        assert path == f"/v1/projects/my-project/locations/us-east5/publishers/anthropic/models/claude-sonnet-4-5@20250929:{method}"
+        assert json.loads(out) == {"anthropic_version": "vertex-2023-10-16", "max_tokens": 5, "stream": stream, "messages": []}
+
+
+@pytest.mark.parametrize("table, message", [
+    ('region = "us east"\n', "'region' must be a Vertex AI region"),
+    ('project = "X!"\n', "'project' must be a Google Cloud project id"),
+    ('credentials_file = ""\n', "'credentials_file' is the path"),
+    ('auth = "bearer"\n', "auth not for provider 'vertex'"),
+])
+def test_bad_vertex_settings(table, message):
+    with pytest.raises(AccountsError) as e:
+        parse_accounts('[[accounts]]\nname = "gcp"\nprovider = "vertex"\n' + table)
+    assert message in str(e.value)
+
+
+def test_google_errors_become_anthropic_errors_and_a_429_is_a_limit():
+    vertex = providers.PROVIDERS["vertex"]
+    google = http.Response.make(429, json.dumps({"error": {"code": 429, "message": "Quota exceeded.", "status": "RESOURCE_EXHAUSTED"}}))
+    assert vertex.signals(google, Signals()).exhausted and not providers.PROVIDERS["anthropic"].signals(google, Signals()).exhausted
+    vertex.reply(google)
+    body = json.loads(google.content)
+    assert body["type"] == "error" and body["error"] == {"type": "rate_limit_error", "message": "Vertex AI: Quota exceeded."}
+    listed = http.Response.make(400, json.dumps([{"error": {"code": 400, "message": "bad", "status": "INVALID_ARGUMENT"}}]))
+    vertex.reply(listed)
+    assert json.loads(listed.content)["error"]["type"] == "invalid_request_error"
+    ours = http.Response.make(503, json.dumps({"type": "error", "error": {"type": "api_error", "message": "Claudeflare: x"}}))
+    vertex.reply(ours)
+    assert json.loads(ours.content)["error"]["message"] == "Claudeflare: x"  # already Anthropic's shape: left alone

@@ -45,6 +45,12 @@ def parse_base_url(url) -> Destination:
     return Destination(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
 
 
+def base_url(where: Destination) -> str:
+    """The `base_url` that `parse_base_url` reads as `where`."""
+    default_port = {"https": 443, "http": 80}[where.scheme]
+    return f"{where.scheme}://{where.host}{'' if where.port == default_port else f':{where.port}'}{where.prefix}"
+
+
 def parse_models(models) -> tuple[tuple[str, str], ...]:
     if models is None:
         return ()
@@ -68,10 +74,7 @@ class AnthropicCompatible(Provider):
         return Settings(parse_base_url(table.get("base_url")), auth, parse_models(table.get("models")))
 
     def table(self, settings: Settings) -> dict:
-        where = settings.destination
-        default_port = {"https": 443, "http": 80}[where.scheme]
-        url = f"{where.scheme}://{where.host}{'' if where.port == default_port else f':{where.port}'}{where.prefix}"
-        return {"base_url": url, "auth": settings.auth, **({"models": dict(settings.models)} if settings.models else {})}
+        return {"base_url": base_url(settings.destination), "auth": settings.auth, **({"models": dict(settings.models)} if settings.models else {})}
 
     def upstream_model(self, account, model: str | None) -> str | None:
         if model is None:

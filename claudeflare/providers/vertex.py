@@ -33,7 +33,7 @@ from google.oauth2 import service_account
 
 from ..credentials import Credential
 from . import Destination, Provider, ProviderError
-from .compatible import parse_base_url, parse_models
+from . import compatible
 
 logger = logging.getLogger(__name__)
 
@@ -111,11 +111,12 @@ class Vertex(Provider):
         path = table.get("credentials_file")
         if path is not None and (not isinstance(path, str) or not path):
             raise ProviderError("'credentials_file' is the path of a service-account key file")
-        base_url = parse_base_url(table["base_url"]) if "base_url" in table else None
-        return Settings(region, project, path, base_url, parse_models(table.get("models")))
+        base_url = compatible.parse_base_url(table["base_url"]) if "base_url" in table else None
+        return Settings(region, project, path, base_url, compatible.parse_models(table.get("models")))
 
     def table(self, settings: Settings) -> dict:
-        given = {"region": settings.region, "project": settings.project, "credentials_file": settings.credentials_file}
+        given = {"region": settings.region, "project": settings.project, "credentials_file": settings.credentials_file,
+                 "base_url": settings.base_url and compatible.base_url(settings.base_url), "models": dict(settings.models)}
         return {k: v for k, v in given.items() if v}
 
     def vertex_model(self, account, model: str | None) -> str | None:
