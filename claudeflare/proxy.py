@@ -365,6 +365,8 @@ class Claudeflare:
         state = self.states.get(flow)
         if state and state.account and flow.response:
             self.router.observe_signals(state.account, state, flow.response)
+            if state.provider and (translate := providers.PROVIDERS[state.provider].stream(flow.response)):
+                flow.response.stream = translate  # e.g. Bedrock's event stream as Anthropic SSE, chunk by chunk
 
     async def response(self, flow: http.HTTPFlow) -> None:
         state = self.states.get(flow)

@@ -96,7 +96,7 @@ class Router:
                 credential: Credential) -> http.Headers:
         """`headers` with the account's credential, for our own client; the flow shows them with a placeholder."""
         provider = providers.of(account)
-        provider.authenticate(headers, account, credential)
+        provider.authenticate(headers, account, credential, flow.request)
         wire.conceal(flow.request, headers, account.name)
         state.account, state.provider = account.name, provider.name
         state.account_kind = "subscription" if policy.is_subscription(account.mode) else provider.kind

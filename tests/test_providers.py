@@ -50,7 +50,7 @@ def test_compatible_settings_are_parsed_once():
 
 
 @pytest.mark.parametrize("extra, message", [
-    ('provider = "openai"\n', "'provider' must be one of anthropic, anthropic-compatible, vertex, got 'openai'"),
+    ('provider = "openai"\n', "'provider' must be one of anthropic, anthropic-compatible, vertex, bedrock, got 'openai'"),
     ('provider = "anthropic-compatible"\n', "'base_url' is required"),
     ('provider = "anthropic-compatible"\nbase_url = "ftp://x"\n', "'base_url' must be http(s)://host"),
     ('provider = "anthropic-compatible"\nbase_url = "https://u:secret@x"\n', "'base_url' must not hold credentials"),
@@ -121,7 +121,7 @@ def test_adapt_sends_each_attempt_where_its_provider_says_and_back():
 def test_compatible_accounts_send_their_key_the_way_the_endpoint_wants(auth, header, value):
     glm = accounts(COMPATIBLE.replace('auth = "bearer"', f'auth = "{auth}"'))["glm"]
     headers = http.Headers(authorization="Bearer client", **{"x-api-key": "client", "anthropic-beta": "x"})
-    providers.of(glm).authenticate(headers, glm, Credential(api_key="glm-key-123456"))
+    providers.of(glm).authenticate(headers, glm, Credential(api_key="glm-key-123456"), None)
     assert headers.get(header) == value and len([k for k in headers if k in ("authorization", "x-api-key")]) == 1
     assert headers["anthropic-beta"] == "x"  # no OAuth flag: that is Anthropic's subscriptions' own
 

@@ -76,6 +76,11 @@ class Provider:
         this provider means them."""
         return signals
 
+    def stream(self, response):
+        """A stream callback that turns the reply's body into Anthropic's as it arrives (its head
+        changed to match), or None to pass it on as it is."""
+        return None
+
     def reply(self, response) -> None:
         """Turn a reply (its head; the whole of an error) into Anthropic's shape, in place."""
 
@@ -83,7 +88,8 @@ class Provider:
         """Where the account's requests go; None: the proxy's upstream (claudeflare_upstream)."""
         return None
 
-    def authenticate(self, headers, account, credential) -> None:
+    def authenticate(self, headers, account, credential, request) -> None:
+        """Put the credential in `headers`, which `request` (adapted already) goes upstream with."""
         raise NotImplementedError
 
 
@@ -103,8 +109,9 @@ def rewritten(rewrite, body: bytes, yielding: bool = False) -> tuple[bytes, str 
 from .anthropic import Anthropic  # noqa: E402  (the providers import the base above)
 from .compatible import AnthropicCompatible  # noqa: E402
 from .vertex import Vertex  # noqa: E402
+from .bedrock import Bedrock  # noqa: E402
 
-PROVIDERS: dict[str, Provider] = {p.name: p for p in (Anthropic(), AnthropicCompatible(), Vertex())}
+PROVIDERS: dict[str, Provider] = {p.name: p for p in (Anthropic(), AnthropicCompatible(), Vertex(), Bedrock())}
 DEFAULT = Anthropic.name
 
 

@@ -6,7 +6,7 @@ from . import Provider
 class Anthropic(Provider):
     name = "anthropic"
 
-    def authenticate(self, headers, account, credential) -> None:
+    def authenticate(self, headers, account, credential, request) -> None:
         from ..flows import inject_credential  # flows imports accounts, which imports the providers
 
         inject_credential(headers, account, credential)

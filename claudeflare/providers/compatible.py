@@ -100,7 +100,7 @@ class AnthropicCompatible(Provider):
     def destination(self, account) -> Destination:
         return account.settings.destination
 
-    def authenticate(self, headers, account, credential) -> None:
+    def authenticate(self, headers, account, credential, request) -> None:
         for name in ("authorization", "x-api-key"):
             headers.pop(name, None)
         if account.settings.auth == "bearer":

@@ -166,7 +166,7 @@ class Vertex(Provider):
         expiry = held.credentials.expiry  # naive UTC, as google-auth keeps it
         return Credential(access_token=held.credentials.token, expires_at=expiry.replace(tzinfo=UTC).timestamp() if expiry else None)
 
-    def authenticate(self, headers, account, credential) -> None:
+    def authenticate(self, headers, account, credential, request) -> None:
         for name in ("authorization", "x-api-key"):
             headers.pop(name, None)
         headers["authorization"] = f"Bearer {credential.access_token}"
