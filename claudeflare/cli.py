@@ -159,14 +159,15 @@ def oauth_login(mode: str, finish) -> None:
 @click.option("--auth", type=click.Choice(AUTHS), help="anthropic-compatible: how the key is sent (default x-api-key).")
 @click.option("--model", "models", multiple=True, metavar="GLOB=MODEL",
               help="anthropic-compatible, vertex: map client models matching GLOB to MODEL (repeat; the first match wins).")
-@click.option("--region", help="vertex: the Vertex AI region (default global).")
+@click.option("--region", help="vertex: the Vertex AI region (default global); bedrock: the AWS region (default: the AWS chain's).")
+@click.option("--profile", help="bedrock: the AWS profile whose credentials sign requests (default: the AWS chain's).")
 @click.option("--project", help="vertex: the Google Cloud project (default: the credentials' own).")
 @click.option("--credentials-file", type=click.Path(dir_okay=False, resolve_path=True),
               help="vertex: a service-account key file (default: Application Default Credentials).")
 @pass_ctx
 def add(obj: Context, name: str, mode: str | None, tier: str, priority: int, api_key_env: str | None, provider: str,
-        base_url: str | None, auth: str | None, models: tuple[str, ...], region: str | None, project: str | None,
-        credentials_file: str | None) -> None:
+        base_url: str | None, auth: str | None, models: tuple[str, ...], region: str | None, profile: str | None,
+        project: str | None, credentials_file: str | None) -> None:
     """Add an account: log in with OAuth, or give an API key (hidden prompt or standard input).
 
     Example:
@@ -177,6 +178,7 @@ def add(obj: Context, name: str, mode: str | None, tier: str, priority: int, api
         claudeflare add my-max --mode max --tier 5 --priority 1
         claudeflare add glm --provider anthropic-compatible --base-url https://api.z.ai/api/anthropic --auth bearer --model 'claude-*=glm-4.6' --priority 1 < key.txt
         claudeflare add gcp --provider vertex --region us-east5 --project my-project --priority 1
+        claudeflare add aws --provider bedrock --region us-east-1 --profile claude --priority 1
     """
     checked_name(name)
     mode = mode or ("api-key" if provider != providers.DEFAULT else None)
@@ -184,12 +186,12 @@ def add(obj: Context, name: str, mode: str | None, tier: str, priority: int, api
         raise click.UsageError("Missing option '--mode'.")
     if api_key_env and mode != "api-key":
         raise click.UsageError("--api-key-env is for --mode api-key")
-    settings = provider_settings(name, provider, base_url=base_url, auth=auth, models=models, region=region, project=project,
-                                 credentials_file=credentials_file)
+    settings = provider_settings(name, provider, base_url=base_url, auth=auth, models=models, region=region, profile=profile,
+                                 project=project, credentials_file=credentials_file)
     refuse_duplicate(obj, name)
     account = Account(name, mode, int(tier), priority, api_key_env=api_key_env, provider=provider, settings=settings)
     if providers.PROVIDERS[provider].own_credentials:
-        enrolment.enrol(obj.home, account, None)  # its credentials are google-auth's to find
+        enrolment.enrol(obj.home, account, None)  # its credentials are google-auth's or botocore's to find
     elif mode == "api-key":
         enrolment.add_api_key_account(obj.home, account, None if api_key_env else read_secret("API key"))
     else:
@@ -225,7 +227,7 @@ def refresh(obj: Context, name: str) -> None:
     click.echo(f"refreshed {name}, token {describe_expiry(fresh.expires_at)}")
 
 
-PROVIDER_OPTIONS = {"base_url": "--base-url", "auth": "--auth", "models": "--model", "region": "--region", "project": "--project",
+PROVIDER_OPTIONS = {"base_url": "--base-url", "auth": "--auth", "models": "--model", "region": "--region", "profile": "--profile", "project": "--project",
                     "credentials_file": "--credentials-file"}  # `add` option of each key
 
 

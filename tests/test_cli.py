@@ -344,3 +344,11 @@ def test_add_a_vertex_account_asks_for_no_key(run, home, tmp_path):
     assert (account.settings.region, account.settings.project, account.settings.credentials_file) == ("us-east5", "my-project", str(tmp_path / "sa.json"))
     assert account.settings.models == (("claude-x", "claude-x@1"),)
     assert CredentialStore(home).credentials() == {}
+
+
+def test_add_a_bedrock_account(run, home):
+    assert "added aws (bedrock, tier 1)" in run("add", "aws", "--provider", "bedrock", "--region", "eu-west-1", "--profile", "claude",
+                                                 "--priority", "1", input="").output
+    (account,) = load_accounts(home).accounts
+    assert (account.provider, account.settings.region, account.settings.profile, account.priority) == ("bedrock", "eu-west-1", "claude", 1)
+    assert "--profile: not for provider vertex" in run("add", "gcp", "--provider", "vertex", "--profile", "x", ok=False).output

@@ -222,3 +222,57 @@ def test_google_errors_become_anthropic_errors_and_a_429_is_a_limit():
     ours = http.Response.make(503, json.dumps({"type": "error", "error": {"type": "api_error", "message": "Claudeflare: x"}}))
     vertex.reply(ours)
     assert json.loads(ours.content)["error"]["message"] == "Claudeflare: x"  # already Anthropic's shape: left alone
+
+
+def test_bedrock_event_stream_becomes_sse_frame_by_frame_as_it_arrives():
+    from fake_bedrock import chunk, frame
+
+    start, stop = chunk({"type": "message_start", "message": {"id": "m"}}), chunk({"type": "message_stop", "amazon-bedrock-invocationMetrics": {}})
+    translate = providers.bedrock.EventStreamToSSE()
+    out = [translate(start[i:i + 1]) for i in range(len(start))]  # one byte at a time
+    assert out[:-1] == [[]] * (len(start) - 1)  # nothing until the frame is whole, then its event at once
+    assert out[-1] == b'event: message_start\ndata: {"type":"message_start","message":{"id":"m"}}\n\n'
+    assert translate(stop) == b'event: message_stop\ndata: {"type":"message_stop"}\n\n'  # Bedrock's metrics left out
+
+    throttled = frame({":message-type": "exception", ":exception-type": "throttlingException"}, b'{"message":"slow down"}')
+    event = providers.bedrock.EventStreamToSSE()(throttled)
+    assert event.startswith(b"event: error\n") and json.loads(event.split(b"data: ")[1])["error"] == {
+        "type": "rate_limit_error", "message": "Amazon Bedrock: slow down"}
+
+    torn = bytearray(start)
+    torn[-1] ^= 0xFF  # a bad CRC
+    broken = providers.bedrock.EventStreamToSSE()
+    assert json.loads(broken(bytes(torn)).split(b"data: ")[1])["error"]["message"] == "Amazon Bedrock: unreadable event stream"
+    assert broken(stop) == []  # nothing after a broken frame is trusted
+
+
+def test_bedrock_maps_models_and_rewrites_the_body():
+    aws = accounts('[[accounts]]\nname = "aws"\nprovider = "bedrock"\nregion = "eu-west-1"\n'
+                   'models = { "claude-sonnet-4-6*" = "eu.anthropic.claude-sonnet-4-6-v1:0" }\n')["aws"]
+    bedrock = providers.of(aws)
+    assert bedrock.bedrock_model(aws, "claude-sonnet-4-5") == "anthropic.claude-sonnet-4-5-20250929-v1:0"
+    assert bedrock.bedrock_model(aws, "claude-opus-4-1-20250805") == "anthropic.claude-opus-4-1-20250805-v1:0"
+    assert bedrock.bedrock_model(aws, "claude-sonnet-4-6") == "eu.anthropic.claude-sonnet-4-6-v1:0"
+    assert not bedrock.serves(aws, "claude-unknown") and not bedrock.serves(aws, "gpt-5")
+    assert bedrock.destination(aws).host == "bedrock-runtime.eu-west-1.amazonaws.com"
+    body = json.dumps({"model": "claude-sonnet-4-6", "stream": True, "max_tokens": 5, "messages": []}).encode()
+    out, path = providers.rewritten(lambda data: bedrock.rewrite(aws, None, data), body)
+    assert path == "/model/eu.anthropic.claude-sonnet-4-6-v1%3A0/invoke-with-response-stream"
+    assert json.loads(out) == {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 5, "messages": []}
+
+
+def test_bedrock_errors_become_anthropic_errors_and_throttling_is_a_limit():
+    bedrock = providers.PROVIDERS["bedrock"]
+    throttled = http.Response.make(429, b'{"message":"Too many requests"}', {"x-amzn-errortype": "ThrottlingException:http://internal.amazon.com/"})
+    assert bedrock.signals(throttled, Signals()).account_exhausted
+    bedrock.reply(throttled)
+    assert json.loads(throttled.content)["error"] == {"type": "rate_limit_error", "message": "Amazon Bedrock: Too many requests"}
+
+
+def test_an_aws_session_token_is_a_placeholder_in_the_flow():
+    from claudeflare import wire
+
+    request = flow_for("claude-sonnet-4-5").request
+    wire.conceal(request, http.Headers(authorization="AWS4-HMAC-SHA256 Credential=AKIA/…", **{"x-amz-security-token": "FwoGZX-session"}), "aws")
+    assert request.headers["x-amz-security-token"] == "[claudeflare: aws]" and "AKIA" not in request.headers["authorization"]
+    assert wire.on_wire(request).headers["x-amz-security-token"] == "FwoGZX-session"
