@@ -195,6 +195,9 @@ def test_vertex_takes_the_model_out_of_the_body_and_into_the_url():
         out, path = providers.rewritten(lambda data: vertex.rewrite(gcp, state, data), body)
         assert path == f"/v1/projects/my-project/locations/us-east5/publishers/anthropic/models/claude-sonnet-4-5@20250929:{method}"
         assert json.loads(out) == {"anthropic_version": "vertex-2023-10-16", "max_tokens": 5, "stream": stream, "messages": []}
+    hostile = json.dumps({"model": "claude-x/../../../v1/projects/other:rawPredict?alt=", "messages": []}).encode()
+    _, path = providers.rewritten(lambda data: vertex.rewrite(gcp, state, data), hostile)
+    assert path == "/v1/projects/my-project/locations/us-east5/publishers/anthropic/models/claude-x%2F..%2F..%2F..%2Fv1%2Fprojects%2Fother%3ArawPredict%3Falt%3D:rawPredict"
 
 
 @pytest.mark.parametrize("table, message", [

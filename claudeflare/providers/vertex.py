@@ -23,6 +23,7 @@ import json
 import logging
 import re
 import secrets
+import urllib.parse
 from dataclasses import dataclass, field
 from datetime import UTC
 
@@ -145,7 +146,8 @@ class Vertex(Provider):
         data["anthropic_version"] = ANTHROPIC_VERSION
         method = "streamRawPredict" if data.get("stream") is True else "rawPredict"
         held, region = self.held[account.name], account.settings.region
-        vertex_model = self.vertex_model(account, model if isinstance(model, str) else None) or "unknown"
+        # The client's model may reach the URL: quoted, it stays one path segment of this model's.
+        vertex_model = urllib.parse.quote(self.vertex_model(account, model if isinstance(model, str) else None) or "unknown", safe="@")
         return f"/v1/projects/{held.project}/locations/{region}/publishers/anthropic/models/{vertex_model}:{method}"
 
     async def credential(self, account) -> Credential | None:
