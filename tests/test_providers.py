@@ -50,6 +50,7 @@ def test_compatible_settings_are_parsed_once():
 
 
 @pytest.mark.parametrize("extra, message", [
+    ('provider = ["anthropic"]\n', "'provider' must be one of"),
     ('provider = "openai"\n', "'provider' must be one of anthropic, anthropic-compatible, vertex, bedrock, got 'openai'"),
     ('provider = "anthropic-compatible"\n', "'base_url' is required"),
     ('provider = "anthropic-compatible"\nbase_url = "ftp://x"\n', "'base_url' must be http(s)://host"),

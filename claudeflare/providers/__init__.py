@@ -126,7 +126,7 @@ def serving(account, state) -> bool:
 
 
 def check_provider(name: Any) -> str:
-    if name not in PROVIDERS:
+    if not isinstance(name, str) or name not in PROVIDERS:
         raise ProviderError(f"'provider' must be one of {', '.join(PROVIDERS)}, got {name!r}")
     return name
 
