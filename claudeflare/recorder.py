@@ -202,7 +202,7 @@ def flow_row(flow: http.HTTPFlow, state: FlowState, error: str | None) -> dict:
         "session": state.session,
         "client": state.client,
         "method": request.method,
-        "path": request.path.split("?", 1)[0],
+        "path": state.endpoint or request.path.split("?", 1)[0],  # the client's: a provider may send it elsewhere
         "model": usage.model,
         "stream": int(stream or state.parser is not None or (response is not None and is_event_stream(response))),
         "status": client_status(flow),

@@ -53,6 +53,7 @@ def test_bedrock_serves_the_sdk_and_raw_streams_signed_with_sigv4(fake, home, st
         rows = db_rows(home, expect=4)
         assert [(r["provider"], r["status"], r["stream"], r["output_tokens"]) for r in rows] == [
             ("bedrock", 200, 0, 9), ("bedrock", 200, 1, 9), ("bedrock", 200, 1, 9), ("bedrock", 400, 0, 0)]
+        assert {r["path"] for r in rows} == {"/v1/messages"}  # the client's path, not Bedrock's
         proxy.stop()
         for where in (home / "claudeflare.db", proxy.log):
             text = where.read_bytes().decode("latin-1")

@@ -55,7 +55,8 @@ def test_vertex_serves_the_sdk_and_raw_streams_with_a_google_token(fake, home, s
         rows = db_rows(home, expect=4)
         assert [(r["provider"], r["status"], r["stream"]) for r in rows] == [
             ("vertex", 200, 0), ("vertex", 200, 1), ("vertex", 200, 1), ("vertex", 404, 0)]
-        assert [r["output_tokens"] for r in rows[:3]] == [7, 7, 7]  # usage read from the JSON and beside the streams
+        assert [r["output_tokens"] for r in rows[:3]] == [7, 7, 7]
+        assert {r["path"] for r in rows} == {"/v1/messages"}  # the client's path, not Vertex's (message_ok counts it)  # usage read from the JSON and beside the streams
         token = next(iter(vertex.tokens))
         proxy.stop()
         for where in (home / "claudeflare.db", proxy.log):
