@@ -50,6 +50,7 @@ class FakeBedrock:
         self.region = region
         self.access_key = "AKIAFAKE" + secrets.token_hex(6).upper()
         self.secret_key = secrets.token_urlsafe(30)
+        self.session_token = "FwoGZXIvYXdzEfake" + secrets.token_hex(16)  # signed, not checked: as STS would mint
         self.requests: list[dict] = []  # path, model, method, body, headers, status
         self.limit: int | None = None  # invocations served before ThrottlingException
         self.port = 0
@@ -62,7 +63,8 @@ class FakeBedrock:
     @property
     def env(self) -> dict:
         """The standard AWS chain's environment for these credentials."""
-        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": self.region,
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_SESSION_TOKEN": self.session_token,
+                "AWS_REGION": self.region,
                 "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_EC2_METADATA_DISABLED": "true"}
 
     def signature_problem(self, request: web.Request, body: bytes) -> str | None:
@@ -75,8 +77,8 @@ class FakeBedrock:
         if region != self.region or not request.headers.get("x-amz-date", "").startswith(day):
             return "Credential should be scoped to a valid region and date."
         names = signed.split(";")
-        if "host" not in names:
-            return "'Host' must be a signed header."
+        if "host" not in names or "x-amz-security-token" not in names:
+            return "'Host' and 'X-Amz-Security-Token' must be signed headers."
         recomputed = AWSRequest("POST", f"http://{request.headers['host']}{request.raw_path}", data=body,
                                 headers={n: request.headers.get(n, "") for n in names})
         recomputed.context["timestamp"] = request.headers["x-amz-date"]

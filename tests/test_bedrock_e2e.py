@@ -23,7 +23,7 @@ def add_bedrock(home, bedrock, priority=0):
 def test_bedrock_serves_the_sdk_and_raw_streams_signed_with_sigv4(fake, home, start_proxy):
     with FakeBedrock() as bedrock:
         add_bedrock(home, bedrock)
-        proxy = start_proxy(home, env=bedrock.env)
+        proxy = start_proxy(home, "--set", "flow_detail=3", env=bedrock.env)  # the log prints each flow's headers
         client = anthropic.Anthropic(base_url=proxy.url, api_key="client-key-ignored", max_retries=0)
         reply = client.messages.create(model="claude-sonnet-4-5", max_tokens=20, messages=[{"role": "user", "content": "hi"}])
         assert reply.content[0].text == "hello from bedrock" and reply.usage.output_tokens == 9
@@ -57,7 +57,9 @@ def test_bedrock_serves_the_sdk_and_raw_streams_signed_with_sigv4(fake, home, st
         proxy.stop()
         for where in (home / "claudeflare.db", proxy.log):
             text = where.read_bytes().decode("latin-1")
-            assert bedrock.secret_key not in text and bedrock.access_key not in text
+            assert bedrock.secret_key not in text and bedrock.access_key not in text and bedrock.session_token not in text
+        assert "x-amz-security-token: [claudeflare: aws]" in proxy.output()  # the flow holds a placeholder; the wire the token
+        assert all(c["headers"]["x-amz-security-token"] == bedrock.session_token for c in bedrock.requests)
 
 
 def test_a_conversation_moves_from_a_limited_subscription_to_bedrock_then_bedrock_throttles(fake, home, start_proxy):
