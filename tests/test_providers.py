@@ -3,6 +3,7 @@ goes and how it is authenticated, and the 404 for a model no usable account serv
 
 import asyncio
 import json
+import re
 
 import pytest
 from mitmproxy import http
@@ -280,3 +281,10 @@ def test_an_aws_session_token_is_a_placeholder_in_the_flow():
     wire.conceal(request, http.Headers(authorization="AWS4-HMAC-SHA256 Credential=AKIA/…", **{"x-amz-security-token": "FwoGZX-session"}), "aws")
     assert request.headers["x-amz-security-token"] == "[claudeflare: aws]" and "AKIA" not in request.headers["authorization"]
     assert wire.on_wire(request).headers["x-amz-security-token"] == "FwoGZX-session"
+
+
+def test_the_example_files_provider_accounts_parse_when_uncommented():
+    text = open("accounts.example.toml").read()
+    block = text[text.index('# [[accounts]]\n# name = "glm"'):text.index("# Optional: alerts")]
+    found = parse_accounts(re.sub(r"(?m)^# ?", "", block)).accounts
+    assert [(a.name, a.provider, a.priority) for a in found] == [("glm", "anthropic-compatible", 2), ("aws", "bedrock", 2), ("gcp", "vertex", 2)]
