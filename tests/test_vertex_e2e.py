@@ -8,20 +8,22 @@ import os
 import anthropic
 import httpx
 from fake_vertex import FakeVertex
-from harness import db_rows, key_for, api_key_accounts
+from harness import api_key_accounts, db_rows
 
 from claudeflare.config import ensure_home
 
 
-def add_vertex(home, vertex, tmp_path, priority=0, **keys):
+def add_vertex(home, vertex, tmp_path, priority=0, adc=False):
+    """A vertex account with a service-account file: named in accounts.toml, or found by ADC
+    (GOOGLE_APPLICATION_CREDENTIALS, which the returned environment sets)."""
     ensure_home(home)
     sa = tmp_path / "sa.json"
     sa.write_text(json.dumps(vertex.service_account()))
     os.chmod(sa, 0o600)
-    extra = "".join(f'{k} = "{v}"\n' for k, v in keys.items())
     with open(home / "accounts.toml", "a") as f:
         f.write(f'\n[[accounts]]\nname = "vertex"\nprovider = "vertex"\nregion = "us-east5"\nbase_url = "{vertex.url}"\n'
-                f'credentials_file = "{sa}"\npriority = {priority}\n{extra}')
+                f'{"" if adc else f"credentials_file = {json.dumps(str(sa))}"}\npriority = {priority}\n')
+    return {"GOOGLE_APPLICATION_CREDENTIALS": str(sa), "GCE_METADATA_HOST": "127.0.0.1:9"} if adc else None
 
 
 def test_vertex_serves_the_sdk_and_raw_streams_with_a_google_token(fake, home, start_proxy, tmp_path):
@@ -67,9 +69,9 @@ def test_vertex_serves_the_sdk_and_raw_streams_with_a_google_token(fake, home, s
 def test_resource_exhausted_limits_the_vertex_account_and_traffic_moves(fake, home, start_proxy, tmp_path):
     api_key_accounts(fake, home, ("key", 1, 1))  # priority 1: takes traffic only while vertex can't
     with FakeVertex() as vertex:
-        add_vertex(home, vertex, tmp_path, priority=0)
+        env = add_vertex(home, vertex, tmp_path, priority=0, adc=True)  # Application Default Credentials
         vertex.limit = 1
-        proxy = start_proxy(home)
+        proxy = start_proxy(home, env=env)
         ask = lambda: httpx.post(f"{proxy.url}/v1/messages", timeout=30, json={  # noqa: E731
             "model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
         assert ask().json()["content"][0]["text"] == "hello from vertex"
