@@ -288,7 +288,7 @@ class Claudeflare:
                 "priority": account.priority,
                 "provider": account.provider,
                 "state": state,
-                "reason": reason or refresh_problem,
+                "reason": reason or refresh_problem or providers.of(account).problem(account),
                 "limited_until": iso_utc(health.until) if health.until and health.until > now else None,
                 "utilization_5h": health.utilization.get("5h"),
                 "utilization_7d": health.utilization.get("7d"),

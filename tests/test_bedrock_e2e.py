@@ -91,3 +91,20 @@ def test_a_conversation_moves_from_a_limited_subscription_to_bedrock_then_bedroc
         assert [(r["account"], r["provider"]) for r in rows[:2]] == [("sub", "anthropic"), ("aws", "bedrock")]
         assert json.loads(rows[1]["failovers"])[0]["account"] == "sub"
         assert rows[1]["output_tokens"] == 9
+
+
+def test_a_bedrock_account_without_credentials_says_why_once(fake, home, start_proxy):
+    from claudeflare.flowlog import account_status
+    from harness import wait_until
+
+    with FakeBedrock() as bedrock:
+        add_bedrock(home, bedrock)
+        env = {k: v for k, v in bedrock.env.items() if not k.startswith(("AWS_ACCESS", "AWS_SECRET", "AWS_SESSION"))}
+        proxy = start_proxy(home, env={**env, "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SESSION_TOKEN": ""})
+        for _ in range(2):
+            refused = httpx.post(f"{proxy.url}/v1/messages", timeout=30,
+                                 json={"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+            assert refused.status_code == 503 and refused.json()["error"]["type"] == "api_error"
+        assert bedrock.requests == []
+        assert wait_until(lambda: account_status(home / "claudeflare.db").get("aws", {}).get("reason") == "no AWS credentials found")
+        assert proxy.output().count("bedrock account aws: no AWS credentials found") == 1  # logged once, not per request

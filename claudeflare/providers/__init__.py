@@ -9,10 +9,13 @@ Adding a provider means adding one module and registering its class in PROVIDERS
 
 import functools
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ..offloop import loads, off_loop
+
+logger = logging.getLogger(__name__)
 
 
 class Destination(NamedTuple):
@@ -68,7 +71,11 @@ class Provider:
         return None
 
     async def credential(self, account):
-        """For `own_credentials` providers: a Credential good to send now, or None."""
+        """For `own_credentials` providers: a Credential good to send now, or None (see `problem`)."""
+        return None
+
+    def problem(self, account) -> str | None:
+        """Why `credential` found none for the account lately (never a secret), for its status."""
         return None
 
     def signals(self, response, signals):
@@ -91,6 +98,18 @@ class Provider:
     def authenticate(self, headers, account, credential, request) -> None:
         """Put the credential in `headers`, which `request` (adapted already) goes upstream with."""
         raise NotImplementedError
+
+
+class Problems:
+    """Why each account of an own-credentials provider has no credential now: logged once a change."""
+
+    def __init__(self, provider: str) -> None:
+        self.provider, self.now = provider, {}
+
+    def note(self, account: str, problem: str | None) -> None:
+        if problem and problem != self.now.get(account):
+            logger.warning("claudeflare: %s account %s: %s", self.provider, account, problem)
+        self.now[account] = problem
 
 
 def rewritten(rewrite, body: bytes, yielding: bool = False) -> tuple[bytes, str | None] | None:

@@ -34,7 +34,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.eventstream import EventStreamBuffer
 
 from ..credentials import Credential
-from . import Destination, Provider, ProviderError, compatible
+from . import Destination, Problems, Provider, ProviderError, compatible
 
 logger = logging.getLogger(__name__)
 logging.getLogger("botocore").setLevel(logging.WARNING)  # its debug log prints canonical requests, tokens included
@@ -150,6 +150,10 @@ class Bedrock(Provider):
 
     def __init__(self) -> None:
         self.held: dict[str, Held] = {}  # account name -> its credentials (on the event loop only)
+        self.problems = Problems(self.name)
+
+    def problem(self, account) -> str | None:
+        return self.problems.now.get(account.name)
 
     def parse(self, name: str, table: dict) -> Settings:
         region = table.get("region")
@@ -203,12 +207,13 @@ class Bedrock(Provider):
                     await asyncio.to_thread(held.find)
                 frozen = await asyncio.to_thread(held.frozen) if held.credentials else None
             except Exception as e:  # the chain or a refresh: say which kind, never the secret
-                logger.warning("claudeflare: bedrock account %s has no credentials: %s", account.name, type(e).__name__)
+                self.problems.note(account.name, f"no AWS credentials ({type(e).__name__})")
                 held.credentials = None
                 return None
         if frozen is None or not held.region:
-            logger.warning("claudeflare: bedrock account %s has no %s", account.name, "region" if frozen else "AWS credentials")
+            self.problems.note(account.name, "no region: set `region`" if frozen else "no AWS credentials found")
             return None
+        self.problems.note(account.name, None)
         held.signing = frozen
         return Credential()  # the secret stays with botocore's credentials: `authenticate` signs with them
 

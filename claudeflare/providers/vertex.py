@@ -20,7 +20,6 @@ import asyncio
 import dataclasses
 import fnmatch
 import json
-import logging
 import re
 import secrets
 import urllib.parse
@@ -33,10 +32,7 @@ from google.auth.transport.requests import Request
 from google.oauth2 import service_account
 
 from ..credentials import Credential
-from . import Destination, Provider, ProviderError
-from . import compatible
-
-logger = logging.getLogger(__name__)
+from . import Destination, Problems, Provider, ProviderError, compatible
 
 ANTHROPIC_VERSION = "vertex-2023-10-16"
 SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
@@ -101,6 +97,10 @@ class Vertex(Provider):
 
     def __init__(self) -> None:
         self.held: dict[str, Held] = {}  # account name -> its credentials (on the event loop only)
+        self.problems = Problems(self.name)
+
+    def problem(self, account) -> str | None:
+        return self.problems.now.get(account.name)
 
     def parse(self, name: str, table: dict) -> Settings:
         region = table.get("region", "global")
@@ -159,12 +159,13 @@ class Vertex(Provider):
                 try:
                     await asyncio.to_thread(held.refresh)
                 except Exception as e:  # the file, ADC or the token endpoint: say which kind, never the secret
-                    logger.warning("claudeflare: vertex account %s has no token: %s", account.name, type(e).__name__)
+                    self.problems.note(account.name, f"no token ({type(e).__name__})")
                     held.credentials = None
                     return None
         if not held.project:
-            logger.warning("claudeflare: vertex account %s has no project: set `project` in accounts.toml", account.name)
+            self.problems.note(account.name, "no project: set `project` in accounts.toml")
             return None
+        self.problems.note(account.name, None)
         expiry = held.credentials.expiry  # naive UTC, as google-auth keeps it
         return Credential(access_token=held.credentials.token, expires_at=expiry.replace(tzinfo=UTC).timestamp() if expiry else None)
 
