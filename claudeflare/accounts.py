@@ -17,6 +17,7 @@ from pathlib import Path
 import tomlkit
 import tomlkit.exceptions
 
+from . import providers
 from .alerts import AlertsConfig, parse_alerts
 from .client_rules import Limits, parse_limits
 from .config import ACCOUNTS_FILE, check_strategy
@@ -30,7 +31,7 @@ TIERS = (1, 5, 20)
 # Names end up in headers, log lines and SQL rows: keep them plain.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: `$` would let a final newline in
 PRIORITY_MIN, PRIORITY_MAX = -1_000_000, 1_000_000  # TOML takes any integer; SQLite and the eye don't
-ACCOUNT_KEYS = {"name", "mode", "tier", "priority", "paused", "api_key_env"}
+ACCOUNT_KEYS = {"name", "mode", "tier", "priority", "paused", "api_key_env", "provider"} | providers.all_keys()
 
 
 class AccountsError(ValueError):
@@ -53,6 +54,8 @@ class Account:
     priority: int = 0
     paused: bool = False
     api_key_env: str | None = None
+    provider: str = providers.DEFAULT
+    settings: object = None  # the provider's own, parsed by it (providers.Provider.parse)
 
     @property
     def oauth(self) -> bool:
@@ -120,7 +123,17 @@ def _account(table: dict) -> Account:
     if not isinstance(name, str):
         raise AccountsError("'name' is required and must be a string")
     check_name(name)
-    mode = table.get("mode")
+    try:
+        provider = providers.check_provider(table.get("provider", providers.DEFAULT))
+    except providers.ProviderError as e:
+        raise AccountsError(f"account {name!r}: {e}") from None
+    foreign = set(table) & (providers.all_keys() - providers.PROVIDERS[provider].keys)
+    if foreign:
+        raise AccountsError(f"account {name!r}: {', '.join(sorted(foreign))} not for provider {provider!r}")
+    # Other providers' accounts hold a key (or their own credentials), never a subscription.
+    mode = table.get("mode", "api-key" if provider != providers.DEFAULT else None)
+    if provider != providers.DEFAULT and mode != "api-key":
+        raise AccountsError(f"account {name!r}: provider {provider!r} takes mode 'api-key' (the default), got {mode!r}")
     if mode not in MODES:
         raise AccountsError(f"account {name!r}: 'mode' must be one of {', '.join(MODES)}, got {mode!r}")
     tier = table.get("tier", 1)
@@ -135,7 +148,11 @@ def _account(table: dict) -> Account:
     key_env = table.get("api_key_env")
     if key_env is not None and (mode != "api-key" or not isinstance(key_env, str) or not key_env):
         raise AccountsError(f"account {name!r}: 'api_key_env' is a variable name, for api-key accounts only")
-    return Account(name, mode, tier, priority, paused, key_env)
+    try:
+        settings = providers.PROVIDERS[provider].parse(name, table)
+    except providers.ProviderError as e:
+        raise AccountsError(f"account {name!r}: {e}") from None
+    return Account(name, mode, tier, priority, paused, key_env, provider, settings)
 
 
 def read_accounts_text(path: Path) -> str | None:
@@ -191,6 +208,8 @@ def add_account_table(doc: tomlkit.TOMLDocument, account: Account) -> None:
         raise AccountsError(f"an account named {account.name!r} already exists")
     table = tomlkit.table()
     table.update({"name": account.name, "mode": account.mode, "tier": account.tier})
+    if account.provider != providers.DEFAULT:
+        table.update({"provider": account.provider, **providers.of(account).table(account.settings)})
     if account.priority:
         table["priority"] = account.priority
     if account.api_key_env:
@@ -236,6 +255,8 @@ class Pool:
     def state(self, account: Account, now: float | None = None) -> AccountState:
         if account.paused:
             return AccountState.PAUSED
+        if providers.of(account).own_credentials:
+            return AccountState.OK  # fetched when needed (providers.Provider.credential)
         cred = self.stored_credential(account)
         if cred is None:
             return AccountState.NO_CREDENTIALS

@@ -29,7 +29,8 @@ from .accounts import (
     hash_client_key,
     load_accounts,
 )
-from . import alerts
+from . import alerts, providers
+from .providers.compatible import AUTHS
 from .client_rules import PERIODS, SPEND_SQL, LimitsError, budget_rows, parse_limits, period_starts
 from .config import ACCOUNTS_FILE, DB_FILE, STRATEGIES, HomeError, check_home, default_strategy, ensure_home, resolve_home
 from .credentials import SECRET_RE, Credential, CredentialStore, CredentialStoreError
@@ -148,13 +149,27 @@ def oauth_login(mode: str, finish) -> None:
 
 @cli.command()
 @click.argument("name")
-@click.option("--mode", type=click.Choice(MODES), required=True,
-              help="max: Pro/Max subscription (OAuth); console: Console OAuth, mints an API key; api-key: a Console API key.")
+@click.option("--mode", type=click.Choice(MODES),
+              help="max: Pro/Max subscription (OAuth); console: Console OAuth, mints an API key; api-key: a Console API key. "
+                   "Required for the anthropic provider; other providers' accounts hold a key (api-key).")
 @tier_option
 @priority_option
 @click.option("--api-key-env", metavar="VAR", help="api-key mode: read the key from this environment variable of the proxy instead.")
+@click.option("--provider", type=click.Choice(list(providers.PROVIDERS)), default=providers.DEFAULT, show_default=True,
+              help="Where the account's requests go (README: Providers).")
+@click.option("--base-url", help="anthropic-compatible: the endpoint's URL (its Messages API is BASE_URL/v1/messages).")
+@click.option("--auth", type=click.Choice(AUTHS), help="anthropic-compatible: how the key is sent (default x-api-key).")
+@click.option("--model", "models", multiple=True, metavar="GLOB=MODEL",
+              help="anthropic-compatible, vertex: map client models matching GLOB to MODEL (repeat; the first match wins).")
+@click.option("--region", help="vertex: the Vertex AI region (default global); bedrock: the AWS region (default: the AWS chain's).")
+@click.option("--profile", help="bedrock: the AWS profile whose credentials sign requests (default: the AWS chain's).")
+@click.option("--project", help="vertex: the Google Cloud project (default: the credentials' own).")
+@click.option("--credentials-file", type=click.Path(dir_okay=False, resolve_path=True),
+              help="vertex: a service-account key file (default: Application Default Credentials).")
 @pass_ctx
-def add(obj: Context, name: str, mode: str, tier: str, priority: int, api_key_env: str | None) -> None:
+def add(obj: Context, name: str, mode: str | None, tier: str, priority: int, api_key_env: str | None, provider: str,
+        base_url: str | None, auth: str | None, models: tuple[str, ...], region: str | None, profile: str | None,
+        project: str | None, credentials_file: str | None) -> None:
     """Add an account: log in with OAuth, or give an API key (hidden prompt or standard input).
 
     Example:
@@ -163,17 +178,27 @@ def add(obj: Context, name: str, mode: str, tier: str, priority: int, api_key_en
         claudeflare add work-key --mode api-key --tier 1 < key.txt
         claudeflare add ci-key --mode api-key --api-key-env CI_ANTHROPIC_KEY
         claudeflare add my-max --mode max --tier 5 --priority 1
+        claudeflare add glm --provider anthropic-compatible --base-url https://api.z.ai/api/anthropic --auth bearer --model 'claude-*=glm-4.6' --priority 1 < key.txt
+        claudeflare add gcp --provider vertex --region us-east5 --project my-project --priority 1
+        claudeflare add aws --provider bedrock --region us-east-1 --profile claude --priority 1
     """
     checked_name(name)
+    mode = mode or ("api-key" if provider != providers.DEFAULT else None)
+    if mode is None:
+        raise click.UsageError("Missing option '--mode'.")
     if api_key_env and mode != "api-key":
         raise click.UsageError("--api-key-env is for --mode api-key")
+    settings = provider_settings(name, provider, base_url=base_url, auth=auth, models=models, region=region, profile=profile,
+                                 project=project, credentials_file=credentials_file)
     refuse_duplicate(obj, name)
-    account = Account(name, mode, int(tier), priority, api_key_env=api_key_env)
-    if mode == "api-key":
+    account = Account(name, mode, int(tier), priority, api_key_env=api_key_env, provider=provider, settings=settings)
+    if providers.PROVIDERS[provider].own_credentials:
+        enrolment.enrol(obj.home, account, None)  # its credentials are google-auth's or botocore's to find
+    elif mode == "api-key":
         enrolment.add_api_key_account(obj.home, account, None if api_key_env else read_secret("API key"))
     else:
         oauth_login(mode, lambda flow, pasted: enrolment.finish_oauth(obj.home, account, flow, pasted))
-    click.echo(f"added {name} ({mode}, tier {tier})")
+    click.echo(f"added {name} ({mode if provider == providers.DEFAULT else provider}, tier {tier})")
 
 
 @cli.command()
@@ -202,6 +227,26 @@ def refresh(obj: Context, name: str) -> None:
     except OAuthError as e:
         raise click.ClickException(f"{name}: {e}") from None
     click.echo(f"refreshed {name}, token {describe_expiry(fresh.expires_at)}")
+
+
+PROVIDER_OPTIONS = {"base_url": "--base-url", "auth": "--auth", "models": "--model", "region": "--region", "profile": "--profile", "project": "--project",
+                    "credentials_file": "--credentials-file"}  # `add` option of each key
+
+
+def provider_settings(name: str, provider: str, **given) -> object:
+    """The provider's settings from `add`'s options, checked by the provider as accounts.toml would be."""
+    table = {key: value for key, value in given.items() if value}
+    if unknown := set(table) - providers.PROVIDERS[provider].keys:
+        raise click.UsageError(f"{', '.join(PROVIDER_OPTIONS[k] for k in sorted(unknown))}: not for provider {provider}")
+    if "models" in table:
+        pairs = [m.partition("=") for m in table["models"]]
+        if any(not glob or not target for glob, _, target in pairs):
+            raise click.UsageError("--model takes GLOB=MODEL, e.g. 'claude-sonnet-*=glm-4.6'")
+        table["models"] = {glob: target for glob, _, target in pairs}
+    try:
+        return providers.PROVIDERS[provider].parse(name, table)
+    except providers.ProviderError as e:
+        raise click.UsageError(str(e)) from None
 
 
 def find_account(obj: Context, name: str) -> Account:
@@ -294,7 +339,7 @@ def list_(obj: Context, as_json: bool) -> None:
     else:
         print_table([
             {
-                "name": r["name"], "mode": r["mode"], "tier": r["tier"], "priority": r["priority"], "state": r["state"],
+                "name": r["name"], "provider": r["provider"], "mode": r["mode"], "tier": r["tier"], "priority": r["priority"], "state": r["state"],
                 "token_expires_at": describe_expiry(r["token_expires_at"]), "requests_today": r["requests_today"],
                 **{window: used(r[f"utilization_{window}"], r[f"reset_{window}"]) for window in WINDOWS},
                 "extra": percent(r["utilization_extra"]),

@@ -225,6 +225,13 @@ def m010_client_limits(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations()
+def m011_provider(db: sqlite_utils.Database) -> None:
+    # Which provider (claudeflare/providers) served each request, and each account's.
+    db["requests"].add_column("provider", str)
+    db["account_status"].add_column("provider", str)
+
+
 def transient(e: Exception) -> bool:
     """A fault of the database or disk (locked, full, replaced), worth retrying the same rows for;
     anything else is a bad row or a bug, which retrying cannot mend."""

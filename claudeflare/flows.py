@@ -46,6 +46,10 @@ class FlowState:
     claude_code: bool = False  # its system prompt is Claude Code's (policy.is_claude_code)
     keys_only: bool = False  # subscriptions may not serve it (not Claude Code, or one refused it)
     family: str | None = None  # model family asked for (policy.model_family)
+    model: str | None = None  # the model asked for (policy.model_name): providers map or refuse it
+    endpoint: str | None = None  # the path asked for, without its query: providers serve some only
+    provider: str | None = None  # of the current attempt's account (claudeflare/providers)
+    origin: "providers.Origin | None" = None  # the request as routed, before any provider adapted it
     account_kind: str | None = None  # subscription | api-key, of the current attempt
     request_summary: tuple[str | None, bool] | None = None  # of a big body, read off the loop (Recorder)
     lease: "Lease | None" = None  # the current attempt's place in its account's in-flight count

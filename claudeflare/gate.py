@@ -129,6 +129,8 @@ class ClientGate:
         address = data.server.address
         if address is None or isinstance(data.client.proxy_mode, ReverseMode) or self.is_upstream(*address[:2]):
             return
+        if tuple(address[:2]) in self.claudeflare.pool_servers:
+            return  # where the Claudeflare addon sent a pool flow: another provider's endpoint (providers.adapt)
         try:
             reason = await self.relay_refusal(data.client.peername[0], *address[:2], self.our_ports(data.client.sockname))
         except Exception:

@@ -34,6 +34,7 @@ def account_rows(home: Path) -> list[dict]:
         state, _ = effective_state(pool.state(account), Seen(seen["state"], seen["reason"]) if seen.get("state") else None)
         rows.append({
             "name": account.name,
+            "provider": account.provider,
             "mode": account.mode,
             "tier": account.tier,
             "priority": account.priority,

@@ -76,13 +76,16 @@ def _block_text(block) -> str:
     return ""
 
 
+def model_name(body: bytes | None) -> str | None:
+    """The body's first `"model"` string, or None."""
+    match = _MODEL_VALUE.search(body or b"")
+    return match.group(1).decode("ascii") if match else None
+
+
 def model_family(body: bytes | None) -> str | None:
     """opus / sonnet / haiku from the body's first `"model"` string, or None."""
-    match = _MODEL_VALUE.search(body or b"")
-    if match is None:
-        return None
-    model = match.group(1).decode("ascii").lower()
-    return next((f for f in FAMILIES if f in model), None)
+    model = (model_name(body) or "").lower()
+    return next((f for f in FAMILIES if f in model), None) if model else None
 
 
 # --- replies that say something about the account or the request (contract §4, §8) -------------

@@ -53,7 +53,7 @@ from .healthcheck import HealthCheck
 from .limits import ConnectionLimits
 from .metrics import Metrics
 from .oauth import OAuthSettings
-from . import policy
+from . import policy, providers
 from .offloop import off_loop
 from .options import (
     check_proxy_debug,
@@ -309,8 +309,9 @@ class Claudeflare:
                 "mode": account.mode,
                 "tier": account.tier,
                 "priority": account.priority,
+                "provider": account.provider,
                 "state": state,
-                "reason": reason or refresh_problem,
+                "reason": reason or refresh_problem or providers.of(account).problem(account),
                 "limited_until": iso_utc(health.until) if health.until and health.until > now else None,
                 "utilization_5h": health.utilization.get("5h"),
                 "utilization_7d": health.utilization.get("7d"),
@@ -335,6 +336,7 @@ class Claudeflare:
         state.client_beta = flow.request.headers.get("anthropic-beta")
         body = flow.request.raw_content
         state.claude_code, state.family = policy.is_claude_code(body), policy.model_family(body)
+        state.model, state.endpoint = policy.model_name(body), flow.request.path.split("?", 1)[0]
         state.keys_only = self.subscription_clients == "claude-code" and not state.claude_code
         pool = self.pool
         self.balancer.strategy = state.strategy = pool.strategy or self.strategy_option
@@ -349,6 +351,7 @@ class Claudeflare:
             flow.response = self.router.no_account_response(pool, state)
             return
         self.route(flow)
+        await providers.adapt(flow.request, state, chosen[0])
         self.pool_servers.add((flow.request.host, flow.request.port))
         headers = self.router.attempt(flow, flow.request.headers.copy(), state, *chosen)
         if self.router.circuit_open():
@@ -387,6 +390,8 @@ class Claudeflare:
         state = self.states.get(flow)
         if state and state.account and flow.response:
             self.router.observe_signals(state.account, state, flow.response)
+            if state.provider and (translate := providers.PROVIDERS[state.provider].stream(flow.response)):
+                flow.response.stream = translate  # e.g. Bedrock's event stream as Anthropic SSE, chunk by chunk
 
     async def response(self, flow: http.HTTPFlow) -> None:
         state = self.states.get(flow)
@@ -394,6 +399,8 @@ class Claudeflare:
             return
         try:
             await self.router.settle(flow, state)
+            if state.provider and flow.response:
+                providers.PROVIDERS[state.provider].reply(flow.response)  # e.g. Google's errors in Anthropic's shape
             self.owners.observe(flow.request, flow.response, state.account)
             resources.localize_batch_reply(flow.request, flow.response)
         finally:

@@ -27,13 +27,18 @@ class SideParser:
     """The stream callback: passes each chunk on untouched and reads usage from it on the side; the
     first chunk is read only after it has been written, so parsing never delays time to first byte."""
 
-    def __init__(self, parser: SSEUsageParser, state: FlowState):
+    def __init__(self, parser: SSEUsageParser, state: FlowState, before=None):
         self.parser = parser
         self.state = state
+        self.before = before  # another stream callback, whose output this one reads (providers.Provider.stream)
         self.pending: list[bytes] = []
         self.loop = asyncio.get_running_loop()
 
     def __call__(self, chunk: bytes) -> bytes:
+        if self.before:
+            chunk = self.before(chunk)
+            if not chunk:
+                return []  # nothing whole yet: an empty chunk would end a chunked reply
         if not chunk:
             return chunk
         if self.state.first_byte_at is None:
@@ -101,7 +106,8 @@ class Recorder:
             return
         if flow.response.raw_content is not None:
             return  # fetched whole by our own client (a retry): read in full when recorded
-        flow.response.stream = state.parser = SideParser(SSEUsageParser(flow.response.headers.get("content-encoding")), state)
+        before = flow.response.stream if callable(flow.response.stream) else None
+        flow.response.stream = state.parser = SideParser(SSEUsageParser(flow.response.headers.get("content-encoding")), state, before)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         try:
@@ -196,7 +202,7 @@ def flow_row(flow: http.HTTPFlow, state: FlowState, error: str | None) -> dict:
         "session": state.session,
         "client": state.client,
         "method": request.method,
-        "path": request.path.split("?", 1)[0],
+        "path": state.endpoint or request.path.split("?", 1)[0],  # the client's: a provider may send it elsewhere
         "model": usage.model,
         "stream": int(stream or state.parser is not None or (response is not None and is_event_stream(response))),
         "status": client_status(flow),
@@ -214,4 +220,5 @@ def flow_row(flow: http.HTTPFlow, state: FlowState, error: str | None) -> dict:
         "stop_reason": usage.stop_reason,
         "request_id": response.headers.get("request-id") if response else None,
         "account_kind": state.account_kind,
+        "provider": state.provider,
     }

@@ -16,12 +16,12 @@ from collections.abc import Awaitable, Callable
 import httpx
 from mitmproxy import http
 
-from . import policy
+from . import policy, providers
 from .accounts import Account, Pool
 from .balancer import Balancer
 from .config import DEFAULT_MAX_BODY_MB
 from .credentials import Credential
-from .flows import FlowState, FlowStates, error_response, inject_credential
+from .flows import FlowState, FlowStates, error_response
 from .options import Retry
 from .ratelimit import Health, Signals, error_details, read_signals
 from .refresh import TokenRefresher
@@ -79,23 +79,27 @@ class Router:
 
     async def fresh(self, pool: Pool, account: Account) -> Credential | None:
         """The account's credential, refreshed first if its token is about to expire."""
+        if providers.of(account).own_credentials:
+            return await providers.of(account).credential(account)
         credential = pool.credential(account)
         if credential and self.refresher:
             credential = await self.refresher.fresh(account.name, credential)
         return credential
 
     def allowed(self, pool: Pool, state: FlowState) -> list[Account]:
-        """Usable accounts that may serve this request: subscriptions only Claude Code (policy)."""
-        usable = pool.usable()
+        """Usable accounts that may serve this request: those whose provider serves its model, and
+        subscriptions only Claude Code (policy)."""
+        usable = [a for a in pool.usable() if providers.serving(a, state)]
         return [a for a in usable if not policy.is_subscription(a.mode)] if state.keys_only else usable
 
     def attempt(self, flow: http.HTTPFlow, headers: http.Headers, state: FlowState, account: Account,
                 credential: Credential) -> http.Headers:
         """`headers` with the account's credential, for our own client; the flow shows them with a placeholder."""
-        inject_credential(headers, account, credential)
+        provider = providers.of(account)
+        provider.authenticate(headers, account, credential, flow.request)
         wire.conceal(flow.request, headers, account.name)
-        state.account = account.name
-        state.account_kind = "subscription" if policy.is_subscription(account.mode) else "api-key"
+        state.account, state.provider = account.name, provider.name
+        state.account_kind = "subscription" if policy.is_subscription(account.mode) else provider.kind
         state.sent_token = credential.access_token
         state.attempts += 1
         self.release(state)  # the one place a flow's lease changes hands
@@ -109,6 +113,8 @@ class Router:
             state.lease.release()
 
     def no_account_response(self, pool: Pool, state: FlowState) -> http.Response:
+        if pool.usable() and not any(providers.serving(a, state) for a in pool.usable()):
+            return self.unserved_response(pool, state)
         usable = [a.name for a in self.allowed(pool, state)]
         if state.keys_only and not usable and pool.usable():
             return error_response(
@@ -138,13 +144,22 @@ class Router:
             )
         return error_response(503, "api_error", why)
 
+    def unserved_response(self, pool: Pool, state: FlowState) -> http.Response:
+        """No usable account's provider serves the model (or path): name it, and the accounts that
+        could, with their state."""
+        what = f"model {state.model!r}" if state.model else f"{state.endpoint}"
+        could = [f"{a.name} ({self.describe(pool, a)})" for a in pool.accounts if providers.serving(a, state)]
+        who = f"accounts that could: {', '.join(could)}" if could else "no account lists it (accounts.toml: `models`)"
+        return error_response(404, "not_found_error", f"Claudeflare: no usable account serves {what}; {who}.")
+
     def describe(self, pool: Pool, account: Account) -> str:
         return effective_state(pool.state(account), self.health.accounts.get(account.name), self.clock())[0]
 
     # --- replies ----------------------------------------------------------------------------------
 
     def observe_signals(self, name: str, state: FlowState, response: http.Response) -> None:
-        state.signals = signals = read_signals((k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.fields)
+        signals = read_signals((k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.fields)
+        state.signals = signals = providers.PROVIDERS[state.provider or providers.DEFAULT].signals(response, signals)
         if response.status_code < 400:
             self.health.observe(name, response.status_code, signals)
 
@@ -197,6 +212,7 @@ class Router:
             logger.info("claudeflare: %s on %s, retrying on %s", outcome, state.account, account.name)
             if delay:
                 await self.sleep(delay)
+            await providers.adapt(flow.request, state, account)
             headers = self.attempt(flow, client_headers(flow.request, state), state, account, credential)
             tries[account.name] += 1
             outcome = await self.resend(flow, state, headers)

@@ -109,10 +109,10 @@ def test_list_table_and_json(run, home, tmp_path):
     db.close()
 
     table = run("list").output.splitlines()
-    assert table[0].split() == ["NAME", "MODE", "TIER", "PRIORITY", "STATE", "TOKEN", "EXPIRES", "AT", "REQUESTS", "TODAY",
+    assert table[0].split() == ["NAME", "PROVIDER", "MODE", "TIER", "PRIORITY", "STATE", "TOKEN", "EXPIRES", "AT", "REQUESTS", "TODAY",
                                 "5H", "7D", "7D", "OPUS", "7D", "SONNET", "EXTRA", "LIMITED", "UNTIL", "REASON"]
-    assert table[1].split()[:5] == ["key", "api-key", "1", "2", "ok"]
-    assert table[2].split()[:5] == ["sub", "max", "20", "0", "limited"] and table[2].split()[8:10] == ["3", "102%"]
+    assert table[1].split()[:6] == ["key", "anthropic", "api-key", "1", "2", "ok"]
+    assert table[2].split()[:6] == ["sub", "anthropic", "max", "20", "0", "limited"] and table[2].split()[9:11] == ["3", "102%"]
     assert "2030-01-01T00:00:00.000Z  five_hour limit, until the reset" in table[2]
 
     rows = json.loads(run("list", "--json").output)
@@ -310,3 +310,45 @@ def test_list_rows_are_plain_data_from_the_library(run, home):
     rows = account_rows(home)
     assert [(r["name"], r["state"], r["priority"]) for r in rows] == [("key", "ok", 2), ("envy", "no-credentials", 0)]
     assert json.loads(run("list", "--json").output) == rows
+
+
+def test_add_a_compatible_account_writes_what_accounts_toml_reads_back(run, home):
+    result = run("add", "glm", "--provider", "anthropic-compatible", "--base-url", "https://llm.example.com/api/anthropic",
+                 "--auth", "bearer", "--model", "claude-sonnet-*=glm-4.6", "--model", "claude-*=glm-4.5-air",
+                 "--priority", "1", input="glm-key-0123456789\n")
+    assert "added glm (anthropic-compatible, tier 1)" in result.output
+    (account,) = load_accounts(home).accounts
+    assert (account.provider, account.mode, account.priority, account.settings.auth) == ("anthropic-compatible", "api-key", 1, "bearer")
+    assert account.settings.models == (("claude-sonnet-*", "glm-4.6"), ("claude-*", "glm-4.5-air"))  # in the order given
+    assert "glm-key" not in (home / "accounts.toml").read_text()
+    assert CredentialStore(home).credentials()["glm"].api_key == "glm-key-0123456789"
+    assert json.loads(run("list", "--json").output)[0]["provider"] == "anthropic-compatible"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--provider", "anthropic-compatible"), "'base_url' is required"),
+    (("--provider", "anthropic-compatible", "--base-url", "https://x", "--model", "claude-*"), "--model takes GLOB=MODEL"),
+    (("--mode", "api-key", "--base-url", "https://x"), "--base-url: not for provider anthropic"),
+    (("--tier", "1",), "Missing option '--mode'"),
+])
+def test_add_refuses_provider_options_that_do_not_fit(run, home, args, message):
+    result = run("add", "glm", *args, input="glm-key-0123456789\n", ok=False)
+    assert message in result.output and not (home / "accounts.toml").exists()
+
+
+def test_add_a_vertex_account_asks_for_no_key(run, home, tmp_path):
+    result = run("add", "gcp", "--provider", "vertex", "--region", "us-east5", "--project", "my-project",
+                 "--credentials-file", str(tmp_path / "sa.json"), "--model", "claude-x=claude-x@1", input="")
+    assert "added gcp (vertex, tier 1)" in result.output
+    (account,) = load_accounts(home).accounts
+    assert (account.settings.region, account.settings.project, account.settings.credentials_file) == ("us-east5", "my-project", str(tmp_path / "sa.json"))
+    assert account.settings.models == (("claude-x", "claude-x@1"),)
+    assert CredentialStore(home).credentials() == {}
+
+
+def test_add_a_bedrock_account(run, home):
+    assert "added aws (bedrock, tier 1)" in run("add", "aws", "--provider", "bedrock", "--region", "eu-west-1", "--profile", "claude",
+                                                 "--priority", "1", input="").output
+    (account,) = load_accounts(home).accounts
+    assert (account.provider, account.settings.region, account.settings.profile, account.priority) == ("bedrock", "eu-west-1", "claude", 1)
+    assert "--profile: not for provider vertex" in run("add", "gcp", "--provider", "vertex", "--profile", "x", ok=False).output

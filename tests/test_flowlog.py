@@ -22,14 +22,15 @@ def test_schema_by_migrations_in_wal_mode(tmp_path):
     assert db.journal_mode == "wal"
     assert [m.name for m in migrations.applied(db)] == ["m001_requests", "m002_account_status", "m003_control", "m004_failovers",
                                                     "m005_views", "m006_account_kind", "m007_usage_columns", "m008_resources",
-                                                    "m009_request_facts", "m010_client_limits"]
+                                                    "m009_request_facts", "m010_client_limits", "m011_provider"]
+    assert "provider" in db["account_status"].columns_dict
     assert {"utilization_7d_opus", "reset_7d_opus", "utilization_7d_sonnet", "reset_7d_sonnet", "utilization_extra",
             "usage_read_at"} <= set(db["account_status"].columns_dict)
     columns = set(db["requests"].columns_dict)
     assert {
         "id", "started_at", "account", "strategy", "session", "method", "path", "model", "stream", "status", "error",
         "ttfb_ms", "duration_ms", "input_tokens", "output_tokens", "cache_read_input_tokens",
-        "cache_creation_input_tokens", "cost_usd", "attempts", "client", "account_kind",
+        "cache_creation_input_tokens", "cost_usd", "attempts", "client", "account_kind", "provider",
     } <= columns
     db.close()
     assert migrations.pending(open_db(tmp_path / "log.db")) == []  # reopening applies nothing twice

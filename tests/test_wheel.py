@@ -63,6 +63,7 @@ def test_the_wheel_carries_the_dashboards_metadata_and_plugins(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert f"claudeflare/{METADATA}" in names
     assert all(f"claudeflare/datasette_plugins/{p}" in names for p in PLUGINS)
+    assert {"claudeflare/providers/__init__.py", "claudeflare/providers/compatible.py"} <= set(names)  # accounts.py imports them
     assert zipfile.ZipFile(wheel).read(f"claudeflare/{METADATA}") == (ROOT / METADATA).read_bytes()
 
 
