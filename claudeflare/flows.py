@@ -5,6 +5,7 @@ import json
 import secrets
 import weakref
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mitmproxy import http
 from mitmproxy.net.http import http1
@@ -17,6 +18,10 @@ from .clock import utc_now
 from .credentials import Credential
 from .offloop import loads
 from .ratelimit import Signals
+
+if TYPE_CHECKING:  # annotations only: both import this module
+    from . import providers
+    from .recorder import SideParser
 
 METADATA = "claudeflare"  # flow.metadata key: plain values for mitmweb and `-w` files, never a secret
 OAUTH_BETA = "oauth-2025-04-20"

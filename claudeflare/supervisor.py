@@ -15,7 +15,6 @@ to every worker, which writes its pending rows before it exits.
 """
 
 import ctypes
-import os
 import signal
 import socket
 import subprocess

@@ -8,7 +8,7 @@ import time
 import anthropic
 import httpx
 from fake_anthropic import FakeAnthropic
-from harness import CLAUDE_CODE_SYSTEM, add_account, db_rows, key_for, wait_until
+from harness import CLAUDE_CODE_SYSTEM, add_account, db_rows, wait_until
 
 from claudeflare.config import ensure_home
 from claudeflare.credentials import Credential, CredentialStore
