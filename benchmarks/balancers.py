@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 import scale  # noqa: E402
 from bench_proxy import KEY, start_fake  # noqa: E402
+
 from harness import Serve, add_account, claudeflare_proxy, free_port, wait_for_port  # noqa: E402
 
 HAPROXY = """
@@ -66,8 +67,11 @@ def main() -> int:
             port = free_port()
             servers = "\n".join(f"    server w{n} 127.0.0.1:{w.port} check inter 2s" for n, w in enumerate(workers, 1))
             (tmp / "haproxy.cfg").write_text(HAPROXY.format(port=port, servers=servers))
-            haproxy = subprocess.Popen(["haproxy", "-f", str(tmp / "haproxy.cfg"), "-db"],
-                                       stdout=open(tmp / "haproxy.log", "wb"), stderr=subprocess.STDOUT)
+            haproxy = subprocess.Popen(
+                ["haproxy", "-f", str(tmp / "haproxy.cfg"), "-db"],
+                stdout=open(tmp / "haproxy.log", "wb"),
+                stderr=subprocess.STDOUT,
+            )
             wait_for_port(port, 10, alive=lambda: haproxy.poll() is None)
             serve = Serve(home, url, tmp / "serve.log", *common)
             started.append(serve)
@@ -77,7 +81,7 @@ def main() -> int:
                 scale.run_generators([{"kind": "throughput", "url": target, "requests": 300, "concurrency": 10}])
             results = {name: [] for name in targets}
             for n in range(args.rounds):
-                for name in (list(targets) if n % 2 == 0 else list(reversed(targets))):
+                for name in list(targets) if n % 2 == 0 else list(reversed(targets)):
                     row = scale.measure_throughput(targets[name], args)
                     slow = scale.try_slow(targets[name], args.slow, args)
                     row.update(slow_p99_added_ms=slow["added_p99_ms"], slow_failed=slow["failed"])
@@ -92,8 +96,10 @@ def main() -> int:
             fake.terminate()
             fake.wait(10)
     for name, rows in results.items():
-        medians = {k: round(statistics.median(r[k] for r in rows), 1)
-                   for k in ("requests_per_s", "ttfb_p50_ms", "ttfb_p99_ms", "slow_p99_added_ms")}
+        medians = {
+            k: round(statistics.median(r[k] for r in rows), 1)
+            for k in ("requests_per_s", "ttfb_p50_ms", "ttfb_p99_ms", "slow_p99_added_ms")
+        }
         print(name, "medians:", json.dumps(medians), "errors:", sum(r["errors"] + r["slow_failed"] for r in rows))
     return 0
 

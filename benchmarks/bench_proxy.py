@@ -30,22 +30,36 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from harness import Mitmdump, add_account, free_port, wait_for_port  # noqa: E402
-
 from claudeflare.accounts import hash_client_key  # noqa: E402
 from claudeflare.credentials import CredentialStore  # noqa: E402
 
+from harness import Mitmdump, add_account, free_port, wait_for_port  # noqa: E402
+
 KEY = "sk-ant-api03-benchmark-" + "b" * 32
 FIRST_KEY = "sk-ant-api03-benchmark-first-" + "f" * 26
-BODY = {"model": "claude-sonnet-4-5-20250929", "max_tokens": 4096, "stream": True,
-        "messages": [{"role": "user", "content": "benchmark " * 200}]}
+BODY = {
+    "model": "claude-sonnet-4-5-20250929",
+    "max_tokens": 4096,
+    "stream": True,
+    "messages": [{"role": "user", "content": "benchmark " * 200}],
+}
 
 
 def start_fake(tmp: Path) -> tuple[subprocess.Popen, str]:
     port_file = tmp / "fake.port"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_anthropic.py"), "--port", "0",
-                             "--port-file", str(port_file), "--no-record"],
-                            stdout=subprocess.DEVNULL, stderr=open(tmp / "fake.log", "wb"))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "fake_anthropic.py"),
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+            "--no-record",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / "fake.log", "wb"),
+    )
     deadline = time.monotonic() + 20
     while not (port_file.exists() and port_file.read_text().strip()):
         if time.monotonic() > deadline or proc.poll() is not None:
@@ -61,11 +75,19 @@ def start_fake(tmp: Path) -> tuple[subprocess.Popen, str]:
 
 async def one(session: aiohttp.ClientSession, url: str, tokens: int, delay_ms: int = 0) -> float:
     start = time.perf_counter()
-    async with session.post(f"{url}/v1/messages", data=json.dumps(BODY),
-                            headers={"x-api-key": KEY, "content-type": "application/json", "anthropic-version": "2023-06-01",
-                                     "x-fake-tokens": str(tokens), "x-fake-delay-ms": str(delay_ms),
-                                     # a new conversation each time, so none is pinned to an account
-                                     "x-claude-code-session-id": str(uuid.uuid4())}) as reply:
+    async with session.post(
+        f"{url}/v1/messages",
+        data=json.dumps(BODY),
+        headers={
+            "x-api-key": KEY,
+            "content-type": "application/json",
+            "anthropic-version": "2023-06-01",
+            "x-fake-tokens": str(tokens),
+            "x-fake-delay-ms": str(delay_ms),
+            # a new conversation each time, so none is pinned to an account
+            "x-claude-code-session-id": str(uuid.uuid4()),
+        },
+    ) as reply:
         assert reply.status == 200, await reply.text()
         first = None
         async for _ in reply.content.iter_any():
@@ -74,12 +96,15 @@ async def one(session: aiohttp.ClientSession, url: str, tokens: int, delay_ms: i
     return first
 
 
-async def load(url: str, requests_n: int, concurrency: int, tokens: int, delay_ms: int = 0) -> tuple[list[float], float]:
+async def load(
+    url: str, requests_n: int, concurrency: int, tokens: int, delay_ms: int = 0
+) -> tuple[list[float], float]:
     """Fire `requests_n` streamed requests, `concurrency` at a time; (TTFBs in s, requests per second)."""
     ttfbs: list[float] = []
     queue = list(range(requests_n))
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+
         async def worker():
             while queue:
                 queue.pop()
@@ -112,7 +137,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=200, help="per proxy per round")
     parser.add_argument("--concurrency", type=int, default=10)
-    parser.add_argument("--length-samples", type=int, default=40, help="streams per length for the 10 vs 2,000 token check")
+    parser.add_argument(
+        "--length-samples", type=int, default=40, help="streams per length for the 10 vs 2,000 token check"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -122,33 +149,83 @@ def main() -> int:
         for each in (home, redis_home):
             add_account(each, "bench", "api-key", 1, api_key=KEY)
             # The client's key is a client key with every limit, none of them reached: the checks are on the path.
-            limits = {"budget_usd": 1e6, "per": "day", "rpm": 10**6, "concurrency": 10**5, "models": ["claude-*"], "expires_at": "2999-01-01T00:00:00Z"}
-            CredentialStore(each).update(lambda d: d["client_keys"].__setitem__("bench", {"sha256": hash_client_key(KEY), "limits": limits}))
+            limits = {
+                "budget_usd": 1e6,
+                "per": "day",
+                "rpm": 10**6,
+                "concurrency": 10**5,
+                "models": ["claude-*"],
+                "expires_at": "2999-01-01T00:00:00Z",
+            }
+            CredentialStore(each).update(
+                lambda d, limits=limits: d["client_keys"].__setitem__(
+                    "bench", {"sha256": hash_client_key(KEY), "limits": limits}
+                )
+            )
         quiet = ("--set", "flow_detail=0")
         # The bare proxy streams bodies too (stream_large_bodies=1), so both forward SSE as it comes.
-        bare = Mitmdump("--mode", f"reverse:{upstream}", "--set", "stream_large_bodies=1", *quiet,
-                        log=tmp / "bare.log", addon=False).start()
-        pool = Mitmdump("--set", f"claudeflare_home={home}", "--set", f"claudeflare_upstream={upstream}",
-                        *quiet, log=tmp / "claudeflare.log").start()
+        bare = Mitmdump(
+            "--mode", f"reverse:{upstream}", "--set", "stream_large_bodies=1", *quiet, log=tmp / "bare.log", addon=False
+        ).start()
+        pool = Mitmdump(
+            "--set",
+            f"claudeflare_home={home}",
+            "--set",
+            f"claudeflare_upstream={upstream}",
+            *quiet,
+            log=tmp / "claudeflare.log",
+        ).start()
         # A pool whose preferred account refuses every request with a windowless 429 (which benches
         # nothing), so each request is retried on the second account: what failover costs.
         import requests
 
-        requests.post(f"{upstream}/_fake/api_keys", json={"key": FIRST_KEY, "account": "first"}, timeout=5).raise_for_status()
-        requests.post(f"{upstream}/_fake/faults", json={"account": "first", "fault": "status:429-windowless",
-                                                        "count": 10**9}, timeout=5).raise_for_status()
+        requests.post(
+            f"{upstream}/_fake/api_keys", json={"key": FIRST_KEY, "account": "first"}, timeout=5
+        ).raise_for_status()
+        requests.post(
+            f"{upstream}/_fake/faults",
+            json={"account": "first", "fault": "status:429-windowless", "count": 10**9},
+            timeout=5,
+        ).raise_for_status()
         retry_home = tmp / "retry-home"
         add_account(retry_home, "first", "api-key", 1, 0, api_key=FIRST_KEY)
         add_account(retry_home, "bench", "api-key", 1, 1, api_key=KEY)
-        failover = Mitmdump("--set", f"claudeflare_home={retry_home}", "--set", f"claudeflare_upstream={upstream}",
-                            *quiet, log=tmp / "failover.log").start()
+        failover = Mitmdump(
+            "--set",
+            f"claudeflare_home={retry_home}",
+            "--set",
+            f"claudeflare_upstream={upstream}",
+            *quiet,
+            log=tmp / "failover.log",
+        ).start()
         redis_port = free_port()
-        redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                                  "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL)
+        redis = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(tmp),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         wait_for_port(redis_port, 10)
-        on_redis = Mitmdump("--set", f"claudeflare_home={redis_home}", "--set", f"claudeflare_upstream={upstream}",
-                            "--set", f"claudeflare_state=redis://127.0.0.1:{redis_port}/0", *quiet,
-                            log=tmp / "redis.log").start()
+        on_redis = Mitmdump(
+            "--set",
+            f"claudeflare_home={redis_home}",
+            "--set",
+            f"claudeflare_upstream={upstream}",
+            "--set",
+            f"claudeflare_state=redis://127.0.0.1:{redis_port}/0",
+            *quiet,
+            log=tmp / "redis.log",
+        ).start()
         results = {"bare": ([], []), "claudeflare": ([], []), "redis": ([], [])}
         retried = {10: ([], []), 400: ([], [])}  # tokens -> (direct TTFBs, retried TTFBs)
         try:
@@ -156,7 +233,7 @@ def main() -> int:
                 asyncio.run(load(proxy.url, 100, args.concurrency, 10))
             for i in range(args.rounds):
                 trio = (("bare", bare), ("claudeflare", pool), ("redis", on_redis))
-                for name, proxy in trio[i % 3:] + trio[:i % 3]:  # rotate which goes first
+                for name, proxy in trio[i % 3 :] + trio[: i % 3]:  # rotate which goes first
                     ttfbs, rps = asyncio.run(load(proxy.url, args.requests, args.concurrency, 10))
                     results[name][0].append(ttfbs)
                     results[name][1].append(rps)
@@ -199,18 +276,25 @@ def main() -> int:
     print(f"{'bare mitmdump':14}{b50:>8.2f}ms{b95:>8.2f}ms{brps:>9.1f}")
     print(f"{'claudeflare':14}{c50:>8.2f}ms{c95:>8.2f}ms{crps:>9.1f}")
     print(f"{'  on Redis':14}{r50:>8.2f}ms{r95:>8.2f}ms{rrps:>9.1f}")
-    redis_ttfb = statistics.median(pct(r, 50) / pct(c, 50) for c, r in zip(results["claudeflare"][0], results["redis"][0], strict=True))
+    redis_ttfb = statistics.median(
+        pct(r, 50) / pct(c, 50) for c, r in zip(results["claudeflare"][0], results["redis"][0], strict=True)
+    )
     redis_rps = statistics.median(r / c for c, r in zip(results["claudeflare"][1], results["redis"][1], strict=True))
     print(f"shared state on Redis vs home: p50 TTFB ratio {redis_ttfb:.3f}, throughput ratio {redis_rps:.3f} (no bar)")
     checks = [
         (f"p50 TTFB ratio        {ttfb_ratio:.3f}  (bar ≤ 1.15)", ttfb_ratio <= 1.15),
         (f"throughput ratio      {rps_ratio:.3f}  (bar ≥ 0.85)", rps_ratio >= 0.85),
-        (f"TTFB 2000 / 10 tokens {length_ratio:.3f}  (bar within ±10 %: {short:.2f}ms vs {long_:.2f}ms; "
-         f"bare mitmdump: {bare_length_ratio:.3f})", abs(length_ratio - 1) <= 0.10),
+        (
+            f"TTFB 2000 / 10 tokens {length_ratio:.3f}  (bar within ±10 %: {short:.2f}ms vs {long_:.2f}ms; "
+            f"bare mitmdump: {bare_length_ratio:.3f})",
+            abs(length_ratio - 1) <= 0.10,
+        ),
     ]
     for tokens, (direct, again) in retried.items():
-        print(f"failover, {tokens:>4}-token stream: p50 TTFB {statistics.median(again) * 1000:.2f}ms retried "
-              f"vs {statistics.median(direct) * 1000:.2f}ms direct (1 token / 5 ms; no bar)")
+        print(
+            f"failover, {tokens:>4}-token stream: p50 TTFB {statistics.median(again) * 1000:.2f}ms retried "
+            f"vs {statistics.median(direct) * 1000:.2f}ms direct (1 token / 5 ms; no bar)"
+        )
     for text, ok in checks:
         print(f"{'PASS' if ok else 'FAIL'}  {text}")
     return 0 if all(ok for _, ok in checks) else 1

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 from bench_proxy import BODY, KEY, start_fake  # noqa: E402  (main() is behind a __name__ guard)
+
 from harness import Serve, add_account  # noqa: E402
 
 PACE_MS = 50
@@ -54,12 +55,18 @@ def pct(values: list[float], q: int) -> float:
 
 
 def headers(tokens: int, delay_ms: int = 0) -> dict:
-    return {"x-api-key": KEY, "content-type": "application/json", "anthropic-version": "2023-06-01",
-            "x-fake-tokens": str(tokens), "x-fake-delay-ms": str(delay_ms),
-            "x-claude-code-session-id": str(uuid.uuid4())}  # a new conversation each
+    return {
+        "x-api-key": KEY,
+        "content-type": "application/json",
+        "anthropic-version": "2023-06-01",
+        "x-fake-tokens": str(tokens),
+        "x-fake-delay-ms": str(delay_ms),
+        "x-claude-code-session-id": str(uuid.uuid4()),
+    }  # a new conversation each
 
 
 # --- the load generator (its own process: --generate SPEC, one JSON line out) ---
+
 
 async def throughput(url: str, requests: int, concurrency: int) -> dict:
     ttfbs, errors = [], 0
@@ -122,8 +129,9 @@ def generate(spec: dict) -> dict:
 def run_generators(specs: list[dict]) -> tuple[list[dict], float]:
     """Each spec in its own process, started together; their results and the wall time."""
     start = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, __file__, "--generate", json.dumps(s)], stdout=subprocess.PIPE)
-             for s in specs]
+    procs = [
+        subprocess.Popen([sys.executable, __file__, "--generate", json.dumps(s)], stdout=subprocess.PIPE) for s in specs
+    ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     wall = time.perf_counter() - start
     if any(p.returncode for p in procs):
@@ -137,33 +145,49 @@ def split(total: int, parts: int) -> list[int]:
 
 # --- the measuring ---
 
+
 def measure_throughput(url: str, args) -> dict:
-    specs = [{"kind": "throughput", "url": url, "requests": r, "concurrency": c}
-             for r, c in zip(split(args.requests, args.generators), split(args.concurrency, args.generators))]
+    specs = [
+        {"kind": "throughput", "url": url, "requests": r, "concurrency": c}
+        for r, c in zip(split(args.requests, args.generators), split(args.concurrency, args.generators), strict=True)
+    ]
     results, _ = run_generators(specs)
     ttfbs = [t for r in results for t in r["ttfbs"]]
     wall = max(r["ended"] for r in results) - min(r["began"] for r in results)  # without starting Python
-    return {"requests_per_s": round(len(ttfbs) / wall, 1), "ttfb_p50_ms": round(pct(ttfbs, 50) * 1000, 2),
-            "ttfb_p99_ms": round(pct(ttfbs, 99) * 1000, 2), "errors": sum(r["errors"] for r in results)}
+    return {
+        "requests_per_s": round(len(ttfbs) / wall, 1),
+        "ttfb_p50_ms": round(pct(ttfbs, 50) * 1000, 2),
+        "ttfb_p99_ms": round(pct(ttfbs, 99) * 1000, 2),
+        "errors": sum(r["errors"] for r in results),
+    }
 
 
 def try_slow(url: str, streams: int, args) -> dict:
-    specs = [{"kind": "slow", "url": url, "streams": s, "tokens": args.slow_tokens}
-             for s in split(streams, args.generators)]
+    specs = [
+        {"kind": "slow", "url": url, "streams": s, "tokens": args.slow_tokens} for s in split(streams, args.generators)
+    ]
     results, wall = run_generators(specs)
     added = [a for r in results for a in r["added_ms"]]
     failed = sum(r["failed"] for r in results)
     p99 = pct(added, 99)
-    return {"streams": streams, "failed": failed, "added_p99_ms": round(p99, 1), "seconds": round(wall, 1),
-            "held": failed == 0 and p99 < ADDED_DELAY_BAR_MS}
+    return {
+        "streams": streams,
+        "failed": failed,
+        "added_p99_ms": round(p99, 1),
+        "seconds": round(wall, 1),
+        "held": failed == 0 and p99 < ADDED_DELAY_BAR_MS,
+    }
 
 
 def measure_slow(url: str, args) -> dict:
     tries, streams = [], args.slow_start
     while streams <= args.slow_max:  # bounded by --slow-max
         tries.append(try_slow(url, streams, args))
-        print(f"    {streams} slow streams: p99 added delay {tries[-1]['added_p99_ms']} ms, "
-              f"{tries[-1]['failed']} failed, {tries[-1]['seconds']} s", flush=True)
+        print(
+            f"    {streams} slow streams: p99 added delay {tries[-1]['added_p99_ms']} ms, "
+            f"{tries[-1]['failed']} failed, {tries[-1]['seconds']} s",
+            flush=True,
+        )
         if not tries[-1]["held"]:
             break
         streams *= 2
@@ -214,11 +238,15 @@ def main() -> int:
         finally:
             fake.terminate()
             fake.wait(10)
-    print("\n| workers | req/s | p50 TTFB | p99 TTFB | errors | slow streams held (p99 added delay < 50 ms) | rows missing |")
+    print(
+        "\n| workers | req/s | p50 TTFB | p99 TTFB | errors | slow streams held (p99 added delay < 50 ms) | rows missing |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['workers']} | {r['requests_per_s']} | {r['ttfb_p50_ms']} ms | {r['ttfb_p99_ms']} ms | "
-              f"{r['errors']} | {r['slow_streams_held']} | {r['rows_missing']} |")
+        print(
+            f"| {r['workers']} | {r['requests_per_s']} | {r['ttfb_p50_ms']} ms | {r['ttfb_p99_ms']} ms | "
+            f"{r['errors']} | {r['slow_streams_held']} | {r['rows_missing']} |"
+        )
     print(json.dumps(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 from bench_proxy import BODY, KEY, pct, start_fake  # noqa: E402  (main() is behind a __name__ guard)
+
 from fake_anthropic import expected_text  # noqa: E402
 from harness import Mitmdump, add_account  # noqa: E402
 
@@ -105,11 +106,17 @@ def check_body(body: bytes, stream: bool, tokens: int) -> str | None:
     return None if text == expected_text(tokens) else f"wrong text ({len(text)} chars, {tokens} tokens asked)"
 
 
-async def fire(session: aiohttp.ClientSession, url: str, stream: bool, tokens: int, delay_ms: int = 0,
-               on_open=None, on_close=None) -> Reply:
+async def fire(
+    session: aiohttp.ClientSession, url: str, stream: bool, tokens: int, delay_ms: int = 0, on_open=None, on_close=None
+) -> Reply:
     reply = Reply(session=str(uuid.uuid4()))
-    headers = {"x-api-key": CLIENT_KEY, "content-type": "application/json", "anthropic-version": "2023-06-01",
-               "x-fake-tokens": str(tokens), "x-claude-code-session-id": reply.session}
+    headers = {
+        "x-api-key": CLIENT_KEY,
+        "content-type": "application/json",
+        "anthropic-version": "2023-06-01",
+        "x-fake-tokens": str(tokens),
+        "x-claude-code-session-id": reply.session,
+    }
     if delay_ms:
         headers["x-fake-delay-ms"] = str(delay_ms)
     start = time.perf_counter()
@@ -132,23 +139,27 @@ async def fire(session: aiohttp.ClientSession, url: str, stream: bool, tokens: i
             reply.error = f"status {r.status}: {body[:200]!r}"
         else:
             reply.error = check_body(body, stream, tokens)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
         reply.error = f"{type(e).__name__}: {e}"
     return reply
 
 
-async def sample_while(proc: psutil.Process, samples: Samples, done: asyncio.Event, every: float = SAMPLE_EVERY) -> None:
+async def sample_while(
+    proc: psutil.Process, samples: Samples, done: asyncio.Event, every: float = SAMPLE_EVERY
+) -> None:
     while True:
         samples.rss.append(proc.memory_info().rss)
         samples.fds.append(proc.num_fds())
         try:
             await asyncio.wait_for(done.wait(), every)
             return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 
-async def soak(url: str, n: int, concurrency: int, proc: psutil.Process | None = None, first: int = 0) -> tuple[list[Reply], float, Samples]:
+async def soak(
+    url: str, n: int, concurrency: int, proc: psutil.Process | None = None, first: int = 0
+) -> tuple[list[Reply], float, Samples]:
     """n requests, `concurrency` at a time, on one client session closed at the end (so its
     connections are gone before the idle fd count). Request i is streamed when i is even and asks
     for 5..50 tokens; `first` continues the numbering after the warm-up."""
@@ -158,6 +169,7 @@ async def soak(url: str, n: int, concurrency: int, proc: psutil.Process | None =
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
         async def worker():
             for i in next_i:  # one shared iterator: each request number is taken once
                 replies.append(await fire(session, url, stream=i % 2 == 0, tokens=5 + (i * 7) % 46))
@@ -201,10 +213,18 @@ async def slow_streams(url: str, n: int, tokens: int, delay_ms: int, proc: psuti
         await sampler
     cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
     errors = [r.error for r in replies if r.error]
-    return {"streams": n, "ok": n - len(errors), "errors": len(errors), "error_examples": errors[:5],
-            "wall_s": wall, "cpu_percent": 100 * cpu / wall, "peak_open": peak,
-            "max_rss_mb": max(samples.rss) / 2**20, "max_fds": max(samples.fds),
-            "replies": replies}
+    return {
+        "streams": n,
+        "ok": n - len(errors),
+        "errors": len(errors),
+        "error_examples": errors[:5],
+        "wall_s": wall,
+        "cpu_percent": 100 * cpu / wall,
+        "peak_open": peak,
+        "max_rss_mb": max(samples.rss) / 2**20,
+        "max_fds": max(samples.fds),
+        "replies": replies,
+    }
 
 
 def settle_fds(proc: psutil.Process, timeout: float = 10.0) -> int:
@@ -289,20 +309,33 @@ def main() -> int:
     if soft != resource.RLIM_INFINITY and soft < need:
         resource.setrlimit(resource.RLIMIT_NOFILE, (need if hard == resource.RLIM_INFINITY else min(need, hard), hard))
 
-    figures: dict = {"requests": args.requests, "concurrency": args.concurrency, "warmup": args.warmup,
-                     "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
+    figures: dict = {
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "warmup": args.warmup,
+        "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+    }
     checks: list[tuple[str, bool]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         fake, upstream = start_fake(tmp)
-        requests.post(f"{upstream}/_fake/api_keys", json={"key": SECOND_KEY, "account": "second"}, timeout=5).raise_for_status()
+        requests.post(
+            f"{upstream}/_fake/api_keys", json={"key": SECOND_KEY, "account": "second"}, timeout=5
+        ).raise_for_status()
         home = tmp / "home"
         add_account(home, "bench", "api-key", 1, 0, api_key=KEY)
         add_account(home, "second", "api-key", 1, 0, api_key=SECOND_KEY)
         db = home / "claudeflare.db"
         log = tmp / "claudeflare.log"
-        proxy = Mitmdump("--set", f"claudeflare_home={home}", "--set", f"claudeflare_upstream={upstream}",
-                         "--set", "flow_detail=0", log=log).start()
+        proxy = Mitmdump(
+            "--set",
+            f"claudeflare_home={home}",
+            "--set",
+            f"claudeflare_upstream={upstream}",
+            "--set",
+            "flow_detail=0",
+            log=log,
+        ).start()
         try:
             proc = psutil.Process(proxy.proc.pid)
 
@@ -314,7 +347,9 @@ def main() -> int:
             rss_warm = proc.memory_info().rss
             cpu0 = proc.cpu_times()
 
-            replies, rps, samples = asyncio.run(soak(proxy.url, args.requests, args.concurrency, proc, first=args.warmup))
+            replies, rps, samples = asyncio.run(
+                soak(proxy.url, args.requests, args.concurrency, proc, first=args.warmup)
+            )
             cpu1 = proc.cpu_times()
             rows = wait_for_rows(db, args.warmup + args.requests)
             fds_end = settle_fds(proc)
@@ -326,43 +361,58 @@ def main() -> int:
             ttfbs = [r.ttfb for r in replies if r.ttfb is not None]
             book = ledger(replies, rows)
             total_dupes = sum(c - 1 for c in Counter(row["request_id"] for row in rows).values() if c > 1)
-            figures.update({
-                "requests_per_s": round(rps, 1),
-                "ttfb_p50_ms": round(pct(ttfbs, 50) * 1000, 2),
-                "ttfb_p95_ms": round(pct(ttfbs, 95) * 1000, 2),
-                "ttfb_p99_ms": round(pct(ttfbs, 99) * 1000, 2),
-                "proxy_cpu_ms_per_request": round(1000 * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / args.requests, 2),
-                "status_counts": {str(k): v for k, v in statuses.items()},
-                "errors": len(errors) + len(warm_errors),
-                "rss_after_warmup_mb": round(mb(rss_warm), 1),
-                "rss_end_mb": round(mb(rss_end), 1),
-                "rss_max_mb": round(mb(rss_max), 1),
-                "rss_growth_mb": round(mb(rss_end - rss_warm), 1),
-                "rss_samples_mb": [round(mb(x), 1) for x in samples.rss],
-                "fds_after_warmup": fds_warm,
-                "fds_end": fds_end,
-                "fds_max_under_load": max(samples.fds),
-                "db_rows_total": len(rows),
-                "db_rows_expected": args.warmup + args.requests,
-                "db_rows_measured": book["rows"],
-                "db_distinct_request_ids": book["distinct_request_ids"],
-                "db_duplicated": book["duplicated"] + total_dupes,
-                "db_lost": book["lost"],
-                "db_not_200": book["not_200"],
-                "per_account": book["per_account"],
-            })
+            figures.update(
+                {
+                    "requests_per_s": round(rps, 1),
+                    "ttfb_p50_ms": round(pct(ttfbs, 50) * 1000, 2),
+                    "ttfb_p95_ms": round(pct(ttfbs, 95) * 1000, 2),
+                    "ttfb_p99_ms": round(pct(ttfbs, 99) * 1000, 2),
+                    "proxy_cpu_ms_per_request": round(
+                        1000 * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / args.requests, 2
+                    ),
+                    "status_counts": {str(k): v for k, v in statuses.items()},
+                    "errors": len(errors) + len(warm_errors),
+                    "rss_after_warmup_mb": round(mb(rss_warm), 1),
+                    "rss_end_mb": round(mb(rss_end), 1),
+                    "rss_max_mb": round(mb(rss_max), 1),
+                    "rss_growth_mb": round(mb(rss_end - rss_warm), 1),
+                    "rss_samples_mb": [round(mb(x), 1) for x in samples.rss],
+                    "fds_after_warmup": fds_warm,
+                    "fds_end": fds_end,
+                    "fds_max_under_load": max(samples.fds),
+                    "db_rows_total": len(rows),
+                    "db_rows_expected": args.warmup + args.requests,
+                    "db_rows_measured": book["rows"],
+                    "db_distinct_request_ids": book["distinct_request_ids"],
+                    "db_duplicated": book["duplicated"] + total_dupes,
+                    "db_lost": book["lost"],
+                    "db_not_200": book["not_200"],
+                    "per_account": book["per_account"],
+                }
+            )
             checks += [
-                (f"every request answered 200 with the full text ({len(errors)} errors"
-                 f"{': ' + errors[0] if errors else ''}; warm-up {len(warm_errors)})", not errors and not warm_errors),
-                (f"RSS growth after warm-up {figures['rss_growth_mb']:.1f} MB (bar < {RSS_GROWTH_BAR_MB:.0f} MB)",
-                 mb(rss_end - rss_warm) < RSS_GROWTH_BAR_MB),
-                (f"open fds idle {fds_end} at end vs {fds_warm} after warm-up (bar ≤ +{FD_SLACK})",
-                 fds_end <= fds_warm + FD_SLACK),
-                (f"flow-log rows for the measured requests {book['rows']} (expected {args.requests}), "
-                 f"table total {len(rows)} (expected {args.warmup + args.requests})",
-                 book["rows"] == args.requests and len(rows) == args.warmup + args.requests),
-                (f"no duplicated rows ({figures['db_duplicated']}; distinct request ids {book['distinct_request_ids']})",
-                 figures["db_duplicated"] == 0 and book["distinct_request_ids"] == book["rows"]),
+                (
+                    f"every request answered 200 with the full text ({len(errors)} errors"
+                    f"{': ' + errors[0] if errors else ''}; warm-up {len(warm_errors)})",
+                    not errors and not warm_errors,
+                ),
+                (
+                    f"RSS growth after warm-up {figures['rss_growth_mb']:.1f} MB (bar < {RSS_GROWTH_BAR_MB:.0f} MB)",
+                    mb(rss_end - rss_warm) < RSS_GROWTH_BAR_MB,
+                ),
+                (
+                    f"open fds idle {fds_end} at end vs {fds_warm} after warm-up (bar ≤ +{FD_SLACK})",
+                    fds_end <= fds_warm + FD_SLACK,
+                ),
+                (
+                    f"flow-log rows for the measured requests {book['rows']} (expected {args.requests}), "
+                    f"table total {len(rows)} (expected {args.warmup + args.requests})",
+                    book["rows"] == args.requests and len(rows) == args.warmup + args.requests,
+                ),
+                (
+                    f"no duplicated rows ({figures['db_duplicated']}; distinct request ids {book['distinct_request_ids']})",
+                    figures["db_duplicated"] == 0 and book["distinct_request_ids"] == book["rows"],
+                ),
                 (f"no lost rows ({book['lost']} client-seen request ids or sessions missing)", book["lost"] == 0),
                 (f"both accounts served ({book['per_account']})", len(book["per_account"]) == 2),
             ]
@@ -373,17 +423,29 @@ def main() -> int:
                 slow = asyncio.run(slow_streams(proxy.url, args.slow, args.slow_tokens, args.slow_delay_ms, proc))
                 slow_rows = wait_for_rows(db, rows_before + args.slow)
                 slow_book = ledger(slow.pop("replies"), slow_rows)
-                figures["slow"] = {**{k: round(v, 2) if isinstance(v, float) else v for k, v in slow.items()},
-                                   "tokens": args.slow_tokens, "delay_ms": args.slow_delay_ms,
-                                   "db_rows": slow_book["rows"], "db_lost": slow_book["lost"],
-                                   "db_duplicated": slow_book["duplicated"]}
+                figures["slow"] = {
+                    **{k: round(v, 2) if isinstance(v, float) else v for k, v in slow.items()},
+                    "tokens": args.slow_tokens,
+                    "delay_ms": args.slow_delay_ms,
+                    "db_rows": slow_book["rows"],
+                    "db_lost": slow_book["lost"],
+                    "db_duplicated": slow_book["duplicated"],
+                }
                 checks += [
-                    (f"{args.slow} slow streams: {slow['ok']} complete with the full text, {slow['errors']} errors"
-                     f"{': ' + slow['error_examples'][0] if slow['errors'] else ''}", slow["errors"] == 0),
-                    (f"all {args.slow} slow streams held open at once (peak {slow['peak_open']})", slow["peak_open"] == args.slow),
-                    (f"slow streams logged once each ({slow_book['rows']} rows, {slow_book['lost']} lost, "
-                     f"{slow_book['duplicated']} duplicated)",
-                     slow_book["rows"] == args.slow and not slow_book["lost"] and not slow_book["duplicated"]),
+                    (
+                        f"{args.slow} slow streams: {slow['ok']} complete with the full text, {slow['errors']} errors"
+                        f"{': ' + slow['error_examples'][0] if slow['errors'] else ''}",
+                        slow["errors"] == 0,
+                    ),
+                    (
+                        f"all {args.slow} slow streams held open at once (peak {slow['peak_open']})",
+                        slow["peak_open"] == args.slow,
+                    ),
+                    (
+                        f"slow streams logged once each ({slow_book['rows']} rows, {slow_book['lost']} lost, "
+                        f"{slow_book['duplicated']} duplicated)",
+                        slow_book["rows"] == args.slow and not slow_book["lost"] and not slow_book["duplicated"],
+                    ),
                 ]
         finally:
             proxy.stop()
@@ -394,21 +456,35 @@ def main() -> int:
         checks.append((f"no traceback in the proxy's log ({tracebacks})", tracebacks == 0))
 
     f = figures
-    print(f"soak: {args.requests} requests (after {args.warmup} warm-up), {args.concurrency} concurrent, "
-          f"streamed/non-streamed alternating, 5..50 tokens, 2 API-key accounts {f['per_account']}")
-    print(f"  {f['requests_per_s']:.1f} req/s; TTFB p50 {f['ttfb_p50_ms']:.2f} ms, p95 {f['ttfb_p95_ms']:.2f} ms, "
-          f"p99 {f['ttfb_p99_ms']:.2f} ms; proxy CPU {f['proxy_cpu_ms_per_request']:.2f} ms/request")
-    print(f"  RSS {f['rss_after_warmup_mb']:.1f} MB after warm-up → {f['rss_end_mb']:.1f} MB at end "
-          f"(max {f['rss_max_mb']:.1f} MB, growth {f['rss_growth_mb']:+.1f} MB)")
-    print(f"  open fds (idle) {f['fds_after_warmup']} after warm-up → {f['fds_end']} at end "
-          f"(max {f['fds_max_under_load']} under load)")
-    print(f"  flow log: {f['db_rows_measured']} rows for {args.requests} requests, {f['db_distinct_request_ids']} distinct "
-          f"request ids, {f['db_duplicated']} duplicated, {f['db_lost']} lost")
+    print(
+        f"soak: {args.requests} requests (after {args.warmup} warm-up), {args.concurrency} concurrent, "
+        f"streamed/non-streamed alternating, 5..50 tokens, 2 API-key accounts {f['per_account']}"
+    )
+    print(
+        f"  {f['requests_per_s']:.1f} req/s; TTFB p50 {f['ttfb_p50_ms']:.2f} ms, p95 {f['ttfb_p95_ms']:.2f} ms, "
+        f"p99 {f['ttfb_p99_ms']:.2f} ms; proxy CPU {f['proxy_cpu_ms_per_request']:.2f} ms/request"
+    )
+    print(
+        f"  RSS {f['rss_after_warmup_mb']:.1f} MB after warm-up → {f['rss_end_mb']:.1f} MB at end "
+        f"(max {f['rss_max_mb']:.1f} MB, growth {f['rss_growth_mb']:+.1f} MB)"
+    )
+    print(
+        f"  open fds (idle) {f['fds_after_warmup']} after warm-up → {f['fds_end']} at end "
+        f"(max {f['fds_max_under_load']} under load)"
+    )
+    print(
+        f"  flow log: {f['db_rows_measured']} rows for {args.requests} requests, {f['db_distinct_request_ids']} distinct "
+        f"request ids, {f['db_duplicated']} duplicated, {f['db_lost']} lost"
+    )
     if "slow" in f:
         s = f["slow"]
-        print(f"slow streams: {s['streams']} × {s['tokens']} tokens at 1 / {s['delay_ms']} ms, opened at once: "
-              f"{s['ok']} ok, {s['errors']} errors in {s['wall_s']:.2f} s; peak {s['peak_open']} open at once")
-        print(f"  proxy CPU {s['cpu_percent']:.1f} % of one core; max RSS {s['max_rss_mb']:.1f} MB, max fds {s['max_fds']}")
+        print(
+            f"slow streams: {s['streams']} × {s['tokens']} tokens at 1 / {s['delay_ms']} ms, opened at once: "
+            f"{s['ok']} ok, {s['errors']} errors in {s['wall_s']:.2f} s; peak {s['peak_open']} open at once"
+        )
+        print(
+            f"  proxy CPU {s['cpu_percent']:.1f} % of one core; max RSS {s['max_rss_mb']:.1f} MB, max fds {s['max_fds']}"
+        )
     for text, ok in checks:
         print(f"{'PASS' if ok else 'FAIL'}  {text}")
     figures["pass"] = all(ok for _, ok in checks)

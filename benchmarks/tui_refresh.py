@@ -19,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from harness import add_account, key_for  # noqa: E402
-
 from claudeflare.clock import iso_utc  # noqa: E402
 from claudeflare.flowlog import open_db  # noqa: E402
 from claudeflare.tui import RANGES, load_snapshot  # noqa: E402
+
+from harness import add_account, key_for  # noqa: E402
 
 BAR = 0.25  # seconds: a refresh a second must leave the machine idle most of the time
 DAYS = 90
@@ -35,12 +35,26 @@ def rows(n: int, now: float):
     for i in range(n):
         failed = rng.random() < 0.02
         yield {
-            "id": f"r{i:07d}", "started_at": iso_utc(now - i * step), "account": rng.choice(("alpha", "beta")),
-            "strategy": "session", "session": f"s{i // 20}", "client": "laptop", "method": "POST", "path": "/v1/messages",
-            "model": "claude-sonnet-4-5", "stream": 1, "status": 529 if failed else 200, "ttfb_ms": rng.uniform(80, 900),
-            "duration_ms": rng.uniform(500, 9000), "input_tokens": 100, "output_tokens": rng.randint(10, 2000),
-            "cache_read_input_tokens": rng.randint(0, 50_000), "cache_creation_input_tokens": 0,
-            "cost_usd": rng.uniform(0.001, 0.05), "priced": 1, "attempts": 3 if failed else 1,
+            "id": f"r{i:07d}",
+            "started_at": iso_utc(now - i * step),
+            "account": rng.choice(("alpha", "beta")),
+            "strategy": "session",
+            "session": f"s{i // 20}",
+            "client": "laptop",
+            "method": "POST",
+            "path": "/v1/messages",
+            "model": "claude-sonnet-4-5",
+            "stream": 1,
+            "status": 529 if failed else 200,
+            "ttfb_ms": rng.uniform(80, 900),
+            "duration_ms": rng.uniform(500, 9000),
+            "input_tokens": 100,
+            "output_tokens": rng.randint(10, 2000),
+            "cache_read_input_tokens": rng.randint(0, 50_000),
+            "cache_creation_input_tokens": 0,
+            "cost_usd": rng.uniform(0.001, 0.05),
+            "priced": 1,
+            "attempts": 3 if failed else 1,
             "failovers": json.dumps([{"account": "beta", "status": 529, "reason": "overloaded"}]) if failed else None,
         }
 

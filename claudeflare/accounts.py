@@ -141,7 +141,9 @@ def _account(table: dict) -> Account:
         raise AccountsError(f"account {name!r}: 'tier' must be 1, 5 or 20, got {tier!r}")
     priority = table.get("priority", 0)
     if not isinstance(priority, int) or isinstance(priority, bool) or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
-        raise AccountsError(f"account {name!r}: 'priority' must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}, got {priority!r}")
+        raise AccountsError(
+            f"account {name!r}: 'priority' must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}, got {priority!r}"
+        )
     paused = table.get("paused", False)
     if not isinstance(paused, bool):
         raise AccountsError(f"account {name!r}: 'paused' must be true or false, got {paused!r}")
@@ -282,7 +284,9 @@ def load_pool(home: Path) -> Pool:
     credentials = {n: Credential.from_json(c) for n, c in data["accounts"].items()}  # shapes checked by read()
     client_keys = {c["sha256"]: n for n, c in data["client_keys"].items()}
     client_limits = {n: parse_limits(c["limits"]) for n, c in data["client_keys"].items() if c.get("limits")}
-    return Pool(accounts_file.accounts, credentials, client_keys, accounts_file.strategy, accounts_file.alerts, client_limits)
+    return Pool(
+        accounts_file.accounts, credentials, client_keys, accounts_file.strategy, accounts_file.alerts, client_limits
+    )
 
 
 class PoolWatcher:
@@ -352,7 +356,6 @@ class PoolWatcher:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
-
 
 
 def apply_control(home: Path, action: str, account: str | None, value: str | None) -> str:

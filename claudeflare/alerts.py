@@ -66,7 +66,9 @@ def parse_alerts(table) -> AlertsConfig:
         raise ValueError("'alerts' must be a table: [alerts]")
     unknown = set(table) - ALERT_KEYS
     if unknown:
-        raise ValueError(f"[alerts]: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(ALERT_KEYS))}")
+        raise ValueError(
+            f"[alerts]: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(ALERT_KEYS))}"
+        )
     url = table.get("url")
     check_url(url)
     fmt = table.get("format", "generic")
@@ -86,7 +88,7 @@ def check_url(url) -> None:
         raise ValueError("[alerts]: 'url' is required: the http(s) URL to POST alerts to")
     try:
         parts = urlsplit(url)
-        parts.port  # raises on a bad port
+        _ = parts.port  # raises on a bad port
     except ValueError:
         parts = None
     if (
@@ -97,7 +99,9 @@ def check_url(url) -> None:
         or not (url.isascii() and url.isprintable())
         or " " in url
     ):
-        raise ValueError(f"[alerts]: 'url' must be an http:// or https:// URL with a host (at most {MAX_URL} printable ASCII characters, no spaces)")
+        raise ValueError(
+            f"[alerts]: 'url' must be an http:// or https:// URL with a host (at most {MAX_URL} printable ASCII characters, no spaces)"
+        )
 
 
 # --- events --------------------------------------------------------------------------------------
@@ -122,7 +126,9 @@ class Event:
 
 def snapshot(rows: Iterable[Mapping], refresh_failures: Mapping[str, int]) -> dict[str, AccountView]:
     """From the proxy's status rows and the refresher's consecutive failures per account."""
-    return {r["name"]: AccountView(r["state"], r.get("limited_until"), refresh_failures.get(r["name"], 0)) for r in rows}
+    return {
+        r["name"]: AccountView(r["state"], r.get("limited_until"), refresh_failures.get(r["name"], 0)) for r in rows
+    }
 
 
 def exhausted(accounts: Mapping[str, AccountView]) -> bool:
@@ -139,33 +145,45 @@ def detect(before: Mapping[str, AccountView], after: Mapping[str, AccountView]) 
         if now.state in BROKEN_STATES and (was is None or was.state != now.state):
             events.append(account_event(name, now))
         if now.refresh_failures >= REFRESH_FAILURES > (was.refresh_failures if was else 0):
-            events.append(Event(
-                "refresh-failing",
-                f"Claudeflare: refreshing the token of account {name} failed {now.refresh_failures} times in a row; "
-                "it serves while its current token lasts (`claudeflare list` says why).",
-                name,
-                {"failures": now.refresh_failures},
-            ))
+            events.append(
+                Event(
+                    "refresh-failing",
+                    f"Claudeflare: refreshing the token of account {name} failed {now.refresh_failures} times in a row; "
+                    "it serves while its current token lasts (`claudeflare list` says why).",
+                    name,
+                    {"failures": now.refresh_failures},
+                )
+            )
     if exhausted(after) and not exhausted(before):
         resets = sorted(a.limited_until for a in after.values() if a.limited_until)
         states = ", ".join(f"{n}: {a.state}" for n, a in sorted(after.items()))
         back = f"; the first is back at {resets[0]}" if resets else ""
-        events.append(Event(
-            "exhausted",
-            f"Claudeflare: no account can take a new request ({states}){back}.",
-            None,
-            {"reset": resets[0] if resets else None, "accounts": {n: a.state for n, a in after.items()}},
-        ))
+        events.append(
+            Event(
+                "exhausted",
+                f"Claudeflare: no account can take a new request ({states}){back}.",
+                None,
+                {"reset": resets[0] if resets else None, "accounts": {n: a.state for n, a in after.items()}},
+            )
+        )
     return events
 
 
 def account_event(name: str, view: AccountView) -> Event:
     if view.state == "needs-login":
-        return Event("needs-login", f"Claudeflare: account {name} needs a new log-in: run `claudeflare login {name}`.", name)
+        return Event(
+            "needs-login", f"Claudeflare: account {name} needs a new log-in: run `claudeflare login {name}`.", name
+        )
     if view.state == "disabled":
-        return Event("disabled", f"Claudeflare: Anthropic disabled account {name}; it serves nothing until its credential changes.", name)
+        return Event(
+            "disabled",
+            f"Claudeflare: Anthropic disabled account {name}; it serves nothing until its credential changes.",
+            name,
+        )
     until = f"until {view.limited_until}" if view.limited_until else "for now"
-    return Event("limited", f"Claudeflare: account {name} is rate limited {until}.", name, {"reset": view.limited_until})
+    return Event(
+        "limited", f"Claudeflare: account {name} is rate limited {until}.", name, {"reset": view.limited_until}
+    )
 
 
 @dataclass(frozen=True)
@@ -194,13 +212,20 @@ def budget_events(before: Mapping[str, BudgetView], after: Mapping[str, BudgetVi
         for threshold, event in BUDGET_SHARES:
             if share >= threshold > earlier:
                 over = "; its requests are refused until the period ends" if threshold >= 1 else ""
-                events.append(Event(
-                    event,
-                    f"Claudeflare: client key {client} has spent ${now.spent_usd:.2f} of its ${now.budget_usd:.2f} budget "
-                    f"({share:.0%}) in the period since {now.period_start}{over}.",
-                    None,
-                    {"client": client, "spent_usd": now.spent_usd, "budget_usd": now.budget_usd, "period_start": now.period_start},
-                ))
+                events.append(
+                    Event(
+                        event,
+                        f"Claudeflare: client key {client} has spent ${now.spent_usd:.2f} of its ${now.budget_usd:.2f} budget "
+                        f"({share:.0%}) in the period since {now.period_start}{over}.",
+                        None,
+                        {
+                            "client": client,
+                            "spent_usd": now.spent_usd,
+                            "budget_usd": now.budget_usd,
+                            "period_start": now.period_start,
+                        },
+                    )
+                )
     return events
 
 
@@ -230,8 +255,15 @@ def mask(value):
     return SECRET_SHAPE.sub("[redacted]", value) if isinstance(value, str) else value
 
 
-def payload(config: AlertsConfig, event: str, message: str, account: str | None = None, client: str | None = None,
-            at: float | None = None, **fields) -> dict:
+def payload(
+    config: AlertsConfig,
+    event: str,
+    message: str,
+    account: str | None = None,
+    client: str | None = None,
+    at: float | None = None,
+    **fields,
+) -> dict:
     """The JSON body: generic `{event, account, message, at, …}` or Slack's `{text}`."""
     message = mask(message)
     if config.format == "slack":
@@ -247,7 +279,9 @@ def post(config: AlertsConfig, body: dict, timeout: float = 5.0) -> int:
     secret); no redirects followed, no reply body read. OSError / HTTPException on failure."""
     parts = urlsplit(config.url)
     if parts.scheme == "https":
-        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=ssl.create_default_context())
+        conn = http.client.HTTPSConnection(
+            parts.hostname, parts.port, timeout=timeout, context=ssl.create_default_context()
+        )
     else:
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     headers = {"Content-Type": "application/json", "User-Agent": "claudeflare-alerts"}
@@ -255,7 +289,9 @@ def post(config: AlertsConfig, body: dict, timeout: float = 5.0) -> int:
         userinfo = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
         headers["Authorization"] = "Basic " + base64.b64encode(userinfo.encode()).decode()
     try:
-        conn.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), json.dumps(body).encode(), headers)
+        conn.request(
+            "POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), json.dumps(body).encode(), headers
+        )
         return conn.getresponse().status
     finally:
         conn.close()
@@ -295,8 +331,11 @@ class Sender:
             self._queue.put_nowait((config, body))
         except queue.Full:
             if not self._dropping:
-                logger.warning("claudeflare: alerts to %s are backing up; dropping %r and further ones until the queue drains",
-                               config.host, body.get("event", "alert"))
+                logger.warning(
+                    "claudeflare: alerts to %s are backing up; dropping %r and further ones until the queue drains",
+                    config.host,
+                    body.get("event", "alert"),
+                )
             self._dropping = True
             return False
         self._dropping = False
@@ -326,8 +365,13 @@ class Sender:
                 break  # the receiver refuses it (or redirects, which a webhook should not): asking again won't help
             if attempt + 1 < self.tries and self._stop.wait(self.delay * 2**attempt):
                 break
-        logger.warning("claudeflare: alert %r to %s not delivered (%d tries): %s",
-                       body.get("event", "alert"), config.host, attempt + 1, why)
+        logger.warning(
+            "claudeflare: alert %r to %s not delivered (%d tries): %s",
+            body.get("event", "alert"),
+            config.host,
+            attempt + 1,
+            why,
+        )
 
     def stop(self, timeout: float = 2.0) -> None:
         """Pending alerts get one try each, within `timeout`; retries stop at once."""
@@ -398,13 +442,19 @@ class Alerts:
         """One log line when [alerts] changes, naming the host only."""
         if config != self.announced:
             if config:
-                logger.info("claudeflare: alerts go to %s (%s format): %s", config.host, config.format,
-                            ", ".join(e for e in EVENTS if e in config.events) or "no events")
+                logger.info(
+                    "claudeflare: alerts go to %s (%s format): %s",
+                    config.host,
+                    config.format,
+                    ", ".join(e for e in EVENTS if e in config.events) or "no events",
+                )
             else:
                 logger.info("claudeflare: alerts off (no [alerts] in accounts.toml)")
         self.announced = config
 
-    def notify(self, event: str, account: str | None = None, client: str | None = None, message: str = "", **fields) -> bool:
+    def notify(
+        self, event: str, account: str | None = None, client: str | None = None, message: str = "", **fields
+    ) -> bool:
         """Queue an alert if `[alerts]` asks for this event; safe from any thread, never blocks."""
         if event not in EVENTS:
             raise ValueError(f"unknown alert event {event!r}")

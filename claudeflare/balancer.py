@@ -36,10 +36,18 @@ class Balancer:
         self._smooth_weights: dict[str, float] = {}
         self._next_prune = clock() + PRUNE_EVERY
         self.on_bind: Callable[[str, str, float], None] | None = None  # (key, account, seconds): shared state
-        self.elsewhere: dict[str, tuple[str, int, float]] = {}  # other proxies' in-flight: key -> (account, count, expiry)
+        self.elsewhere: dict[
+            str, tuple[str, int, float]
+        ] = {}  # other proxies' in-flight: key -> (account, count, expiry)
 
-    def pick(self, accounts: Sequence[Account], key: str | None = None, *, warning: Collection[str] = (),
-             utilization: Mapping[str, float] | None = None) -> Account | None:
+    def pick(
+        self,
+        accounts: Sequence[Account],
+        key: str | None = None,
+        *,
+        warning: Collection[str] = (),
+        utilization: Mapping[str, float] | None = None,
+    ) -> Account | None:
         """The account for a request, or None when no account is usable.
 
         `utilization` is the latest known fraction (0..1) of each account's binding window (0 when
@@ -57,7 +65,9 @@ class Balancer:
             bound, moved = self._bound(accounts, key, utilization)
             if bound:
                 return bound
-        roomy = [a for a in accounts if a.name not in warning and not self._past_switch(a.name, utilization)] or accounts
+        roomy = [
+            a for a in accounts if a.name not in warning and not self._past_switch(a.name, utilization)
+        ] or accounts
         best = min(a.priority for a in roomy)
         group = sorted((a for a in roomy if a.priority == best), key=lambda a: a.name)
         match self.strategy:
@@ -96,7 +106,9 @@ class Balancer:
     def _past_switch(self, name: str, utilization: Mapping[str, float]) -> bool:
         return utilization.get(name, 0.0) > self.switch_utilization
 
-    def _bound(self, accounts: Sequence[Account], key: str, utilization: Mapping[str, float]) -> tuple[Account | None, str | None]:
+    def _bound(
+        self, accounts: Sequence[Account], key: str, utilization: Mapping[str, float]
+    ) -> tuple[Account | None, str | None]:
         """The conversation's live account if it may keep it, else (None, why it must move)."""
         now = self.clock()
         if now >= self._next_prune:
@@ -125,7 +137,9 @@ class Balancer:
     def load(self, name: str) -> int:
         """Requests in flight on the account here and, as last reported, in other proxies (state.py)."""
         now = self.clock()
-        return self.in_flight[name] + sum(n for account, n, expiry in self.elsewhere.values() if account == name and expiry > now)
+        return self.in_flight[name] + sum(
+            n for account, n, expiry in self.elsewhere.values() if account == name and expiry > now
+        )
 
     def adopt_load(self, key: str, name: str, count: int, seconds: float) -> None:
         """Another proxy's in-flight count on `name`, valid `seconds`: a dead proxy's counts expire."""

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import click
 
+from . import alerts, manage, providers, supervisor
+from . import enrol as enrolment
 from .accounts import (
     MODES,
     PRIORITY_MAX,
@@ -23,26 +25,30 @@ from .accounts import (
     TIERS,
     Account,
     AccountsError,
-
     check_name,
     edit_accounts,
     hash_client_key,
     load_accounts,
 )
-from . import alerts, providers
-from .providers.compatible import AUTHS
 from .client_rules import PERIODS, SPEND_SQL, LimitsError, budget_rows, parse_limits, period_starts
-from .config import ACCOUNTS_FILE, DB_FILE, STRATEGIES, HomeError, check_home, default_strategy, ensure_home, resolve_home
-from .credentials import SECRET_RE, Credential, CredentialStore, CredentialStoreError
 from .clock import utc_now
-from . import enrol as enrolment
-from . import manage
+from .config import (
+    ACCOUNTS_FILE,
+    DB_FILE,
+    STRATEGIES,
+    HomeError,
+    check_home,
+    default_strategy,
+    ensure_home,
+    resolve_home,
+)
+from .credentials import SECRET_RE, Credential, CredentialStore, CredentialStoreError
 from .flowlog import open_db, query_readonly
 from .listing import account_rows
 from .oauth import OAuthError, OAuthSettings
+from .providers.compatible import AUTHS
 from .refresh import TokenRefresher
 from .stats import per_account, per_client
-from . import supervisor
 
 CLAUDE_CODE_CREDENTIALS = Path("~/.claude/.credentials.json")
 # A link to the checkout's top-level file (edits show at the next start); a wheel holds a copy instead.
@@ -128,8 +134,13 @@ def yes_option(fn):
     return click.option("--yes", is_flag=True, help="Do not ask for confirmation.")(fn)
 
 
-tier_option = click.option("--tier", type=click.Choice([str(t) for t in TIERS]), default="1", show_default=True,
-                           help="Capacity weight: 1 = Pro or API key, 5 = Max 5x, 20 = Max 20x.")
+tier_option = click.option(
+    "--tier",
+    type=click.Choice([str(t) for t in TIERS]),
+    default="1",
+    show_default=True,
+    help="Capacity weight: 1 = Pro or API key, 5 = Max 5x, 20 = Max 20x.",
+)
 PRIORITY = click.IntRange(PRIORITY_MIN, PRIORITY_MAX)
 priority_option = click.option("--priority", type=PRIORITY, default=0, show_default=True, help="Lower is preferred.")
 
@@ -149,27 +160,63 @@ def oauth_login(mode: str, finish) -> None:
 
 @cli.command()
 @click.argument("name")
-@click.option("--mode", type=click.Choice(MODES),
-              help="max: Pro/Max subscription (OAuth); console: Console OAuth, mints an API key; api-key: a Console API key. "
-                   "Required for the anthropic provider; other providers' accounts hold a key (api-key).")
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    help="max: Pro/Max subscription (OAuth); console: Console OAuth, mints an API key; api-key: a Console API key. "
+    "Required for the anthropic provider; other providers' accounts hold a key (api-key).",
+)
 @tier_option
 @priority_option
-@click.option("--api-key-env", metavar="VAR", help="api-key mode: read the key from this environment variable of the proxy instead.")
-@click.option("--provider", type=click.Choice(list(providers.PROVIDERS)), default=providers.DEFAULT, show_default=True,
-              help="Where the account's requests go (README: Providers).")
+@click.option(
+    "--api-key-env",
+    metavar="VAR",
+    help="api-key mode: read the key from this environment variable of the proxy instead.",
+)
+@click.option(
+    "--provider",
+    type=click.Choice(list(providers.PROVIDERS)),
+    default=providers.DEFAULT,
+    show_default=True,
+    help="Where the account's requests go (README: Providers).",
+)
 @click.option("--base-url", help="anthropic-compatible: the endpoint's URL (its Messages API is BASE_URL/v1/messages).")
 @click.option("--auth", type=click.Choice(AUTHS), help="anthropic-compatible: how the key is sent (default x-api-key).")
-@click.option("--model", "models", multiple=True, metavar="GLOB=MODEL",
-              help="anthropic-compatible, vertex: map client models matching GLOB to MODEL (repeat; the first match wins).")
-@click.option("--region", help="vertex: the Vertex AI region (default global); bedrock: the AWS region (default: the AWS chain's).")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    metavar="GLOB=MODEL",
+    help="anthropic-compatible, vertex: map client models matching GLOB to MODEL (repeat; the first match wins).",
+)
+@click.option(
+    "--region",
+    help="vertex: the Vertex AI region (default global); bedrock: the AWS region (default: the AWS chain's).",
+)
 @click.option("--profile", help="bedrock: the AWS profile whose credentials sign requests (default: the AWS chain's).")
 @click.option("--project", help="vertex: the Google Cloud project (default: the credentials' own).")
-@click.option("--credentials-file", type=click.Path(dir_okay=False, resolve_path=True),
-              help="vertex: a service-account key file (default: Application Default Credentials).")
+@click.option(
+    "--credentials-file",
+    type=click.Path(dir_okay=False, resolve_path=True),
+    help="vertex: a service-account key file (default: Application Default Credentials).",
+)
 @pass_ctx
-def add(obj: Context, name: str, mode: str | None, tier: str, priority: int, api_key_env: str | None, provider: str,
-        base_url: str | None, auth: str | None, models: tuple[str, ...], region: str | None, profile: str | None,
-        project: str | None, credentials_file: str | None) -> None:
+def add(
+    obj: Context,
+    name: str,
+    mode: str | None,
+    tier: str,
+    priority: int,
+    api_key_env: str | None,
+    provider: str,
+    base_url: str | None,
+    auth: str | None,
+    models: tuple[str, ...],
+    region: str | None,
+    profile: str | None,
+    project: str | None,
+    credentials_file: str | None,
+) -> None:
     """Add an account: log in with OAuth, or give an API key (hidden prompt or standard input).
 
     Example:
@@ -188,8 +235,17 @@ def add(obj: Context, name: str, mode: str | None, tier: str, priority: int, api
         raise click.UsageError("Missing option '--mode'.")
     if api_key_env and mode != "api-key":
         raise click.UsageError("--api-key-env is for --mode api-key")
-    settings = provider_settings(name, provider, base_url=base_url, auth=auth, models=models, region=region, profile=profile,
-                                 project=project, credentials_file=credentials_file)
+    settings = provider_settings(
+        name,
+        provider,
+        base_url=base_url,
+        auth=auth,
+        models=models,
+        region=region,
+        profile=profile,
+        project=project,
+        credentials_file=credentials_file,
+    )
     refuse_duplicate(obj, name)
     account = Account(name, mode, int(tier), priority, api_key_env=api_key_env, provider=provider, settings=settings)
     if providers.PROVIDERS[provider].own_credentials:
@@ -229,15 +285,24 @@ def refresh(obj: Context, name: str) -> None:
     click.echo(f"refreshed {name}, token {describe_expiry(fresh.expires_at)}")
 
 
-PROVIDER_OPTIONS = {"base_url": "--base-url", "auth": "--auth", "models": "--model", "region": "--region", "profile": "--profile", "project": "--project",
-                    "credentials_file": "--credentials-file"}  # `add` option of each key
+PROVIDER_OPTIONS = {
+    "base_url": "--base-url",
+    "auth": "--auth",
+    "models": "--model",
+    "region": "--region",
+    "profile": "--profile",
+    "project": "--project",
+    "credentials_file": "--credentials-file",
+}  # `add` option of each key
 
 
 def provider_settings(name: str, provider: str, **given) -> object:
     """The provider's settings from `add`'s options, checked by the provider as accounts.toml would be."""
     table = {key: value for key, value in given.items() if value}
     if unknown := set(table) - providers.PROVIDERS[provider].keys:
-        raise click.UsageError(f"{', '.join(PROVIDER_OPTIONS[k] for k in sorted(unknown))}: not for provider {provider}")
+        raise click.UsageError(
+            f"{', '.join(PROVIDER_OPTIONS[k] for k in sorted(unknown))}: not for provider {provider}"
+        )
     if "models" in table:
         pairs = [m.partition("=") for m in table["models"]]
         if any(not glob or not target for glob, _, target in pairs):
@@ -262,11 +327,22 @@ def refuse_duplicate(obj: Context, name: str) -> None:
 
 @cli.command("import")
 @click.argument("name")
-@click.option("--mode", type=click.Choice(["max", "console"]), required=True, help="max: Pro/Max subscription; console: Console OAuth.")
+@click.option(
+    "--mode",
+    type=click.Choice(["max", "console"]),
+    required=True,
+    help="max: Pro/Max subscription; console: Console OAuth.",
+)
 @tier_option
 @priority_option
-@click.option("--from", "source", type=click.Path(dir_okay=False, path_type=Path), default=str(CLAUDE_CODE_CREDENTIALS),
-              show_default=True, help="Claude Code's credentials JSON.")
+@click.option(
+    "--from",
+    "source",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=str(CLAUDE_CODE_CREDENTIALS),
+    show_default=True,
+    help="Claude Code's credentials JSON.",
+)
 @pass_ctx
 def import_(obj: Context, name: str, mode: str, tier: str, priority: int, source: Path) -> None:
     """Add an OAuth account from Claude Code's saved login.
@@ -292,13 +368,17 @@ def read_claude_code_credentials(path: Path) -> Credential:
     except (OSError, ValueError) as e:
         raise click.ClickException(f"cannot read {path}: {type(e).__name__}") from None
     oauth = data.get("claudeAiOauth") if isinstance(data, dict) else None
-    if not isinstance(oauth, dict) or not all(isinstance(oauth.get(k), str) and oauth[k] for k in ("accessToken", "refreshToken")):
+    if not isinstance(oauth, dict) or not all(
+        isinstance(oauth.get(k), str) and oauth[k] for k in ("accessToken", "refreshToken")
+    ):
         raise click.ClickException(f"{path} has no claudeAiOauth.accessToken and refreshToken")
     for key in ("accessToken", "refreshToken"):
         if not SECRET_RE.fullmatch(oauth[key]):
             raise click.ClickException(f"{path}: claudeAiOauth.{key} is malformed")
     expires_ms = oauth.get("expiresAt")
-    expires_at = expires_ms / 1000 if isinstance(expires_ms, (int, float)) and not isinstance(expires_ms, bool) else None
+    expires_at = (
+        expires_ms / 1000 if isinstance(expires_ms, (int, float)) and not isinstance(expires_ms, bool) else None
+    )
     return Credential(access_token=oauth["accessToken"], refresh_token=oauth["refreshToken"], expires_at=expires_at)
 
 
@@ -321,9 +401,9 @@ def print_table(rows: list[dict]) -> None:
         return
     headers = list(rows[0])
     widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in headers]
-    click.echo("  ".join(h.upper().replace("_", " ").ljust(w) for h, w in zip(headers, widths)).rstrip())
+    click.echo("  ".join(h.upper().replace("_", " ").ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
     for row in rows:
-        click.echo("  ".join(str(row[h]).ljust(w) for h, w in zip(headers, widths)).rstrip())
+        click.echo("  ".join(str(row[h]).ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
 
 
 @cli.command("list")
@@ -335,18 +415,29 @@ def list_(obj: Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     elif not rows:
-        click.echo("no accounts yet: `claudeflare add NAME --mode api-key` or `claudeflare import NAME --mode max --tier 5`")
+        click.echo(
+            "no accounts yet: `claudeflare add NAME --mode api-key` or `claudeflare import NAME --mode max --tier 5`"
+        )
     else:
-        print_table([
-            {
-                "name": r["name"], "provider": r["provider"], "mode": r["mode"], "tier": r["tier"], "priority": r["priority"], "state": r["state"],
-                "token_expires_at": describe_expiry(r["token_expires_at"]), "requests_today": r["requests_today"],
-                **{window: used(r[f"utilization_{window}"], r[f"reset_{window}"]) for window in WINDOWS},
-                "extra": percent(r["utilization_extra"]),
-                "limited_until": r["limited_until"] or "-", "reason": r["reason"] or "",
-            }
-            for r in rows
-        ])
+        print_table(
+            [
+                {
+                    "name": r["name"],
+                    "provider": r["provider"],
+                    "mode": r["mode"],
+                    "tier": r["tier"],
+                    "priority": r["priority"],
+                    "state": r["state"],
+                    "token_expires_at": describe_expiry(r["token_expires_at"]),
+                    "requests_today": r["requests_today"],
+                    **{window: used(r[f"utilization_{window}"], r[f"reset_{window}"]) for window in WINDOWS},
+                    "extra": percent(r["utilization_extra"]),
+                    "limited_until": r["limited_until"] or "-",
+                    "reason": r["reason"] or "",
+                }
+                for r in rows
+            ]
+        )
 
 
 def percent(fraction: float | None) -> str:
@@ -409,7 +500,9 @@ def set_(obj: Context, name: str, tier: str | None, priority: int | None) -> Non
         raise click.UsageError("give --tier and/or --priority")
 
     manage.set_tier_priority(obj.home, name, None if tier is None else int(tier), priority)
-    click.echo(f"{name}: " + ", ".join(f"{k} {v}" for k, v in (("tier", tier), ("priority", priority)) if v is not None))
+    click.echo(
+        f"{name}: " + ", ".join(f"{k} {v}" for k, v in (("tier", tier), ("priority", priority)) if v is not None)
+    )
 
 
 @cli.command()
@@ -468,7 +561,9 @@ def stats(obj: Context, since: str, as_json: bool) -> None:
         click.echo(json.dumps({"since": start, "accounts": rows, "clients": clients}, indent=2))
     elif rows:
         click.echo(f"since {start}")
-        print_table([{**r, "cost_usd": f"{r['cost_usd'] or 0:.4f}", "limited_until": r["limited_until"] or "-"} for r in rows])
+        print_table(
+            [{**r, "cost_usd": f"{r['cost_usd'] or 0:.4f}", "limited_until": r["limited_until"] or "-"} for r in rows]
+        )
         click.echo("")
         print_table([{**r, "cost_usd": f"{r['cost_usd'] or 0:.4f}"} for r in clients])
     else:
@@ -502,7 +597,8 @@ def clear_history(obj: Context, before: str | None, yes: bool) -> None:
     try:
         with db.conn:
             deleted = db.execute(
-                "delete from requests where started_at < ?" if cutoff else "delete from requests", [cutoff] if cutoff else []
+                "delete from requests where started_at < ?" if cutoff else "delete from requests",
+                [cutoff] if cutoff else [],
             ).rowcount
     finally:
         db.close()
@@ -516,27 +612,47 @@ def client_key() -> None:
 
 def limit_options(command):
     """The limits `client-key create` and `set` take (client_rules.py checks them)."""
-    for option in reversed([
-        click.option("--budget-usd", type=float, help="Spend cap in USD at list price, per --per period (UTC)."),
-        click.option("--per", type=click.Choice(PERIODS), help="Budget period: day, week (from Monday) or month, in UTC."),
-        click.option("--rpm", type=int, help="Requests per minute (per UTC minute)."),
-        click.option("--concurrency", type=int, help="Requests in flight at once."),
-        click.option("--models", help="Allowed models, glob patterns separated by commas (e.g. 'claude-sonnet-*')."),
-        click.option("--expires", help="Expiry: an ISO date (its 00:00 UTC) or date and time (UTC unless it names a zone)."),
-    ]):
+    for option in reversed(
+        [
+            click.option("--budget-usd", type=float, help="Spend cap in USD at list price, per --per period (UTC)."),
+            click.option(
+                "--per", type=click.Choice(PERIODS), help="Budget period: day, week (from Monday) or month, in UTC."
+            ),
+            click.option("--rpm", type=int, help="Requests per minute (per UTC minute)."),
+            click.option("--concurrency", type=int, help="Requests in flight at once."),
+            click.option(
+                "--models", help="Allowed models, glob patterns separated by commas (e.g. 'claude-sonnet-*')."
+            ),
+            click.option(
+                "--expires", help="Expiry: an ISO date (its 00:00 UTC) or date and time (UTC unless it names a zone)."
+            ),
+        ]
+    ):
         command = option(command)
     return command
 
 
-CLEARS = {"budget": ("budget_usd", "per"), "rpm": ("rpm",), "concurrency": ("concurrency",), "models": ("models",),
-          "expires": ("expires_at",)}  # `client-key set --clear LIMIT`: the stored fields it removes
+CLEARS = {
+    "budget": ("budget_usd", "per"),
+    "rpm": ("rpm",),
+    "concurrency": ("concurrency",),
+    "models": ("models",),
+    "expires": ("expires_at",),
+}  # `client-key set --clear LIMIT`: the stored fields it removes
 
 
 def with_limits(raw: dict, budget_usd, per, rpm, concurrency, models, expires, clear=()) -> dict:
     """`raw` (a key's stored limits) changed as the options say, checked; {} when none are left."""
     dropped = {field for limit in clear for field in CLEARS[limit]}
     changed = {k: v for k, v in raw.items() if k not in dropped}
-    given = {"budget_usd": budget_usd, "per": per, "rpm": rpm, "concurrency": concurrency, "models": models, "expires_at": expires}
+    given = {
+        "budget_usd": budget_usd,
+        "per": per,
+        "rpm": rpm,
+        "concurrency": concurrency,
+        "models": models,
+        "expires_at": expires,
+    }
     changed.update({k: v for k, v in given.items() if v is not None})
     try:
         return parse_limits(changed).to_json()
@@ -574,17 +690,20 @@ def client_key_create(obj: Context, name: str, **limits) -> None:
 
     obj.store().update(change)
     click.echo(key)
-    click.echo(f"client key {name!r} created; clients send it as x-api-key (ANTHROPIC_API_KEY). It is not shown again.", err=True)
+    click.echo(
+        f"client key {name!r} created; clients send it as x-api-key (ANTHROPIC_API_KEY). It is not shown again.",
+        err=True,
+    )
 
 
 @client_key.command("set")
 @click.argument("name")
 @limit_options
-@click.option("--clear", multiple=True, type=click.Choice(list(CLEARS)),
-              help="Remove a limit (repeat for several).")
+@click.option("--clear", multiple=True, type=click.Choice(list(CLEARS)), help="Remove a limit (repeat for several).")
 @pass_ctx
 def client_key_set(obj: Context, name: str, clear: tuple[str, ...], **limits) -> None:
     """Change a client key's limits; the running proxy applies them within a second."""
+
     def change(data):
         entry = stored_key(data, name)
         checked = with_limits(entry.get("limits") or {}, clear=clear, **limits)
@@ -606,15 +725,28 @@ def client_key_list(obj: Context, as_json: bool) -> None:
     now = time.time()
     path = obj.home / DB_FILE
     spend = {n: query_readonly(path, SPEND_SQL, [n, start])[:1] for n, start in period_starts(budgets, now).items()}
-    limits = {r["name"]: r for r in budget_rows(budgets, {n: r[0]["spend"] if r else 0.0 for n, r in spend.items()}, now)}
+    limits = {
+        r["name"]: r for r in budget_rows(budgets, {n: r[0]["spend"] if r else 0.0 for n, r in spend.items()}, now)
+    }
     rows = [{"created_at": k.get("created_at", ""), **limits[n]} for n, k in sorted(keys.items())]
     rows = [{"name": r.pop("name"), **r} for r in rows]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     elif rows:
-        print_table([{"name": r["name"], "created_at": r["created_at"], "spend": spend_text(r), "rpm": r["rpm"] or "-",
-                      "concurrency": r["concurrency"] or "-", "models": r["models"] or "any", "expires": r["expires_at"] or "-"}
-                     for r in rows])
+        print_table(
+            [
+                {
+                    "name": r["name"],
+                    "created_at": r["created_at"],
+                    "spend": spend_text(r),
+                    "rpm": r["rpm"] or "-",
+                    "concurrency": r["concurrency"] or "-",
+                    "models": r["models"] or "any",
+                    "expires": r["expires_at"] or "-",
+                }
+                for r in rows
+            ]
+        )
     else:
         click.echo("no client keys: the proxy serves loopback clients without one")
 
@@ -657,12 +789,26 @@ def dashboard_settings(allow_sql: bool = False) -> dict:
     }
 
 
-def dashboard_command(home: Path, host: str, port: int, metadata: Path, public: bool = False,
-                      allow_sql: bool = False) -> tuple[list[str], dict[str, str]]:
+def dashboard_command(
+    home: Path, host: str, port: int, metadata: Path, public: bool = False, allow_sql: bool = False
+) -> tuple[list[str], dict[str, str]]:
     """The Datasette command line and environment. The password hash goes in the environment, never
     on the command line (which `ps` shows to everyone)."""
-    args = [sys.executable, "-m", "datasette", "serve", str(home / DB_FILE), "--metadata", str(metadata),
-            "--plugins-dir", str(DASHBOARD_PLUGINS), "--host", host, "--port", str(port)]
+    args = [
+        sys.executable,
+        "-m",
+        "datasette",
+        "serve",
+        str(home / DB_FILE),
+        "--metadata",
+        str(metadata),
+        "--plugins-dir",
+        str(DASHBOARD_PLUGINS),
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     for name, value in dashboard_settings(allow_sql).items():
         args += ["--setting", name, ("on" if value else "off") if isinstance(value, bool) else str(value)]
     env = {k: v for k, v in os.environ.items() if k not in (PASSWORD_HASH_ENV, PUBLIC_ENV)}
@@ -685,9 +831,18 @@ def read_password_hash(home: Path) -> str | None:
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8001, show_default=True, help="Port to listen on.")
-@click.option("--metadata", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=str(METADATA),
-              show_default=True, help="Datasette metadata (charts and canned queries).")
-@click.option("--public", is_flag=True, help="Let anyone who can reach the port read the dashboard (management still needs the login).")
+@click.option(
+    "--metadata",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=str(METADATA),
+    show_default=True,
+    help="Datasette metadata (charts and canned queries).",
+)
+@click.option(
+    "--public",
+    is_flag=True,
+    help="Let anyone who can reach the port read the dashboard (management still needs the login).",
+)
 @click.option("--allow-sql", is_flag=True, help="Enable Datasette's SQL editor for those who may read.")
 @pass_ctx
 def dashboard(obj: Context, host: str, port: int, metadata: Path, public: bool, allow_sql: bool) -> None:
@@ -700,17 +855,28 @@ def dashboard(obj: Context, host: str, port: int, metadata: Path, public: bool, 
     args, env = dashboard_command(home, host, port, metadata, public, allow_sql)
     url = f"http://{host}:{port}/"
     if PASSWORD_HASH_ENV not in env:
-        click.echo(f"claudeflare dashboard: {url} — no password set yet: run `claudeflare dashboard-password` "
-                   f"to log in{' and manage' if public else ''}, then restart the dashboard", err=True)
+        click.echo(
+            f"claudeflare dashboard: {url} — no password set yet: run `claudeflare dashboard-password` "
+            f"to log in{' and manage' if public else ''}, then restart the dashboard",
+            err=True,
+        )
     else:
         click.echo(f"claudeflare dashboard: {url} (log in as {DASHBOARD_USER})", err=True)
     os.execve(sys.executable, args, env)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
-@click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True, help="mitmdump processes (one core each).")
+@click.option(
+    "--workers", type=click.IntRange(1, 256), default=1, show_default=True, help="mitmdump processes (one core each)."
+)
 @click.option("--listen-host", default="127.0.0.1", show_default=True, help="Interface to listen on ('' for all).")
-@click.option("--listen-port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port to listen on (0: a free one).")
+@click.option(
+    "--listen-port",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    help="Port to listen on (0: a free one).",
+)
 @click.argument("mitmdump_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- MITMDUMP ARGS...]")
 @pass_ctx
 def serve(obj: Context, workers: int, listen_host: str, listen_port: int, mitmdump_args: tuple[str, ...]) -> None:
@@ -723,8 +889,9 @@ def serve(obj: Context, workers: int, listen_host: str, listen_port: int, mitmdu
     """
     env = {**os.environ, HOME_ENV: str(ensure_home(obj.home))}  # the workers serve this home
     try:
-        code = supervisor.serve(workers, listen_host, listen_port, list(mitmdump_args), env,
-                                say=lambda line: click.echo(line, err=True))
+        code = supervisor.serve(
+            workers, listen_host, listen_port, list(mitmdump_args), env, say=lambda line: click.echo(line, err=True)
+        )
     except supervisor.ServeError as e:
         raise click.ClickException(str(e)) from None
     sys.exit(code)
@@ -772,13 +939,21 @@ def alerts_group() -> None:
 
 
 @alerts_group.command("test")
-@click.option("--event", type=click.Choice(alerts.EVENTS), default="limited", show_default=True, help="Which kind of sample to send.")
+@click.option(
+    "--event",
+    type=click.Choice(alerts.EVENTS),
+    default="limited",
+    show_default=True,
+    help="Which kind of sample to send.",
+)
 @pass_ctx
 def alerts_test(obj: Context, event: str) -> None:
     """Post a sample alert to the [alerts] url now, and say whether the receiver took it."""
     config = load_accounts_or_fail(obj.home).alerts
     if config is None:
-        raise click.ClickException(f"no [alerts] table in {obj.home / ACCOUNTS_FILE}: add one with url = \"https://…\" (see accounts.example.toml)")
+        raise click.ClickException(
+            f'no [alerts] table in {obj.home / ACCOUNTS_FILE}: add one with url = "https://…" (see accounts.example.toml)'
+        )
     sample = alerts.sample(event)
     body = alerts.payload(config, event, sample.message, sample.account, **sample.fields)
     why = alerts.deliver(config, body)  # the URL is a secret: only its host is shown

@@ -101,10 +101,17 @@ class ClientLimits:
         if not limits.models:
             return
         if flow.request.headers.get("content-encoding", "identity").lower() != "identity":
-            flow.response = refuse(400, "invalid_request_error", f"client key {client!r} has a model allow-list: send bodies uncompressed.")
-        elif refused := model_refused(await off_loop(named_models, body=flow.request.raw_content or b"") or [], limits.models):
-            flow.response = refuse(403, "permission_error", f"client key {client!r} may not use model {refused[:128]!r}; "
-                                   f"allowed: {', '.join(limits.models)}.")
+            flow.response = refuse(
+                400, "invalid_request_error", f"client key {client!r} has a model allow-list: send bodies uncompressed."
+            )
+        elif refused := model_refused(
+            await off_loop(named_models, body=flow.request.raw_content or b"") or [], limits.models
+        ):
+            flow.response = refuse(
+                403,
+                "permission_error",
+                f"client key {client!r} may not use model {refused[:128]!r}; allowed: {', '.join(limits.models)}.",
+            )
 
     def head_refusal(self, client: str, limits: Limits, now: float) -> http.Response | None:
         expires = limits.expires_epoch
@@ -113,23 +120,41 @@ class ClientLimits:
         if limits.budget_usd is not None:
             spent = self.spent(client, limits.per, now)
             if spent is None:
-                return refuse(429, "rate_limit_error", f"client key {client!r}: reading its spend from the flow log; try again in a second.", 1)
+                return refuse(
+                    429,
+                    "rate_limit_error",
+                    f"client key {client!r}: reading its spend from the flow log; try again in a second.",
+                    1,
+                )
             if spent >= limits.budget_usd:
                 end = period_end(limits.per, now)
-                return refuse(429, "rate_limit_error",
-                              f"client key {client!r} has spent ${spent:.2f} of its ${limits.budget_usd:.2f} budget per {limits.per}; "
-                              f"it renews at {iso_z(end)} (UTC).", end.timestamp() - now)
+                return refuse(
+                    429,
+                    "rate_limit_error",
+                    f"client key {client!r} has spent ${spent:.2f} of its ${limits.budget_usd:.2f} budget per {limits.per}; "
+                    f"it renews at {iso_z(end)} (UTC).",
+                    end.timestamp() - now,
+                )
         busy, admitted = self.others(client, int(now // 60), now)
         if limits.concurrency and self.in_flight[client] + busy >= limits.concurrency:
-            return refuse(429, "rate_limit_error", f"client key {client!r} is limited to {limits.concurrency} concurrent request(s).", 1)
+            return refuse(
+                429,
+                "rate_limit_error",
+                f"client key {client!r} is limited to {limits.concurrency} concurrent request(s).",
+                1,
+            )
         if limits.rpm:
             minute = int(now // 60)
             if self.minute[0] != minute:
                 self.minute = (minute, Counter())
             counts = self.minute[1]
             if counts[client] + admitted >= limits.rpm:
-                return refuse(429, "rate_limit_error", f"client key {client!r} is limited to {limits.rpm} request(s) per minute.",
-                              (minute + 1) * 60 - now)
+                return refuse(
+                    429,
+                    "rate_limit_error",
+                    f"client key {client!r} is limited to {limits.rpm} request(s) per minute.",
+                    (minute + 1) * 60 - now,
+                )
             counts[client] += 1
         return None
 

@@ -57,7 +57,12 @@ class Limits:
 
 
 def check_budget(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 < value <= MAX_BUDGET_USD:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0 < value <= MAX_BUDGET_USD
+    ):
         raise LimitsError(f"budget must be a number of dollars above 0 and at most {MAX_BUDGET_USD:g}")
     return float(value)
 
@@ -76,7 +81,9 @@ def check_patterns(value) -> tuple[str, ...]:
     for p in patterns:
         p = p.strip() if isinstance(p, str) else p
         if not isinstance(p, str) or not PATTERN_RE.fullmatch(p):
-            raise LimitsError("each model pattern must be 1-128 letters, digits, '.', '-', '_', ':', '@', '/' or globs * ? [ ]")
+            raise LimitsError(
+                "each model pattern must be 1-128 letters, digits, '.', '-', '_', ':', '@', '/' or globs * ? [ ]"
+            )
         out.append(p)
     return tuple(out)
 
@@ -101,7 +108,7 @@ def parse_limits(raw) -> Limits:
     if raw is None:
         return Limits()
     if not isinstance(raw, dict):
-        raise LimitsError("\"limits\" must be an object")
+        raise LimitsError('"limits" must be an object')
     if set(raw) - LIMIT_KEYS:
         raise LimitsError(f"unknown key(s) in limits; allowed: {', '.join(sorted(LIMIT_KEYS))}")
     budget, per = raw.get("budget_usd"), raw.get("per")
@@ -113,7 +120,9 @@ def parse_limits(raw) -> Limits:
         budget_usd=None if budget is None else check_budget(budget),
         per=per,
         rpm=None if raw.get("rpm") is None else check_count("rpm", raw["rpm"], MAX_RPM),
-        concurrency=None if raw.get("concurrency") is None else check_count("concurrency", raw["concurrency"], MAX_CONCURRENCY),
+        concurrency=None
+        if raw.get("concurrency") is None
+        else check_count("concurrency", raw["concurrency"], MAX_CONCURRENCY),
         models=() if raw.get("models") is None else check_patterns(raw["models"]),
         expires_at=None if raw.get("expires_at") is None else iso_z(parse_when(raw["expires_at"])),
     )
@@ -182,7 +191,9 @@ class SpendCounter:
 
     def due(self) -> bool:
         budgets = self.budgets
-        return budgets is not self._budgets_summed or (any(b.per for b in budgets.values()) and time.monotonic() >= self._next_sum)
+        return budgets is not self._budgets_summed or (
+            any(b.per for b in budgets.values()) and time.monotonic() >= self._next_sum
+        )
 
     def chore(self, db, finished: int, now: float | None = None) -> None:
         """Sum each budgeted client's rows (all `finished` rows are written) and publish; keep table
@@ -220,18 +231,20 @@ def budget_rows(budgets: dict[str, Limits], spend: dict[str, float], now: float)
     """One row per client key with limits, for the dashboard (table client_limits) and `client-key list`."""
     rows = []
     for name, limits in sorted(budgets.items()):
-        rows.append({
-            "name": name,
-            "budget_usd": limits.budget_usd,
-            "per": limits.per,
-            "period_start": iso_z(period_start(limits.per, now)) if limits.per else None,
-            "resets_at": iso_z(period_end(limits.per, now)) if limits.per else None,
-            "spend_usd": round(spend.get(name, 0.0), 6) if limits.per else None,
-            "rpm": limits.rpm,
-            "concurrency": limits.concurrency,
-            "models": ",".join(limits.models) or None,
-            "expires_at": limits.expires_at,
-        })
+        rows.append(
+            {
+                "name": name,
+                "budget_usd": limits.budget_usd,
+                "per": limits.per,
+                "period_start": iso_z(period_start(limits.per, now)) if limits.per else None,
+                "resets_at": iso_z(period_end(limits.per, now)) if limits.per else None,
+                "spend_usd": round(spend.get(name, 0.0), 6) if limits.per else None,
+                "rpm": limits.rpm,
+                "concurrency": limits.concurrency,
+                "models": ",".join(limits.models) or None,
+                "expires_at": limits.expires_at,
+            }
+        )
     return rows
 
 
@@ -252,8 +265,14 @@ def named_models(body: bytes, yielding: bool = False) -> list[str] | None:
         return None  # nothing of the document is kept
 
     try:
-        json.loads(body.decode("utf-8", "replace"), object_pairs_hook=pairs, strict=False,
-                   parse_int=len, parse_float=len, parse_constant=len)
+        json.loads(
+            body.decode("utf-8", "replace"),
+            object_pairs_hook=pairs,
+            strict=False,
+            parse_int=len,
+            parse_float=len,
+            parse_constant=len,
+        )
     except (ValueError, RecursionError):
         return None
     return found

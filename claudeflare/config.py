@@ -51,7 +51,9 @@ def check_home(home: Path) -> Path:
     if not stat.S_ISDIR(st.st_mode):
         raise HomeError(f"{home} is not a folder")
     if st.st_uid != os.getuid() or st.st_mode & 0o022:
-        raise HomeError(f"{home} is owned or writable by another user, and it would hold credentials: use a folder of your own (chmod 700)")
+        raise HomeError(
+            f"{home} is owned or writable by another user, and it would hold credentials: use a folder of your own (chmod 700)"
+        )
     return home
 
 

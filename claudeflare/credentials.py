@@ -76,12 +76,12 @@ class CredentialStore:
             # The message names the file only: its content is secret.
             raise CredentialStoreError(f"cannot read {self.path}: {type(e).__name__}") from None
         if not isinstance(data, dict):
-            raise CredentialStoreError(f"{self.path}: expected a JSON object with \"accounts\" and \"client_keys\"")
+            raise CredentialStoreError(f'{self.path}: expected a JSON object with "accounts" and "client_keys"')
         data.setdefault("accounts", {})
         data.setdefault("client_keys", {})
         for section in ("accounts", "client_keys"):
             if not isinstance(data[section], dict):
-                raise CredentialStoreError(f"{self.path}: \"{section}\" must be an object of name: {{...}}")
+                raise CredentialStoreError(f'{self.path}: "{section}" must be an object of name: {{...}}')
             for name, entry in data[section].items():
                 if problem := entry_problem(section, entry):
                     # The name only if it looks like one: the file may hold anything, secrets included.
@@ -139,17 +139,19 @@ def entry_problem(section: str, entry) -> str | None:
         return "must be an object"
     if section == "client_keys":
         if not isinstance(entry.get("sha256"), str):
-            return "needs \"sha256\", a string"
+            return 'needs "sha256", a string'
         try:
             parse_limits(entry.get("limits"))
         except LimitsError as e:
             return f"limits: {e}"
         return None
     expires = entry.get("expires_at")
-    if expires is not None and (isinstance(expires, bool) or not isinstance(expires, (int, float)) or not 0 <= expires < 1e11):
-        return "\"expires_at\" must be a time in seconds since 1970"
+    if expires is not None and (
+        isinstance(expires, bool) or not isinstance(expires, (int, float)) or not 0 <= expires < 1e11
+    ):
+        return '"expires_at" must be a time in seconds since 1970'
     if not isinstance(entry.get("needs_login", False), bool):
-        return "\"needs_login\" must be true or false"
+        return '"needs_login" must be true or false'
     return None
 
 

@@ -7,8 +7,19 @@ key), `OAuthError` (the log-in failed) or `CredentialStoreError`, whose messages
 
 from pathlib import Path
 
-from .accounts import MODES, PRIORITY_MAX, PRIORITY_MIN, TIERS, Account, AccountsError, account_table, add_account_table, \
-    check_name, edit_accounts, load_accounts
+from .accounts import (
+    MODES,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    TIERS,
+    Account,
+    AccountsError,
+    account_table,
+    add_account_table,
+    check_name,
+    edit_accounts,
+    load_accounts,
+)
 from .config import ensure_home
 from .credentials import SECRET_RE, Credential, CredentialStore
 from .oauth import LoginFlow, OAuthSettings, create_api_key, exchange_code

@@ -18,8 +18,8 @@ from sqlite_utils import Migrations
 
 from . import retention
 from .client_rules import SpendCounter
-from .storable import storable
 from .clock import utc_now
+from .storable import storable
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,9 @@ def m004_failovers(db: sqlite_utils.Database) -> None:
 @migrations()
 def m005_views(db: sqlite_utils.Database) -> None:
     # For the dashboard (datasette-metadata.yml): conversations, and failovers one row per failed attempt.
-    db.create_view("sessions", """
+    db.create_view(
+        "sessions",
+        """
         select session, group_concat(distinct account) as accounts,
           min(started_at) as first_seen, max(started_at) as last_seen, count(*) as requests,
           sum(input_tokens) as input_tokens, sum(output_tokens) as output_tokens,
@@ -122,8 +124,11 @@ def m005_views(db: sqlite_utils.Database) -> None:
         from requests
         where session is not null
         group by session
-    """)
-    db.create_view("failover_events", """
+    """,
+    )
+    db.create_view(
+        "failover_events",
+        """
         select r.id as request_id, r.started_at, r.session, r.client, r.model,
           json_extract(f.value, '$.account') as failed_account,
           json_extract(f.value, '$.status') as failed_status,
@@ -132,7 +137,8 @@ def m005_views(db: sqlite_utils.Database) -> None:
         from requests r
         join json_each(case when json_valid(r.failovers) then r.failovers else '[]' end) f
         where r.failovers is not null
-    """)
+    """,
+    )
 
 
 @migrations()
@@ -144,8 +150,14 @@ def m006_account_kind(db: sqlite_utils.Database) -> None:
 @migrations()
 def m007_usage_columns(db: sqlite_utils.Database) -> None:
     # From the usage endpoint (claudeflare/usage_poll.py): per-model weekly windows, extra usage.
-    for column, kind in [("utilization_7d_opus", float), ("reset_7d_opus", str), ("utilization_7d_sonnet", float),
-                         ("reset_7d_sonnet", str), ("utilization_extra", float), ("usage_read_at", str)]:
+    for column, kind in [
+        ("utilization_7d_opus", float),
+        ("reset_7d_opus", str),
+        ("utilization_7d_sonnet", float),
+        ("reset_7d_sonnet", str),
+        ("utilization_extra", float),
+        ("usage_read_at", str),
+    ]:
         db["account_status"].add_column(column, kind)
 
 
@@ -159,7 +171,10 @@ def m008_resources(db: sqlite_utils.Database) -> None:
 def m009_request_facts(db: sqlite_utils.Database) -> None:
     # Each figure's rule written once, for the dashboard, its reports and `claudeflare stats`.
     # failover_events gains the attempt's place in the list, so reports keep the order of attempts.
-    db.create_view("failover_events", replace=True, sql="""
+    db.create_view(
+        "failover_events",
+        replace=True,
+        sql="""
         select r.id as request_id, r.started_at, r.session, r.client, r.model,
           json_extract(f.value, '$.account') as failed_account,
           json_extract(f.value, '$.status') as failed_status,
@@ -168,9 +183,12 @@ def m009_request_facts(db: sqlite_utils.Database) -> None:
         from requests r
         join json_each(case when json_valid(r.failovers) then r.failovers else '[]' end) f
         where r.failovers is not null
-    """)
+    """,
+    )
     # Token sums stay null when a count is missing, so a row without counts adds nothing to a ratio.
-    db.create_view("request_facts", """
+    db.create_view(
+        "request_facts",
+        """
         select requests.*,
           (status is null or status >= 400 or error is not null) as is_error,
           status = 429 as rate_limited,
@@ -181,8 +199,12 @@ def m009_request_facts(db: sqlite_utils.Database) -> None:
           date(started_at) as day,
           cast(strftime('%s', started_at) as integer) as epoch
         from requests
-    """)
-    db.create_view("sessions", replace=True, sql="""
+    """,
+    )
+    db.create_view(
+        "sessions",
+        replace=True,
+        sql="""
         select session, group_concat(distinct account) as accounts,
           min(started_at) as first_seen, max(started_at) as last_seen, count(*) as requests,
           sum(input_tokens) as input_tokens, sum(output_tokens) as output_tokens,
@@ -193,10 +215,13 @@ def m009_request_facts(db: sqlite_utils.Database) -> None:
         from request_facts
         where session is not null
         group by session
-    """)
+    """,
+    )
     # The time axis of the dashboard's charts for each of its ranges ('' = all time): the bucket
     # width, and one row per bucket from the start of the range (or of the log) to now.
-    db.create_view("time_buckets", """
+    db.create_view(
+        "time_buckets",
+        """
         with recursive
         p(range, seconds, since) as (
           select column1, column2, cast(coalesce(strftime('%s', 'now', '-' || nullif(column1, '')),
@@ -212,15 +237,27 @@ def m009_request_facts(db: sqlite_utils.Database) -> None:
         select range, seconds, t, strftime('%Y-%m-%dT%H:%M:%SZ', t, 'unixepoch') as time,
           strftime('%Y-%m-%dT%H:%M:%SZ', t + seconds, 'unixepoch') as time_end
         from b
-    """)
+    """,
+    )
 
 
 @migrations()
 def m010_client_limits(db: sqlite_utils.Database) -> None:
     # Each client key's limits and spend this period, from the running proxy (client_rules.SpendCounter).
     db["client_limits"].create(
-        {"name": str, "budget_usd": float, "per": str, "period_start": str, "resets_at": str, "spend_usd": float,
-         "rpm": int, "concurrency": int, "models": str, "expires_at": str, "updated_at": str},
+        {
+            "name": str,
+            "budget_usd": float,
+            "per": str,
+            "period_start": str,
+            "resets_at": str,
+            "spend_usd": float,
+            "rpm": int,
+            "concurrency": int,
+            "models": str,
+            "expires_at": str,
+            "updated_at": str,
+        },
         pk="name",
     )
 
@@ -272,7 +309,9 @@ class FlowLog:
         self.max_pending = max_pending  # rows held in memory while the database is unwritable
         self.written = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._owner_changes: queue.SimpleQueue = queue.SimpleQueue()  # (resource id, account or None to forget, kind, when)
+        self._owner_changes: queue.SimpleQueue = (
+            queue.SimpleQueue()
+        )  # (resource id, account or None to forget, kind, when)
         self._owner_pending: list[tuple] = []  # taken from the queue, not written yet
         self._pending: list[dict] = []  # taken from the queue, not written yet (the writer's own list)
         self.spend = SpendCounter()  # per budgeted client key, summed here
@@ -336,8 +375,11 @@ class FlowLog:
             except Exception as e:  # the thread must outlive anything: a dead writer loses every later row
                 if failing_since is None:
                     failing_since = time.monotonic()
-                    logger.warning("claudeflare: flow log write failed, %d row(s) kept to retry: %s", len(pending),
-                                   e if transient(e) else type(e).__name__)
+                    logger.warning(
+                        "claudeflare: flow log write failed, %d row(s) kept to retry: %s",
+                        len(pending),
+                        e if transient(e) else type(e).__name__,
+                    )
                 if self._closing.is_set() and time.monotonic() - failing_since > 10:
                     logger.error("claudeflare: giving up on %d flow log row(s) at shutdown: %s", len(pending), e)
                     break

@@ -83,7 +83,12 @@ class FlowStates:
 
     def show(self, flow: http.HTTPFlow, state: FlowState) -> None:
         """Copy what a person inspecting the flow may see (no secrets) into `flow.metadata`."""
-        flow.metadata[METADATA] = {"id": state.id, "account": state.account, "client": state.client, "attempts": state.attempts}
+        flow.metadata[METADATA] = {
+            "id": state.id,
+            "account": state.account,
+            "client": state.client,
+            "attempts": state.attempts,
+        }
 
 
 def error_response(status: int, kind: str, message: str, headers: dict | None = None) -> http.Response:

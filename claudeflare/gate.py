@@ -33,11 +33,23 @@ SELF = "relay to the proxy itself"
 
 # What the client is told (status, Anthropic error type, message).
 REFUSALS = {
-    NOT_LOOPBACK: (403, "permission_error", "Claudeflare accepts clients beyond loopback only with a client key: run "
-                   "`claudeflare client-key create NAME` and send the key as x-api-key."),
-    BAD_KEY: (401, "authentication_error", "Claudeflare: invalid client key. Use a key from `claudeflare client-key create NAME`."),
-    NO_RELAY: (403, "permission_error", "Claudeflare serves only the Anthropic API: send requests to the proxy itself "
-               "(ANTHROPIC_BASE_URL) or to its upstream. It relays to other hosts only for loopback clients, with claudeflare_relay on."),
+    NOT_LOOPBACK: (
+        403,
+        "permission_error",
+        "Claudeflare accepts clients beyond loopback only with a client key: run "
+        "`claudeflare client-key create NAME` and send the key as x-api-key.",
+    ),
+    BAD_KEY: (
+        401,
+        "authentication_error",
+        "Claudeflare: invalid client key. Use a key from `claudeflare client-key create NAME`.",
+    ),
+    NO_RELAY: (
+        403,
+        "permission_error",
+        "Claudeflare serves only the Anthropic API: send requests to the proxy itself "
+        "(ANTHROPIC_BASE_URL) or to its upstream. It relays to other hosts only for loopback clients, with claudeflare_relay on.",
+    ),
     SELF: (403, "permission_error", "Claudeflare does not relay requests to itself."),
 }
 
@@ -91,7 +103,9 @@ class RefusalLog:
         counts, self.counts = self.counts, Counter()
         if counts:
             detail = ", ".join(f"{reason}: {n}" for reason, n in counts.most_common())
-            logger.warning("claudeflare: refused %d request(s) in the last %gs (%s)", counts.total(), SUMMARY_SECONDS, detail)
+            logger.warning(
+                "claudeflare: refused %d request(s) in the last %gs (%s)", counts.total(), SUMMARY_SECONDS, detail
+            )
 
 
 class ClientGate:
@@ -103,7 +117,9 @@ class ClientGate:
 
     def load(self, loader) -> None:
         loader.add_option(
-            "claudeflare_relay", bool, False,
+            "claudeflare_relay",
+            bool,
+            False,
             "Relay flows that are not for the pool (other hosts) for loopback clients, as a plain forward proxy.",
         )
 
@@ -132,7 +148,9 @@ class ClientGate:
         if tuple(address[:2]) in self.claudeflare.pool_servers:
             return  # where the Claudeflare addon sent a pool flow: another provider's endpoint (providers.adapt)
         try:
-            reason = await self.relay_refusal(data.client.peername[0], *address[:2], self.our_ports(data.client.sockname))
+            reason = await self.relay_refusal(
+                data.client.peername[0], *address[:2], self.our_ports(data.client.sockname)
+            )
         except Exception:
             logger.exception("claudeflare: internal error in the gate; the connection was refused")
             reason = "internal error"

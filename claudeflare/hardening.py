@@ -71,7 +71,9 @@ _read_headers = _http1.Http1Server.read_headers
 
 def read_headers(self, event):
     if isinstance(event, events.DataReceived) and head_too_large(self):
-        yield from refuse(self, 431, f"request head over {head_limit(self.context) // 1024} KiB (claudeflare_max_head_kb)")
+        yield from refuse(
+            self, 431, f"request head over {head_limit(self.context) // 1024} KiB (claudeflare_max_head_kb)"
+        )
         return
     yield from _read_headers(self, event)
 

@@ -32,7 +32,9 @@ def health_report(claudeflare, backlog: int) -> dict:
     return {
         "status": "ok" if serving else "unavailable",
         "usable_accounts": len(serving),
-        "accounts": [{"name": r["name"], "state": r["state"], "reason": r["reason"]} for r in claudeflare.status_rows()],
+        "accounts": [
+            {"name": r["name"], "state": r["state"], "reason": r["reason"]} for r in claudeflare.status_rows()
+        ],
         "strategy": claudeflare.pool.strategy or claudeflare.strategy_option,
         "flowlog_backlog": backlog,
     }
@@ -54,7 +56,10 @@ class HealthCheck:
             logger.exception("claudeflare: building the health report failed")
             flow.response = error_response(500, "api_error", "Claudeflare: internal error; the proxy's log says more.")
             return
-        flow.response = http.Response.make(200 if report["usable_accounts"] else 503, json.dumps(report),
-                                           {"content-type": "application/json", "cache-control": "no-store"})
+        flow.response = http.Response.make(
+            200 if report["usable_accounts"] else 503,
+            json.dumps(report),
+            {"content-type": "application/json", "cache-control": "no-store"},
+        )
         if flow.request.method == "HEAD":
             flow.response.content = b""

@@ -35,12 +35,18 @@ class Limits:
 
 
 def parse_limits(opts) -> Limits:
-    limits = Limits(opts.claudeflare_max_head_kb, float(opts.claudeflare_head_timeout),
-                    opts.claudeflare_max_idle_conns, opts.claudeflare_max_idle_conns_per_peer)
+    limits = Limits(
+        opts.claudeflare_max_head_kb,
+        float(opts.claudeflare_head_timeout),
+        opts.claudeflare_max_idle_conns,
+        opts.claudeflare_max_idle_conns_per_peer,
+    )
     if not 1 <= limits.head_kb <= 1024:
         raise ValueError("claudeflare_max_head_kb must be between 1 and 1024")
     if limits.head_timeout <= 0 or limits.max_idle < 1 or limits.max_idle_per_peer < 1:
-        raise ValueError("claudeflare_head_timeout, claudeflare_max_idle_conns and claudeflare_max_idle_conns_per_peer must be positive")
+        raise ValueError(
+            "claudeflare_head_timeout, claudeflare_max_idle_conns and claudeflare_max_idle_conns_per_peer must be positive"
+        )
     return limits
 
 
@@ -104,9 +110,24 @@ class ConnectionLimits:
     def load(self, loader) -> None:
         hardening.install()
         add = loader.add_option
-        add("claudeflare_max_head_kb", int, Limits.head_kb, "Largest request head (request line and headers), in KiB; a larger one gets a 431.")
-        add("claudeflare_head_timeout", int, int(Limits.head_timeout), "Seconds a connection may take to send a complete request head, from connect or the end of the previous reply.")
-        add("claudeflare_max_idle_conns", int, Limits.max_idle, "Most connections open without a request in progress; more are refused.")
+        add(
+            "claudeflare_max_head_kb",
+            int,
+            Limits.head_kb,
+            "Largest request head (request line and headers), in KiB; a larger one gets a 431.",
+        )
+        add(
+            "claudeflare_head_timeout",
+            int,
+            int(Limits.head_timeout),
+            "Seconds a connection may take to send a complete request head, from connect or the end of the previous reply.",
+        )
+        add(
+            "claudeflare_max_idle_conns",
+            int,
+            Limits.max_idle,
+            "Most connections open without a request in progress; more are refused.",
+        )
         add("claudeflare_max_idle_conns_per_peer", int, Limits.max_idle_per_peer, "The same, per client address.")
         raise_fd_limit()
 

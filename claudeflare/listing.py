@@ -13,8 +13,16 @@ from .states import Seen, effective_state
 
 STATUS_FRESH = 10  # seconds: the proxy rewrites account_status every second while it runs
 # From the usage endpoint too (idle subscriptions), beside the reply headers' 5h and 7d utilization.
-USAGE_COLUMNS = ("reset_5h", "reset_7d", "utilization_7d_opus", "reset_7d_opus", "utilization_7d_sonnet", "reset_7d_sonnet",
-                 "utilization_extra", "usage_read_at")
+USAGE_COLUMNS = (
+    "reset_5h",
+    "reset_7d",
+    "utilization_7d_opus",
+    "reset_7d_opus",
+    "utilization_7d_sonnet",
+    "reset_7d_sonnet",
+    "utilization_extra",
+    "usage_read_at",
+)
 
 
 def account_rows(home: Path) -> list[dict]:
@@ -31,20 +39,24 @@ def account_rows(home: Path) -> list[dict]:
     for account in pool.accounts:
         credential = pool.credential(account)
         seen = status.get(account.name, {})
-        state, _ = effective_state(pool.state(account), Seen(seen["state"], seen["reason"]) if seen.get("state") else None)
-        rows.append({
-            "name": account.name,
-            "provider": account.provider,
-            "mode": account.mode,
-            "tier": account.tier,
-            "priority": account.priority,
-            "state": state,
-            "token_expires_at": credential.expires_at if credential and not credential.api_key else None,
-            "requests_today": today.get(account.name, 0),
-            "limited_until": seen.get("limited_until"),
-            "utilization_5h": seen.get("utilization_5h"),
-            "utilization_7d": seen.get("utilization_7d"),
-            "reason": seen.get("reason"),
-            **{column: seen.get(column) for column in USAGE_COLUMNS},
-        })
+        state, _ = effective_state(
+            pool.state(account), Seen(seen["state"], seen["reason"]) if seen.get("state") else None
+        )
+        rows.append(
+            {
+                "name": account.name,
+                "provider": account.provider,
+                "mode": account.mode,
+                "tier": account.tier,
+                "priority": account.priority,
+                "state": state,
+                "token_expires_at": credential.expires_at if credential and not credential.api_key else None,
+                "requests_today": today.get(account.name, 0),
+                "limited_until": seen.get("limited_until"),
+                "utilization_5h": seen.get("utilization_5h"),
+                "utilization_7d": seen.get("utilization_7d"),
+                "reason": seen.get("reason"),
+                **{column: seen.get(column) for column in USAGE_COLUMNS},
+            }
+        )
     return rows

@@ -24,8 +24,12 @@ MAX_LABEL_VALUES = 50  # distinct models (or clients) per label; further ones co
 OTHER = "other"
 # LLM replies take from well under a second to many minutes.
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)  # and +Inf
-TOKEN_KINDS = {"input_tokens": "input", "output_tokens": "output",
-               "cache_read_input_tokens": "cache_read", "cache_creation_input_tokens": "cache_creation"}
+TOKEN_KINDS = {
+    "input_tokens": "input",
+    "output_tokens": "output",
+    "cache_read_input_tokens": "cache_read",
+    "cache_creation_input_tokens": "cache_creation",
+}
 UTILIZATION = "utilization_"  # status-row columns utilization_<window>
 
 
@@ -77,12 +81,22 @@ class AccountGauges:
 
     def collect(self):
         rows = self.rows
-        state = GaugeMetricFamily("claudeflare_account_state", "1 for the account's current state.", labels=["account", "state"])
-        in_flight = GaugeMetricFamily("claudeflare_requests_in_flight", "Requests in flight per account.", labels=["account"])
-        utilization = GaugeMetricFamily("claudeflare_account_utilization", "Share of the account's limit used, per window.",
-                                        labels=["account", "window"])
-        limited = GaugeMetricFamily("claudeflare_account_limited_until_seconds",
-                                    "When the account's rate limit ends, as a Unix time (0: not limited).", labels=["account"])
+        state = GaugeMetricFamily(
+            "claudeflare_account_state", "1 for the account's current state.", labels=["account", "state"]
+        )
+        in_flight = GaugeMetricFamily(
+            "claudeflare_requests_in_flight", "Requests in flight per account.", labels=["account"]
+        )
+        utilization = GaugeMetricFamily(
+            "claudeflare_account_utilization",
+            "Share of the account's limit used, per window.",
+            labels=["account", "window"],
+        )
+        limited = GaugeMetricFamily(
+            "claudeflare_account_limited_until_seconds",
+            "When the account's rate limit ends, as a Unix time (0: not limited).",
+            labels=["account"],
+        )
         for row in rows:
             name = row["name"]
             state.add_metric([name, row["state"]], 1)
@@ -91,7 +105,9 @@ class AccountGauges:
             for column, value in row.items():
                 if column.startswith(UTILIZATION) and value is not None:
                     utilization.add_metric([name, column.removeprefix(UTILIZATION)], value)
-        backlog = GaugeMetricFamily("claudeflare_flowlog_backlog", "Flow-log rows waiting to be written.", value=self.backlog())
+        backlog = GaugeMetricFamily(
+            "claudeflare_flowlog_backlog", "Flow-log rows waiting to be written.", value=self.backlog()
+        )
         return [state, in_flight, utilization, limited, backlog]
 
 
@@ -100,14 +116,29 @@ class Metrics:
         self.claudeflare = claudeflare  # its status rows
         self.registry = CollectorRegistry()
         self.models, self.clients = BoundedLabel(), BoundedLabel()
-        self.requests = Counter("claudeflare_requests", "Requests answered, by account, status class, model and client.",
-                                ["account", "status_class", "model", "client"], registry=self.registry)
+        self.requests = Counter(
+            "claudeflare_requests",
+            "Requests answered, by account, status class, model and client.",
+            ["account", "status_class", "model", "client"],
+            registry=self.registry,
+        )
         self.tokens = Counter("claudeflare_tokens", "Tokens, by kind.", ["kind"], registry=self.registry)
         self.cost = Counter("claudeflare_cost_usd", "Cost in US dollars at list prices.", registry=self.registry)
-        self.ttfb = Histogram("claudeflare_ttfb_seconds", "Time to the reply's first byte.", buckets=BUCKETS, registry=self.registry)
-        self.duration = Histogram("claudeflare_request_duration_seconds", "Time to the reply's last byte.", buckets=BUCKETS,
-                                  registry=self.registry)
-        self.failovers = Counter("claudeflare_failovers", "Refused attempts (retried, or the last), by reason.", ["reason"], registry=self.registry)
+        self.ttfb = Histogram(
+            "claudeflare_ttfb_seconds", "Time to the reply's first byte.", buckets=BUCKETS, registry=self.registry
+        )
+        self.duration = Histogram(
+            "claudeflare_request_duration_seconds",
+            "Time to the reply's last byte.",
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.failovers = Counter(
+            "claudeflare_failovers",
+            "Refused attempts (retried, or the last), by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
         self.gauges = AccountGauges(lambda: recorder.backlog)
         self.registry.register(self.gauges)
         self.endpoint: tuple[str, int] | None = None
@@ -116,7 +147,9 @@ class Metrics:
         self.failed: type | None = None
 
     def load(self, loader) -> None:
-        loader.add_option("claudeflare_metrics_port", int, 0, "Serve Prometheus metrics at /metrics on this port (0: off).")
+        loader.add_option(
+            "claudeflare_metrics_port", int, 0, "Serve Prometheus metrics at /metrics on this port (0: off)."
+        )
         loader.add_option("claudeflare_metrics_host", str, "127.0.0.1", "Address the metrics port listens on.")
 
     def configure(self, updated: set[str]) -> None:
@@ -133,7 +166,9 @@ class Metrics:
             try:
                 self.server, _ = start_http_server(endpoint[1], endpoint[0], self.registry)
             except OSError as e:
-                raise exceptions.OptionsError(f"claudeflare_metrics_port: cannot listen on {endpoint[0]}:{endpoint[1]}: {e.strerror}") from None
+                raise exceptions.OptionsError(
+                    f"claudeflare_metrics_port: cannot listen on {endpoint[0]}:{endpoint[1]}: {e.strerror}"
+                ) from None
             logger.info("claudeflare: metrics at http://%s:%d/metrics", *endpoint)
         self.endpoint = endpoint
 
@@ -169,8 +204,12 @@ class Metrics:
         """Count one finished request (its flow-log row, made storable). Never raises: the row is
         logged whatever happens here."""
         try:
-            self.requests.labels(row.get("account") or "", status_class(row.get("status")),
-                                 self.models(row.get("model")), self.clients(row.get("client"))).inc()
+            self.requests.labels(
+                row.get("account") or "",
+                status_class(row.get("status")),
+                self.models(row.get("model")),
+                self.clients(row.get("client")),
+            ).inc()
             for column, kind in TOKEN_KINDS.items():
                 if row.get(column):
                     self.tokens.labels(kind).inc(row[column])

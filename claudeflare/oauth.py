@@ -136,7 +136,13 @@ def _post(url: str, payload: dict, what: str, setting: str = TOKEN_URL_SETTING, 
         error = body.get("error") if isinstance(body, dict) else None
         if error == "invalid_grant":
             raise OAuthError("invalid_grant", f"{what}: the grant was refused (invalid_grant); log in again")
-        kind = error if isinstance(error, str) else (error or {}).get("type", "error") if isinstance(error, dict) else "error"
+        kind = (
+            error
+            if isinstance(error, str)
+            else (error or {}).get("type", "error")
+            if isinstance(error, dict)
+            else "error"
+        )
         raise OAuthError("bad_reply", f"{what}: {url} answered {reply.status_code} ({kind})")
     if not isinstance(body, dict):
         raise OAuthError("bad_reply", f"{what}: {url} did not answer with JSON")
@@ -167,7 +173,9 @@ def exchange_code(settings: OAuthSettings, flow: LoginFlow, code: str) -> Creden
         return _credential(_post(settings.token_url, payload, "code exchange"), "code exchange")
     except OAuthError as e:
         if e.kind == "invalid_grant":
-            raise OAuthError("invalid_grant", "that code was not accepted (wrong, already used or expired); run the command again") from None
+            raise OAuthError(
+                "invalid_grant", "that code was not accepted (wrong, already used or expired); run the command again"
+            ) from None
         raise
 
 
@@ -177,7 +185,13 @@ def refresh_tokens(settings: OAuthSettings, refresh_token: str) -> Credential:
 
 
 def create_api_key(settings: OAuthSettings, access_token: str) -> str:
-    body = _post(settings.api_key_url, {}, "API key creation", "CLAUDEFLARE_API_KEY_URL", headers={"authorization": f"Bearer {access_token}"})
+    body = _post(
+        settings.api_key_url,
+        {},
+        "API key creation",
+        "CLAUDEFLARE_API_KEY_URL",
+        headers={"authorization": f"Bearer {access_token}"},
+    )
     key = body.get("raw_key")
     if not isinstance(key, str) or not key:
         raise OAuthError("bad_reply", "API key creation: the reply has no raw_key")

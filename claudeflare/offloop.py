@@ -29,4 +29,6 @@ async def off_loop(parse, *args, body: bytes | None):
     """`parse(*args, body)` on the loop for a small body; in a worker thread, yielding, for a big one."""
     if body is None or len(body) <= LOOP_PARSE_LIMIT:
         return parse(*args, body)
-    return await asyncio.get_running_loop().run_in_executor(_PARSER, functools.partial(parse, *args, body, yielding=True))
+    return await asyncio.get_running_loop().run_in_executor(
+        _PARSER, functools.partial(parse, *args, body, yielding=True)
+    )

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+from . import policy
 from .config import (
     DEFAULT_RETRY_ATTEMPTS,
     DEFAULT_RETRY_BACKOFF,
@@ -16,7 +17,6 @@ from .config import (
     parse_upstream,
     resolve_home,
 )
-from . import policy
 
 SESSION_HOURS_MAX = 24 * 365
 SWITCH_UTILIZATION_MAX = 10.0
@@ -66,7 +66,11 @@ def parse_switch_utilization(text: str) -> float:
 def parse_retry(attempts: int, delay_ms: int, backoff: str) -> Retry:
     if attempts < 1 or delay_ms < 0:
         raise ValueError("claudeflare_retry_attempts must be ≥ 1 and claudeflare_retry_delay_ms ≥ 0")
-    return Retry(attempts, delay_ms / 1000, parse_fraction("claudeflare_retry_backoff", backoff, 1, RETRY_BACKOFF_MAX, low_inclusive=True))
+    return Retry(
+        attempts,
+        delay_ms / 1000,
+        parse_fraction("claudeflare_retry_backoff", backoff, 1, RETRY_BACKOFF_MAX, low_inclusive=True),
+    )
 
 
 def parse_refresh(token_url: str, margin: int) -> Refresh:

@@ -56,7 +56,7 @@ def is_claude_code(body: bytes | None) -> bool:
 def _first_blocks_are_claude_code(body: bytes, start: int) -> bool:
     # Decode only a window after the key: the two blocks are short; the rest of the prompt is not read.
     try:
-        text = body[start:start + 2 * MAX_BLOCK_BYTES].decode("utf-8", "replace")
+        text = body[start : start + 2 * MAX_BLOCK_BYTES].decode("utf-8", "replace")
         first, end = _decoder.raw_decode(text)
         comma = _SEPARATOR.match(text, end)
         if comma is None:
@@ -64,10 +64,7 @@ def _first_blocks_are_claude_code(body: bytes, start: int) -> bool:
         second, _ = _decoder.raw_decode(text, comma.end())
     except (ValueError, RecursionError):
         return False
-    return (
-        _block_text(first).startswith(BILLING_PREFIX)
-        and _block_text(second).startswith(CLAUDE_CODE_IDENTITIES)
-    )
+    return _block_text(first).startswith(BILLING_PREFIX) and _block_text(second).startswith(CLAUDE_CODE_IDENTITIES)
 
 
 def _block_text(block) -> str:

@@ -26,7 +26,9 @@ class Price:
 def _families() -> tuple[tuple[str, Price], ...]:
     """(prefix, price) pairs, longest prefix first so the first match is the most specific."""
     table = tomllib.loads(resources.files(__package__).joinpath("prices.toml").read_text("utf-8"))
-    families = [(prefix.lower(), Price(**{k: float(v) for k, v in row.items()})) for prefix, row in table["families"].items()]
+    families = [
+        (prefix.lower(), Price(**{k: float(v) for k, v in row.items()})) for prefix, row in table["families"].items()
+    ]
     return tuple(sorted(families, key=lambda family: len(family[0]), reverse=True))
 
 

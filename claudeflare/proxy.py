@@ -20,10 +20,13 @@ from pathlib import Path
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from . import resources
+from . import policy, providers, resources, wire
+from . import state as shared_state
 from .accounts import Pool, PoolWatcher
 from .alerts import Alerts
 from .balancer import Balancer
+from .client_limits import ClientLimits
+from .clock import iso_utc, utc_now
 from .config import (
     DEFAULT_MAX_BODY_MB,
     DEFAULT_REFRESH_MARGIN,
@@ -40,20 +43,17 @@ from .config import (
     parse_upstream,
 )
 from .conversation import conversation_key
-from .clock import iso_utc, utc_now
 from .flows import (
     FlowState,
     FlowStates,
     error_response,
     install_anthropic_error_pages,
 )
-from .client_limits import ClientLimits
 from .gate import ClientGate
 from .healthcheck import HealthCheck
 from .limits import ConnectionLimits
 from .metrics import Metrics
 from .oauth import OAuthSettings
-from . import policy, providers
 from .offloop import off_loop
 from .options import (
     check_proxy_debug,
@@ -75,9 +75,7 @@ from .refresh import TokenRefresher
 from .resend import Resender
 from .router import Router, client_headers
 from .states import AccountState, effective_state
-from . import state as shared_state
 from .usage_poll import UsagePoller, status_columns
-from . import wire
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +92,7 @@ def fail_closed(hook):
         flow.response = error_response(500, "api_error", "Claudeflare: internal error; the proxy's log says more.")
 
     if inspect.iscoroutinefunction(hook):
+
         @functools.wraps(hook)
         async def guarded(self, flow):
             try:
@@ -101,12 +100,14 @@ def fail_closed(hook):
             except Exception:
                 refuse(self, flow)
     else:
+
         @functools.wraps(hook)
         def guarded(self, flow):
             try:
                 hook(self, flow)
             except Exception:
                 refuse(self, flow)
+
     return guarded
 
 
@@ -118,8 +119,13 @@ class Claudeflare:
         self.watcher: PoolWatcher | None = None
         self.balancer = Balancer()
         self.health = Health()
-        self.router = Router(lambda: self.pool, self.balancer, self.health, self.states,
-                             pool_error=lambda: self.watcher.error if self.watcher else None)
+        self.router = Router(
+            lambda: self.pool,
+            self.balancer,
+            self.health,
+            self.states,
+            pool_error=lambda: self.watcher.error if self.watcher else None,
+        )
         self.usage_poller = UsagePoller()
         self.upstream = parse_upstream(default_upstream())
         self.strategy_option = default_strategy()
@@ -137,21 +143,76 @@ class Claudeflare:
         install_anthropic_error_pages()
         wire.install()
         add = loader.add_option
-        add("claudeflare_home", str, "", "Folder with accounts.toml, credentials and the flow log (default: $CLAUDEFLARE_HOME or ~/.config/claudeflare).")
+        add(
+            "claudeflare_home",
+            str,
+            "",
+            "Folder with accounts.toml, credentials and the flow log (default: $CLAUDEFLARE_HOME or ~/.config/claudeflare).",
+        )
         add("claudeflare_upstream", str, default_upstream(), "Anthropic API base URL that pool requests go to.")
         add("claudeflare_strategy", str, default_strategy(), "Load balancing across accounts.", choices=STRATEGIES)
         # mitmproxy parses only str/int/bool options from the command line: fractions are strings.
-        add("claudeflare_session_hours", str, str(DEFAULT_SESSION_HOURS), "How long a conversation stays on its account (session strategy).")
+        add(
+            "claudeflare_session_hours",
+            str,
+            str(DEFAULT_SESSION_HOURS),
+            "How long a conversation stays on its account (session strategy).",
+        )
         add("claudeflare_token_url", str, self.oauth.token_url, "OAuth token endpoint used to refresh tokens.")
-        add("claudeflare_refresh_margin", int, DEFAULT_REFRESH_MARGIN, "Refresh OAuth tokens this many seconds before they expire.")
-        add("claudeflare_retry_attempts", int, int(env_number("RETRY_ATTEMPTS", DEFAULT_RETRY_ATTEMPTS)), "Tries per account for 529s and connection errors.")
-        add("claudeflare_retry_delay_ms", int, int(env_number("RETRY_DELAY_MS", DEFAULT_RETRY_DELAY_MS)), "Wait before the first retry on the same account.")
-        add("claudeflare_retry_backoff", str, os.environ.get("RETRY_BACKOFF", str(DEFAULT_RETRY_BACKOFF)), "Each further retry on the same account waits this many times longer.")
-        add("claudeflare_switch_utilization", str, str(DEFAULT_SWITCH_UTILIZATION), "A conversation leaves its account past this utilization of its limit.")
-        add("claudeflare_usage_interval", int, DEFAULT_USAGE_INTERVAL, "Read each subscription's usage endpoint at most this often, in seconds (0: never).")
-        add("claudeflare_max_body_mb", int, DEFAULT_MAX_BODY_MB, "Largest body accepted, in MiB (Anthropic's own cap is 32 MB); sets body_size_limit.")
-        add("claudeflare_state", str, os.environ.get("CLAUDEFLARE_STATE", "home"), "Where workers and instances share the pool's state: home (state.db, one machine) or redis://[:password@]host:port/db (rediss:// for TLS); $CLAUDEFLARE_STATE keeps a password out of `ps`.")
-        add("claudeflare_subscription_clients", str, DEFAULT_SUBSCRIPTION_CLIENTS, "Which requests subscription (max) accounts serve: claude-code (Anthropic's terms) or any (at your own risk).")
+        add(
+            "claudeflare_refresh_margin",
+            int,
+            DEFAULT_REFRESH_MARGIN,
+            "Refresh OAuth tokens this many seconds before they expire.",
+        )
+        add(
+            "claudeflare_retry_attempts",
+            int,
+            int(env_number("RETRY_ATTEMPTS", DEFAULT_RETRY_ATTEMPTS)),
+            "Tries per account for 529s and connection errors.",
+        )
+        add(
+            "claudeflare_retry_delay_ms",
+            int,
+            int(env_number("RETRY_DELAY_MS", DEFAULT_RETRY_DELAY_MS)),
+            "Wait before the first retry on the same account.",
+        )
+        add(
+            "claudeflare_retry_backoff",
+            str,
+            os.environ.get("RETRY_BACKOFF", str(DEFAULT_RETRY_BACKOFF)),
+            "Each further retry on the same account waits this many times longer.",
+        )
+        add(
+            "claudeflare_switch_utilization",
+            str,
+            str(DEFAULT_SWITCH_UTILIZATION),
+            "A conversation leaves its account past this utilization of its limit.",
+        )
+        add(
+            "claudeflare_usage_interval",
+            int,
+            DEFAULT_USAGE_INTERVAL,
+            "Read each subscription's usage endpoint at most this often, in seconds (0: never).",
+        )
+        add(
+            "claudeflare_max_body_mb",
+            int,
+            DEFAULT_MAX_BODY_MB,
+            "Largest body accepted, in MiB (Anthropic's own cap is 32 MB); sets body_size_limit.",
+        )
+        add(
+            "claudeflare_state",
+            str,
+            os.environ.get("CLAUDEFLARE_STATE", "home"),
+            "Where workers and instances share the pool's state: home (state.db, one machine) or redis://[:password@]host:port/db (rediss:// for TLS); $CLAUDEFLARE_STATE keeps a password out of `ps`.",
+        )
+        add(
+            "claudeflare_subscription_clients",
+            str,
+            DEFAULT_SUBSCRIPTION_CLIENTS,
+            "Which requests subscription (max) accounts serve: claude-code (Anthropic's terms) or any (at your own risk).",
+        )
 
     def configure(self, updated: set[str]) -> None:
         try:
@@ -168,7 +229,9 @@ class Claudeflare:
         if "claudeflare_strategy" in updated:
             self.strategy_option = parse_strategy(opts.claudeflare_strategy)
         if "claudeflare_max_body_mb" in updated:
-            self.router.max_body = parse_max_body(opts.claudeflare_max_body_mb)  # the same cap for replies our client fetches
+            self.router.max_body = parse_max_body(
+                opts.claudeflare_max_body_mb
+            )  # the same cap for replies our client fetches
             # mitmproxy's own limit refuses a body as soon as it is known to be too large (from its
             # Content-Length, or as chunks arrive) and before buffering it; an addon could only
             # answer after the whole body was read.
@@ -178,8 +241,12 @@ class Claudeflare:
         if "claudeflare_switch_utilization" in updated:
             self.balancer.switch_utilization = parse_switch_utilization(opts.claudeflare_switch_utilization)
         if {"claudeflare_retry_attempts", "claudeflare_retry_delay_ms", "claudeflare_retry_backoff"} & updated:
-            self.router.retry = parse_retry(opts.claudeflare_retry_attempts, opts.claudeflare_retry_delay_ms, opts.claudeflare_retry_backoff)
-            self.health.overload_bench = min(OVERLOAD_BENCH, self.router.retry.delay)  # 529: no longer than a retry waits
+            self.router.retry = parse_retry(
+                opts.claudeflare_retry_attempts, opts.claudeflare_retry_delay_ms, opts.claudeflare_retry_backoff
+            )
+            self.health.overload_bench = min(
+                OVERLOAD_BENCH, self.router.retry.delay
+            )  # 529: no longer than a retry waits
         if "claudeflare_subscription_clients" in updated:
             self.subscription_clients = parse_subscription_clients(opts.claudeflare_subscription_clients)
         if {"claudeflare_token_url", "claudeflare_refresh_margin"} & updated:
@@ -214,7 +281,9 @@ class Claudeflare:
     def on_shared(self, events: list) -> None:
         """Other proxies' bindings and benches (from the state thread) into the loop's copy."""
         with contextlib.suppress(RuntimeError):  # the loop has closed: mitmdump is exiting
-            self.loop.call_soon_threadsafe(shared_state.merge, events, self.balancer, self.health, self.owners, self.client_limits)
+            self.loop.call_soon_threadsafe(
+                shared_state.merge, events, self.balancer, self.health, self.owners, self.client_limits
+            )
 
     def running(self) -> None:
         self.router.resender = Resender()
@@ -223,7 +292,12 @@ class Claudeflare:
         self.loop = loop = asyncio.get_running_loop()
         if self.shared:
             self.shared.start(self.on_shared)
-        self._tasks = [loop.create_task(shared_state.publish_load(lambda: self.shared, self.balancer, self.client_limits)), loop.create_task(self.refresh_ahead()), loop.create_task(self.publish_status()), loop.create_task(self.poll_usage())]
+        self._tasks = [
+            loop.create_task(shared_state.publish_load(lambda: self.shared, self.balancer, self.client_limits)),
+            loop.create_task(self.refresh_ahead()),
+            loop.create_task(self.publish_status()),
+            loop.create_task(self.poll_usage()),
+        ]
 
     def done(self) -> None:
         for task in self._tasks:
@@ -301,27 +375,37 @@ class Claudeflare:
             credential = pool.credential(account)
             pool_state = pool.state(account, now)
             refresh_problem = self.refresher.failing.get(account.name) if self.refresher else None
-            if refresh_problem and pool_state == AccountState.OK and credential and not credential.api_key and not credential.valid_token(now):
+            if (
+                refresh_problem
+                and pool_state == AccountState.OK
+                and credential
+                and not credential.api_key
+                and not credential.valid_token(now)
+            ):
                 pool_state = AccountState.TOKEN_EXPIRED  # the old token has run out before a refresh succeeded
             state, reason = effective_state(pool_state, health, now)
-            rows.append({
-                "name": account.name,
-                "mode": account.mode,
-                "tier": account.tier,
-                "priority": account.priority,
-                "provider": account.provider,
-                "state": state,
-                "reason": reason or refresh_problem or providers.of(account).problem(account),
-                "limited_until": iso_utc(health.until) if health.until and health.until > now else None,
-                "utilization_5h": health.utilization.get("5h"),
-                "utilization_7d": health.utilization.get("7d"),
-                "reset_5h": iso_utc(health.resets["5h"]) if "5h" in health.resets else None,
-                "reset_7d": iso_utc(health.resets["7d"]) if "7d" in health.resets else None,
-                **status_columns(health),
-                "token_expires_at": iso_utc(credential.expires_at) if credential and credential.expires_at else None,
-                "requests_in_flight": self.balancer.in_flight[account.name],
-                "updated_at": utc_now(),
-            })
+            rows.append(
+                {
+                    "name": account.name,
+                    "mode": account.mode,
+                    "tier": account.tier,
+                    "priority": account.priority,
+                    "provider": account.provider,
+                    "state": state,
+                    "reason": reason or refresh_problem or providers.of(account).problem(account),
+                    "limited_until": iso_utc(health.until) if health.until and health.until > now else None,
+                    "utilization_5h": health.utilization.get("5h"),
+                    "utilization_7d": health.utilization.get("7d"),
+                    "reset_5h": iso_utc(health.resets["5h"]) if "5h" in health.resets else None,
+                    "reset_7d": iso_utc(health.resets["7d"]) if "7d" in health.resets else None,
+                    **status_columns(health),
+                    "token_expires_at": iso_utc(credential.expires_at)
+                    if credential and credential.expires_at
+                    else None,
+                    "requests_in_flight": self.balancer.in_flight[account.name],
+                    "updated_at": utc_now(),
+                }
+            )
         return rows
 
     # --- request path ----------------------------------------------------------------------------
@@ -343,7 +427,9 @@ class Claudeflare:
         if resources.list_kind(flow.request):
             await self.answer_list(flow, state, pool)
             return
-        state.owner, flow.response = self.owners.owner_for(flow.request, pool, functools.partial(self.router.describe, pool))
+        state.owner, flow.response = self.owners.owner_for(
+            flow.request, pool, functools.partial(self.router.describe, pool)
+        )
         if flow.response:
             return
         chosen = await self.router.choose(pool, state, exclude=())
@@ -369,7 +455,9 @@ class Claudeflare:
             return
         self.route(flow)
         state.attempts = len(accounts)
-        flow.response = await resources.list_pool(flow, accounts, self.router.resender.client, client_headers(flow.request, state), self.owners)
+        flow.response = await resources.list_pool(
+            flow, accounts, self.router.resender.client, client_headers(flow.request, state), self.owners
+        )
 
     def store_owner(self, resource_id: str, account: str | None, kind: str | None) -> None:
         if self.recorder and self.recorder.flowlog:
@@ -428,5 +516,13 @@ def addons() -> list:
     client_limits, alerts = ClientLimits(claudeflare, states), Alerts(claudeflare)
     claudeflare.client_limits = client_limits  # its counters are shared too (state.py)
     alerts.budgets = client_limits.budget_views
-    return [ClientGate(claudeflare, states), HealthCheck(claudeflare, recorder, states), client_limits,
-            claudeflare, recorder, metrics, ConnectionLimits(), alerts]
+    return [
+        ClientGate(claudeflare, states),
+        HealthCheck(claudeflare, recorder, states),
+        client_limits,
+        claudeflare,
+        recorder,
+        metrics,
+        ConnectionLimits(),
+        alerts,
+    ]

@@ -25,7 +25,9 @@ FAMILY_CLAIMS = {"seven_day_opus": "opus", "seven_day_sonnet": "sonnet"}
 
 UNIFIED = "anthropic-ratelimit-unified-"
 WINDOW_RE = re.compile(r"^anthropic-ratelimit-unified-(?P<window>[a-z0-9_]+)-(?P<field>status|utilization|reset)$")
-CONSOLE_RE = re.compile(r"^anthropic-ratelimit-(?P<kind>requests|tokens|input-tokens|output-tokens)-(?P<field>limit|remaining|reset)$")
+CONSOLE_RE = re.compile(
+    r"^anthropic-ratelimit-(?P<kind>requests|tokens|input-tokens|output-tokens)-(?P<field>limit|remaining|reset)$"
+)
 
 
 @dataclass
@@ -108,7 +110,7 @@ def read_signals(headers: Mapping[str, str] | Iterable[tuple[str, str]], now: fl
         if not name.startswith("anthropic-ratelimit-"):
             continue
         if name.startswith(UNIFIED):
-            rest = name[len(UNIFIED):]
+            rest = name[len(UNIFIED) :]
             if rest == "status":
                 s.status = value.strip()
             elif rest == "reset":
@@ -157,7 +159,11 @@ def limit_reset(signals: Signals, now: float) -> float | None:
     if signals.reset:
         candidates.append(signals.reset)
     candidates += [w.reset for w in signals.windows.values() if w.reset and w.status == "rejected"]
-    candidates += [signals.console_reset[k] for k, left in signals.console_remaining.items() if left <= 0 and k in signals.console_reset]
+    candidates += [
+        signals.console_reset[k]
+        for k, left in signals.console_remaining.items()
+        if left <= 0 and k in signals.console_reset
+    ]
     if signals.retry_after is not None:
         candidates.append(now + signals.retry_after)
     future = [c for c in candidates if c > now]
@@ -215,7 +221,9 @@ class Health:
         health = self.accounts.get(name)
         if health is None:
             return 0.0
-        current = [u for w, u in health.utilization.items() if w in ACCOUNT_WINDOWS and health.resets.get(w, math.inf) > now]
+        current = [
+            u for w, u in health.utilization.items() if w in ACCOUNT_WINDOWS and health.resets.get(w, math.inf) > now
+        ]
         return max(current, default=0.0)
 
     def soonest(self, names, family: str | None = None) -> float | None:
@@ -227,8 +235,15 @@ class Health:
                 times.append(back)
         return min(times) if times else None
 
-    def observe(self, name: str, status: int, signals: Signals, error_type: str | None = None, error_code: str | None = None,
-                family: str | None = None) -> Outcome:
+    def observe(
+        self,
+        name: str,
+        status: int,
+        signals: Signals,
+        error_type: str | None = None,
+        error_code: str | None = None,
+        family: str | None = None,
+    ) -> Outcome:
         """Record a reply to a request for a model of `family`; returns what it means: ok, limited,
         family-limited (only that model family is out of its week), windowless, overloaded, auth, error."""
         now = self.clock()
@@ -254,7 +269,9 @@ class Health:
             return Outcome.AUTH
         return Outcome.ERROR
 
-    def _limited(self, name: str, health: AccountHealth, signals: Signals, error_code: str | None, now: float, family: str | None) -> Outcome:
+    def _limited(
+        self, name: str, health: AccountHealth, signals: Signals, error_code: str | None, now: float, family: str | None
+    ) -> Outcome:
         # An overflow out of credits while the windows are allowed is no limit of the plan (contract §4).
         spend = error_code == "enforced_spend_limit_reached"
         if not spend and not signals.exhausted:
@@ -263,7 +280,11 @@ class Health:
         if not spend and not signals.account_exhausted:
             if family is None:
                 return Outcome.WINDOWLESS  # a model-scoped window, for a model we could not tell
-            scoped = [w.reset for n, w in signals.windows.items() if n not in ACCOUNT_WINDOWS and w.status == "rejected" and w.reset and w.reset > now]
+            scoped = [
+                w.reset
+                for n, w in signals.windows.items()
+                if n not in ACCOUNT_WINDOWS and w.status == "rejected" and w.reset and w.reset > now
+            ]
             reset = max(scoped, default=None) or limit_reset(signals, now) or now + COOLDOWN_MIN
             health.family_until[family] = min(reset, now + MAX_BENCH)
             self._benched(name, health.family_until[family], family, f"{family} weekly limit")
@@ -298,7 +319,11 @@ class Health:
         if family:
             health.family_until[family] = max(until, health.family_until.get(family, 0.0))
         elif health.state not in REFUSED and (health.state != AccountState.LIMITED or (health.until or 0) < until):
-            health.state, health.until, health.reason = AccountState.LIMITED, until, reason or "limited (seen by another proxy)"
+            health.state, health.until, health.reason = (
+                AccountState.LIMITED,
+                until,
+                reason or "limited (seen by another proxy)",
+            )
 
     def observe_usage(self, name: str, windows: Mapping[str, tuple[float, float | None]], extra: float | None) -> None:
         """What the usage endpoint says (fractions, resets): an idle account's windows, which the

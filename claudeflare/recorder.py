@@ -11,8 +11,8 @@ from mitmproxy import ctx, exceptions, http
 
 from .accounts import apply_control
 from .config import DB_FILE, resolve_home
-from .flows import FlowState, FlowStates, is_event_stream, request_summary
 from .flowlog import FlowLog
+from .flows import FlowState, FlowStates, is_event_stream, request_summary
 from .offloop import LOOP_PARSE_LIMIT, off_loop
 from .pricing import cost_usd
 from .retention import REQUEST_KEEP_DAYS
@@ -72,7 +72,12 @@ class Recorder:
 
     def load(self, loader) -> None:
         loader.add_option("claudeflare_db", str, "", f"SQLite flow log (default: {DB_FILE} in claudeflare_home).")
-        loader.add_option("claudeflare_keep_days", int, int(REQUEST_KEEP_DAYS), "Delete request rows older than this many days (0: keep all).")
+        loader.add_option(
+            "claudeflare_keep_days",
+            int,
+            int(REQUEST_KEEP_DAYS),
+            "Delete request rows older than this many days (0: keep all).",
+        )
 
     def configure(self, updated: set[str]) -> None:
         if "claudeflare_keep_days" in updated:
@@ -88,7 +93,9 @@ class Recorder:
             return
         if self.flowlog:
             self.flowlog.close()
-        self.flowlog = FlowLog(path, control=partial(apply_control, home), keep_days=ctx.options.claudeflare_keep_days).start()
+        self.flowlog = FlowLog(
+            path, control=partial(apply_control, home), keep_days=ctx.options.claudeflare_keep_days
+        ).start()
 
     @property
     def backlog(self) -> int:
@@ -107,7 +114,9 @@ class Recorder:
         if flow.response.raw_content is not None:
             return  # fetched whole by our own client (a retry): read in full when recorded
         before = flow.response.stream if callable(flow.response.stream) else None
-        flow.response.stream = state.parser = SideParser(SSEUsageParser(flow.response.headers.get("content-encoding")), state, before)
+        flow.response.stream = state.parser = SideParser(
+            SSEUsageParser(flow.response.headers.get("content-encoding")), state, before
+        )
 
     async def response(self, flow: http.HTTPFlow) -> None:
         try:
@@ -148,8 +157,15 @@ class Recorder:
             row = flow_row(flow, state, error)
         except Exception:  # a bug reading this flow: still a row, with what is known for sure
             logger.exception("claudeflare: reading flow %s for the log failed", state.id)
-            row = {"id": state.id, "started_at": state.started_at, "account": state.account, "client": state.client,
-                   "session": state.session, "attempts": state.attempts, "error": "claudeflare: flow unreadable"}
+            row = {
+                "id": state.id,
+                "started_at": state.started_at,
+                "account": state.account,
+                "client": state.client,
+                "session": state.session,
+                "attempts": state.attempts,
+                "error": "claudeflare: flow unreadable",
+            }
         row = storable(row)
         self.flowlog.log(row)
         if self.metrics:
@@ -188,10 +204,14 @@ def flow_row(flow: http.HTTPFlow, state: FlowState, error: str | None) -> dict:
     if usage.model is not None:
         model, stream = usage.model, False
     else:  # a big body is read off the loop beforehand (Recorder.summarize), or not at all (at shutdown)
-        model, stream = state.request_summary or (request_summary(body) if len(body) <= LOOP_PARSE_LIMIT else (None, False))
+        model, stream = state.request_summary or (
+            request_summary(body) if len(body) <= LOOP_PARSE_LIMIT else (None, False)
+        )
     usage.model = model
     cost = cost_usd(usage)
-    tokens = usage.input_tokens + usage.output_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens
+    tokens = (
+        usage.input_tokens + usage.output_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens
+    )
     first_byte = state.first_byte_at or (response.timestamp_start if response else None)
     end = (response.timestamp_end if response else None) or time.time()
     return {

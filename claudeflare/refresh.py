@@ -85,8 +85,13 @@ class TokenRefresher:
             self._backoff[name] = (time.time() + delay, delay)
             if error.kind == "config":
                 self.failing[name] = "token refresh failing: token URL answers 404 (check CLAUDEFLARE_TOKEN_URL)"
-                logger.error("claudeflare: cannot refresh %s, the token URL is wrong (the login itself is fine), "
-                             "retrying in %.0fs: %s", name, delay, error)
+                logger.error(
+                    "claudeflare: cannot refresh %s, the token URL is wrong (the login itself is fine), "
+                    "retrying in %.0fs: %s",
+                    name,
+                    delay,
+                    error,
+                )
             else:
                 self.failing[name] = f"token refresh failing ({error.kind}), retrying"
                 logger.warning("claudeflare: refreshing %s failed, retrying in %.0fs: %s", name, delay, error)
@@ -113,15 +118,24 @@ class TokenRefresher:
                     raise
                 # Someone outside our lock (Claude Code itself, an older proxy) may have rotated it.
                 stored = self.store.credentials().get(name)
-                if stored and stored.refresh_token and stored.refresh_token != current.refresh_token and not stored.needs_login:
-                    logger.info("claudeflare: the refresh token of %s was replaced meanwhile; using the stored one", name)
+                if (
+                    stored
+                    and stored.refresh_token
+                    and stored.refresh_token != current.refresh_token
+                    and not stored.needs_login
+                ):
+                    logger.info(
+                        "claudeflare: the refresh token of %s was replaced meanwhile; using the stored one", name
+                    )
                     return stored
                 refused = replace(current, needs_login=True)
                 self.shared.share_credential(name, refused)
                 self.store.set_account(name, refused)
                 raise
             # Durable before use: losing the rotated refresh token would lose the account.
-            stored = replace(current, access_token=new.access_token, refresh_token=new.refresh_token, expires_at=new.expires_at)
+            stored = replace(
+                current, access_token=new.access_token, refresh_token=new.refresh_token, expires_at=new.expires_at
+            )
             self.shared.share_credential(name, stored)
             self.store.set_account(name, stored)
             logger.info("claudeflare: refreshed the token of %s", name)

@@ -13,7 +13,16 @@ from mitmproxy import http
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per retry is noise in mitmproxy's log
 
 # Hop-by-hop and length headers: httpx and mitmproxy set their own.
-SKIP_REQUEST = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade"}
+SKIP_REQUEST = {
+    "host",
+    "content-length",
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "proxy-connection",
+    "te",
+    "upgrade",
+}
 SKIP_RESPONSE = {b"content-length", b"transfer-encoding", b"connection", b"keep-alive"}
 
 

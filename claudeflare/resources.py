@@ -64,7 +64,7 @@ def body_file_ids(body: bytes) -> list[str]:
     for _ in range(MAX_BODY_KEYS):
         if at < 0 or len(ids) >= MAX_BODY_IDS:
             break
-        if body[at - 1:at] != b"\\":
+        if body[at - 1 : at] != b"\\":
             if found := FILE_ID_VALUE.match(body, at + len(FILE_ID_KEY)):
                 ids[found.group(1).decode("ascii")] = None
         at = body.find(FILE_ID_KEY, at + len(FILE_ID_KEY))
@@ -122,7 +122,9 @@ class Owners:
         if self.owners.pop(resource_id, None) is not None:
             self.store(resource_id, None, None)
 
-    def owner_for(self, request: http.Request, pool: Pool, describe: Callable[[Account], str]) -> tuple[str | None, http.Response | None]:
+    def owner_for(
+        self, request: http.Request, pool: Pool, describe: Callable[[Account], str]
+    ) -> tuple[str | None, http.Response | None]:
         """(the account the request must go to, or None for normal routing; a refusal instead when
         that account can't serve). Ids the pool never saw route normally."""
         owned = {i: self.owners[i] for i in named_ids(request) if i in self.owners}
@@ -131,22 +133,31 @@ class Owners:
             return None, None
         if len(names) > 1:
             which = ", ".join(f"{i} ({a})" for i, a in sorted(owned.items()))
-            return None, error_response(400, "invalid_request_error",
-                                        f"Claudeflare: this request names resources of different accounts: {which}. "
-                                        "Files and batches live in the account that created them; use one account's per request.")
+            return None, error_response(
+                400,
+                "invalid_request_error",
+                f"Claudeflare: this request names resources of different accounts: {which}. "
+                "Files and batches live in the account that created them; use one account's per request.",
+            )
         (name,) = names
         what = ", ".join(sorted(owned))
         account = next((a for a in pool.accounts if a.name == name), None)
         if account is None:
             # Gone for good as far as the pool knows: as if it were deleted (SDKs don't retry a 404).
-            return None, error_response(404, "not_found_error",
-                                        f"Claudeflare: {what} belongs to account '{name}', which is no longer in the pool. "
-                                        "Add that account back under the same name to reach it.")
+            return None, error_response(
+                404,
+                "not_found_error",
+                f"Claudeflare: {what} belongs to account '{name}', which is no longer in the pool. "
+                "Add that account back under the same name to reach it.",
+            )
         if account not in pool.usable():
             # A state a person can fix (resume, log in): a 503 says "try again later".
-            return None, error_response(503, "api_error",
-                                        f"Claudeflare: {what} belongs to account '{name}', which is {describe(account)}. "
-                                        f"Only that account can serve it: `claudeflare resume {name}` or `claudeflare login {name}`.")
+            return None, error_response(
+                503,
+                "api_error",
+                f"Claudeflare: {what} belongs to account '{name}', which is {describe(account)}. "
+                f"Only that account can serve it: `claudeflare resume {name}` or `claudeflare login {name}`.",
+            )
         return name, None
 
     def observe(self, request: http.Request, response: http.Response | None, account: str) -> None:
@@ -195,6 +206,7 @@ def localize_batch_reply(request: http.Request, response: http.Response | None) 
 
 # --- list calls answered by the pool ------------------------------------------------------------
 
+
 def created_key(item: dict) -> tuple[float, str]:
     """Newest first by `created_at` (RFC 3339); an item without a readable one sorts last."""
     try:
@@ -234,15 +246,20 @@ def merged_page(items: list[dict], limit: int, after: str | None, before: str | 
             chosen, more = [], False
         elif after:
             start = order.index(after) + 1
-            chosen, more = items[start:start + limit], start + limit < len(items)
+            chosen, more = items[start : start + limit], start + limit < len(items)
         else:
             end = order.index(before)
-            chosen, more = items[max(0, end - limit):end], end > limit
+            chosen, more = items[max(0, end - limit) : end], end > limit
     else:
         chosen, more = items[:limit], len(items) > limit
     first, last = (chosen[0].get("id"), chosen[-1].get("id")) if chosen else (None, None)
-    return {"data": chosen, "has_more": more, "first_id": first, "last_id": last,
-            "next_page": f"page_{last}" if more and last and not before else None}
+    return {
+        "data": chosen,
+        "has_more": more,
+        "first_id": first,
+        "last_id": last,
+        "next_page": f"page_{last}" if more and last and not before else None,
+    }
 
 
 async def fetch_all(client: httpx.AsyncClient, url: str, params: list, headers: list) -> list[dict]:
@@ -294,9 +311,11 @@ async def list_pool(
         h["accept-encoding"] = "identity"  # read here, not passed on
         return [(k, v) for k, v in h.items(multi=True) if k.lower() not in ("host", "content-length", "connection")]
 
-    results = await asyncio.gather(*(fetch_all(client, url, params, sent(a, c)) for a, c in accounts), return_exceptions=True)
+    results = await asyncio.gather(
+        *(fetch_all(client, url, params, sent(a, c)) for a, c in accounts), return_exceptions=True
+    )
     merged, unlisted = [], []
-    for (account, _), result in zip(accounts, results):
+    for (account, _), result in zip(accounts, results, strict=True):
         if isinstance(result, BaseException):
             why = f"status {result.args[0]}" if isinstance(result, LookupError) else type(result).__name__
             logger.warning("claudeflare: %s of %s not listed: %s", kind, account.name, why)
@@ -307,7 +326,9 @@ async def list_pool(
             pool_results_url(item)
         merged += result
     if unlisted and len(unlisted) == len(accounts):
-        return error_response(502, "api_error", f"Claudeflare: no account could list its {kind}: {', '.join(unlisted)}.")
+        return error_response(
+            502, "api_error", f"Claudeflare: no account could list its {kind}: {', '.join(unlisted)}."
+        )
     page = merged_page(merged, limit, after, before, ids)
     extra = {"x-claudeflare-unlisted": ", ".join(unlisted)} if unlisted else {}
     return http.Response.make(200, json.dumps(page), {"content-type": "application/json", **extra})

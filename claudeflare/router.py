@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 import httpx
 from mitmproxy import http
 
-from . import policy, providers
+from . import policy, providers, wire
 from .accounts import Account, Pool
 from .balancer import Balancer
 from .config import DEFAULT_MAX_BODY_MB
@@ -27,7 +27,6 @@ from .ratelimit import Health, Signals, error_details, read_signals
 from .refresh import TokenRefresher
 from .resend import ReplyTooLarge, Resender
 from .states import RETRY_OUTCOMES, AccountState, Outcome, effective_state
-from . import wire
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +65,11 @@ class Router:
         now = self.clock()
         warning = {n for n, h in self.health.accounts.items() if h.state == AccountState.WARNING}
         utilization = {n: self.health.utilization_now(n, now) for n in self.health.accounts}
-        candidates = [a for a in self.allowed(pool, state) if a.name not in exclude and self.health.available(a.name, family=state.family)]
+        candidates = [
+            a
+            for a in self.allowed(pool, state)
+            if a.name not in exclude and self.health.available(a.name, family=state.family)
+        ]
         if state.owner:  # the request names a file or batch: only its account has it, limited or not
             candidates = [a for a in self.allowed(pool, state) if a.name == state.owner and a.name not in exclude]
         while candidates:
@@ -92,8 +95,9 @@ class Router:
         usable = [a for a in pool.usable() if providers.serving(a, state)]
         return [a for a in usable if not policy.is_subscription(a.mode)] if state.keys_only else usable
 
-    def attempt(self, flow: http.HTTPFlow, headers: http.Headers, state: FlowState, account: Account,
-                credential: Credential) -> http.Headers:
+    def attempt(
+        self, flow: http.HTTPFlow, headers: http.Headers, state: FlowState, account: Account, credential: Credential
+    ) -> http.Headers:
         """`headers` with the account's credential, for our own client; the flow shows them with a placeholder."""
         provider = providers.of(account)
         provider.authenticate(headers, account, credential, flow.request)
@@ -187,12 +191,16 @@ class Router:
         if response.status_code in (400, 403):
             return Outcome.ERROR
         error_type, error_code = error_details(body)
-        return self.health.observe(name, response.status_code, state.signals or Signals(), error_type, error_code, state.family)
+        return self.health.observe(
+            name, response.status_code, state.signals or Signals(), error_type, error_code, state.family
+        )
 
     def fingerprint(self, name: str) -> str | None:
         """Of the account's stored credential now (policy.credential_fingerprint)."""
         pool = self.pool()
-        return policy.credential_fingerprint(next((pool.stored_credential(a) for a in pool.accounts if a.name == name), None))
+        return policy.credential_fingerprint(
+            next((pool.stored_credential(a) for a in pool.accounts if a.name == name), None)
+        )
 
     # --- failover ---------------------------------------------------------------------------------
 
@@ -217,8 +225,10 @@ class Router:
             tries[account.name] += 1
             outcome = await self.resend(flow, state, headers)
         # A request pinned to its resource's owner keeps the owner's own refusal: nobody else could serve it.
-        if outcome in NOBODY_LEFT_OUTCOMES and not state.owner and not any(
-            self.health.available(a.name, family=state.family) for a in self.allowed(pool, state)
+        if (
+            outcome in NOBODY_LEFT_OUTCOMES
+            and not state.owner
+            and not any(self.health.available(a.name, family=state.family) for a in self.allowed(pool, state))
         ):
             flow.response = self.no_account_response(pool, state)  # nobody left: say why, and until when
         elif outcome == Outcome.UNREACHABLE:
@@ -237,11 +247,17 @@ class Router:
         if current and outcome == Outcome.AUTH:
             if current.oauth and current.name not in refreshed and self.refresher:
                 refreshed.add(current.name)
-                credential = await self.refresher.fresh(current.name, pool.credential(current), rejected=state.sent_token)
+                credential = await self.refresher.fresh(
+                    current.name, pool.credential(current), rejected=state.sent_token
+                )
                 if credential and credential.access_token != state.sent_token:
                     return current, credential, 0.0
             self.health.needs_login(current.name, "credentials refused (401)", self.fingerprint(current.name))
-        if current and outcome in (Outcome.OVERLOADED, Outcome.UNREACHABLE) and tries[current.name] < self.retry.attempts:
+        if (
+            current
+            and outcome in (Outcome.OVERLOADED, Outcome.UNREACHABLE)
+            and tries[current.name] < self.retry.attempts
+        ):
             # Overload is Anthropic-wide: waiting helps more than moving.
             credential = pool.credential(current)
             if credential:
@@ -260,7 +276,9 @@ class Router:
         except ReplyTooLarge:
             self.upstream_down_at = None
             # What mitmproxy answers for a reply over body_size_limit that it fetched itself.
-            flow.response = error_response(502, "api_error", "Claudeflare: the reply is over the proxy's limit (claudeflare_max_body_mb).")
+            flow.response = error_response(
+                502, "api_error", "Claudeflare: the reply is over the proxy's limit (claudeflare_max_body_mb)."
+            )
             return Outcome.OK
         self.upstream_down_at = None
         flow.response = response

@@ -85,9 +85,13 @@ class Event:
             return None
         ok = (
             event.kind in KINDS
-            and isinstance(event.key, str) and 0 < len(event.key) <= MAX_KEY
-            and isinstance(event.account, str) and (NAME_RE.fullmatch(event.account) or (event.kind == "unowned" and not event.account))
-            and isinstance(event.until, (int, float)) and not isinstance(event.until, bool) and math.isfinite(event.until)
+            and isinstance(event.key, str)
+            and 0 < len(event.key) <= MAX_KEY
+            and isinstance(event.account, str)
+            and (NAME_RE.fullmatch(event.account) or (event.kind == "unowned" and not event.account))
+            and isinstance(event.until, (int, float))
+            and not isinstance(event.until, bool)
+            and math.isfinite(event.until)
             and (event.family is None or (isinstance(event.family, str) and len(event.family) <= 32))
             and (event.reason is None or (isinstance(event.reason, str) and len(event.reason) <= 200))
             and DATA_CHECKS.get(event.kind, lambda data: data is None)(event.data)
@@ -105,15 +109,23 @@ WINDOW_NAME = re.compile(r"[a-z0-9_]{1,16}")
 
 def usage_data(data) -> tuple[dict[str, tuple[float, float | None]], float | None] | None:
     """`{"windows": {name: [fraction, reset or null]}, "extra": fraction or null}`, checked."""
+
     def number(x, none_ok=False):
-        return (x is None and none_ok) or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0)
+        return (x is None and none_ok) or (
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+        )
 
     if not isinstance(data, dict) or not isinstance(windows := data.get("windows"), dict) or len(windows) > 8:
         return None
     checked = {}
     for name, value in windows.items():
-        if not (WINDOW_NAME.fullmatch(name) and isinstance(value, list) and len(value) == 2
-                and number(value[0]) and number(value[1], none_ok=True)):
+        if not (
+            WINDOW_NAME.fullmatch(name)
+            and isinstance(value, list)
+            and len(value) == 2
+            and number(value[0])
+            and number(value[1], none_ok=True)
+        ):
             return None
         checked[name] = (float(value[0]), value[1])
     extra = data.get("extra")
@@ -122,12 +134,20 @@ def usage_data(data) -> tuple[dict[str, tuple[float, float | None]], float | Non
 
 def _counts(*names: str) -> Callable[[object], bool]:
     def check(data) -> bool:
-        return isinstance(data, dict) and set(data) == set(names) and all(
-            isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 10**9 for n in data.values())
+        return (
+            isinstance(data, dict)
+            and set(data) == set(names)
+            and all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 10**9 for n in data.values())
+        )
+
     return check
 
 
-DATA_CHECKS = {"usage": lambda data: usage_data(data) is not None, "load": _counts("n"), "client": _counts("n", "minute", "admitted")}
+DATA_CHECKS = {
+    "usage": lambda data: usage_data(data) is not None,
+    "load": _counts("n"),
+    "client": _counts("n", "minute", "admitted"),
+}
 
 
 def parse_state(value: str) -> str:
@@ -143,7 +163,9 @@ def parse_state(value: str) -> str:
         fine = False
     if not fine:
         # Never echo the value: it may hold a password.
-        raise ValueError("claudeflare_state must be 'home' or a redis://[:password@]host:port/db URL (rediss:// for TLS)")
+        raise ValueError(
+            "claudeflare_state must be 'home' or a redis://[:password@]host:port/db URL (rediss:// for TLS)"
+        )
     return value
 
 
@@ -199,7 +221,9 @@ class SharedState:
                 backoff = POLL
             except Exception as e:  # the store may fail in any way: the local copy keeps serving
                 if self.down is None:
-                    logger.warning("claudeflare: %s unreachable, serving from the local copy: %s", self.name, type(e).__name__)
+                    logger.warning(
+                        "claudeflare: %s unreachable, serving from the local copy: %s", self.name, type(e).__name__
+                    )
                 self.down = type(e).__name__
                 backoff = min(MAX_BACKOFF, backoff * 2)
             self._stop.wait(backoff)
@@ -293,7 +317,9 @@ class HomeState(SharedState):
     def connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=5, isolation_level=None)
         db.execute("pragma journal_mode=wal")
-        db.execute("create table if not exists events (id integer primary key autoincrement, body text not null, until real not null)")
+        db.execute(
+            "create table if not exists events (id integer primary key autoincrement, body text not null, until real not null)"
+        )
         db.execute("create index if not exists events_until on events(until)")
         db.execute("create table if not exists usage_claims (account text primary key, next_at real not null)")
         return db
@@ -323,7 +349,11 @@ class HomeState(SharedState):
             self._next_prune = now + 60
 
     def read_new(self) -> list[Event]:
-        rows = self.connection().execute("select id, body from events where id > ? order by id limit ?", (self._last, MAX_READ)).fetchall()
+        rows = (
+            self.connection()
+            .execute("select id, body from events where id > ? order by id limit ?", (self._last, MAX_READ))
+            .fetchall()
+        )
         if rows:
             self._last = rows[-1][0]
         return [e for _, body in rows if (e := Event.parse(body))]
@@ -486,11 +516,18 @@ def connect(shared: SharedState, balancer, health, refresher, usage_poller) -> N
     and refreshes go through `shared`."""
     balancer.on_bind = lambda key, name, seconds: shared.publish(Event("bind", key, name, time.time() + seconds))
     health.on_bench = lambda name, until, family, reason: shared.publish(
-        Event("bench", f"{name}/{family or ''}", name, until, family, reason))
+        Event("bench", f"{name}/{family or ''}", name, until, family, reason)
+    )
     usage_poller.claim = lambda name, seconds: asyncio.to_thread(shared.claim_usage_read, name, seconds)
-    usage_poller.on_read = lambda name, usage, seconds: shared.publish(Event(
-        "usage", name, name, time.time() + seconds,
-        data={"windows": {w: list(v) for w, v in usage.windows.items()}, "extra": usage.extra}))
+    usage_poller.on_read = lambda name, usage, seconds: shared.publish(
+        Event(
+            "usage",
+            name,
+            name,
+            time.time() + seconds,
+            data={"windows": {w: list(v) for w, v in usage.windows.items()}, "extra": usage.extra},
+        )
+    )
     if refresher:
         refresher.shared = shared
 
@@ -522,7 +559,9 @@ def merge(events: list[Event], balancer, health, owners, clients=None) -> None:
             case "load":
                 balancer.adopt_load(event.key, event.account, event.data["n"], event.until - now)
             case "client" if clients:
-                clients.adopt_counts(event.key, event.account, event.data["n"], event.data["minute"], event.data["admitted"], event.until)
+                clients.adopt_counts(
+                    event.key, event.account, event.data["n"], event.data["minute"], event.data["admitted"], event.until
+                )
 
 
 def counts(balancer, clients) -> dict[tuple[str, str], dict]:
@@ -534,11 +573,17 @@ def counts(balancer, clients) -> dict[tuple[str, str], dict]:
         if minute != int(time.time() // 60):
             admitted = {}  # that minute is over: nothing admitted in this one yet
         for client in clients.in_flight.keys() | admitted.keys():
-            found[("client", client)] = {"n": clients.in_flight[client], "minute": minute, "admitted": admitted.get(client, 0)}
+            found[("client", client)] = {
+                "n": clients.in_flight[client],
+                "minute": minute,
+                "admitted": admitted.get(client, 0),
+            }
     return found
 
 
-async def publish_load(current: Callable[[], SharedState | None], balancer, clients=None, every: float = LOAD_EVERY) -> None:
+async def publish_load(
+    current: Callable[[], SharedState | None], balancer, clients=None, every: float = LOAD_EVERY
+) -> None:
     """This proxy's counters for the other proxies, checked each second: a changed one at once, a
     standing one before it lapses (a dead proxy's lapse), a zero once; an idle proxy is quiet."""
     shown: dict[tuple[str, str], tuple[dict, float]] = {}  # (kind, name) -> (data, when published)

@@ -57,7 +57,9 @@ class Seen(NamedTuple):
     until: float | None = None
 
 
-def effective_state(pool_state: str, health: "Seen | AccountHealth | None", now: float | None = None) -> tuple[str, str | None]:
+def effective_state(
+    pool_state: str, health: "Seen | AccountHealth | None", now: float | None = None
+) -> tuple[str, str | None]:
     """(state, reason) as a person should see it: the pool's state unless it is ok, else what the
     proxy has seen (ratelimit.AccountHealth, or Seen) — where a bench whose time has passed reads
     as ok, though nothing has cleared it: reading changes no state."""

@@ -76,7 +76,8 @@ def totals(path: Path, since: str) -> dict:
 def requests_per_minute(path: Path, since: str) -> dict[str, int]:
     """Requests per UTC minute ('YYYY-MM-DDTHH:MM') since `since`; minutes without any are absent."""
     rows = query_readonly(
-        path, "select substr(started_at, 1, 16) as minute, count(*) as n from requests where started_at >= ? group by 1",
+        path,
+        "select substr(started_at, 1, 16) as minute, count(*) as n from requests where started_at >= ? group by 1",
         [since],
     )
     return {r["minute"]: r["n"] for r in rows}
@@ -87,8 +88,9 @@ LATEST_COLUMNS = """id, started_at, account, client, model, status, error, ttfb_
     session, is_error"""
 
 
-def latest_requests(path: Path, since: str, limit: int = 100, account: str | None = None,
-                    errors_only: bool = False) -> list[dict]:
+def latest_requests(
+    path: Path, since: str, limit: int = 100, account: str | None = None, errors_only: bool = False
+) -> list[dict]:
     """The newest requests since `since` first, optionally of one account or errors only: a scan of
     the started_at index, newest first, that stops after `limit` matches or at `since`."""
     where, params = ["started_at >= ?"], [since]
@@ -124,7 +126,9 @@ def conversation(path: Path, session: str, limit: int = 500) -> list[dict]:
 
 def cost_per_account(path: Path, since: str) -> dict[str, float]:
     rows = query_readonly(
-        path, "select account, coalesce(sum(cost_usd), 0) as cost from requests where started_at >= ? and account is not null "
-        "group by +account", [since],  # +: the started_at index, as in requests_per_account
+        path,
+        "select account, coalesce(sum(cost_usd), 0) as cost from requests where started_at >= ? and account is not null "
+        "group by +account",
+        [since],  # +: the started_at index, as in requests_per_account
     )
     return {r["account"]: r["cost"] for r in rows}

@@ -40,14 +40,17 @@ class ServeError(Exception):
 def check_mitmdump_args(args: list[str]) -> None:
     for arg in args:
         if arg.startswith(OWN_OPTIONS):
-            raise ServeError(f"{arg.split('=', 1)[0]!r} is set by `claudeflare serve` (use --listen-host / --listen-port before --)")
+            raise ServeError(
+                f"{arg.split('=', 1)[0]!r} is set by `claudeflare serve` (use --listen-host / --listen-port before --)"
+            )
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
     """A bound, never listening SO_REUSEPORT socket: the workers join it on the same port."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
         sock = socket.socket(family, kind, proto)
     except OSError as e:
         raise ServeError(f"cannot listen on {host or '*'}:{port}: {e}") from None
@@ -117,11 +120,13 @@ class Supervisor:
         worker.proc = None
         worker.failed_starts = worker.failed_starts + 1 if now - worker.started_at < START_GRACE else 0
         if worker.failed_starts >= MAX_FAILED_STARTS:
-            self.say(f"claudeflare serve: worker {worker.number} (pid {pid}) exited with {code}, "
-                     f"{worker.failed_starts} times in a row at start: stopping (its log says why)")
+            self.say(
+                f"claudeflare serve: worker {worker.number} (pid {pid}) exited with {code}, "
+                f"{worker.failed_starts} times in a row at start: stopping (its log says why)"
+            )
             self.failed = self.stopping = True
             return
-        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** worker.failed_starts)
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2**worker.failed_starts)
         worker.restart_at = now + delay
         self.say(f"claudeflare serve: worker {worker.number} (pid {pid}) exited with {code}; restarting in {delay:g} s")
 
@@ -136,8 +141,10 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 worker.proc.kill()
                 code = worker.proc.wait()
-                self.say(f"claudeflare serve: worker {worker.number} (pid {worker.proc.pid}) did not stop "
-                         f"within {STOP_TIMEOUT:g} s: killed")
+                self.say(
+                    f"claudeflare serve: worker {worker.number} (pid {worker.proc.pid}) did not stop "
+                    f"within {STOP_TIMEOUT:g} s: killed"
+                )
             else:
                 self.say(f"claudeflare serve: worker {worker.number} (pid {worker.proc.pid}) stopped ({code})")
 
@@ -151,8 +158,18 @@ def serve(workers: int, host: str, port: int, mitmdump_args: list[str], env: dic
     try:
         port = reserved.getsockname()[1]
         # mitmdump, with the port shared (worker.py)
-        command = [sys.executable, "-m", "claudeflare.worker", "-s", str(ADDON), "--listen-host", host,
-                   "--listen-port", str(port), *mitmdump_args]
+        command = [
+            sys.executable,
+            "-m",
+            "claudeflare.worker",
+            "-s",
+            str(ADDON),
+            "--listen-host",
+            host,
+            "--listen-port",
+            str(port),
+            *mitmdump_args,
+        ]
         say(f"claudeflare serve: {workers} worker(s) on {host or '*'}:{port}")
         return Supervisor(command, workers, env, say).run()
     finally:

@@ -57,8 +57,9 @@ class Snapshot:
     latest: list[dict] = field(default_factory=list)
 
 
-def load_snapshot(home: Path, range_key: str = "1h", account: str | None = None, errors_only: bool = False,
-                  now: float | None = None) -> Snapshot:
+def load_snapshot(
+    home: Path, range_key: str = "1h", account: str | None = None, errors_only: bool = False, now: float | None = None
+) -> Snapshot:
     """One refresh: a handful of indexed range queries on the flow log, and the two files."""
     now = time.time() if now is None else now
     db = home / DB_FILE
@@ -163,12 +164,27 @@ def qr_text(data: str) -> Text:
     if len(rows) % 2:
         rows.append([0] * len(rows[0]))
     chars = {(1, 1): "█", (1, 0): "▀", (0, 1): "▄", (0, 0): " "}
-    lines = ["".join(chars[(top, bottom)] for top, bottom in zip(rows[i], rows[i + 1])) for i in range(0, len(rows), 2)]
+    lines = [
+        "".join(chars[(top, bottom)] for top, bottom in zip(rows[i], rows[i + 1], strict=True))
+        for i in range(0, len(rows), 2)
+    ]
     return Text("\n".join(lines), style="black on white", no_wrap=True)
 
 
-ACCOUNT_COLUMNS = ("name", "mode", "tier", "prio", "state", "5h", "7d", "limited until", "token", "busy", "today",
-                   "$ today")
+ACCOUNT_COLUMNS = (
+    "name",
+    "mode",
+    "tier",
+    "prio",
+    "state",
+    "5h",
+    "7d",
+    "limited until",
+    "token",
+    "busy",
+    "today",
+    "$ today",
+)
 REQUEST_COLUMNS = ("time", "account", "client", "model", "status", "TTFB", "tokens", "cost", "failovers")
 
 
@@ -182,18 +198,37 @@ def safe(cells, row: dict, columns: tuple) -> list[Text]:
 
 def account_cells(row: dict, now: float | None = None) -> list[Text]:
     state = row["state"] + (f" ({row['reason']})" if row["reason"] else "")
-    return [cell(row["name"]), cell(row["mode"]), cell(row["tier"]), cell(row["priority"]),
-            Text(state, style="green" if row["state"] == "ok" else "yellow", no_wrap=True),
-            bar(row["utilization_5h"], row["reset_5h"], now=now), bar(row["utilization_7d"], row["reset_7d"], now=now),
-            cell(until(row["limited_until"], now) and f"{local_time(row['limited_until'], '%a %H:%M')} ({until(row['limited_until'], now)})"),
-            cell(describe_expiry(row["token_expires_at"], now).removeprefix("expires in ")), cell(row["requests_in_flight"]),
-            cell(row["requests_today"]), cell(f"${row['cost_today'] or 0:.2f}")]
+    return [
+        cell(row["name"]),
+        cell(row["mode"]),
+        cell(row["tier"]),
+        cell(row["priority"]),
+        Text(state, style="green" if row["state"] == "ok" else "yellow", no_wrap=True),
+        bar(row["utilization_5h"], row["reset_5h"], now=now),
+        bar(row["utilization_7d"], row["reset_7d"], now=now),
+        cell(
+            until(row["limited_until"], now)
+            and f"{local_time(row['limited_until'], '%a %H:%M')} ({until(row['limited_until'], now)})"
+        ),
+        cell(describe_expiry(row["token_expires_at"], now).removeprefix("expires in ")),
+        cell(row["requests_in_flight"]),
+        cell(row["requests_today"]),
+        cell(f"${row['cost_today'] or 0:.2f}"),
+    ]
 
 
 def request_cells(row: dict) -> list[Text]:
-    return [cell(local_time(row["started_at"])), cell(row["account"]), cell(row["client"]), cell(row["model"]),
-            status_text(row), cell(ms(row["ttfb_ms"])), cell(tokens(row["tokens_total"])),
-            cell(f"${row['cost_usd'] or 0:.4f}"), cell(failover_count(row) or "")]
+    return [
+        cell(local_time(row["started_at"])),
+        cell(row["account"]),
+        cell(row["client"]),
+        cell(row["model"]),
+        status_text(row),
+        cell(ms(row["ttfb_ms"])),
+        cell(tokens(row["tokens_total"])),
+        cell(f"${row['cost_usd'] or 0:.4f}"),
+        cell(failover_count(row) or ""),
+    ]
 
 
 # --- dialogs ---------------------------------------------------------------------------------------
@@ -276,7 +311,10 @@ class TierForm(Form):
             yield from self.buttons()
 
     def values(self) -> dict:
-        return {"tier": self.query_one("#tier", Select).value, "priority": priority_value(self.query_one("#priority", Input).value)}
+        return {
+            "tier": self.query_one("#tier", Select).value,
+            "priority": priority_value(self.query_one("#priority", Input).value),
+        }
 
 
 class ApiKeyForm(Form):
@@ -291,8 +329,12 @@ class ApiKeyForm(Form):
 
     def values(self) -> dict:
         key = self.query_one("#key", Input)
-        account = enrol.new_account(self.query_one("#name", Input).value.strip(), "api-key",
-                                    self.query_one("#tier", Select).value, priority_value(self.query_one("#priority", Input).value))
+        account = enrol.new_account(
+            self.query_one("#name", Input).value.strip(),
+            "api-key",
+            self.query_one("#tier", Select).value,
+            priority_value(self.query_one("#priority", Input).value),
+        )
         values = {"account": account, "key": key.value}
         key.value = ""  # the key leaves the screen with the dialog's answer
         return values
@@ -359,9 +401,12 @@ class OAuthLogin(ModalScreen[str | None]):
     def start(self) -> None:
         try:
             if not self.again:
-                self.account = enrol.new_account(self.query_one("#name", Input).value.strip(), self.query_one("#mode", Select).value,
-                                                 self.query_one("#tier", Select).value,
-                                                 priority_value(self.query_one("#priority", Input).value))
+                self.account = enrol.new_account(
+                    self.query_one("#name", Input).value.strip(),
+                    self.query_one("#mode", Select).value,
+                    self.query_one("#tier", Select).value,
+                    priority_value(self.query_one("#priority", Input).value),
+                )
                 if self.account.name in self.taken:
                     raise AccountsError(f"an account named {self.account.name!r} already exists")
             self.flow, self.url = enrol.start_oauth(self.account.mode)  # local: PKCE values and a link
@@ -370,8 +415,12 @@ class OAuthLogin(ModalScreen[str | None]):
             return
         for field_ in self.query("#name, #mode, #tier, #priority, #start"):  # fixed from here on: room for the QR code
             field_.display = False
-        self.query_one("#link", Static).update(Text(f"{self.account.name} ({self.account.mode}): open this link, log in, paste the code below "
-                                                    f"(F2 copies it, F3 shows a QR code for another device):\n{self.url}"))
+        self.query_one("#link", Static).update(
+            Text(
+                f"{self.account.name} ({self.account.mode}): open this link, log in, paste the code below "
+                f"(F2 copies it, F3 shows a QR code for another device):\n{self.url}"
+            )
+        )
         code = self.query_one("#code", Input)
         code.disabled = False
         code.focus()
@@ -397,7 +446,9 @@ class OAuthLogin(ModalScreen[str | None]):
             self.app.call_from_thread(self.notify, failure(e), severity="error", markup=False)
             return
         account = self.account
-        done = f"logged in {account.name}" if self.again else f"added {account.name} ({account.mode}, tier {account.tier})"
+        done = (
+            f"logged in {account.name}" if self.again else f"added {account.name} ({account.mode}, tier {account.tier})"
+        )
         self.app.call_from_thread(self.dismiss, done)
 
     def action_cancel(self) -> None:
@@ -452,11 +503,20 @@ class PoolApp(App):
     Confirm, Form, StrategyPicker, OAuthLogin, Details { align: center middle; }
     """
     BINDINGS = [
-        Binding("p", "pause", "Pause"), Binding("u", "resume", "Resume"), Binding("x", "remove", "Remove"),
-        Binding("t", "tier", "Tier"), Binding("s", "strategy", "Strategy"), Binding("a", "add_key", "Add key"),
-        Binding("o", "add_oauth", "OAuth"), Binding("l", "login_again", "Log in again"), Binding("f", "filter_account", "Account"),
-        Binding("e", "errors_only", "Errors"), Binding("r", "range", "Range"), Binding("d", "details", "Details"),
-        Binding("c", "conversation", "Conversation"), Binding("q", "quit", "Quit"),
+        Binding("p", "pause", "Pause"),
+        Binding("u", "resume", "Resume"),
+        Binding("x", "remove", "Remove"),
+        Binding("t", "tier", "Tier"),
+        Binding("s", "strategy", "Strategy"),
+        Binding("a", "add_key", "Add key"),
+        Binding("o", "add_oauth", "OAuth"),
+        Binding("l", "login_again", "Log in again"),
+        Binding("f", "filter_account", "Account"),
+        Binding("e", "errors_only", "Errors"),
+        Binding("r", "range", "Range"),
+        Binding("d", "details", "Details"),
+        Binding("c", "conversation", "Conversation"),
+        Binding("q", "quit", "Quit"),
     ]
 
     def __init__(self, home: Path, refresh: float = REFRESH):
@@ -516,18 +576,31 @@ class PoolApp(App):
         self.sub_title = f"strategy {snap.strategy}" if snap.strategy else ""
         banner = self.query_one("#banner", Static)
         banner.display = not snap.proxy_running
-        banner.update(Text(f"No proxy running: nothing in {self.home / DB_FILE} (table account_status) for {STATUS_FRESH} s. "
-                           "Changes are saved to accounts.toml and apply when the proxy starts."))
+        banner.update(
+            Text(
+                f"No proxy running: nothing in {self.home / DB_FILE} (table account_status) for {STATUS_FRESH} s. "
+                "Changes are saved to accounts.toml and apply when the proxy starts."
+            )
+        )
         problem = self.query_one("#problem", Static)
         problem.display = snap.problem is not None
         problem.update(Text(snap.problem or ""))
-        fill(self.query_one("#accounts", DataTable), [(r["name"], safe(account_cells, r, ACCOUNT_COLUMNS)) for r in snap.accounts])
+        fill(
+            self.query_one("#accounts", DataTable),
+            [(r["name"], safe(account_cells, r, ACCOUNT_COLUMNS)) for r in snap.accounts],
+        )
         self.query_one("#totals", Static).update(totals_text(snap.totals, self.range_key))
         self.query_one("#spark", Sparkline).data = snap.per_minute or [0]
-        self.query_one("#filters", Static).update(Text(
-            f"latest requests · account: {self.account_filter or 'all'} · {'errors only' if self.errors_only else 'all statuses'}"
-            f" · range {self.range_key} · requests per minute above, last {SPARK_MINUTES} min"))
-        fill(self.query_one("#requests", DataTable), [(r["id"], safe(request_cells, r, REQUEST_COLUMNS)) for r in snap.latest])
+        self.query_one("#filters", Static).update(
+            Text(
+                f"latest requests · account: {self.account_filter or 'all'} · {'errors only' if self.errors_only else 'all statuses'}"
+                f" · range {self.range_key} · requests per minute above, last {SPARK_MINUTES} min"
+            )
+        )
+        fill(
+            self.query_one("#requests", DataTable),
+            [(r["id"], safe(request_cells, r, REQUEST_COLUMNS)) for r in snap.latest],
+        )
 
     # --- which account, which request ---
 
@@ -583,8 +656,10 @@ class PoolApp(App):
 
             def answered(values: dict | None) -> None:
                 if values:
-                    self.change(lambda: manage.set_tier_priority(self.home, name, values["tier"], values["priority"]),
-                                f"{name}: tier {values['tier']}, priority {values['priority']}")
+                    self.change(
+                        lambda: manage.set_tier_priority(self.home, name, values["tier"], values["priority"]),
+                        f"{name}: tier {values['tier']}, priority {values['priority']}",
+                    )
 
             self.push_screen(TierForm(account), answered)
 
@@ -599,8 +674,10 @@ class PoolApp(App):
         def answered(values: dict | None) -> None:
             if values:
                 account = values["account"]
-                self.change(lambda: enrol.add_api_key_account(self.home, account, values.pop("key")),
-                            f"added {account.name} (api-key, tier {account.tier})")
+                self.change(
+                    lambda: enrol.add_api_key_account(self.home, account, values.pop("key")),
+                    f"added {account.name} (api-key, tier {account.tier})",
+                )
 
         self.push_screen(ApiKeyForm(), answered)
 
@@ -610,8 +687,11 @@ class PoolApp(App):
     def action_login_again(self) -> None:
         if account := self.selected_account():
             if account["mode"] not in enrol.OAUTH_MODES:
-                self.notify(f"{account['name']} is an api-key account: remove it and add it again with a new key",
-                            severity="warning", markup=False)
+                self.notify(
+                    f"{account['name']} is an api-key account: remove it and add it again with a new key",
+                    severity="warning",
+                    markup=False,
+                )
                 return
             self.push_screen(OAuthLogin(self.home, again=Account(account["name"], account["mode"])), self.added)
 
@@ -650,8 +730,9 @@ class PoolApp(App):
         request = self.call_from_thread(self.selected_request)
         if request and request["session"]:
             rows = stats.conversation(self.home / DB_FILE, request["session"])
-            self.call_from_thread(self.push_screen, Details(f"Conversation {request['session']}: {len(rows)} request(s)",
-                                                            rows=rows))
+            self.call_from_thread(
+                self.push_screen, Details(f"Conversation {request['session']}: {len(rows)} request(s)", rows=rows)
+            )
         elif request:
             self.call_from_thread(self.notify, "this request has no conversation", severity="warning", markup=False)
 

@@ -158,11 +158,15 @@ class UsagePoller:
                         break
         except httpx.HTTPError as e:
             wait = self.schedule.failed(name, now)
-            logger.warning("claudeflare: reading the usage of %s failed (%s), next try in %.0fs", name, type(e).__name__, wait)
+            logger.warning(
+                "claudeflare: reading the usage of %s failed (%s), next try in %.0fs", name, type(e).__name__, wait
+            )
             return None
         if reply.status_code != 200:
             wait = self.schedule.failed(name, now, _retry_after(reply.headers.get("retry-after"), now))
-            logger.warning("claudeflare: the usage endpoint answered %d for %s, next read in %.0fs", reply.status_code, name, wait)
+            logger.warning(
+                "claudeflare: the usage endpoint answered %d for %s, next read in %.0fs", reply.status_code, name, wait
+            )
             return None
         self.schedule.read(name, now)
         return parse_usage(body)

@@ -20,8 +20,11 @@ import weakref
 from mitmproxy import http
 from mitmproxy.proxy.layers.http import RequestHeaders, _http1, _http2, _http3
 
-PLACEHOLDERS = {"authorization": "Bearer [claudeflare: {}]", "x-api-key": "[claudeflare: {}]",
-                "x-amz-security-token": "[claudeflare: {}]"}  # a Bedrock account's AWS session token
+PLACEHOLDERS = {
+    "authorization": "Bearer [claudeflare: {}]",
+    "x-api-key": "[claudeflare: {}]",
+    "x-amz-security-token": "[claudeflare: {}]",
+}  # a Bedrock account's AWS session token
 
 # header name -> (placeholder, secret) for each request we sent with a credential
 _held: weakref.WeakKeyDictionary[http.Request, dict[str, tuple[str, str]]] = weakref.WeakKeyDictionary()

@@ -1,6 +1,7 @@
 import subprocess
 
 import pytest
+
 from fake_anthropic import FakeAnthropic
 from harness import claudeflare_proxy
 
@@ -19,8 +20,10 @@ def pytest_collection_modifyitems(items):
 def fast_tests_start_no_process(request, monkeypatch):
     """A test not marked `e2e` that starts a process fails, rather than slow down `-m "not e2e"`."""
     if request.node.get_closest_marker("e2e") is None:
+
         def refuse(*args, **kwargs):
             raise AssertionError(f"{request.node.nodeid} starts a process: mark it `e2e`")
+
         monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
 
 
@@ -47,7 +50,9 @@ def start_proxy(tmp_path, fake):
     started = []
 
     def start(home, *extra, env=None, upstream=None):
-        proxy = claudeflare_proxy(home, upstream or fake.url, tmp_path / f"mitmdump-{len(started)}.log", *extra, env=env)
+        proxy = claudeflare_proxy(
+            home, upstream or fake.url, tmp_path / f"mitmdump-{len(started)}.log", *extra, env=env
+        )
         started.append(proxy)
         return proxy.start()
 

@@ -54,29 +54,38 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiohttp import web
+
 from fake_resources import FakeResources
 
 CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
 OAUTH_BETA = "oauth-2025-04-20"
-STATUS_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
-                 403: "permission_error", 404: "not_found_error", 413: "request_too_large",
-                 429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
+STATUS_ERRORS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
 # What the "tokens" of a reply are: cycled, one per text_delta; multi-byte UTF-8 on purpose.
 TEXT = ["Hel", "lo", " wo", "rld", " —", " café", " ✓", " ok", " 🙂", "."]
 MAX_TOKENS = 100_000
 FAULTS = (
-    "status:NNN",             # that HTTP status, Anthropic error body of the matching type (§4)
-    "status:429",             # rate limited WITH window headers (unified rejected / Console remaining 0), reset in 60 s
+    "status:NNN",  # that HTTP status, Anthropic error body of the matching type (§4)
+    "status:429",  # rate limited WITH window headers (unified rejected / Console remaining 0), reset in 60 s
     "status:429-windowless",  # retry-after + x-should-retry: true, no anthropic-ratelimit-* header at all
-    "spend-limit",            # 429, error.details.error_code = enforced_spend_limit_reached
-    "out-of-credits",         # 429, unified rejected + overage-status rejected / overage-disabled-reason out_of_credits
-    "reset-mid-stream",       # 200 stream, connection closed after a few deltas (no message_stop)
-    "stall",                  # headers sent, then nothing until the client leaves (at most 60 s)
-    "stall-mid-stream",       # a few events, then nothing until the client leaves (at most 60 s)
-    "malformed-sse",          # garbage lines, a truncated JSON data line and an unknown event between valid events
-    "bad-content-length",     # non-streamed JSON reply whose Content-Length claims more than is sent, then close
-    "in-stream-error",        # 200 stream, `event: error` overloaded_error after a few deltas, then the end
-    "long-context",           # 429 `Extra usage is required for long context requests.`, windows allowed, overage out_of_credits
+    "spend-limit",  # 429, error.details.error_code = enforced_spend_limit_reached
+    "out-of-credits",  # 429, unified rejected + overage-status rejected / overage-disabled-reason out_of_credits
+    "reset-mid-stream",  # 200 stream, connection closed after a few deltas (no message_stop)
+    "stall",  # headers sent, then nothing until the client leaves (at most 60 s)
+    "stall-mid-stream",  # a few events, then nothing until the client leaves (at most 60 s)
+    "malformed-sse",  # garbage lines, a truncated JSON data line and an unknown event between valid events
+    "bad-content-length",  # non-streamed JSON reply whose Content-Length claims more than is sent, then close
+    "in-stream-error",  # 200 stream, `event: error` overloaded_error after a few deltas, then the end
+    "long-context",  # 429 `Extra usage is required for long context requests.`, windows allowed, overage out_of_credits
 )
 # Subscriptions serve only Claude Code (contract §8): its system prompt is a billing-header block, then one of these.
 BILLING_PREFIX = "x-anthropic-billing-header:"
@@ -85,14 +94,21 @@ CLAUDE_CODE_IDENTITIES = (
     "You are Claude Code, Anthropic's official CLI for Claude, running within the Claude Agent SDK.",
     "You are a Claude agent, built on Anthropic's Claude Agent SDK.",
 )
-CLAUDE_CODE_ONLY = "This credential is only authorized for use with Claude Code and cannot be used for other API requests."
+CLAUDE_CODE_ONLY = (
+    "This credential is only authorized for use with Claude Code and cannot be used for other API requests."
+)
 LONG_CONTEXT = "Extra usage is required for long context requests."
 LONG_CONTEXT_TOKENS = 200_000  # past this, a subscription without extra usage refuses the request
-DISABLED = {"organization": (400, "This organization has been disabled."),
-            "oauth": (403, "OAuth authentication is currently not allowed for this organization.")}
+DISABLED = {
+    "organization": (400, "This organization has been disabled."),
+    "oauth": (403, "OAuth authentication is currently not allowed for this organization."),
+}
 STALL_S = 60.0
 # The text_delta events of content block 0, precomputed: streaming costs no JSON encoding per token.
-DELTAS = [f'event: content_block_delta\ndata: {{"type":"content_block_delta","index":0,"delta":{{"type":"text_delta","text":{json.dumps(t, ensure_ascii=False)}}}}}\n\n'.encode() for t in TEXT]
+DELTAS = [
+    f'event: content_block_delta\ndata: {{"type":"content_block_delta","index":0,"delta":{{"type":"text_delta","text":{json.dumps(t, ensure_ascii=False)}}}}}\n\n'.encode()
+    for t in TEXT
+]
 REC = web.RequestKey("fake_record", dict)
 
 
@@ -101,8 +117,12 @@ def is_claude_code(payload: dict) -> bool:
     if not isinstance(system, list) or len(system) < 2 or not all(isinstance(b, dict) for b in system[:2]):
         return False
     first, second = (b.get("text") if b.get("type") == "text" else None for b in system[:2])
-    return (isinstance(first, str) and first.startswith(BILLING_PREFIX)
-            and isinstance(second, str) and second.startswith(CLAUDE_CODE_IDENTITIES))
+    return (
+        isinstance(first, str)
+        and first.startswith(BILLING_PREFIX)
+        and isinstance(second, str)
+        and second.startswith(CLAUDE_CODE_IDENTITIES)
+    )
 
 
 def expected_text(n: int) -> str:
@@ -118,8 +138,9 @@ def pkce_challenge(verifier: str) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
 
 
-def error_body(status: int, message: str, kind: str | None = None, details: dict | None = None,
-               request_id: str | None = None) -> dict:
+def error_body(
+    status: int, message: str, kind: str | None = None, details: dict | None = None, request_id: str | None = None
+) -> dict:
     if kind is None:
         kind = STATUS_ERRORS.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
     error = {"type": kind, "message": message}
@@ -150,9 +171,9 @@ def _split_points(chunk: bytes) -> list[bytes]:
     """Cut an event in two or three, inside a multi-byte UTF-8 character when there is one."""
     for i, byte in enumerate(chunk):
         if byte >= 0xC0:  # lead byte of a multi-byte character: cut right after it
-            return [chunk[:i + 1], chunk[i + 1:]]
+            return [chunk[: i + 1], chunk[i + 1 :]]
     third = max(1, len(chunk) // 3)
-    return [chunk[:third], chunk[third:2 * third], chunk[2 * third:]]
+    return [chunk[:third], chunk[third : 2 * third], chunk[2 * third :]]
 
 
 @dataclass
@@ -227,8 +248,13 @@ class FakeAnthropic:
         with self._lock:
             self._state.api_keys[key] = account
 
-    def add_oauth(self, account: str = "oauth", access_token: str | None = None, refresh_token: str | None = None,
-                  expires_in: float = 3600) -> dict:
+    def add_oauth(
+        self,
+        account: str = "oauth",
+        access_token: str | None = None,
+        refresh_token: str | None = None,
+        expires_in: float = 3600,
+    ) -> dict:
         """Register tokens for an account (generated when not given); returns them."""
         access_token = access_token or "sk-ant-oat01-fake-" + secrets.token_urlsafe(24)
         refresh_token = refresh_token or "sk-ant-ort01-fake-" + secrets.token_urlsafe(24)
@@ -239,12 +265,17 @@ class FakeAnthropic:
             self._state.latest[account] = tokens
         return dict(tokens)
 
-    def add_auth_code(self, code: str, account: str, state: str, code_challenge: str,
-                      redirect_uri: str | None = None) -> None:
+    def add_auth_code(
+        self, code: str, account: str, state: str, code_challenge: str, redirect_uri: str | None = None
+    ) -> None:
         """A code the OAuth endpoint will exchange once, for the verifier whose S256 challenge this is."""
         with self._lock:
-            self._state.auth_codes[code] = {"account": account, "state": state, "code_challenge": code_challenge,
-                                            "redirect_uri": redirect_uri}
+            self._state.auth_codes[code] = {
+                "account": account,
+                "state": state,
+                "code_challenge": code_challenge,
+                "redirect_uri": redirect_uri,
+            }
 
     def revoke_access_token(self, token: str) -> None:
         """Upstream stops accepting this access token before its expiry (401)."""
@@ -257,16 +288,24 @@ class FakeAnthropic:
             if account:
                 self._state.used_refresh_tokens[token] = account
 
-    def set_limit(self, account: str, requests: int, window_s: float, reset_in_s: float | None = None,
-                  kind: str = "5h", used: int = 0) -> None:
+    def set_limit(
+        self,
+        account: str,
+        requests: int,
+        window_s: float,
+        reset_in_s: float | None = None,
+        kind: str = "5h",
+        used: int = 0,
+    ) -> None:
         """`requests` generations per window. The window opens with the account's next request and
         resets `reset_in_s` (default `window_s`) later; later windows last `window_s`. Once `requests`
         were served in the window, /v1/messages answers 429 until the reset. `used`: already spent."""
         if kind not in ("5h", "7d"):
             raise ValueError("kind must be '5h' or '7d'")
         with self._lock:
-            self._state.limits[account] = Limit(int(requests), float(window_s),
-                                                float(window_s if reset_in_s is None else reset_in_s), kind, int(used))
+            self._state.limits[account] = Limit(
+                int(requests), float(window_s), float(window_s if reset_in_s is None else reset_in_s), kind, int(used)
+            )
 
     def clear_limit(self, account: str) -> None:
         with self._lock:
@@ -287,7 +326,9 @@ class FakeAnthropic:
             else:
                 self._state.faults.pop(account, None)
 
-    def set_overage(self, account: str, status: str = "rejected", disabled_reason: str | None = "out_of_credits") -> None:
+    def set_overage(
+        self, account: str, status: str = "rejected", disabled_reason: str | None = "out_of_credits"
+    ) -> None:
         """The account's overage headers on every reply (OAuth), e.g. rejected / out_of_credits."""
         with self._lock:
             self._state.overage[account] = (status, disabled_reason)
@@ -377,14 +418,18 @@ class FakeAnthropic:
         with self._lock:
             return list(self._records)
 
-    def wait_for_requests(self, n: int, timeout: float = 5.0, path: str | None = None,
-                          finished: bool = False) -> list[dict]:
+    def wait_for_requests(
+        self, n: int, timeout: float = 5.0, path: str | None = None, finished: bool = False
+    ) -> list[dict]:
         """Wait until `n` requests (to `path`, ended if `finished`) were received; returns them.
         Raises TimeoutError when they do not come."""
         deadline = time.monotonic() + timeout
         while True:
-            found = [r for r in self.requests if (path is None or r["path"] == path)
-                     and (not finished or r["ended"] is not None)]
+            found = [
+                r
+                for r in self.requests
+                if (path is None or r["path"] == path) and (not finished or r["ended"] is not None)
+            ]
             if len(found) >= n:
                 return found
             if time.monotonic() >= deadline:
@@ -394,9 +439,11 @@ class FakeAnthropic:
     def stats(self) -> dict:
         with self._lock:
             c = self._counters
-            return {**{k: (dict(v) if isinstance(v, dict) else v) for k, v in c.items()},
-                    "token_calls": dict(self._state.token_calls),
-                    "token_calls_started": dict(self._state.token_calls_started)}
+            return {
+                **{k: (dict(v) if isinstance(v, dict) else v) for k, v in c.items()},
+                "token_calls": dict(self._state.token_calls),
+                "token_calls_started": dict(self._state.token_calls_started),
+            }
 
     def token_calls(self, account: str) -> int:
         """Calls of /v1/oauth/token for this account that were answered (any outcome, reuses of a
@@ -458,8 +505,14 @@ class FakeAnthropic:
 
     async def start_async(self) -> None:
         # handler_cancellation: a client that goes away cancels its handler (stalls and slow streams end).
-        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0,
-                                     max_line_size=65536, max_field_size=65536)
+        self._runner = web.AppRunner(
+            self.app(),
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=1.0,
+            max_line_size=65536,
+            max_field_size=65536,
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port, backlog=2048)
         await site.start()
@@ -520,18 +573,41 @@ class FakeAnthropic:
 
     @staticmethod
     def _new_counters() -> dict:
-        return {"requests": 0, "served": 0, "in_flight": 0, "max_in_flight": 0, "client_gone": 0,
-                "output_tokens": 0, "by_status": {}, "by_account": {}, "by_path": {}, "by_fault": {}}
+        return {
+            "requests": 0,
+            "served": 0,
+            "in_flight": 0,
+            "max_in_flight": 0,
+            "client_gone": 0,
+            "output_tokens": 0,
+            "by_status": {},
+            "by_account": {},
+            "by_path": {},
+            "by_fault": {},
+        }
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler):
         if request.path.startswith("/_fake/"):
             return await handler(request)
         body = await request.read()
-        rec = {"method": request.method, "path": request.path, "query": request.query_string, "account": None,
-               "auth_kind": None, "headers": None, "body": body, "status": None, "usage": None,
-               "started": time.time(), "ended": None, "request_id": new_request_id(), "fault": None,
-               "outcome": None, "claimed_account": None}
+        rec = {
+            "method": request.method,
+            "path": request.path,
+            "query": request.query_string,
+            "account": None,
+            "auth_kind": None,
+            "headers": None,
+            "body": body,
+            "status": None,
+            "usage": None,
+            "started": time.time(),
+            "ended": None,
+            "request_id": new_request_id(),
+            "fault": None,
+            "outcome": None,
+            "claimed_account": None,
+        }
         request[REC] = rec
         with self._lock:
             c = self._counters
@@ -588,12 +664,18 @@ class FakeAnthropic:
             if rec["status"] is None:
                 rec["status"] = response.status
 
-    def _error(self, request: web.Request, status: int, message: str, headers: dict | None = None,
-               kind: str | None = None, details: dict | None = None) -> web.Response:
+    def _error(
+        self,
+        request: web.Request,
+        status: int,
+        message: str,
+        headers: dict | None = None,
+        kind: str | None = None,
+        details: dict | None = None,
+    ) -> web.Response:
         rec = request.get(REC)
         request_id = rec["request_id"] if rec else new_request_id()
-        return web.json_response(error_body(status, message, kind, details, request_id), status=status,
-                                 headers=headers)
+        return web.json_response(error_body(status, message, kind, details, request_id), status=status, headers=headers)
 
     def _authenticate(self, request: web.Request) -> tuple[str | None, str | None, str | None]:
         """(account, kind "api_key"|"oauth", None) or (claimed account or None, kind, error message)."""
@@ -616,7 +698,11 @@ class FakeAnthropic:
             if token in self._state.revoked:
                 return account, "oauth", "OAuth token has been revoked. Please obtain a new token."
         if time.time() >= expires_at:
-            return account, "oauth", "OAuth token has expired. Please obtain a new token or refresh your existing token."
+            return (
+                account,
+                "oauth",
+                "OAuth token has expired. Please obtain a new token or refresh your existing token.",
+            )
         betas = [b.strip() for b in request.headers.get("anthropic-beta", "").split(",")]
         if OAUTH_BETA not in betas:
             return account, "oauth", "OAuth authentication is currently not supported."
@@ -637,8 +723,9 @@ class FakeAnthropic:
             return None, None, self._error(request, status, message)
         return account, kind, None
 
-    def _limit_headers(self, account: str, kind: str, now: float, limit: Limit | None, rejected: bool,
-                       input_tokens: int = 0) -> dict:
+    def _limit_headers(
+        self, account: str, kind: str, now: float, limit: Limit | None, rejected: bool, input_tokens: int = 0
+    ) -> dict:
         """Rate-limit headers describing the account's state when this request arrived. Caller holds the lock."""
         if limit:
             utilization, reset, cap = limit.utilization, limit.reset_at or now + limit.window_s, limit.requests
@@ -709,45 +796,71 @@ class FakeAnthropic:
                 return queued[0]
         return None
 
-    def _status_fault(self, request: web.Request, fault: str, account: str, kind: str, now: float,
-                      headers: dict) -> web.Response | None:
+    def _status_fault(
+        self, request: web.Request, fault: str, account: str, kind: str, now: float, headers: dict
+    ) -> web.Response | None:
         """The error reply of a status-like fault, or None when `fault` is not one. Caller holds the lock."""
         if fault == "spend-limit":
-            return self._error(request, 429, "You have reached your specified workspace API usage limits. "
-                               "You will regain access on the first day of next month.",
-                               {**headers, "x-should-retry": "false"}, kind="rate_limit_error",
-                               details={"error_code": "enforced_spend_limit_reached"})
+            return self._error(
+                request,
+                429,
+                "You have reached your specified workspace API usage limits. "
+                "You will regain access on the first day of next month.",
+                {**headers, "x-should-retry": "false"},
+                kind="rate_limit_error",
+                details={"error_code": "enforced_spend_limit_reached"},
+            )
         if fault == "out-of-credits":
             limit_headers = self._limit_headers(account, kind, now, None, False)
             if kind == "oauth":
                 reset = str(int(self._started_at + 5 * 3600))
-                limit_headers.update({
-                    "anthropic-ratelimit-unified-status": "rejected", "anthropic-ratelimit-unified-reset": reset,
-                    "anthropic-ratelimit-unified-5h-status": "rejected",
-                    "anthropic-ratelimit-unified-5h-utilization": "1", "anthropic-ratelimit-unified-5h-reset": reset,
-                    "anthropic-ratelimit-unified-overage-status": "rejected",
-                    "anthropic-ratelimit-unified-overage-disabled-reason": "out_of_credits"})
-            return self._error(request, 429, "You are out of extra usage credits.",
-                               {"request-id": request[REC]["request_id"], **limit_headers, "x-should-retry": "false"})
+                limit_headers.update(
+                    {
+                        "anthropic-ratelimit-unified-status": "rejected",
+                        "anthropic-ratelimit-unified-reset": reset,
+                        "anthropic-ratelimit-unified-5h-status": "rejected",
+                        "anthropic-ratelimit-unified-5h-utilization": "1",
+                        "anthropic-ratelimit-unified-5h-reset": reset,
+                        "anthropic-ratelimit-unified-overage-status": "rejected",
+                        "anthropic-ratelimit-unified-overage-disabled-reason": "out_of_credits",
+                    }
+                )
+            return self._error(
+                request,
+                429,
+                "You are out of extra usage credits.",
+                {"request-id": request[REC]["request_id"], **limit_headers, "x-should-retry": "false"},
+            )
         if fault == "long-context":
             return self._long_context(request, account, kind, now)
         if not fault.startswith("status:"):
             return None
         spec = fault.split(":", 1)[1].strip()
         if spec == "429-windowless":
-            return self._error(request, 429, "Rate limited. Please try again later.",
-                               {"retry-after": "1", "x-should-retry": "true"})
+            return self._error(
+                request, 429, "Rate limited. Please try again later.", {"retry-after": "1", "x-should-retry": "true"}
+            )
         try:
             status = int(spec)
         except ValueError:
             return self._error(request, 500, f"fake: unknown fault {fault!r}")
         if status == 429:
             limit = Limit(1, 60.0, 60.0, "5h", served=1, reset_at=now + 60)
-            return self._error(request, 429, "Number of request tokens has exceeded your rate limit.",
-                               {**self._limit_headers(account, kind, now, limit, True), "x-should-retry": "true"})
-        messages = {500: "Internal server error", 529: "Overloaded", 401: "invalid x-api-key",
-                    403: "Your credit balance is too low to access the Anthropic API.", 404: "Not Found",
-                    413: "Request exceeds the maximum allowed number of bytes.", 400: "Invalid request"}
+            return self._error(
+                request,
+                429,
+                "Number of request tokens has exceeded your rate limit.",
+                {**self._limit_headers(account, kind, now, limit, True), "x-should-retry": "true"},
+            )
+        messages = {
+            500: "Internal server error",
+            529: "Overloaded",
+            401: "invalid x-api-key",
+            403: "Your credit balance is too low to access the Anthropic API.",
+            404: "Not Found",
+            413: "Request exceeds the maximum allowed number of bytes.",
+            400: "Invalid request",
+        }
         extra = {"x-should-retry": "true" if status >= 500 or status == 408 else "false"}
         return self._error(request, status, messages.get(status, f"Error {status}"), {**headers, **extra})
 
@@ -755,26 +868,41 @@ class FakeAnthropic:
         """A subscription without extra usage refuses a long-context request only: its windows stay allowed."""
         headers = self._limit_headers(account, kind, now, self._state.limits.get(account), False)
         if kind == "oauth":
-            headers.update({"anthropic-ratelimit-unified-overage-status": "rejected",
-                            "anthropic-ratelimit-unified-overage-disabled-reason": "out_of_credits"})
+            headers.update(
+                {
+                    "anthropic-ratelimit-unified-overage-status": "rejected",
+                    "anthropic-ratelimit-unified-overage-disabled-reason": "out_of_credits",
+                }
+            )
         return self._error(request, 429, LONG_CONTEXT, {**headers, "x-should-retry": "false"}, kind="rate_limit_error")
 
-    def _family_limited(self, request: web.Request, account: str, kind: str, now: float, model: str) -> web.Response | None:
+    def _family_limited(
+        self, request: web.Request, account: str, kind: str, now: float, model: str
+    ) -> web.Response | None:
         """429 when the account's weekly window for this model's family is used up. Caller holds the lock."""
         family = next((f for f in ("opus", "sonnet") if f in model.lower()), None)
         reset = self._state.family_limits.get((account, family)) if kind == "oauth" else None
         if reset is None or now >= reset:
             return None
         headers = self._limit_headers(account, kind, now, self._state.limits.get(account), False)
-        headers.update({"anthropic-ratelimit-unified-status": "rejected",
-                        "anthropic-ratelimit-unified-reset": str(int(reset)),
-                        "anthropic-ratelimit-unified-representative-claim": f"seven_day_{family}",
-                        "anthropic-ratelimit-unified-7d_oi-status": "rejected",
-                        "anthropic-ratelimit-unified-7d_oi-utilization": "1",
-                        "anthropic-ratelimit-unified-7d_oi-reset": str(int(reset)),
-                        "retry-after": str(max(1, math.ceil(reset - now)))})
-        return self._error(request, 429, "This request would exceed your account's rate limit. Please try again later.",
-                           headers, kind="rate_limit_error")
+        headers.update(
+            {
+                "anthropic-ratelimit-unified-status": "rejected",
+                "anthropic-ratelimit-unified-reset": str(int(reset)),
+                "anthropic-ratelimit-unified-representative-claim": f"seven_day_{family}",
+                "anthropic-ratelimit-unified-7d_oi-status": "rejected",
+                "anthropic-ratelimit-unified-7d_oi-utilization": "1",
+                "anthropic-ratelimit-unified-7d_oi-reset": str(int(reset)),
+                "retry-after": str(max(1, math.ceil(reset - now))),
+            }
+        )
+        return self._error(
+            request,
+            429,
+            "This request would exceed your account's rate limit. Please try again later.",
+            headers,
+            kind="rate_limit_error",
+        )
 
     # --- API -------------------------------------------------------------------------------------
 
@@ -795,8 +923,13 @@ class FakeAnthropic:
             return self._error(request, 400, "body: Input should be an object")
         for name, typ in (("model", str), ("max_tokens", int), ("messages", list)):
             if not isinstance(payload.get(name), typ) or isinstance(payload.get(name), bool):
-                return self._error(request, 400, f"{name}: Field required" if name not in payload
-                                   else f"{name}: Input should be a valid {typ.__name__}")
+                return self._error(
+                    request,
+                    400,
+                    f"{name}: Field required"
+                    if name not in payload
+                    else f"{name}: Input should be a valid {typ.__name__}",
+                )
         if missing := self.resources.missing_file(payload, account):
             return self._error(request, 404, f"File not found: {missing}")
         usage = {
@@ -817,17 +950,27 @@ class FakeAnthropic:
             if limit:
                 limit.roll(now)
             over = bool(limit and limit.served >= limit.requests)
-            headers = {"request-id": rec["request_id"],
-                       **self._limit_headers(account, kind, now, limit, over, usage["input_tokens"])}
+            headers = {
+                "request-id": rec["request_id"],
+                **self._limit_headers(account, kind, now, limit, over, usage["input_tokens"]),
+            }
             fault = None if over else self._take_fault(request, account)
-            if (fault is None and kind == "oauth" and usage["input_tokens"] > LONG_CONTEXT_TOKENS
-                    and self._state.overage.get(account, ("rejected",))[0] != "allowed"):
+            if (
+                fault is None
+                and kind == "oauth"
+                and usage["input_tokens"] > LONG_CONTEXT_TOKENS
+                and self._state.overage.get(account, ("rejected",))[0] != "allowed"
+            ):
                 fault = "long-context"
             rec["fault"] = fault
             refusal = None if over else self._family_limited(request, account, kind, now, model)
             if over:
-                refusal = self._error(request, 429, "This request would exceed your account's rate limit. "
-                                      "Please try again later.", {**headers, "x-should-retry": "true"})
+                refusal = self._error(
+                    request,
+                    429,
+                    "This request would exceed your account's rate limit. Please try again later.",
+                    {**headers, "x-should-retry": "true"},
+                )
             elif fault and refusal is None:
                 refusal = self._status_fault(request, fault, account, kind, now, headers)
                 if refusal is None and fault not in FAULTS:
@@ -843,21 +986,34 @@ class FakeAnthropic:
         if fault == "bad-content-length":
             return await self._short_body(request, rec, model, usage, cache_creation, headers, stop_reason)
         if payload.get("stream") is True or fault == "stall":
-            return await self._stream(request, rec, model, usage, cache_creation, headers, fault, stop_reason,
-                                      bool(payload.get("stream")))
+            return await self._stream(
+                request, rec, model, usage, cache_creation, headers, fault, stop_reason, bool(payload.get("stream"))
+            )
         n = usage["output_tokens"]
-        message = {"id": "msg_01" + secrets.token_hex(11), "type": "message", "role": "assistant", "model": model,
-                   "content": [{"type": "text", "text": expected_text(n)}], "stop_reason": stop_reason,
-                   "stop_sequence": None,
-                   "usage": {**usage, "cache_creation": cache_creation, "service_tier": "standard"}}
+        message = {
+            "id": "msg_01" + secrets.token_hex(11),
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": expected_text(n)}],
+            "stop_reason": stop_reason,
+            "stop_sequence": None,
+            "usage": {**usage, "cache_creation": cache_creation, "service_tier": "standard"},
+        }
         rec["usage"] = {**usage, "cache_creation": cache_creation}
         return web.json_response(message, headers=headers, dumps=lambda o: json.dumps(o, ensure_ascii=False))
 
     async def _short_body(self, request, rec, model, usage, cache_creation, headers, stop_reason):
-        message = {"id": "msg_01" + secrets.token_hex(11), "type": "message", "role": "assistant", "model": model,
-                   "content": [{"type": "text", "text": expected_text(usage["output_tokens"])}],
-                   "stop_reason": stop_reason, "stop_sequence": None,
-                   "usage": {**usage, "cache_creation": cache_creation}}
+        message = {
+            "id": "msg_01" + secrets.token_hex(11),
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": expected_text(usage["output_tokens"])}],
+            "stop_reason": stop_reason,
+            "stop_sequence": None,
+            "usage": {**usage, "cache_creation": cache_creation},
+        }
         raw = json.dumps(message, ensure_ascii=False).encode()
         response = web.StreamResponse(status=200, headers={**headers, "content-type": "application/json"})
         response.content_length = len(raw) + 100
@@ -873,9 +1029,15 @@ class FakeAnthropic:
         split = request.headers.get("x-fake-split", "").strip() in ("1", "true")
         delay = _int_header(request, "x-fake-delay-ms", 0, 0, 600_000) / 1000
         n = usage["output_tokens"]
-        response = web.StreamResponse(status=200, headers={
-            **headers, "content-type": "text/event-stream; charset=utf-8" if is_stream else "application/json",
-            "cache-control": "no-cache", **({"content-encoding": "gzip"} if gzip else {})})
+        response = web.StreamResponse(
+            status=200,
+            headers={
+                **headers,
+                "content-type": "text/event-stream; charset=utf-8" if is_stream else "application/json",
+                "cache-control": "no-cache",
+                **({"content-encoding": "gzip"} if gzip else {}),
+            },
+        )
         await response.prepare(request)  # a StreamResponse sends its headers right away
         if fault == "stall":
             await self._stall(request, rec)
@@ -895,11 +1057,30 @@ class FakeAnthropic:
         rec["usage"] = {**usage, "cache_creation": cache_creation, "output_tokens": 1}
         trigger = min(2, n - 1)
         try:
-            await send(sse("message_start", {"type": "message_start", "message": {
-                "id": "msg_01" + secrets.token_hex(11), "type": "message", "role": "assistant", "model": model,
-                "content": [], "stop_reason": None, "stop_sequence": None, "usage": start_usage}}))
-            await send(sse("content_block_start", {"type": "content_block_start", "index": 0,
-                                                   "content_block": {"type": "text", "text": ""}}))
+            await send(
+                sse(
+                    "message_start",
+                    {
+                        "type": "message_start",
+                        "message": {
+                            "id": "msg_01" + secrets.token_hex(11),
+                            "type": "message",
+                            "role": "assistant",
+                            "model": model,
+                            "content": [],
+                            "stop_reason": None,
+                            "stop_sequence": None,
+                            "usage": start_usage,
+                        },
+                    },
+                )
+            )
+            await send(
+                sse(
+                    "content_block_start",
+                    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                )
+            )
             await send(sse("ping", {"type": "ping"}))
             for i in range(n):
                 if delay:
@@ -916,25 +1097,38 @@ class FakeAnthropic:
                 if fault == "stall-mid-stream":
                     await self._stall(request, rec)
                 if fault == "malformed-sse":
-                    await send(b"this line is garbage\n: an SSE comment\n\n"
-                               b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,"
-                               b"\"delta\":{\"type\":\"text_del\n\n"
-                               b"event: fake_unknown_event\ndata: {\"type\":\"fake_unknown_event\"}\n\n")
+                    await send(
+                        b"this line is garbage\n: an SSE comment\n\n"
+                        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+                        b'"delta":{"type":"text_del\n\n'
+                        b'event: fake_unknown_event\ndata: {"type":"fake_unknown_event"}\n\n'
+                    )
                 if fault == "in-stream-error":
-                    await send(sse("error", {"type": "error", "error": {"type": "overloaded_error",
-                                                                         "message": "Overloaded"}}))
+                    await send(
+                        sse("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+                    )
                     rec["outcome"] = "error_event"
                     if compressor:
                         await response.write(compressor.flush())
                     await response.write_eof()
                     return response
             await send(sse("content_block_stop", {"type": "content_block_stop", "index": 0}))
-            final = {"input_tokens": usage["input_tokens"],
-                     "cache_creation_input_tokens": usage["cache_creation_input_tokens"],
-                     "cache_read_input_tokens": usage["cache_read_input_tokens"], "output_tokens": n}
-            await send(sse("message_delta", {"type": "message_delta",
-                                             "delta": {"stop_reason": stop_reason, "stop_sequence": None},
-                                             "usage": final}))
+            final = {
+                "input_tokens": usage["input_tokens"],
+                "cache_creation_input_tokens": usage["cache_creation_input_tokens"],
+                "cache_read_input_tokens": usage["cache_read_input_tokens"],
+                "output_tokens": n,
+            }
+            await send(
+                sse(
+                    "message_delta",
+                    {
+                        "type": "message_delta",
+                        "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                        "usage": final,
+                    },
+                )
+            )
             rec["usage"] = {**usage, "cache_creation": cache_creation}
             await send(sse("message_stop", {"type": "message_stop"}))
             if compressor:
@@ -985,12 +1179,17 @@ class FakeAnthropic:
             return refused
         with self._lock:
             headers = self._limit_headers(account, kind, time.time(), self._state.limits.get(account), False)
-        data = [{"type": "model", "id": m, "display_name": d, "created_at": c} for m, d, c in (
-            ("claude-sonnet-4-5-20250929", "Claude Sonnet 4.5", "2025-09-29T00:00:00Z"),
-            ("claude-haiku-4-5-20251001", "Claude Haiku 4.5", "2025-10-01T00:00:00Z"),
-            ("claude-opus-4-1-20250805", "Claude Opus 4.1", "2025-08-05T00:00:00Z"))]
-        return web.json_response({"data": data, "has_more": False, "first_id": data[0]["id"],
-                                  "last_id": data[-1]["id"]}, headers=headers)
+        data = [
+            {"type": "model", "id": m, "display_name": d, "created_at": c}
+            for m, d, c in (
+                ("claude-sonnet-4-5-20250929", "Claude Sonnet 4.5", "2025-09-29T00:00:00Z"),
+                ("claude-haiku-4-5-20251001", "Claude Haiku 4.5", "2025-10-01T00:00:00Z"),
+                ("claude-opus-4-1-20250805", "Claude Opus 4.1", "2025-08-05T00:00:00Z"),
+            )
+        ]
+        return web.json_response(
+            {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}, headers=headers
+        )
 
     # --- OAuth -----------------------------------------------------------------------------------
 
@@ -1000,13 +1199,23 @@ class FakeAnthropic:
         refresh = "sk-ant-ort01-fake-" + secrets.token_urlsafe(32)
         self._state.access_tokens[access] = (account, time.time() + self.token_lifetime)
         self._state.refresh_tokens[refresh] = account
-        self._state.latest[account] = {"access_token": access, "refresh_token": refresh,
-                                       "expires_in": self.token_lifetime}
-        return {"access_token": access, "refresh_token": refresh, "expires_in": self.token_lifetime,
-                "token_type": "Bearer", "scope": "user:inference user:profile",
-                "account": {"uuid": f"00000000-0000-4000-8000-{hashlib.sha256(account.encode()).hexdigest()[:12]}",
-                            "email_address": f"{account}@example.com"},
-                "organization": {"uuid": "00000000-0000-4000-8000-000000000001", "name": "Fake org"}}
+        self._state.latest[account] = {
+            "access_token": access,
+            "refresh_token": refresh,
+            "expires_in": self.token_lifetime,
+        }
+        return {
+            "access_token": access,
+            "refresh_token": refresh,
+            "expires_in": self.token_lifetime,
+            "token_type": "Bearer",
+            "scope": "user:inference user:profile",
+            "account": {
+                "uuid": f"00000000-0000-4000-8000-{hashlib.sha256(account.encode()).hexdigest()[:12]}",
+                "email_address": f"{account}@example.com",
+            },
+            "organization": {"uuid": "00000000-0000-4000-8000-000000000001", "name": "Fake org"},
+        }
 
     @staticmethod
     def _oauth_error(status: int, error: str, description: str) -> web.Response:
@@ -1040,13 +1249,19 @@ class FakeAnthropic:
             if account:
                 self._state.token_calls[account] = self._state.token_calls.get(account, 0) + 1
             if self.token_fault == "500":
-                return web.json_response({"error": "server_error", "error_description": "Internal server error"},
-                                         status=500)
+                return web.json_response(
+                    {"error": "server_error", "error_description": "Internal server error"}, status=500
+                )
             if self.token_fault == "429":
-                return web.json_response({"error": "rate_limited", "error_description": "Too many requests"},
-                                         status=429, headers={"retry-after": "5"})
+                return web.json_response(
+                    {"error": "rate_limited", "error_description": "Too many requests"},
+                    status=429,
+                    headers={"retry-after": "5"},
+                )
             if self.token_fault == "404":  # what console.anthropic.com answers refresh grants now
-                return web.json_response(error_body(404, "Not Found", request_id=request[REC]["request_id"]), status=404)
+                return web.json_response(
+                    error_body(404, "Not Found", request_id=request[REC]["request_id"]), status=404
+                )
             if self.token_fault == "invalid_grant":
                 return self._oauth_error(400, "invalid_grant", "Refresh token not found or invalid")
             if grant == "authorization_code":
@@ -1102,10 +1317,14 @@ class FakeAnthropic:
             if limit:
                 windows[limit.kind] = (round(100 * limit.utilization, 1), limit.reset_at or now + limit.window_s)
             body = {
-                "five_hour": {"utilization": windows["5h"][0], "resets_at": datetime.fromtimestamp(
-                    windows["5h"][1], UTC).isoformat()},
-                "seven_day": {"utilization": windows["7d"][0], "resets_at": datetime.fromtimestamp(
-                    windows["7d"][1], UTC).isoformat()},
+                "five_hour": {
+                    "utilization": windows["5h"][0],
+                    "resets_at": datetime.fromtimestamp(windows["5h"][1], UTC).isoformat(),
+                },
+                "seven_day": {
+                    "utilization": windows["7d"][0],
+                    "resets_at": datetime.fromtimestamp(windows["7d"][1], UTC).isoformat(),
+                },
                 # null when the plan has no such window or pool (parse defensively)
                 "seven_day_oauth_apps": None,
                 "seven_day_opus": None,
@@ -1167,8 +1386,14 @@ class FakeAnthropic:
 
     async def _control_token_calls(self, request: web.Request) -> web.Response:
         account = request.query.get("account", "")
-        return web.json_response({"account": account, "calls": self.token_calls(account),
-                                  "started": self.token_calls_started(account), "tokens": self.tokens(account)})
+        return web.json_response(
+            {
+                "account": account,
+                "calls": self.token_calls(account),
+                "started": self.token_calls_started(account),
+                "tokens": self.tokens(account),
+            }
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -49,14 +49,18 @@ def page(items: list[dict], query) -> dict | str:
         return "after_id and before_id are mutually exclusive"
     if after:
         start = ids.index(after) + 1 if after in ids else len(ids)
-        chosen, more = items[start:start + limit], start + limit < len(items)
+        chosen, more = items[start : start + limit], start + limit < len(items)
     elif before:
         end = ids.index(before) if before in ids else 0
-        chosen, more = items[max(0, end - limit):end], end - limit > 0
+        chosen, more = items[max(0, end - limit) : end], end - limit > 0
     else:
         chosen, more = items[:limit], limit < len(items)
-    return {"data": chosen, "has_more": more,
-            "first_id": chosen[0]["id"] if chosen else None, "last_id": chosen[-1]["id"] if chosen else None}
+    return {
+        "data": chosen,
+        "has_more": more,
+        "first_id": chosen[0]["id"] if chosen else None,
+        "last_id": chosen[-1]["id"] if chosen else None,
+    }
 
 
 class FakeResources:
@@ -113,15 +117,24 @@ class FakeResources:
             return self.fake._error(request, 400, "Content-Type must be multipart/form-data")
         raw = await request.read()
         message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-            b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + raw)
-        part = next((p for p in message.iter_parts() if p.get_param("name", header="content-disposition") == "file"), None)
+            b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + raw
+        )
+        part = next(
+            (p for p in message.iter_parts() if p.get_param("name", header="content-disposition") == "file"), None
+        )
         if part is None:
             return self.fake._error(request, 400, "file: Field required")
         content = part.get_payload(decode=True) or b""
         now = time.time()
-        meta = {"id": "file_011C" + secrets.token_hex(12), "type": "file", "filename": part.get_filename() or "upload",
-                "mime_type": part.get_content_type(), "size_bytes": len(content), "created_at": rfc3339_us(now),
-                "downloadable": request.headers.get("x-fake-downloadable") == "1"}
+        meta = {
+            "id": "file_011C" + secrets.token_hex(12),
+            "type": "file",
+            "filename": part.get_filename() or "upload",
+            "mime_type": part.get_content_type(),
+            "size_bytes": len(content),
+            "created_at": rfc3339_us(now),
+            "downloadable": request.headers.get("x-fake-downloadable") == "1",
+        }
         with self.fake._lock:
             self.files[meta["id"]] = {"account": account, "meta": meta, "content": content}
         return web.json_response(meta)
@@ -163,8 +176,11 @@ class FakeResources:
         if refused:
             return refused
         if not found["meta"]["downloadable"]:
-            return self.fake._error(request, 400, f"File {found['meta']['id']} is not downloadable: "
-                                    "only files created by tools can be downloaded.")
+            return self.fake._error(
+                request,
+                400,
+                f"File {found['meta']['id']} is not downloadable: only files created by tools can be downloaded.",
+            )
         return web.Response(body=found["content"], content_type=found["meta"]["mime_type"])
 
     # --- batches ---------------------------------------------------------------------------------
@@ -172,7 +188,9 @@ class FakeResources:
     def _batch_view(self, batch: dict, now: float) -> dict:
         """Caller holds the lock."""
         created, canceled_at = batch["created"], batch["canceled_at"]
-        ends = min(created + self.batch_seconds, canceled_at + self.batch_seconds if canceled_at else created + BATCH_TTL_S)
+        ends = min(
+            created + self.batch_seconds, canceled_at + self.batch_seconds if canceled_at else created + BATCH_TTL_S
+        )
         ended = now >= ends
         n = len(batch["requests"])
         done_as = "canceled" if canceled_at else "succeeded"
@@ -180,11 +198,18 @@ class FakeResources:
         counts = {"processing": 0 if ended else n, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
         if ended:
             counts[done_as] = n
-        return {"id": batch["id"], "type": "message_batch", "processing_status": status, "request_counts": counts,
-                "ended_at": rfc3339_us(ends) if ended else None, "created_at": rfc3339_us(created),
-                "expires_at": rfc3339_us(created + BATCH_TTL_S), "archived_at": None,
-                "cancel_initiated_at": rfc3339_us(canceled_at) if canceled_at else None,
-                "results_url": f"{self.fake.url}/v1/messages/batches/{batch['id']}/results" if ended else None}
+        return {
+            "id": batch["id"],
+            "type": "message_batch",
+            "processing_status": status,
+            "request_counts": counts,
+            "ended_at": rfc3339_us(ends) if ended else None,
+            "created_at": rfc3339_us(created),
+            "expires_at": rfc3339_us(created + BATCH_TTL_S),
+            "archived_at": None,
+            "cancel_initiated_at": rfc3339_us(canceled_at) if canceled_at else None,
+            "results_url": f"{self.fake.url}/v1/messages/batches/{batch['id']}/results" if ended else None,
+        }
 
     async def create_batch(self, request: web.Request) -> web.Response:
         account, _, refused = self.fake._auth_or_error(request)
@@ -198,8 +223,13 @@ class FakeResources:
             assert len(custom_ids) == len(requests) and all(isinstance(c, str) for c in custom_ids)
         except (ValueError, KeyError, TypeError, AttributeError, AssertionError, RecursionError):
             return self.fake._error(request, 400, "requests: a non-empty list of {custom_id, params} is required")
-        batch = {"id": "msgbatch_01" + secrets.token_hex(12), "account": account, "created": time.time(),
-                 "requests": custom_ids, "canceled_at": None}
+        batch = {
+            "id": "msgbatch_01" + secrets.token_hex(12),
+            "account": account,
+            "created": time.time(),
+            "requests": custom_ids,
+            "canceled_at": None,
+        }
         with self.fake._lock:
             self.batches[batch["id"]] = batch
             return web.json_response(self._batch_view(batch, time.time()))
@@ -265,10 +295,18 @@ class FakeResources:
             if found["canceled_at"]:
                 result = {"type": "canceled"}
             else:
-                result = {"type": "succeeded", "message": {
-                    "id": "msg_01" + secrets.token_hex(11), "type": "message", "role": "assistant",
-                    "model": "claude-sonnet-4-5-20250929", "content": [{"type": "text", "text": "ok"}],
-                    "stop_reason": "end_turn", "stop_sequence": None,
-                    "usage": {"input_tokens": 5, "output_tokens": 1}}}
+                result = {
+                    "type": "succeeded",
+                    "message": {
+                        "id": "msg_01" + secrets.token_hex(11),
+                        "type": "message",
+                        "role": "assistant",
+                        "model": "claude-sonnet-4-5-20250929",
+                        "content": [{"type": "text", "text": "ok"}],
+                        "stop_reason": "end_turn",
+                        "stop_sequence": None,
+                        "usage": {"input_tokens": 5, "output_tokens": 1},
+                    },
+                }
             lines.append(json.dumps({"custom_id": custom_id, "result": result}))
         return web.Response(body="\n".join(lines) + "\n", content_type="application/binary")

@@ -25,7 +25,11 @@ LISTENING = re.compile(rb" listening at (?:127\.0\.0\.1|\*):(\d+)\.")  # * : all
 # identity. Subscriptions serve only Claude Code, so requests meant for an OAuth account carry it.
 CLAUDE_CODE_SYSTEM = [
     {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197.fa0; cc_entrypoint=cli;"},
-    {"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude.", "cache_control": {"type": "ephemeral"}},
+    {
+        "type": "text",
+        "text": "You are Claude Code, Anthropic's official CLI for Claude.",
+        "cache_control": {"type": "ephemeral"},
+    },
 ]
 
 
@@ -65,8 +69,10 @@ class Mitmdump:
         self.args = [
             str(MITMDUMP),
             *(["-s", str(ADDON)] if addon else []),
-            "--listen-host", "127.0.0.1",
-            "--listen-port", "0",
+            "--listen-host",
+            "127.0.0.1",
+            "--listen-port",
+            "0",
             # mitmproxy refuses an option set twice: a caller's own verbosity replaces this default.
             *([] if "termlog_verbosity=" in " ".join(args) else ["--set", "termlog_verbosity=info"]),
             *args,
@@ -107,8 +113,10 @@ class Mitmdump:
 
 def claudeflare_proxy(home: Path, upstream: str, log: Path, *extra: str, env: dict | None = None) -> Mitmdump:
     return Mitmdump(
-        "--set", f"claudeflare_home={home}",
-        "--set", f"claudeflare_upstream={upstream}",
+        "--set",
+        f"claudeflare_home={home}",
+        "--set",
+        f"claudeflare_upstream={upstream}",
         *extra,
         log=log,
         env=env,
@@ -165,8 +173,20 @@ class Serve(Mitmdump):
         super().__init__(log=log, env=env)
         self.workers = workers
         self.args = [
-            str(CLAUDEFLARE), "--home", str(home), "serve", "--workers", str(workers), "--listen-port", "0", "--",
-            "--set", "termlog_verbosity=info", "--set", f"claudeflare_upstream={upstream}", *extra,
+            str(CLAUDEFLARE),
+            "--home",
+            str(home),
+            "serve",
+            "--workers",
+            str(workers),
+            "--listen-port",
+            "0",
+            "--",
+            "--set",
+            "termlog_verbosity=info",
+            "--set",
+            f"claudeflare_upstream={upstream}",
+            *extra,
         ]
 
     def start(self, timeout: float = 30) -> "Serve":

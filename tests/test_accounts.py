@@ -11,7 +11,10 @@ from claudeflare.credentials import Credential, CredentialStore
 
 def test_example_file_parses():
     accounts = parse_accounts(open("accounts.example.toml").read()).accounts
-    assert [(a.name, a.mode, a.tier, a.priority) for a in accounts] == [("max-main", "max", 20, 0), ("work-key", "api-key", 1, 1)]
+    assert [(a.name, a.mode, a.tier, a.priority) for a in accounts] == [
+        ("max-main", "max", 20, 0),
+        ("work-key", "api-key", 1, 1),
+    ]
 
 
 def test_defaults():
@@ -23,8 +26,14 @@ def test_defaults():
     "text, message",
     [
         ('[[accounts]]\nname = "a"\nmode = "max"\ntier = 3\n', "line 1: account 'a': 'tier' must be 1, 5 or 20"),
-        ('[[accounts]]\nname = "a"\nmode = "max"\n\n[[accounts]]\nname = "b"\nmode = "oops"\n', "line 5: account 'b': 'mode'"),
-        ('[[accounts]]\nname = "a"\nmode = "max"\n[[accounts]]\nname = "a"\nmode = "max"\n', "line 4: duplicate account name 'a'"),
+        (
+            '[[accounts]]\nname = "a"\nmode = "max"\n\n[[accounts]]\nname = "b"\nmode = "oops"\n',
+            "line 5: account 'b': 'mode'",
+        ),
+        (
+            '[[accounts]]\nname = "a"\nmode = "max"\n[[accounts]]\nname = "a"\nmode = "max"\n',
+            "line 4: duplicate account name 'a'",
+        ),
         ('[[accounts]]\nname = "a b"\nmode = "max"\n', "invalid name 'a b'"),
         ('[[accounts]]\nname = "a\\r\\nX-Evil: 1"\nmode = "max"\n', "invalid name"),
         ('[[accounts]]\nname = "a"\nmode = "max"\ncolour = "red"\n', "unknown key(s) colour"),

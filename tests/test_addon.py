@@ -7,6 +7,7 @@ from mitmproxy.test import taddons, tflow
 
 from claudeflare.config import STRATEGIES
 from claudeflare.proxy import addons
+
 from harness import add_account
 
 
@@ -49,9 +50,14 @@ def test_loopback_client_is_served_without_keys(addon):
 def test_bad_options_are_refused(addon):
     _, claudeflare = addon
     with taddons.context(claudeflare) as tctx:
-        for option, value in [("claudeflare_strategy", "fastest"), ("claudeflare_upstream", "ftp://x"),
-                              ("claudeflare_session_hours", "0"), ("claudeflare_retry_backoff", "0.5"),
-                              ("claudeflare_switch_utilization", "lots"), ("claudeflare_retry_attempts", 0)]:
+        for option, value in [
+            ("claudeflare_strategy", "fastest"),
+            ("claudeflare_upstream", "ftp://x"),
+            ("claudeflare_session_hours", "0"),
+            ("claudeflare_retry_backoff", "0.5"),
+            ("claudeflare_switch_utilization", "lots"),
+            ("claudeflare_retry_attempts", 0),
+        ]:
             with pytest.raises(Exception, match=option):
                 tctx.configure(claudeflare, **{option: value})
 
@@ -94,8 +100,17 @@ def test_ipv4_mapped_peers_are_judged_by_their_ipv4_address(addon):
 def test_options_are_parsed_into_their_groups(addon):
     _, claudeflare = addon
     with taddons.context(claudeflare) as tctx:
-        tctx.configure(claudeflare, claudeflare_retry_attempts=4, claudeflare_retry_delay_ms=250, claudeflare_retry_backoff="1.5",
-                       claudeflare_upstream="https://api.example.test")
-        assert (claudeflare.router.retry.attempts, claudeflare.router.retry.delay, claudeflare.router.retry.backoff) == (4, 0.25, 1.5)
+        tctx.configure(
+            claudeflare,
+            claudeflare_retry_attempts=4,
+            claudeflare_retry_delay_ms=250,
+            claudeflare_retry_backoff="1.5",
+            claudeflare_upstream="https://api.example.test",
+        )
+        assert (
+            claudeflare.router.retry.attempts,
+            claudeflare.router.retry.delay,
+            claudeflare.router.retry.backoff,
+        ) == (4, 0.25, 1.5)
         assert claudeflare.upstream.url == "https://api.example.test:443"
         assert tctx.options._options["claudeflare_strategy"].choices == STRATEGIES

@@ -5,11 +5,12 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from alert_receiver import AlertReceiver
 
 from claudeflare import alerts
 from claudeflare.accounts import AccountsError, parse_accounts
 from claudeflare.alerts import REFRESH_FAILURES, AccountView, AlertsConfig, Sender, detect
+
+from alert_receiver import AlertReceiver
 
 SECRET_URL = "https://hooks.slack.com/services/T000/B000/XXXXSECRETXXXX"
 ACCOUNT = '[[accounts]]\nname = "a"\nmode = "api-key"\n'
@@ -35,18 +36,21 @@ def test_alerts_table_takes_slack_format_and_a_subset_of_events():
     assert config.format == "slack" and config.events == {"limited", "exhausted"}
 
 
-@pytest.mark.parametrize("table, complaint", [
-    ('url = "ftp://example.com/XXXXSECRETXXXX"', "'url' must be an http:// or https:// URL"),
-    ('url = "https:///XXXXSECRETXXXX"', "'url' must be an http:// or https:// URL"),
-    ('url = "http://example.com:99999/XXXXSECRETXXXX"', "'url' must be an http:// or https:// URL"),
-    ('url = "http://example.com/a\\nXXXXSECRETXXXX"', "'url' must be an http:// or https:// URL"),
-    ('url = "http://example.com/é/XXXXSECRETXXXX"', "'url' must be an http:// or https:// URL"),
-    ('format = "slack"', "'url' is required"),
-    ('url = "https://example.com/XXXXSECRETXXXX"\nformat = "teams"', "'format' must be one of generic, slack"),
-    ('url = "https://example.com/XXXXSECRETXXXX"\nevents = ["limited", "on-fire"]', "unknown event(s) 'on-fire'"),
-    ('url = "https://example.com/XXXXSECRETXXXX"\nevents = "limited"', "'events' must be a list"),
-    ('url = "https://example.com/XXXXSECRETXXXX"\nchannel = "#ops"', "unknown key(s) channel"),
-])
+@pytest.mark.parametrize(
+    "table, complaint",
+    [
+        ('url = "ftp://example.com/XXXXSECRETXXXX"', "'url' must be an http:// or https:// URL"),
+        ('url = "https:///XXXXSECRETXXXX"', "'url' must be an http:// or https:// URL"),
+        ('url = "http://example.com:99999/XXXXSECRETXXXX"', "'url' must be an http:// or https:// URL"),
+        ('url = "http://example.com/a\\nXXXXSECRETXXXX"', "'url' must be an http:// or https:// URL"),
+        ('url = "http://example.com/é/XXXXSECRETXXXX"', "'url' must be an http:// or https:// URL"),
+        ('format = "slack"', "'url' is required"),
+        ('url = "https://example.com/XXXXSECRETXXXX"\nformat = "teams"', "'format' must be one of generic, slack"),
+        ('url = "https://example.com/XXXXSECRETXXXX"\nevents = ["limited", "on-fire"]', "unknown event(s) 'on-fire'"),
+        ('url = "https://example.com/XXXXSECRETXXXX"\nevents = "limited"', "'events' must be a list"),
+        ('url = "https://example.com/XXXXSECRETXXXX"\nchannel = "#ops"', "unknown key(s) channel"),
+    ],
+)
 def test_a_bad_alerts_table_names_file_and_line_and_never_quotes_the_url(table, complaint):
     with pytest.raises(AccountsError) as e:
         parse(f"[alerts]\n{table}\n")
@@ -88,7 +92,11 @@ def test_limited_fires_once_per_occurrence_with_its_reset():
 
 
 def test_needs_login_and_disabled_fire_once_each():
-    events = run(views(a="ok", b="ok", c="ok"), views(a="needs-login", b="disabled", c="ok"), views(a="needs-login", b="disabled", c="ok"))
+    events = run(
+        views(a="ok", b="ok", c="ok"),
+        views(a="needs-login", b="disabled", c="ok"),
+        views(a="needs-login", b="disabled", c="ok"),
+    )
     assert [(e.event, e.account) for e in events] == [("needs-login", "a"), ("disabled", "b")]
     assert "claudeflare login a" in events[0].message
 
@@ -115,7 +123,9 @@ def test_not_exhausted_while_one_account_serves_or_is_only_overloaded_or_the_poo
 def test_refresh_failing_fires_at_the_threshold_once_and_again_after_a_success():
     failing = [views(a=AccountView("ok", refresh_failures=n)) for n in range(1, REFRESH_FAILURES + 3)]
     events = run(*failing)
-    assert [(e.event, e.account, e.fields) for e in events] == [("refresh-failing", "a", {"failures": REFRESH_FAILURES})]
+    assert [(e.event, e.account, e.fields) for e in events] == [
+        ("refresh-failing", "a", {"failures": REFRESH_FAILURES})
+    ]
     assert [e.event for e in run(*failing, views(a="ok"), *failing)] == ["refresh-failing", "refresh-failing"]
 
 
@@ -123,7 +133,9 @@ def test_budget_events_fire_once_per_period_at_80_and_100_percent():
     def spend(*amounts, period="2030-01-01T00:00:00.000Z"):
         return [{"ci": alerts.BudgetView(period, amount, 10.0)} for amount in amounts]
 
-    events = [(e.event, e.fields["client"], e.fields["spent_usd"]) for e in run_budgets(*spend(1, 7.9, 8, 8.5, 9.9, 10, 12))]
+    events = [
+        (e.event, e.fields["client"], e.fields["spent_usd"]) for e in run_budgets(*spend(1, 7.9, 8, 8.5, 9.9, 10, 12))
+    ]
     assert events == [("budget-80", "ci", 8), ("budget-100", "ci", 10)]
     assert [e.event for e in run_budgets(*spend(0, 11))] == ["budget-80", "budget-100"]  # both passed in one step
     next_period = spend(1, 9, period="2030-02-01T00:00:00.000Z")
@@ -142,16 +154,23 @@ def run_budgets(*snapshots):
 
 
 def test_the_addon_sends_account_and_budget_events_each_once():
-    rows = [{"name": "a", "state": "limited", "limited_until": "2030-01-01T00:00:00.000Z"}, {"name": "b", "state": "ok"}]
+    rows = [
+        {"name": "a", "state": "limited", "limited_until": "2030-01-01T00:00:00.000Z"},
+        {"name": "b", "state": "ok"},
+    ]
     config = AlertsConfig(SECRET_URL)
-    claudeflare = SimpleNamespace(watcher=SimpleNamespace(pool=SimpleNamespace(alerts=config)), refresher=None,
-                                  status_rows=lambda: rows)
+    claudeflare = SimpleNamespace(
+        watcher=SimpleNamespace(pool=SimpleNamespace(alerts=config)), refresher=None, status_rows=lambda: rows
+    )
     sent = []
     addon = alerts.Alerts(claudeflare, SimpleNamespace(submit=lambda config, body: sent.append(body) or True))
     addon.budgets = lambda: {"ci": alerts.BudgetView("2030-01-01T00:00:00.000Z", 8.5, 10.0)}
     for _ in range(3):
         addon.check()
-    assert [(b["event"], b["account"], b.get("client")) for b in sent] == [("limited", "a", None), ("budget-80", None, "ci")]
+    assert [(b["event"], b["account"], b.get("client")) for b in sent] == [
+        ("limited", "a", None),
+        ("budget-80", None, "ci"),
+    ]
     assert sent[1]["spent_usd"] == 8.5 and sent[1]["budget_usd"] == 10.0
 
 
@@ -165,8 +184,13 @@ def test_every_event_has_a_sample():
 def test_generic_payload_carries_event_account_message_time_and_fields():
     config = AlertsConfig(SECRET_URL)
     body = alerts.payload(config, "limited", "account a is limited", "a", at=0, reset="2030-01-01T00:00:00.000Z")
-    assert body == {"event": "limited", "account": "a", "message": "account a is limited",
-                    "at": "1970-01-01T00:00:00.000Z", "reset": "2030-01-01T00:00:00.000Z"}
+    assert body == {
+        "event": "limited",
+        "account": "a",
+        "message": "account a is limited",
+        "at": "1970-01-01T00:00:00.000Z",
+        "reset": "2030-01-01T00:00:00.000Z",
+    }
     budget = alerts.payload(config, "budget-80", "ci spent 80%", client="ci", spent_usd=8.0)
     assert budget["client"] == "ci" and budget["account"] is None and budget["spent_usd"] == 8.0
 
@@ -179,7 +203,9 @@ def test_slack_payload_is_only_text():
 def test_a_key_passed_by_a_caller_never_reaches_a_payload():
     for key in ("sk-ant-api03-" + "k" * 40, "sk-ant-ort01-" + "k" * 40, "cfk-" + "k" * 40):
         for fmt in alerts.FORMATS:
-            body = alerts.payload(AlertsConfig(SECRET_URL, fmt), "budget-100", f"client ci ({key}) is over", client="ci", note=key)
+            body = alerts.payload(
+                AlertsConfig(SECRET_URL, fmt), "budget-100", f"client ci ({key}) is over", client="ci", note=key
+            )
             assert "k" * 40 not in str(body) and "[redacted]" in str(body)
 
 

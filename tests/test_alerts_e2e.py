@@ -4,11 +4,12 @@ import time
 from datetime import datetime
 
 import requests
-from alert_receiver import AlertReceiver, Silent
 from click.testing import CliRunner
-from harness import CLAUDE_CODE_SYSTEM, add_account, api_key_accounts, free_port
 
 from claudeflare.cli import cli
+
+from alert_receiver import AlertReceiver, Silent
+from harness import CLAUDE_CODE_SYSTEM, add_account, api_key_accounts, free_port
 
 MODEL = "claude-sonnet-4-6"
 SECRET_PATH = "/services/T0/B0/XXXXSECRETPATHXXXX"  # Slack-like: the path is the secret
@@ -23,7 +24,12 @@ def write_alerts(home, url, *lines):
 
 
 def ask(proxy):
-    body = {"model": MODEL, "max_tokens": 100, "system": CLAUDE_CODE_SYSTEM, "messages": [{"role": "user", "content": "hi"}]}
+    body = {
+        "model": MODEL,
+        "max_tokens": 100,
+        "system": CLAUDE_CODE_SYSTEM,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
     return requests.post(f"{proxy.url}/v1/messages", json=body, timeout=30)
 
 
@@ -63,14 +69,23 @@ def test_limited_alerts_once_with_its_reset_and_an_exhausted_pool_once(fake, hom
 
 def test_a_revoked_refresh_token_alerts_needs_login_in_slack_format(fake, home, start_proxy):
     tokens = fake.add_oauth(account="dead", expires_in=1)
-    add_account(home, "dead", "max", 5, access_token=tokens["access_token"], refresh_token=tokens["refresh_token"],
-                expires_at=time.time() + 1)
+    add_account(
+        home,
+        "dead",
+        "max",
+        5,
+        access_token=tokens["access_token"],
+        refresh_token=tokens["refresh_token"],
+        expires_at=time.time() + 1,
+    )
     api_key_accounts(fake, home, ("alive", 1))
     fake.revoke_refresh_token(tokens["refresh_token"])
     time.sleep(1.1)  # the access token has expired: the next use needs a refresh, which is refused
     with AlertReceiver() as receiver:
         write_alerts(home, receiver.url(SECRET_PATH), 'format = "slack"', 'events = ["needs-login", "exhausted"]')
-        proxy = start_proxy(home, "--set", f"claudeflare_token_url={fake.url}/v1/oauth/token", "--set", "termlog_verbosity=debug")
+        proxy = start_proxy(
+            home, "--set", f"claudeflare_token_url={fake.url}/v1/oauth/token", "--set", "termlog_verbosity=debug"
+        )
         assert [ask(proxy).status_code for _ in range(6)] == [200] * 6  # alive serves
         (alert,) = receiver.wait(1)
         time.sleep(QUIET)
@@ -107,7 +122,9 @@ def test_an_alerts_table_added_while_the_proxy_runs_applies(fake, home, start_pr
         fake.disable("a")
         assert ask(proxy).status_code >= 400
         (alert,) = receiver.wait(1)
-    assert alert["event"] == "exhausted" and alert["accounts"] == {"a": "disabled"}  # `disabled` itself was not asked for
+    assert alert["event"] == "exhausted" and alert["accounts"] == {
+        "a": "disabled"
+    }  # `disabled` itself was not asked for
 
 
 def cli_run(home, *args):
@@ -148,7 +165,9 @@ def test_cli_alerts_test_without_an_alerts_table_says_what_to_add(home):
 
 def test_a_client_key_past_its_budget_alerts_budget_80_then_100_once(fake, home, start_proxy):
     api_key_accounts(fake, home, ("a", 1))
-    created = CliRunner().invoke(cli, ["--home", str(home), "client-key", "create", "ci", "--budget-usd", "1", "--per", "day"])
+    created = CliRunner().invoke(
+        cli, ["--home", str(home), "client-key", "create", "ci", "--budget-usd", "1", "--per", "day"]
+    )
     key = created.stdout.strip()
     with AlertReceiver() as receiver:
         write_alerts(home, receiver.url(SECRET_PATH), 'events = ["budget-80", "budget-100"]')

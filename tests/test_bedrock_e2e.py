@@ -8,16 +8,19 @@ import time
 
 import anthropic
 import httpx
-from fake_bedrock import FakeBedrock
-from harness import CLAUDE_CODE_SYSTEM, add_account, db_rows
 
 from claudeflare.config import ensure_home
+
+from fake_bedrock import FakeBedrock
+from harness import CLAUDE_CODE_SYSTEM, add_account, db_rows
 
 
 def add_bedrock(home, bedrock, priority=0):
     ensure_home(home)
     with open(home / "accounts.toml", "a") as f:
-        f.write(f'\n[[accounts]]\nname = "aws"\nprovider = "bedrock"\nbase_url = "{bedrock.url}"\npriority = {priority}\n')
+        f.write(
+            f'\n[[accounts]]\nname = "aws"\nprovider = "bedrock"\nbase_url = "{bedrock.url}"\npriority = {priority}\n'
+        )
 
 
 def test_bedrock_serves_the_sdk_and_raw_streams_signed_with_sigv4(fake, home, start_proxy):
@@ -25,40 +28,78 @@ def test_bedrock_serves_the_sdk_and_raw_streams_signed_with_sigv4(fake, home, st
         add_bedrock(home, bedrock)
         proxy = start_proxy(home, "--set", "flow_detail=3", env=bedrock.env)  # the log prints each flow's headers
         client = anthropic.Anthropic(base_url=proxy.url, api_key="client-key-ignored", max_retries=0)
-        reply = client.messages.create(model="claude-sonnet-4-5", max_tokens=20, messages=[{"role": "user", "content": "hi"}])
+        reply = client.messages.create(
+            model="claude-sonnet-4-5", max_tokens=20, messages=[{"role": "user", "content": "hi"}]
+        )
         assert reply.content[0].text == "hello from bedrock" and reply.usage.output_tokens == 9
-        with client.messages.stream(model="claude-haiku-4-5-20251001", max_tokens=20, messages=[{"role": "user", "content": "hi"}]) as s:
+        with client.messages.stream(
+            model="claude-haiku-4-5-20251001", max_tokens=20, messages=[{"role": "user", "content": "hi"}]
+        ) as s:
             assert s.get_final_text() == "hello from bedrock"
-        with httpx.stream("POST", f"{proxy.url}/v1/messages", timeout=30, json={
-                "model": "claude-sonnet-4-5", "max_tokens": 20, "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
+        with httpx.stream(
+            "POST",
+            f"{proxy.url}/v1/messages",
+            timeout=30,
+            json={
+                "model": "claude-sonnet-4-5",
+                "max_tokens": 20,
+                "stream": True,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+        ) as r:
             text = r.read().decode()
         assert r.headers["content-type"] == "text/event-stream"
         assert [line for line in text.splitlines() if line.startswith("event: ")] == [
-            "event: message_start", "event: content_block_start", "event: content_block_delta", "event: content_block_delta",
-            "event: content_block_stop", "event: message_delta", "event: message_stop"]
+            "event: message_start",
+            "event: content_block_start",
+            "event: content_block_delta",
+            "event: content_block_delta",
+            "event: content_block_stop",
+            "event: message_delta",
+            "event: message_stop",
+        ]
         assert "invocationMetrics" not in text
 
         assert [(c["status"], c["model"], c["method"]) for c in bedrock.requests] == [
             (200, "anthropic.claude-sonnet-4-5-20250929-v1:0", "invoke"),
             (200, "anthropic.claude-haiku-4-5-20251001-v1:0", "invoke-with-response-stream"),
-            (200, "anthropic.claude-sonnet-4-5-20250929-v1:0", "invoke-with-response-stream")]
+            (200, "anthropic.claude-sonnet-4-5-20250929-v1:0", "invoke-with-response-stream"),
+        ]
         sent = json.loads(bedrock.requests[1]["body"])
         assert sent["anthropic_version"] == "bedrock-2023-05-31" and "model" not in sent and "stream" not in sent
 
-        wrong = httpx.post(f"{proxy.url}/v1/messages", timeout=30,
-                           json={"model": "claude-sonnet-4-5-20990101", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+        wrong = httpx.post(
+            f"{proxy.url}/v1/messages",
+            timeout=30,
+            json={
+                "model": "claude-sonnet-4-5-20990101",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+        )
         assert wrong.status_code == 400
-        assert wrong.json()["error"] == {"type": "invalid_request_error", "message": "Amazon Bedrock: The provided model identifier is invalid."}
+        assert wrong.json()["error"] == {
+            "type": "invalid_request_error",
+            "message": "Amazon Bedrock: The provided model identifier is invalid.",
+        }
 
         rows = db_rows(home, expect=4)
         assert [(r["provider"], r["status"], r["stream"], r["output_tokens"]) for r in rows] == [
-            ("bedrock", 200, 0, 9), ("bedrock", 200, 1, 9), ("bedrock", 200, 1, 9), ("bedrock", 400, 0, 0)]
+            ("bedrock", 200, 0, 9),
+            ("bedrock", 200, 1, 9),
+            ("bedrock", 200, 1, 9),
+            ("bedrock", 400, 0, 0),
+        ]
         assert {r["path"] for r in rows} == {"/v1/messages"}  # the client's path, not Bedrock's
         proxy.stop()
         for where in (home / "claudeflare.db", proxy.log):
             text = where.read_bytes().decode("latin-1")
-            assert bedrock.secret_key not in text and bedrock.access_key not in text and bedrock.session_token not in text
-        assert "x-amz-security-token: [claudeflare: aws]" in proxy.output()  # the flow holds a placeholder; the wire the token
+            assert (
+                bedrock.secret_key not in text and bedrock.access_key not in text and bedrock.session_token not in text
+            )
+        assert (
+            "x-amz-security-token: [claudeflare: aws]" in proxy.output()
+        )  # the flow holds a placeholder; the wire the token
         assert all(c["headers"]["x-amz-security-token"] == bedrock.session_token for c in bedrock.requests)
 
 
@@ -71,8 +112,13 @@ def test_a_conversation_moves_from_a_limited_subscription_to_bedrock_then_bedroc
         add_bedrock(home, bedrock, priority=1)  # takes traffic only while no subscription can
         bedrock.limit = 1
         proxy = start_proxy(home, env=bedrock.env)
-        body = {"model": "claude-sonnet-4-5", "max_tokens": 20, "system": CLAUDE_CODE_SYSTEM, "stream": True,
-                "messages": [{"role": "user", "content": "hi"}]}
+        body = {
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 20,
+            "system": CLAUDE_CODE_SYSTEM,
+            "stream": True,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
         session = {"x-claude-code-session-id": "one-conversation"}
         first = httpx.post(f"{proxy.url}/v1/messages", json=body, headers=session, timeout=30)
         assert first.status_code == 200 and "hello from bedrock" not in first.text
@@ -85,7 +131,10 @@ def test_a_conversation_moves_from_a_limited_subscription_to_bedrock_then_bedroc
         fourth = httpx.post(f"{proxy.url}/v1/messages", json=body, headers=session, timeout=30)
         assert fourth.status_code == 429
 
-        assert [(s["account"], s["status"]) for s in fake.requests if s["path"] == "/v1/messages"] == [("sub", 200), ("sub", 429)]
+        assert [(s["account"], s["status"]) for s in fake.requests if s["path"] == "/v1/messages"] == [
+            ("sub", 200),
+            ("sub", 429),
+        ]
         assert [c["status"] for c in bedrock.requests] == [200, 429]  # throttled once, then benched: not asked again
         rows = db_rows(home, expect=4)
         assert [(r["account"], r["provider"]) for r in rows[:2]] == [("sub", "anthropic"), ("aws", "bedrock")]
@@ -95,16 +144,26 @@ def test_a_conversation_moves_from_a_limited_subscription_to_bedrock_then_bedroc
 
 def test_a_bedrock_account_without_credentials_says_why_once(fake, home, start_proxy):
     from claudeflare.flowlog import account_status
+
     from harness import wait_until
 
     with FakeBedrock() as bedrock:
         add_bedrock(home, bedrock)
         env = {k: v for k, v in bedrock.env.items() if not k.startswith(("AWS_ACCESS", "AWS_SECRET", "AWS_SESSION"))}
-        proxy = start_proxy(home, env={**env, "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SESSION_TOKEN": ""})
+        proxy = start_proxy(
+            home, env={**env, "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SESSION_TOKEN": ""}
+        )
         for _ in range(2):
-            refused = httpx.post(f"{proxy.url}/v1/messages", timeout=30,
-                                 json={"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+            refused = httpx.post(
+                f"{proxy.url}/v1/messages",
+                timeout=30,
+                json={"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+            )
             assert refused.status_code == 503 and refused.json()["error"]["type"] == "api_error"
         assert bedrock.requests == []
-        assert wait_until(lambda: account_status(home / "claudeflare.db").get("aws", {}).get("reason") == "no AWS credentials found")
-        assert proxy.output().count("bedrock account aws: no AWS credentials found") == 1  # logged once, not per request
+        assert wait_until(
+            lambda: account_status(home / "claudeflare.db").get("aws", {}).get("reason") == "no AWS credentials found"
+        )
+        assert (
+            proxy.output().count("bedrock account aws: no AWS credentials found") == 1
+        )  # logged once, not per request

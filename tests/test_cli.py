@@ -33,10 +33,19 @@ def run(home):
 
 
 def claude_code_login(path, access="sk-ant-oat01-" + "a" * 40, refresh="sk-ant-ort01-" + "r" * 40, hours=8):
-    path.write_text(json.dumps({"claudeAiOauth": {
-        "accessToken": access, "refreshToken": refresh,
-        "expiresAt": int((time.time() + hours * 3600) * 1000), "scopes": ["user:inference"], "subscriptionType": "max",
-    }}))
+    path.write_text(
+        json.dumps(
+            {
+                "claudeAiOauth": {
+                    "accessToken": access,
+                    "refreshToken": refresh,
+                    "expiresAt": int((time.time() + hours * 3600) * 1000),
+                    "scopes": ["user:inference"],
+                    "subscriptionType": "max",
+                }
+            }
+        )
+    )
     return path
 
 
@@ -91,7 +100,10 @@ def test_import_errors(run, tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     assert "cannot read" in run("import", "m", "--mode", "max", "--from", str(tmp_path / "bad.json"), ok=False).output
     (tmp_path / "empty.json").write_text("{}")
-    assert "no claudeAiOauth" in run("import", "m", "--mode", "max", "--from", str(tmp_path / "empty.json"), ok=False).output
+    assert (
+        "no claudeAiOauth"
+        in run("import", "m", "--mode", "max", "--from", str(tmp_path / "empty.json"), ok=False).output
+    )
 
 
 def test_list_table_and_json(run, home, tmp_path):
@@ -103,16 +115,48 @@ def test_list_table_and_json(run, home, tmp_path):
     db["requests"].insert_all([{"id": str(i), "started_at": now, "account": "sub"} for i in range(3)])
     db["requests"].insert({"id": "old", "started_at": "2001-01-01T00:00:00.000Z", "account": "sub"})
 
-    db["account_status"].insert({"name": "sub", "state": "limited", "limited_until": "2030-01-01T00:00:00.000Z",
-                                 "utilization_5h": 1.02, "reason": "five_hour limit, until the reset", "updated_at": now})
+    db["account_status"].insert(
+        {
+            "name": "sub",
+            "state": "limited",
+            "limited_until": "2030-01-01T00:00:00.000Z",
+            "utilization_5h": 1.02,
+            "reason": "five_hour limit, until the reset",
+            "updated_at": now,
+        }
+    )
     db["account_status"].insert({"name": "key", "state": "limited", "updated_at": "2001-01-01T00:00:00.000Z"})  # stale
     db.close()
 
     table = run("list").output.splitlines()
-    assert table[0].split() == ["NAME", "PROVIDER", "MODE", "TIER", "PRIORITY", "STATE", "TOKEN", "EXPIRES", "AT", "REQUESTS", "TODAY",
-                                "5H", "7D", "7D", "OPUS", "7D", "SONNET", "EXTRA", "LIMITED", "UNTIL", "REASON"]
+    assert table[0].split() == [
+        "NAME",
+        "PROVIDER",
+        "MODE",
+        "TIER",
+        "PRIORITY",
+        "STATE",
+        "TOKEN",
+        "EXPIRES",
+        "AT",
+        "REQUESTS",
+        "TODAY",
+        "5H",
+        "7D",
+        "7D",
+        "OPUS",
+        "7D",
+        "SONNET",
+        "EXTRA",
+        "LIMITED",
+        "UNTIL",
+        "REASON",
+    ]
     assert table[1].split()[:6] == ["key", "anthropic", "api-key", "1", "2", "ok"]
-    assert table[2].split()[:6] == ["sub", "anthropic", "max", "20", "0", "limited"] and table[2].split()[9:11] == ["3", "102%"]
+    assert table[2].split()[:6] == ["sub", "anthropic", "max", "20", "0", "limited"] and table[2].split()[9:11] == [
+        "3",
+        "102%",
+    ]
     assert "2030-01-01T00:00:00.000Z  five_hour limit, until the reset" in table[2]
 
     rows = json.loads(run("list", "--json").output)
@@ -184,12 +228,30 @@ def fill_history(home):
     db = open_db(home / "claudeflare.db")
     now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
     hour_ago = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(time.time() - 3600))
-    db["requests"].insert_all([
-        {"id": "1", "started_at": now, "account": "a", "status": 200, "input_tokens": 10, "output_tokens": 5, "cost_usd": 0.5},
-        {"id": "2", "started_at": now, "account": "a", "status": 429, "error": "rate_limit_error", "cost_usd": 0.0},
-        {"id": "3", "started_at": hour_ago, "account": "b", "status": 200, "input_tokens": 7, "output_tokens": 1, "cost_usd": 0.25},
-        {"id": "4", "started_at": "2020-01-01T00:00:00.000Z", "account": "b", "status": 200, "cost_usd": 9.0},
-    ])
+    db["requests"].insert_all(
+        [
+            {
+                "id": "1",
+                "started_at": now,
+                "account": "a",
+                "status": 200,
+                "input_tokens": 10,
+                "output_tokens": 5,
+                "cost_usd": 0.5,
+            },
+            {"id": "2", "started_at": now, "account": "a", "status": 429, "error": "rate_limit_error", "cost_usd": 0.0},
+            {
+                "id": "3",
+                "started_at": hour_ago,
+                "account": "b",
+                "status": 200,
+                "input_tokens": 7,
+                "output_tokens": 1,
+                "cost_usd": 0.25,
+            },
+            {"id": "4", "started_at": "2020-01-01T00:00:00.000Z", "account": "b", "status": 200, "cost_usd": 9.0},
+        ]
+    )
     db.close()
 
 
@@ -244,27 +306,37 @@ def test_login_and_refresh_refuse_api_key_accounts(run):
     assert "no account named" in run("login", "zz", ok=False).output
 
 
-@pytest.mark.parametrize("content", [
-    "{not json", "[]", '{"accounts": []}', '{"accounts": {"a": "sk-ant-api03-secret-in-a-string"}}',
-    '{"client_keys": {"laptop": "x"}}', '{"client_keys": {"laptop": {"created_at": "2026"}}}',
-    '{"accounts": {"a": {"api_key": "sk-ant-api03-secretsecret", "expires_at": "soon"}}}',
-    '{"accounts": {"a": {"access_token": "sk-ant-oat01-secretsecret", "expires_at": 1e300}}}',
-    b"\xff\xfe{}",
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        "[]",
+        '{"accounts": []}',
+        '{"accounts": {"a": "sk-ant-api03-secret-in-a-string"}}',
+        '{"client_keys": {"laptop": "x"}}',
+        '{"client_keys": {"laptop": {"created_at": "2026"}}}',
+        '{"accounts": {"a": {"api_key": "sk-ant-api03-secretsecret", "expires_at": "soon"}}}',
+        '{"accounts": {"a": {"access_token": "sk-ant-oat01-secretsecret", "expires_at": 1e300}}}',
+        b"\xff\xfe{}",
+    ],
+)
 def test_a_corrupt_or_misshapen_credentials_file_gets_a_clear_message(run, home, content):
     run("add", "a", "--mode", "api-key", input=KEY + "\n")
     path = home / "credentials.json"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     for args in (("client-key", "create", "laptop"), ("client-key", "list"), ("list",), ("client-key", "revoke", "x")):
         result = run(*args, ok=False)
-        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (args, result.exception)  # no traceback
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (
+            args,
+            result.exception,
+        )  # no traceback
         assert str(path) in result.output and "Traceback" not in result.output and "secret" not in result.output, args
 
 
 def test_a_non_utf8_accounts_file_is_named_with_its_line(run, home):
     run("add", "a", "--mode", "api-key", input=KEY + "\n")
     path = home / "accounts.toml"
-    path.write_bytes(path.read_bytes() + b'# caf\xe9\n')
+    path.write_bytes(path.read_bytes() + b"# caf\xe9\n")
     line = path.read_bytes().count(b"\n")
     for args in (("list",), ("pause", "a"), ("strategy",), ("strategy", "round-robin"), ("set", "a", "--tier", "5")):
         result = run(*args, ok=False)
@@ -293,11 +365,12 @@ def examples(help_text: str) -> list[str]:
 @pytest.mark.parametrize("command", EXAMPLE_COMMANDS, ids=" ".join)
 def test_help_examples_are_kept_as_lines_and_parse(run, command):
     lines = examples(run(*command, "--help").output)
-    assert lines and all(line.startswith("claudeflare " + " ".join(command) + " ") and line.count("claudeflare") == 1
-                         for line in lines)
+    assert lines and all(
+        line.startswith("claudeflare " + " ".join(command) + " ") and line.count("claudeflare") == 1 for line in lines
+    )
     for line in lines:  # click kept each on its own line (`\b`), and each is a valid invocation today
         args = shlex.split(line)[1:]
-        args = args[:next((i for i, a in enumerate(args) if a in "<>"), len(args))]  # shell redirections
+        args = args[: next((i for i, a in enumerate(args) if a in "<>"), len(args))]  # shell redirections
         group = cli
         while isinstance(group, click.Group):
             group = group.commands[args.pop(0)]
@@ -313,42 +386,115 @@ def test_list_rows_are_plain_data_from_the_library(run, home):
 
 
 def test_add_a_compatible_account_writes_what_accounts_toml_reads_back(run, home):
-    result = run("add", "glm", "--provider", "anthropic-compatible", "--base-url", "https://llm.example.com/api/anthropic",
-                 "--auth", "bearer", "--model", "claude-sonnet-*=glm-4.6", "--model", "claude-*=glm-4.5-air",
-                 "--priority", "1", input="glm-key-0123456789\n")
+    result = run(
+        "add",
+        "glm",
+        "--provider",
+        "anthropic-compatible",
+        "--base-url",
+        "https://llm.example.com/api/anthropic",
+        "--auth",
+        "bearer",
+        "--model",
+        "claude-sonnet-*=glm-4.6",
+        "--model",
+        "claude-*=glm-4.5-air",
+        "--priority",
+        "1",
+        input="glm-key-0123456789\n",
+    )
     assert "added glm (anthropic-compatible, tier 1)" in result.output
     (account,) = load_accounts(home).accounts
-    assert (account.provider, account.mode, account.priority, account.settings.auth) == ("anthropic-compatible", "api-key", 1, "bearer")
-    assert account.settings.models == (("claude-sonnet-*", "glm-4.6"), ("claude-*", "glm-4.5-air"))  # in the order given
+    assert (account.provider, account.mode, account.priority, account.settings.auth) == (
+        "anthropic-compatible",
+        "api-key",
+        1,
+        "bearer",
+    )
+    assert account.settings.models == (
+        ("claude-sonnet-*", "glm-4.6"),
+        ("claude-*", "glm-4.5-air"),
+    )  # in the order given
     assert "glm-key" not in (home / "accounts.toml").read_text()
     assert CredentialStore(home).credentials()["glm"].api_key == "glm-key-0123456789"
     assert json.loads(run("list", "--json").output)[0]["provider"] == "anthropic-compatible"
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--provider", "anthropic-compatible"), "'base_url' is required"),
-    (("--provider", "anthropic-compatible", "--base-url", "https://x", "--model", "claude-*"), "--model takes GLOB=MODEL"),
-    (("--mode", "api-key", "--base-url", "https://x"), "--base-url: not for provider anthropic"),
-    (("--tier", "1",), "Missing option '--mode'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--provider", "anthropic-compatible"), "'base_url' is required"),
+        (
+            ("--provider", "anthropic-compatible", "--base-url", "https://x", "--model", "claude-*"),
+            "--model takes GLOB=MODEL",
+        ),
+        (("--mode", "api-key", "--base-url", "https://x"), "--base-url: not for provider anthropic"),
+        (
+            (
+                "--tier",
+                "1",
+            ),
+            "Missing option '--mode'",
+        ),
+    ],
+)
 def test_add_refuses_provider_options_that_do_not_fit(run, home, args, message):
     result = run("add", "glm", *args, input="glm-key-0123456789\n", ok=False)
     assert message in result.output and not (home / "accounts.toml").exists()
 
 
 def test_add_a_vertex_account_asks_for_no_key(run, home, tmp_path):
-    result = run("add", "gcp", "--provider", "vertex", "--region", "us-east5", "--project", "my-project",
-                 "--credentials-file", str(tmp_path / "sa.json"), "--model", "claude-x=claude-x@1", input="")
+    result = run(
+        "add",
+        "gcp",
+        "--provider",
+        "vertex",
+        "--region",
+        "us-east5",
+        "--project",
+        "my-project",
+        "--credentials-file",
+        str(tmp_path / "sa.json"),
+        "--model",
+        "claude-x=claude-x@1",
+        input="",
+    )
     assert "added gcp (vertex, tier 1)" in result.output
     (account,) = load_accounts(home).accounts
-    assert (account.settings.region, account.settings.project, account.settings.credentials_file) == ("us-east5", "my-project", str(tmp_path / "sa.json"))
+    assert (account.settings.region, account.settings.project, account.settings.credentials_file) == (
+        "us-east5",
+        "my-project",
+        str(tmp_path / "sa.json"),
+    )
     assert account.settings.models == (("claude-x", "claude-x@1"),)
     assert CredentialStore(home).credentials() == {}
 
 
 def test_add_a_bedrock_account(run, home):
-    assert "added aws (bedrock, tier 1)" in run("add", "aws", "--provider", "bedrock", "--region", "eu-west-1", "--profile", "claude",
-                                                 "--priority", "1", input="").output
+    assert (
+        "added aws (bedrock, tier 1)"
+        in run(
+            "add",
+            "aws",
+            "--provider",
+            "bedrock",
+            "--region",
+            "eu-west-1",
+            "--profile",
+            "claude",
+            "--priority",
+            "1",
+            input="",
+        ).output
+    )
     (account,) = load_accounts(home).accounts
-    assert (account.provider, account.settings.region, account.settings.profile, account.priority) == ("bedrock", "eu-west-1", "claude", 1)
-    assert "--profile: not for provider vertex" in run("add", "gcp", "--provider", "vertex", "--profile", "x", ok=False).output
+    assert (account.provider, account.settings.region, account.settings.profile, account.priority) == (
+        "bedrock",
+        "eu-west-1",
+        "claude",
+        1,
+    )
+    assert (
+        "--profile: not for provider vertex"
+        in run("add", "gcp", "--provider", "vertex", "--profile", "x", ok=False).output
+    )

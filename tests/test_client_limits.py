@@ -6,7 +6,6 @@ import time
 from datetime import UTC, datetime
 
 import pytest
-from harness import wait_until
 
 from claudeflare.accounts import load_pool
 from claudeflare.client_rules import (
@@ -22,29 +21,60 @@ from claudeflare.client_rules import (
 from claudeflare.credentials import CredentialStore, CredentialStoreError
 from claudeflare.flowlog import FlowLog, open_db
 
+from harness import wait_until
+
 
 def at(text: str) -> float:
     return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
 
 
 def test_limits_are_checked_and_normalized():
-    limits = parse_limits({"budget_usd": 50, "per": "week", "rpm": 60, "concurrency": 2,
-                           "models": "claude-sonnet-*, claude-haiku-4-5", "expires_at": "2027-01-31T02:00:00+02:00"})
+    limits = parse_limits(
+        {
+            "budget_usd": 50,
+            "per": "week",
+            "rpm": 60,
+            "concurrency": 2,
+            "models": "claude-sonnet-*, claude-haiku-4-5",
+            "expires_at": "2027-01-31T02:00:00+02:00",
+        }
+    )
     assert limits == Limits(50.0, "week", 60, 2, ("claude-sonnet-*", "claude-haiku-4-5"), "2027-01-31T00:00:00Z")
     assert parse_limits(limits.to_json()) == limits  # what is stored reads back the same
     assert parse_limits({"expires_at": "2027-01-31"}).expires_at == "2027-01-31T00:00:00Z"  # a date: its 00:00 UTC
     assert parse_limits(None) == parse_limits({}) == Limits()
 
 
-@pytest.mark.parametrize("raw", [
-    {"budget_usd": 0, "per": "day"}, {"budget_usd": -1, "per": "day"}, {"budget_usd": math.nan, "per": "day"},
-    {"budget_usd": math.inf, "per": "day"}, {"budget_usd": True, "per": "day"}, {"budget_usd": "5", "per": "day"},
-    {"budget_usd": 1e7, "per": "day"}, {"budget_usd": 5}, {"per": "day"}, {"budget_usd": 5, "per": "year"},
-    {"rpm": 0}, {"rpm": 1.5}, {"rpm": True}, {"rpm": 10**9}, {"concurrency": -1},
-    {"models": ""}, {"models": "claude sonnet"}, {"models": ["x"] * 33}, {"models": "a" * 129}, {"models": 5},
-    {"expires_at": "soon"}, {"expires_at": 1700000000}, {"expires_at": "0001-01-01T00:00:00+01:00"},
-    {"budget": 5}, "limits",
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"budget_usd": 0, "per": "day"},
+        {"budget_usd": -1, "per": "day"},
+        {"budget_usd": math.nan, "per": "day"},
+        {"budget_usd": math.inf, "per": "day"},
+        {"budget_usd": True, "per": "day"},
+        {"budget_usd": "5", "per": "day"},
+        {"budget_usd": 1e7, "per": "day"},
+        {"budget_usd": 5},
+        {"per": "day"},
+        {"budget_usd": 5, "per": "year"},
+        {"rpm": 0},
+        {"rpm": 1.5},
+        {"rpm": True},
+        {"rpm": 10**9},
+        {"concurrency": -1},
+        {"models": ""},
+        {"models": "claude sonnet"},
+        {"models": ["x"] * 33},
+        {"models": "a" * 129},
+        {"models": 5},
+        {"expires_at": "soon"},
+        {"expires_at": 1700000000},
+        {"expires_at": "0001-01-01T00:00:00+01:00"},
+        {"budget": 5},
+        "limits",
+    ],
+)
 def test_bad_limits_are_refused(raw):
     with pytest.raises(LimitsError):
         parse_limits(raw)
@@ -52,23 +82,28 @@ def test_bad_limits_are_refused(raw):
 
 def test_a_bad_limit_in_credentials_json_names_the_key_but_never_the_value(tmp_path):
     secret = "sk-ant-api03 pasted+by=mistake"
-    (tmp_path / "credentials.json").write_text(json.dumps(
-        {"client_keys": {"laptop": {"sha256": "ab", "limits": {"models": secret}}, "ok": {"sha256": "cd"}}}))
+    (tmp_path / "credentials.json").write_text(
+        json.dumps({"client_keys": {"laptop": {"sha256": "ab", "limits": {"models": secret}}, "ok": {"sha256": "cd"}}})
+    )
     with pytest.raises(CredentialStoreError) as e:
         CredentialStore(tmp_path).read()
     assert "'laptop'" in str(e.value) and "model pattern" in str(e.value) and secret not in str(e.value)
-    (tmp_path / "credentials.json").write_text(json.dumps(
-        {"client_keys": {"laptop": {"sha256": "ab", "limits": {"rpm": 5}}, "ok": {"sha256": "cd"}}}))
+    (tmp_path / "credentials.json").write_text(
+        json.dumps({"client_keys": {"laptop": {"sha256": "ab", "limits": {"rpm": 5}}, "ok": {"sha256": "cd"}}})
+    )
     assert load_pool(tmp_path).client_limits == {"laptop": Limits(rpm=5)}  # keys without limits are not listed
 
 
-@pytest.mark.parametrize("per, now, start, end", [
-    ("day", "2026-11-30T23:59:59", "2026-11-30T00:00:00", "2026-12-01T00:00:00"),
-    ("week", "2026-12-02T12:00:00", "2026-11-30T00:00:00", "2026-12-07T00:00:00"),  # a Wednesday: from Monday
-    ("week", "2026-11-30T00:00:00", "2026-11-30T00:00:00", "2026-12-07T00:00:00"),
-    ("month", "2026-12-31T23:00:00", "2026-12-01T00:00:00", "2027-01-01T00:00:00"),
-    ("month", "2027-02-15T08:00:00", "2027-02-01T00:00:00", "2027-03-01T00:00:00"),
-])
+@pytest.mark.parametrize(
+    "per, now, start, end",
+    [
+        ("day", "2026-11-30T23:59:59", "2026-11-30T00:00:00", "2026-12-01T00:00:00"),
+        ("week", "2026-12-02T12:00:00", "2026-11-30T00:00:00", "2026-12-07T00:00:00"),  # a Wednesday: from Monday
+        ("week", "2026-11-30T00:00:00", "2026-11-30T00:00:00", "2026-12-07T00:00:00"),
+        ("month", "2026-12-31T23:00:00", "2026-12-01T00:00:00", "2027-01-01T00:00:00"),
+        ("month", "2027-02-15T08:00:00", "2027-02-01T00:00:00", "2027-03-01T00:00:00"),
+    ],
+)
 def test_periods_are_calendar_periods_in_utc(per, now, start, end):
     assert period_start(per, at(now)) == datetime.fromisoformat(start).replace(tzinfo=UTC)
     assert period_end(per, at(now)) == datetime.fromisoformat(end).replace(tzinfo=UTC)
@@ -101,11 +136,13 @@ def test_spend_is_the_logged_sum_plus_rows_queued_since(tmp_path):
     """A burst between two sums counts at once: the rows queued after a sum are added to it."""
     db = open_db(tmp_path / "log.db")
     now = at("2026-11-30T12:00:00")
-    db["requests"].insert_all([
-        {"id": "1", "started_at": "2026-11-30T00:00:00.000Z", "client": "ci", "cost_usd": 1.0},
-        {"id": "2", "started_at": "2026-11-29T23:59:59.999Z", "client": "ci", "cost_usd": 5.0},  # yesterday
-        {"id": "3", "started_at": "2026-11-30T10:00:00.000Z", "client": "other", "cost_usd": 7.0},
-    ])
+    db["requests"].insert_all(
+        [
+            {"id": "1", "started_at": "2026-11-30T00:00:00.000Z", "client": "ci", "cost_usd": 1.0},
+            {"id": "2", "started_at": "2026-11-29T23:59:59.999Z", "client": "ci", "cost_usd": 5.0},  # yesterday
+            {"id": "3", "started_at": "2026-11-30T10:00:00.000Z", "client": "other", "cost_usd": 7.0},
+        ]
+    )
     spend = SpendCounter()
     spend.budgets = {"ci": Limits(budget_usd=2.0, per="day"), "other": Limits(rpm=1)}
     assert spend.spent("ci", "day", now) is None  # not summed yet
@@ -124,8 +161,14 @@ def test_the_flow_log_publishes_spend_from_its_writer_thread(tmp_path):
     log = FlowLog(tmp_path / "log.db", interval=0.05).start()
     try:
         log.spend.budgets = {"ci": Limits(budget_usd=1.0, per="month")}
-        log.log({"id": "a", "started_at": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                 "client": "ci", "cost_usd": 0.75})
+        log.log(
+            {
+                "id": "a",
+                "started_at": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                "client": "ci",
+                "cost_usd": 0.75,
+            }
+        )
         assert wait_until(lambda: log.spend.published and log.spend.published[1].get("ci", ("", 0))[1] == 0.75)
         assert log.spend.spent("ci", "month", time.time()) == pytest.approx(0.75)  # counted once
     finally:

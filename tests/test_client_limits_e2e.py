@@ -9,9 +9,10 @@ import time
 
 import requests
 from click.testing import CliRunner
-from harness import api_key_accounts, db_rows, wait_until
 
 from claudeflare.cli import cli
+
+from harness import api_key_accounts, db_rows, wait_until
 
 SONNET, HAIKU = "claude-sonnet-4-6", "claude-haiku-4-5"
 
@@ -23,9 +24,15 @@ def client_key(home, *args) -> str:
 
 
 def ask(proxy, key, model=SONNET, body=None, **headers):
-    data = body or json.dumps({"model": model, "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}).encode()
-    return requests.post(f"{proxy.url}/v1/messages", data=data, timeout=30,
-                         headers={"x-api-key": key, "content-type": "application/json", **headers})
+    data = (
+        body or json.dumps({"model": model, "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    )
+    return requests.post(
+        f"{proxy.url}/v1/messages",
+        data=data,
+        timeout=30,
+        headers={"x-api-key": key, "content-type": "application/json", **headers},
+    )
 
 
 def error_of(response) -> tuple[str, str]:
@@ -116,7 +123,11 @@ def test_budget_refuses_once_spent_and_still_after_a_restart(fake, home, start_p
     assert ask(proxy, other).status_code == 200
 
     listed = {r["name"]: r for r in json.loads(client_key(home, "list", "--json"))}
-    assert round(listed["ci"]["spend_usd"], 2) == 0.6 and listed["ci"]["budget_usd"] == 0.5 and listed["ci"]["per"] == "day"
+    assert (
+        round(listed["ci"]["spend_usd"], 2) == 0.6
+        and listed["ci"]["budget_usd"] == 0.5
+        and listed["ci"]["per"] == "day"
+    )
     assert "$0.60 of $0.50/day" in client_key(home, "list")
 
     def published():  # the dashboard's table, from the running proxy
@@ -135,8 +146,10 @@ def test_a_client_that_hangs_up_mid_body_gives_its_slot_back(fake, home, start_p
     key = client_key(home, "create", "ci", "--concurrency", "1")
     proxy = start_proxy(home)
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
-        s.sendall(f"POST /v1/messages HTTP/1.1\r\nhost: 127.0.0.1:{proxy.port}\r\nx-api-key: {key}\r\n"
-                  "content-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"model\"".encode())
+        s.sendall(
+            f"POST /v1/messages HTTP/1.1\r\nhost: 127.0.0.1:{proxy.port}\r\nx-api-key: {key}\r\n"
+            'content-type: application/json\r\ncontent-length: 1000\r\n\r\n{"model"'.encode()
+        )
         time.sleep(0.5)  # the head is in: the slot is taken
         assert ask(proxy, key).status_code == 429
     assert wait_until(lambda: ask(proxy, key).status_code == 200, timeout=5)

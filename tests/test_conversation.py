@@ -15,7 +15,10 @@ SYSTEM = [
     {"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude."},
     {"type": "text", "text": "Long instructions ✓", "cache_control": {"type": "ephemeral"}},
 ]
-FIRST_USER = {"role": "user", "content": [{"type": "text", "text": "fix the bug", "cache_control": {"type": "ephemeral"}}]}
+FIRST_USER = {
+    "role": "user",
+    "content": [{"type": "text", "text": "fix the bug", "cache_control": {"type": "ephemeral"}}],
+}
 
 
 def body(**fields) -> bytes:
@@ -131,13 +134,25 @@ def test_none_cases():
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.sampled_from(["role", "system", "messages", "metadata", "user_id", "cache_control", "x"]) | st.text(max_size=5), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["role", "system", "messages", "metadata", "user_id", "cache_control", "x"])
+            | st.text(max_size=5),
+            children,
+            max_size=4,
+        )
+    ),
     max_leaves=20,
 )
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=500), st.dictionaries(st.text(max_size=30), st.text(max_size=250), max_size=3), st.text(max_size=250))
+@given(
+    st.binary(max_size=500),
+    st.dictionaries(st.text(max_size=30), st.text(max_size=250), max_size=3),
+    st.text(max_size=250),
+)
 def test_arbitrary_bytes_and_headers_never_raise(raw, headers, session):
     for candidate in (headers, {**headers, "X-Claude-Code-Session-Id": session}):
         key = conversation_key(candidate, raw)

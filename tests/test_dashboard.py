@@ -41,25 +41,90 @@ SONNET, HAIKU = "claude-sonnet-4-5-20250929", "claude-haiku-4-5-20251001"
 
 def row(id, minutes_ago, **kw):
     base = {
-        "id": id, "started_at": iso_utc(NOW - minutes_ago * 60), "account": "a", "strategy": "session", "session": None,
-        "client": None, "method": "POST", "path": "/v1/messages", "model": SONNET, "stream": 1, "status": 200,
-        "error": None, "ttfb_ms": 100.0, "duration_ms": 1000.0, "input_tokens": 0, "output_tokens": 0,
-        "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0, "cost_usd": 0.0, "priced": 1, "attempts": 1,
-        "failovers": None, "stop_reason": "end_turn", "request_id": f"req_{id}",
+        "id": id,
+        "started_at": iso_utc(NOW - minutes_ago * 60),
+        "account": "a",
+        "strategy": "session",
+        "session": None,
+        "client": None,
+        "method": "POST",
+        "path": "/v1/messages",
+        "model": SONNET,
+        "stream": 1,
+        "status": 200,
+        "error": None,
+        "ttfb_ms": 100.0,
+        "duration_ms": 1000.0,
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "cache_creation_input_tokens": 0,
+        "cost_usd": 0.0,
+        "priced": 1,
+        "attempts": 1,
+        "failovers": None,
+        "stop_reason": "end_turn",
+        "request_id": f"req_{id}",
     }
     return {**base, **kw}
 
 
-FAILOVERS = [{"account": "a", "status": 429, "reason": "rate limited"}, {"account": "c", "status": 529, "reason": "overloaded"}]
+FAILOVERS = [
+    {"account": "a", "status": 429, "reason": "rate limited"},
+    {"account": "c", "status": 529, "reason": "overloaded"},
+]
 ROWS = [
-    row("r1", 10, session="s1", client="laptop", input_tokens=100, output_tokens=50, cache_read_input_tokens=900,
-        cost_usd=0.01, ttfb_ms=100.0, duration_ms=1000.0),
-    row("r2", 5, session="s1", client="laptop", input_tokens=10, output_tokens=20, cache_read_input_tokens=1000,
-        cost_usd=0.02, ttfb_ms=200.0, duration_ms=5000.0),
-    row("r3", 3, account="b", model=HAIKU, session="s2", status=429, error="rate_limit_error", ttfb_ms=50.0, duration_ms=60.0),
-    row("r4", 2, account="b", model=HAIKU, session="s2", client="ci", input_tokens=300, output_tokens=30,
-        cache_creation_input_tokens=700, cost_usd=0.03, ttfb_ms=300.0, duration_ms=2000.0, attempts=3,
-        failovers=json.dumps(FAILOVERS)),
+    row(
+        "r1",
+        10,
+        session="s1",
+        client="laptop",
+        input_tokens=100,
+        output_tokens=50,
+        cache_read_input_tokens=900,
+        cost_usd=0.01,
+        ttfb_ms=100.0,
+        duration_ms=1000.0,
+    ),
+    row(
+        "r2",
+        5,
+        session="s1",
+        client="laptop",
+        input_tokens=10,
+        output_tokens=20,
+        cache_read_input_tokens=1000,
+        cost_usd=0.02,
+        ttfb_ms=200.0,
+        duration_ms=5000.0,
+    ),
+    row(
+        "r3",
+        3,
+        account="b",
+        model=HAIKU,
+        session="s2",
+        status=429,
+        error="rate_limit_error",
+        ttfb_ms=50.0,
+        duration_ms=60.0,
+    ),
+    row(
+        "r4",
+        2,
+        account="b",
+        model=HAIKU,
+        session="s2",
+        client="ci",
+        input_tokens=300,
+        output_tokens=30,
+        cache_creation_input_tokens=700,
+        cost_usd=0.03,
+        ttfb_ms=300.0,
+        duration_ms=2000.0,
+        attempts=3,
+        failovers=json.dumps(FAILOVERS),
+    ),
     row("r5", 40 * 24 * 60, session="s0", client="laptop", input_tokens=1000, cost_usd=1.0),  # 40 days old
     row("r6", 1, account=None, model=None, status=503, error="no usable account", ttfb_ms=None, duration_ms=1.0),
 ]
@@ -70,12 +135,34 @@ RECENT = [r for r in ROWS if r["id"] != "r5"]
 def db_path(home):
     db = open_db(home / "claudeflare.db")
     db["requests"].insert_all(ROWS)
-    db["account_status"].insert_all([
-        {"name": "a", "mode": "max", "tier": 5, "priority": 0, "state": "ok", "utilization_5h": 0.42, "utilization_7d": 0.1,
-         "token_expires_at": iso_utc(NOW + 3600), "requests_in_flight": 0, "updated_at": iso_utc(NOW)},
-        {"name": "b", "mode": "api-key", "tier": 1, "priority": 0, "state": "limited", "reason": "<script>x</script>",
-         "limited_until": iso_utc(NOW + 600), "requests_in_flight": 1, "updated_at": iso_utc(NOW)},
-    ], pk="name")
+    db["account_status"].insert_all(
+        [
+            {
+                "name": "a",
+                "mode": "max",
+                "tier": 5,
+                "priority": 0,
+                "state": "ok",
+                "utilization_5h": 0.42,
+                "utilization_7d": 0.1,
+                "token_expires_at": iso_utc(NOW + 3600),
+                "requests_in_flight": 0,
+                "updated_at": iso_utc(NOW),
+            },
+            {
+                "name": "b",
+                "mode": "api-key",
+                "tier": 1,
+                "priority": 0,
+                "state": "limited",
+                "reason": "<script>x</script>",
+                "limited_until": iso_utc(NOW + 600),
+                "requests_in_flight": 1,
+                "updated_at": iso_utc(NOW),
+            },
+        ],
+        pk="name",
+    )
     db.close()
     return home / "claudeflare.db"
 
@@ -99,8 +186,12 @@ def serve(home, db_path, password_set, monkeypatch):
             else:
                 monkeypatch.delenv(name, raising=False)
         plugins_dir = args[args.index("--plugins-dir") + 1]
-        return Datasette([str(db_path)], metadata=copy.deepcopy(metadata()), plugins_dir=plugins_dir,
-                         settings=dashboard_settings(allow_sql))
+        return Datasette(
+            [str(db_path)],
+            metadata=copy.deepcopy(metadata()),
+            plugins_dir=plugins_dir,
+            settings=dashboard_settings(allow_sql),
+        )
 
     return serve
 
@@ -113,15 +204,18 @@ async def login(ds, password=PASSWORD) -> dict:
     page = await ds.client.get("/-/login")
     csrf = page.cookies["ds_csrftoken"]
     token = re.search(r'name="csrftoken" value="([^"]+)"', page.text).group(1)
-    reply = await ds.client.post("/-/login", data={"username": "admin", "password": password, "csrftoken": token},
-                                 cookies={"ds_csrftoken": csrf})
+    reply = await ds.client.post(
+        "/-/login", data={"username": "admin", "password": password, "csrftoken": token}, cookies={"ds_csrftoken": csrf}
+    )
     if reply.status_code != 302:
         return {}
     return {"ds_actor": reply.cookies["ds_actor"]}
 
 
 async def canned(ds, cookies, name, **params) -> list[dict]:
-    reply = await ds.client.get(f"/claudeflare/{name}.json?" + urlencode({**params, "_shape": "objects"}), cookies=cookies)
+    reply = await ds.client.get(
+        f"/claudeflare/{name}.json?" + urlencode({**params, "_shape": "objects"}), cookies=cookies
+    )
     assert reply.status_code == 200, reply.text
     return reply.json()["rows"]
 
@@ -155,11 +249,19 @@ def test_anonymous_visitors_read_nothing_and_are_sent_to_the_login(serve):
     ds = serve()
 
     async def check():
-        for path in ("/claudeflare/requests.json", "/claudeflare/usage_by_account.json", "/claudeflare.json",
-                     chart_url(charts()["requests"], range="24 hours", account="")):
+        for path in (
+            "/claudeflare/requests.json",
+            "/claudeflare/usage_by_account.json",
+            "/claudeflare.json",
+            chart_url(charts()["requests"], range="24 hours", account=""),
+        ):
             reply = await ds.client.get(path)
             assert reply.status_code == 403, path
-        for path in ("/claudeflare/requests", "/-/dashboards/pool?range=24+hours&account=", "/claudeflare/usage_by_account"):
+        for path in (
+            "/claudeflare/requests",
+            "/-/dashboards/pool?range=24+hours&account=",
+            "/claudeflare/usage_by_account",
+        ):
             page = await ds.client.get(path)
             assert page.status_code == 302 and page.headers["location"] == "/-/login", path
         home = await ds.client.get("/")
@@ -180,7 +282,9 @@ def test_logged_in_user_reads_and_the_sql_editor_is_off_by_default(serve):
         assert page.status_code == 200 and "Requests per minute, by account" in page.text
         # The SQL editor, and any SQL but the charts' own, are refused.
         for sql in ("select 1", "select * from requests", charts()["requests"]["query"] + " "):
-            assert (await ds.client.get("/claudeflare.json?" + urlencode({"sql": sql}), cookies=cookies)).status_code == 403
+            assert (
+                await ds.client.get("/claudeflare.json?" + urlencode({"sql": sql}), cookies=cookies)
+            ).status_code == 403
         assert (await ds.client.get("/claudeflare?sql=select+1", cookies=cookies)).status_code == 403
         assert (await ds.client.get("/_internal/databases.json", cookies=cookies)).status_code == 403
 
@@ -192,7 +296,9 @@ def test_allow_sql_turns_the_sql_editor_on(serve):
 
     async def check():
         cookies = await login(ds)
-        reply = await ds.client.get("/claudeflare.json?sql=select+count(*)+as+n+from+requests&_shape=objects", cookies=cookies)
+        reply = await ds.client.get(
+            "/claudeflare.json?sql=select+count(*)+as+n+from+requests&_shape=objects", cookies=cookies
+        )
         assert reply.status_code == 200 and reply.json()["rows"] == [{"n": len(ROWS)}]
         assert (await ds.client.get("/claudeflare.json?sql=select+1")).status_code == 403  # still not anonymously
 
@@ -226,7 +332,11 @@ async def post_canned(ds, cookies, name, **params):
 
 
 def control_rows(db_path):
-    return list(sqlite_utils.Database(db_path).query("select action, account, value, applied_at, result, created_at from control order by id"))
+    return list(
+        sqlite_utils.Database(db_path).query(
+            "select action, account, value, applied_at, result, created_at from control order by id"
+        )
+    )
 
 
 def test_logged_in_user_pauses_resumes_and_switches_strategy(serve, db_path):
@@ -234,15 +344,21 @@ def test_logged_in_user_pauses_resumes_and_switches_strategy(serve, db_path):
 
     async def act():
         cookies = await login(ds)
-        for name, params in (("pause_account", {"account": "a"}), ("resume_account", {"account": "a"}),
-                             ("set_strategy", {"strategy": "round-robin"})):
+        for name, params in (
+            ("pause_account", {"account": "a"}),
+            ("resume_account", {"account": "a"}),
+            ("set_strategy", {"strategy": "round-robin"}),
+        ):
             reply = await post_canned(ds, cookies, name, **params)
             assert reply.status_code == 302 and reply.headers["location"] == "/claudeflare/control", reply.text
 
     run(act())
     rows = control_rows(db_path)
     assert [(r["action"], r["account"], r["value"], r["applied_at"], r["result"]) for r in rows] == [
-        ("pause", "a", None, None, None), ("resume", "a", None, None, None), ("strategy", None, "round-robin", None, None)]
+        ("pause", "a", None, None, None),
+        ("resume", "a", None, None, None),
+        ("strategy", None, "round-robin", None, None),
+    ]
     created = datetime.fromisoformat(rows[0]["created_at"].replace("Z", "+00:00"))
     assert abs(created.timestamp() - time.time()) < 60 and rows[0]["created_at"].endswith("Z")
 
@@ -251,11 +367,12 @@ def test_anonymous_visitors_cannot_manage_even_when_public(serve, db_path):
     for public in (False, True):
         ds = serve(public=public)
 
-        async def attempt():
+        async def attempt(ds=ds):
             page = await ds.client.get("/claudeflare/pause_account")
             csrf = page.cookies.get("ds_csrftoken")
-            reply = await ds.client.post("/claudeflare/pause_account", data={"account": "a"},
-                                         cookies={"ds_csrftoken": csrf} if csrf else {})
+            reply = await ds.client.post(
+                "/claudeflare/pause_account", data={"account": "a"}, cookies={"ds_csrftoken": csrf} if csrf else {}
+            )
             assert reply.status_code in (302, 403)
             assert reply.headers.get("location") in (None, "/-/login")
 
@@ -308,9 +425,14 @@ def test_slowest_failovers_errors_and_cost_this_month(serve):
 
         failovers = await canned(ds, cookies, "failovers", days="")
         assert [(f["id"], f["failed_account"], f["failed_status"], f["reason"], f["served_by"]) for f in failovers] == [
-            ("r4", "a", 429, "rate limited", "b"), ("r4", "c", 529, "overloaded", "b")]
+            ("r4", "a", 429, "rate limited", "b"),
+            ("r4", "c", 529, "overloaded", "b"),
+        ]
         reasons = await canned(ds, cookies, "failover_reasons", days="")
-        assert {(r["failed_account"], r["failed_status"], r["failovers"]) for r in reasons} == {("a", 429, 1), ("c", 529, 1)}
+        assert {(r["failed_account"], r["failed_status"], r["failovers"]) for r in reasons} == {
+            ("a", 429, 1),
+            ("c", 529, 1),
+        }
 
         errors = await canned(ds, cookies, "recent_errors", days="")
         assert [r["id"] for r in errors] == ["r6", "r3"]
@@ -361,7 +483,10 @@ def test_chart_numbers_match_the_rows(serve):
         assert len({r["time"] for r in per_minute}) >= 96  # every 15-minute bucket of the day, empty ones as 0
 
         tokens = await chart_rows(ds, cookies, "tokens-over-time", account="a")
-        by_kind = {k: sum(r["tokens"] for r in tokens if r["kind"] == k) for k in ("input", "output", "cache read", "cache write")}
+        by_kind = {
+            k: sum(r["tokens"] for r in tokens if r["kind"] == k)
+            for k in ("input", "output", "cache read", "cache write")
+        }
         assert by_kind == {"input": 110, "output": 70, "cache read": 1900, "cache write": 0}
 
         cost = await chart_rows(ds, cookies, "cost-per-day")
@@ -403,8 +528,12 @@ def test_every_chart_runs_on_an_empty_log_and_tables_never_come_back_empty(tmp_p
     db_path = tmp_path / "claudeflare.db"
     open_db(db_path).close()
     monkeypatch.setenv(PUBLIC_ENV, "1")
-    ds = Datasette([str(db_path)], metadata=copy.deepcopy(metadata()), plugins_dir=str(DASHBOARD_PLUGINS),
-                   settings=dashboard_settings())
+    ds = Datasette(
+        [str(db_path)],
+        metadata=copy.deepcopy(metadata()),
+        plugins_dir=str(DASHBOARD_PLUGINS),
+        settings=dashboard_settings(),
+    )
 
     async def check():
         for name, chart in charts().items():
@@ -432,11 +561,13 @@ def test_dashboard_command_keeps_the_password_hash_off_the_command_line(home, pa
     assert not any(stored in a or PASSWORD in a for a in args)
     assert "-i" not in args and "--immutable" not in args and str(home / "claudeflare.db") in args
     assert args[args.index("--host") + 1] == "127.0.0.1" and args[args.index("--port") + 1] == "8001"
-    settings = [tuple(args[i + 1:i + 3]) for i, a in enumerate(args) if a == "--setting"]
+    settings = [tuple(args[i + 1 : i + 3]) for i, a in enumerate(args) if a == "--setting"]
     assert ("default_allow_sql", "off") in settings
 
     args, env = dashboard_command(home, "127.0.0.1", 8001, METADATA, public=True, allow_sql=True)
-    assert env[PUBLIC_ENV] == "1" and ("default_allow_sql", "on") in [tuple(args[i + 1:i + 3]) for i, a in enumerate(args) if a == "--setting"]
+    assert env[PUBLIC_ENV] == "1" and ("default_allow_sql", "on") in [
+        tuple(args[i + 1 : i + 3]) for i, a in enumerate(args) if a == "--setting"
+    ]
 
 
 def test_dashboard_password_refuses_short_passwords(home):
@@ -452,9 +583,13 @@ def test_prune_deletes_old_request_rows_in_batches(tmp_path):
     db = open_db(tmp_path / "claudeflare.db")
     now = 1_800_000_000.0
     ages_days = [0, 1, 89.9, 90.1, 100, 365] + [200] * 1200
-    db["requests"].insert_all([{"id": f"r{i}", "started_at": iso_utc(now - age * 86400)} for i, age in enumerate(ages_days)])
+    db["requests"].insert_all(
+        [{"id": f"r{i}", "started_at": iso_utc(now - age * 86400)} for i, age in enumerate(ages_days)]
+    )
     statements = []
-    db.conn.set_trace_callback(lambda sql: statements.append(sql) if sql.lstrip().lower().startswith("delete") else None)
+    db.conn.set_trace_callback(
+        lambda sql: statements.append(sql) if sql.lstrip().lower().startswith("delete") else None
+    )
     deleted = retention.prune(db, 90, now=now, batch=500)
     db.conn.set_trace_callback(None)
     assert deleted == 3 + 1200
@@ -475,12 +610,18 @@ def test_every_chart_drawn_as_html_escapes_every_text_cell(tmp_path, monkeypatch
     db = open_db(db_path)
     text_columns = [c.name for c in db["requests"].columns if c.type == "TEXT" and c.name not in ("id", "started_at")]
     db["requests"].insert_all([row("x1", 1, status=400, **{c: XSS for c in text_columns}), row("x2", 2, model=XSS)])
-    db["account_status"].insert({"name": XSS, "mode": XSS, "tier": 1, "priority": 0, "state": XSS, "reason": XSS,
-                                 "updated_at": iso_utc(NOW)}, pk="name")
+    db["account_status"].insert(
+        {"name": XSS, "mode": XSS, "tier": 1, "priority": 0, "state": XSS, "reason": XSS, "updated_at": iso_utc(NOW)},
+        pk="name",
+    )
     db.close()
     monkeypatch.setenv(PUBLIC_ENV, "1")
-    ds = Datasette([str(db_path)], metadata=copy.deepcopy(metadata()), plugins_dir=str(DASHBOARD_PLUGINS),
-                   settings=dashboard_settings())
+    ds = Datasette(
+        [str(db_path)],
+        metadata=copy.deepcopy(metadata()),
+        plugins_dir=str(DASHBOARD_PLUGINS),
+        settings=dashboard_settings(),
+    )
 
     def strings(data):
         if isinstance(data, str):
@@ -505,7 +646,7 @@ def test_every_chart_drawn_as_html_escapes_every_text_cell(tmp_path, monkeypatch
             drawn[name] = list(strings(reply.json()))
             assert not any("<img" in s for s in drawn[name]), name
         assert {"health", "failures", "requests", "errors"} <= set(drawn)
-        assert any(s.startswith('&lt;img src=x onerror=&#34;alert(1)&#34;&gt;') for s in drawn["failures"])
+        assert any(s.startswith("&lt;img src=x onerror=&#34;alert(1)&#34;&gt;") for s in drawn["failures"])
         assert any('<span style="color:#cf222e">●</span> &lt;img' in s for s in drawn["health"])  # html() kept
         assert any(s.startswith('<a href="/claudeflare/requests/x1">') for s in drawn["failures"])
         # The same SQL in another shape, or as lines of JSON, is escaped or refused, never sent raw.
@@ -546,12 +687,17 @@ def test_login_checks_passwords_off_the_loop_a_few_times_a_minute_and_the_passwo
         hashed = len(threads)
         page = await ds.client.get("/-/login")
         token = re.search(r'name="csrftoken" value="([^"]+)"', page.text).group(1)
-        refused = await ds.client.post("/-/login", data={"username": "admin", "password": PASSWORD, "csrftoken": token},
-                                       cookies={"ds_csrftoken": page.cookies["ds_csrftoken"]})
+        refused = await ds.client.post(
+            "/-/login",
+            data={"username": "admin", "password": PASSWORD, "csrftoken": token},
+            cookies={"ds_csrftoken": page.cookies["ds_csrftoken"]},
+        )
         assert refused.status_code == 429 and "Too many attempts" in refused.text and "ds_actor" not in refused.cookies
         assert len(threads) == hashed  # refused before hashing anything
         for method in ("get", "post"):
-            tool = await getattr(ds.client, method)("/-/password-tool", **({"data": {"password": "x"}} if method == "post" else {}))
+            tool = await getattr(ds.client, method)(
+                "/-/password-tool", **({"data": {"password": "x"}} if method == "post" else {})
+            )
             assert tool.status_code in (403, 404) and "pbkdf2" not in tool.text
         assert len(threads) == hashed
         # Basic auth is not the dashboard's: junk or a guess is neither hashed nor a 500.
@@ -568,19 +714,36 @@ def test_request_bodies_are_capped_before_anything_reads_them(serve):
 
     async def check():
         for path in ("/-/login", "/claudeflare/pause_account"):
-            reply = await ds.client.post(path, content=b"username=admin&password=" + b"x" * 100_000,
-                                         headers={"content-type": "application/x-www-form-urlencoded"})
+            reply = await ds.client.post(
+                path,
+                content=b"username=admin&password=" + b"x" * 100_000,
+                headers={"content-type": "application/x-www-form-urlencoded"},
+            )
             assert reply.status_code == 413, path
         assert await login(ds)  # a normal form still works
 
 
 def test_account_health_shows_the_usage_endpoints_windows(serve, db_path):
     db = sqlite_utils.Database(db_path)
-    db["account_status"].insert({
-        "name": "idle", "mode": "max", "tier": 20, "priority": 0, "state": "ok", "utilization_5h": 0.25,
-        "reset_5h": iso_utc(NOW + 2 * 3600 + 1800), "utilization_7d_opus": 0.815, "reset_7d_opus": iso_utc(NOW + 3 * 86400 + 7200),
-        "utilization_7d_sonnet": 0.05, "reset_7d_sonnet": iso_utc(NOW + 3600 * 5 + 60), "utilization_extra": 0.124,
-        "usage_read_at": iso_utc(NOW), "requests_in_flight": 0, "updated_at": iso_utc(NOW)})
+    db["account_status"].insert(
+        {
+            "name": "idle",
+            "mode": "max",
+            "tier": 20,
+            "priority": 0,
+            "state": "ok",
+            "utilization_5h": 0.25,
+            "reset_5h": iso_utc(NOW + 2 * 3600 + 1800),
+            "utilization_7d_opus": 0.815,
+            "reset_7d_opus": iso_utc(NOW + 3 * 86400 + 7200),
+            "utilization_7d_sonnet": 0.05,
+            "reset_7d_sonnet": iso_utc(NOW + 3600 * 5 + 60),
+            "utilization_extra": 0.124,
+            "usage_read_at": iso_utc(NOW),
+            "requests_in_flight": 0,
+            "updated_at": iso_utc(NOW),
+        }
+    )
     db.close()
     ds = serve()
 
@@ -599,7 +762,9 @@ def test_account_health_shows_the_usage_endpoints_windows(serve, db_path):
 def test_client_split_between_subscriptions_and_keys(serve, db_path):
     db = open_db(db_path)
     with db.conn:
-        db.execute("update requests set account_kind = case account when 'a' then 'subscription' when 'b' then 'api-key' end")
+        db.execute(
+            "update requests set account_kind = case account when 'a' then 'subscription' when 'b' then 'api-key' end"
+        )
     db.close()
     ds = serve()
     expected = {("laptop", "subscription"): 3, ("(loopback, no key)", "api-key"): 1, ("ci", "api-key"): 1}
@@ -613,7 +778,10 @@ def test_client_split_between_subscriptions_and_keys(serve, db_path):
         chart = await chart_rows(ds, cookies, "client-split", range="")
         assert {(r["client"], r["account_kind"]): r["requests"] for r in chart} == expected
         assert {(r["client"], r["account_kind"]) for r in await chart_rows(ds, cookies, "client-split")} == {
-            ("laptop", "subscription"), ("(loopback, no key)", "api-key"), ("ci", "api-key")}  # r5 is 40 days old
+            ("laptop", "subscription"),
+            ("(loopback, no key)", "api-key"),
+            ("ci", "api-key"),
+        }  # r5 is 40 days old
         assert sum(r["requests"] for r in await chart_rows(ds, cookies, "client-split")) == 4
 
     run(check())
@@ -621,18 +789,33 @@ def test_client_split_between_subscriptions_and_keys(serve, db_path):
 
 def test_client_budgets_show_spend_against_each_budget(serve, db_path):
     db = sqlite_utils.Database(db_path)
-    db["client_limits"].insert_all([
-        {"name": "ci", "budget_usd": 50.0, "per": "month", "spend_usd": 45.5, "resets_at": "2026-12-01T00:00:00Z", "rpm": 60},
-        {"name": "laptop", "models": "claude-sonnet-*", "concurrency": 2},
-    ])
+    db["client_limits"].insert_all(
+        [
+            {
+                "name": "ci",
+                "budget_usd": 50.0,
+                "per": "month",
+                "spend_usd": 45.5,
+                "resets_at": "2026-12-01T00:00:00Z",
+                "rpm": 60,
+            },
+            {"name": "laptop", "models": "claude-sonnet-*", "concurrency": 2},
+        ]
+    )
     db.close()
     ds = serve()
 
     async def check():
         cookies = await login(ds)
         rows = {r["client"]: r for r in await chart_rows(ds, cookies, "client-budgets")}
-        assert rows["ci"]["spend"] == "$45.50 of $50.00 per month" and rows["ci"]["renews (UTC)"] == "2026-12-01T00:00:00Z"
+        assert (
+            rows["ci"]["spend"] == "$45.50 of $50.00 per month" and rows["ci"]["renews (UTC)"] == "2026-12-01T00:00:00Z"
+        )
         assert rows["ci"]["used"] == '<span style="color:#bf8700">91%</span>' and rows["ci"]["per minute"] == 60
-        assert (rows["laptop"]["spend"], rows["laptop"]["models"], rows["laptop"]["at once"]) == ("–", "claude-sonnet-*", 2)
+        assert (rows["laptop"]["spend"], rows["laptop"]["models"], rows["laptop"]["at once"]) == (
+            "–",
+            "claude-sonnet-*",
+            2,
+        )
 
     run(check())

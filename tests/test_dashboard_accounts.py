@@ -9,7 +9,6 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from click.testing import CliRunner
 from datasette.app import Datasette
-from harness import add_account
 from test_dashboard import PASSWORD, metadata
 
 from claudeflare import oauth
@@ -17,6 +16,8 @@ from claudeflare.accounts import load_accounts
 from claudeflare.cli import DASHBOARD_PLUGINS, METADATA, cli, dashboard_command, dashboard_settings
 from claudeflare.credentials import CredentialStore
 from claudeflare.flowlog import open_db
+
+from harness import add_account
 
 PAGE = "/-/claudeflare/accounts"
 KEY = "sk-ant-api03-from-the-browser-0123456789abcdef"
@@ -33,8 +34,12 @@ def dashboard(home, monkeypatch, fake):
         monkeypatch.setenv(name, env[name])
     monkeypatch.setenv("CLAUDEFLARE_TOKEN_URL", f"{fake.url}/v1/oauth/token")
     monkeypatch.setenv("CLAUDEFLARE_API_KEY_URL", f"{fake.url}/api/oauth/claude_cli/create_api_key")
-    return Datasette([str(home / "claudeflare.db")], metadata=metadata(), plugins_dir=str(DASHBOARD_PLUGINS),
-                     settings=dashboard_settings())
+    return Datasette(
+        [str(home / "claudeflare.db")],
+        metadata=metadata(),
+        plugins_dir=str(DASHBOARD_PLUGINS),
+        settings=dashboard_settings(),
+    )
 
 
 class Browser:
@@ -63,8 +68,9 @@ class Browser:
     async def login(self):
         page = await self.get("/-/login")
         token = re.search(r'name="csrftoken" value="([^"]+)"', page.text)[1]
-        reply = await self.ds.client.post("/-/login", data={"username": "admin", "password": PASSWORD, "csrftoken": token},
-                                          cookies=self.cookies)
+        reply = await self.ds.client.post(
+            "/-/login", data={"username": "admin", "password": PASSWORD, "csrftoken": token}, cookies=self.cookies
+        )
         assert reply.status_code == 302
         self.keep(reply)
         return self
@@ -101,12 +107,15 @@ def test_add_an_api_key_then_remove_it(dashboard, home):
     assert "web-key" not in CredentialStore(home).credentials()
 
 
-@pytest.mark.parametrize("form, message", [
-    ({"name": "bad name", "key": KEY}, "invalid name"),
-    ({"name": "k", "key": KEY + " \r\nX-Injected: 1"}, "does not look like an API key"),
-    ({"name": "k", "tier": "3", "key": KEY}, "tier must be 1, 5, 20"),
-    ({"name": "k", "priority": "high", "key": KEY}, "whole numbers"),
-])
+@pytest.mark.parametrize(
+    "form, message",
+    [
+        ({"name": "bad name", "key": KEY}, "invalid name"),
+        ({"name": "k", "key": KEY + " \r\nX-Injected: 1"}, "does not look like an API key"),
+        ({"name": "k", "tier": "3", "key": KEY}, "tier must be 1, 5, 20"),
+        ({"name": "k", "priority": "high", "key": KEY}, "whole numbers"),
+    ],
+)
 def test_a_refused_form_says_why_and_never_shows_the_key_again(dashboard, home, form, message):
     async def go():
         browser = await Browser(dashboard).login()
@@ -175,7 +184,9 @@ def test_a_log_in_is_the_starters_alone_and_expires(dashboard, home, fake, monke
     async def go():
         browser = await Browser(dashboard).login()
         url, login = link_and_login(await browser.post(f"{PAGE}/oauth/start", {"name": "sub", "mode": "max"}))
-        guessed = await browser.post(f"{PAGE}/oauth/finish", {"login": login[:-2] + "xx", "code": issue_code(fake, url, "sub")})
+        guessed = await browser.post(
+            f"{PAGE}/oauth/finish", {"login": login[:-2] + "xx", "code": issue_code(fake, url, "sub")}
+        )
         assert guessed.status_code == 400 and "expired or was finished" in guessed.text
         monkeypatch.setattr(oauth, "FLOW_LIFETIME", -1)
         late = await browser.post(f"{PAGE}/oauth/finish", {"login": login, "code": issue_code(fake, url, "sub")})
@@ -193,7 +204,9 @@ def test_anonymous_visitors_and_forged_forms_are_refused(dashboard, home, monkey
         page = await anonymous.get(PAGE)
         assert page.status_code == 302 and page.headers["location"] == "/-/login"
         for path in ("add-key", "oauth/start", "remove"):
-            reply = await anonymous.post(f"{PAGE}/{path}", {"name": "k", "key": KEY, "mode": "max", "confirm": "yes"}, csrf=False)
+            reply = await anonymous.post(
+                f"{PAGE}/{path}", {"name": "k", "key": KEY, "mode": "max", "confirm": "yes"}, csrf=False
+            )
             assert reply.status_code == 403, path
         browser = await Browser(dashboard).login()
         forged = await browser.post(f"{PAGE}/add-key", {"name": "k", "key": KEY}, csrf=False)  # no CSRF token
@@ -220,7 +233,15 @@ def test_the_page_is_linked_from_the_dashboard():
 
 
 def test_log_an_account_in_again(dashboard, home, fake):
-    add_account(home, "sub", "max", 5, access_token="sk-ant-oat01-old-token", refresh_token="sk-ant-ort01-old-token", needs_login=True)
+    add_account(
+        home,
+        "sub",
+        "max",
+        5,
+        access_token="sk-ant-oat01-old-token",
+        refresh_token="sk-ant-ort01-old-token",
+        needs_login=True,
+    )
     add_account(home, "key", "api-key", 1, api_key=KEY)
 
     async def go():

@@ -22,12 +22,13 @@ import pytest
 import requests
 import yaml
 from click.testing import CliRunner
-from harness import CLAUDE_CODE_SYSTEM, add_account, db_rows, free_port, wait_for_port
 
 from claudeflare.accounts import load_accounts
 from claudeflare.cli import cli
 from claudeflare.credentials import CredentialStore
 from claudeflare.flowlog import query_readonly
+
+from harness import CLAUDE_CODE_SYSTEM, add_account, db_rows, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -36,9 +37,19 @@ CLAUDEFLARE = Path(sys.executable).parent / "claudeflare"
 PASSWORD = "a dashboard password"
 SONNET, HAIKU = "claude-sonnet-4-5-20250929", "claude-haiku-4-5-20251001"
 XSS = '<img src=x onerror="window.scripted=1">'  # a client's model, shown in "Latest failures"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--remote-debugging-port=0", "--window-size=1500,1200", "--hide-scrollbars"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--remote-debugging-port=0",
+    "--window-size=1500,1200",
+    "--hide-scrollbars",
+]
 
 if not Path(CHROMIUM).exists():
     raise RuntimeError(f"{CHROMIUM} is missing: scripts/setup installs Debian's chromium")
@@ -55,12 +66,21 @@ def oauth_accounts(fake, home, *specs):
 
 
 def ask(proxy, session, model=SONNET, stream=False, tokens=40, cache_read=0, cache_write=0, fault=None):
-    headers = {"x-claude-code-session-id": session, "x-fake-tokens": str(tokens),
-               "x-fake-cache-read": str(cache_read), "x-fake-cache-write": str(cache_write)}
+    headers = {
+        "x-claude-code-session-id": session,
+        "x-fake-tokens": str(tokens),
+        "x-fake-cache-read": str(cache_read),
+        "x-fake-cache-write": str(cache_write),
+    }
     if fault:
         headers["x-fake-fault"] = fault
-    body = {"model": model, "max_tokens": 200, "stream": stream, "system": CLAUDE_CODE_SYSTEM,
-            "messages": [{"role": "user", "content": f"hi from {session}"}]}
+    body = {
+        "model": model,
+        "max_tokens": 200,
+        "stream": stream,
+        "system": CLAUDE_CODE_SYSTEM,
+        "messages": [{"role": "user", "content": f"hi from {session}"}],
+    }
     reply = requests.post(f"{proxy.url}/v1/messages", json=body, headers=headers, timeout=30)
     _ = reply.content  # read streams to the end
     return reply.status_code
@@ -72,8 +92,15 @@ def send_traffic(fake, proxy) -> int:
         session = f"conversation-{i}"
         model = HAIKU if i % 3 == 2 else SONNET
         for turn in range(3):
-            ask(proxy, session, model=model, stream=turn % 2 == 0, tokens=20 + 15 * turn,
-                cache_write=2000 if turn == 0 else 0, cache_read=0 if turn == 0 else 2000 * turn)
+            ask(
+                proxy,
+                session,
+                model=model,
+                stream=turn % 2 == 0,
+                tokens=20 + 15 * turn,
+                cache_write=2000 if turn == 0 else 0,
+                cache_read=0 if turn == 0 else 2000 * turn,
+            )
             sent += 1
     fake.set_fault("*", "status:429-windowless", 1)  # one failover to the other account
     ask(proxy, "conversation-0", cache_read=6000)
@@ -125,9 +152,13 @@ class Page:
         for e in self.events:
             method, params = e["method"], e.get("params", {})
             if method == "Runtime.exceptionThrown":
-                found.append(f"exception: {params['exceptionDetails'].get('exception', {}).get('description') or params['exceptionDetails']}")
+                found.append(
+                    f"exception: {params['exceptionDetails'].get('exception', {}).get('description') or params['exceptionDetails']}"
+                )
             elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-                found.append(f"console.{params['type']}: {[a.get('value', a.get('description')) for a in params.get('args', [])]}")
+                found.append(
+                    f"console.{params['type']}: {[a.get('value', a.get('description')) for a in params.get('args', [])]}"
+                )
             elif method == "Log.entryAdded" and params["entry"].get("level") == "error":
                 found.append(f"log: {params['entry'].get('text')} {params['entry'].get('url', '')}")
             elif method == "Network.responseReceived" and params["response"]["status"] >= 400:
@@ -155,8 +186,11 @@ async def open_page(port: int) -> tuple[aiohttp.ClientSession, Page]:
 def start_chromium(user_data: Path, log: Path) -> tuple[subprocess.Popen, int]:
     user_data.mkdir()
     with open(log, "wb") as out:
-        proc = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={user_data}", "about:blank"],
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={user_data}", "about:blank"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     port_file = user_data / "DevToolsActivePort"
     deadline = time.monotonic() + 30
     while not (port_file.exists() and port_file.read_text().strip()):
@@ -198,9 +232,20 @@ def test_dashboard_draws_every_chart_over_real_traffic(fake, home, start_proxy, 
 
     with dashboard_and_chromium(home, tmp_path) as (base, devtools_port):
         charts = asyncio.run(drive(devtools_port, base, sent, home))
-    assert {c["id"] for c in charts} >= {"requests-per-minute", "tokens-over-time", "cost-per-day", "error-rate",
-                                         "ttfb", "duration", "cache-by-account", "cache-by-session", "health",
-                                         "utilization", "failures", "client-split"}
+    assert {c["id"] for c in charts} >= {
+        "requests-per-minute",
+        "tokens-over-time",
+        "cost-per-day",
+        "error-rate",
+        "ttfb",
+        "duration",
+        "cache-by-account",
+        "cache-by-session",
+        "health",
+        "utilization",
+        "failures",
+        "client-split",
+    }
 
 
 @contextlib.contextmanager
@@ -211,8 +256,12 @@ def dashboard_and_chromium(home: Path, tmp_path: Path):
     assert result.exit_code == 0, result.output
     port = free_port()
     with open(tmp_path / "dashboard.log", "wb") as out:
-        dashboard = subprocess.Popen([str(CLAUDEFLARE), "--home", str(home), "dashboard", "--port", str(port)],
-                                     stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+        dashboard = subprocess.Popen(
+            [str(CLAUDEFLARE), "--home", str(home), "dashboard", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
     chromium = None
     try:
         wait_for_port(port, 30, alive=lambda: dashboard.poll() is None)
@@ -243,8 +292,10 @@ async def drive(devtools_port: int, base: str, sent: int, home: Path) -> list[di
     session, page = await open_page(devtools_port)
     try:
         await log_in(page, base)
-        await page.wait_for("location.pathname === '/-/dashboards/pool' && document.readyState === 'complete'",
-                            what="the dashboard after logging in")
+        await page.wait_for(
+            "location.pathname === '/-/dashboards/pool' && document.readyState === 'complete'",
+            what="the dashboard after logging in",
+        )
         assert await page.eval("new URLSearchParams(location.search).get('range')") == "24 hours"
 
         vega_charts = await page.eval("[...document.querySelectorAll('.dashboard-card-chart')].length")
@@ -252,9 +303,11 @@ async def drive(devtools_port: int, base: str, sent: int, home: Path) -> list[di
 
         def drawn(charts):
             kinds = {c["id"]: c for c in charts}
-            return (all(c["marks"] for k, c in kinds.items() if k not in METRICS | TABLES | TEXT)
-                    and all(c["text"] for k, c in kinds.items() if k in METRICS)
-                    and all(c["rows"] >= 2 for k, c in kinds.items() if k in TABLES))
+            return (
+                all(c["marks"] for k, c in kinds.items() if k not in METRICS | TABLES | TEXT)
+                and all(c["text"] for k, c in kinds.items() if k in METRICS)
+                and all(c["rows"] >= 2 for k, c in kinds.items() if k in TABLES)
+            )
 
         deadline = time.monotonic() + 45
         while not drawn(charts := await page.eval(CHART_STATE)):
@@ -271,14 +324,18 @@ async def drive(devtools_port: int, base: str, sent: int, home: Path) -> list[di
         assert "alpha" in by_id["health"]["text"] and "beta" in by_id["health"]["text"]
         assert "400" in by_id["failures"]["text"]
         assert XSS in by_id["failures"]["text"]  # shown as text…
-        assert await page.eval("window.scripted === undefined && !document.querySelector('.dashboard-card-chart img')")  # …never run
+        assert await page.eval(
+            "window.scripted === undefined && !document.querySelector('.dashboard-card-chart img')"
+        )  # …never run
         assert not page.problems(), page.problems()
         outside = [u for u in page.requested() if not u.startswith(base) and not u.startswith("data:")]
         assert not outside, f"the page fetched from elsewhere: {outside}"
 
         # A full-page screenshot for people to look at.
         height = await page.eval("document.documentElement.scrollHeight")
-        await page.send("Emulation.setDeviceMetricsOverride", width=1500, height=height, deviceScaleFactor=1, mobile=False)
+        await page.send(
+            "Emulation.setDeviceMetricsOverride", width=1500, height=height, deviceScaleFactor=1, mobile=False
+        )
         await asyncio.sleep(1.0)  # charts resize to the new width
         shot = await page.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
         ARTIFACTS.mkdir(exist_ok=True)
@@ -287,16 +344,22 @@ async def drive(devtools_port: int, base: str, sent: int, home: Path) -> list[di
 
         # Management: pause an account from its form; the running proxy applies it within 2 seconds.
         await page.send("Page.navigate", url=base + "/claudeflare/pause_account")
-        await page.wait_for("document.readyState === 'complete' && !!document.querySelector('input[name=account]')",
-                            what="the pause form")
+        await page.wait_for(
+            "document.readyState === 'complete' && !!document.querySelector('input[name=account]')",
+            what="the pause form",
+        )
         await page.eval("""(() => {
             document.querySelector('input[name=account]').value = 'beta';
             document.querySelector('form.sql').submit();
         })()""")
-        await page.wait_for("location.pathname === '/claudeflare/control' && document.readyState === 'complete'",
-                            what="the control table after pausing")
+        await page.wait_for(
+            "location.pathname === '/claudeflare/control' && document.readyState === 'complete'",
+            what="the control table after pausing",
+        )
         sent_at = time.monotonic()
-        while not (applied := query_readonly(home / "claudeflare.db", "select * from control where applied_at is not null")):
+        while not (
+            applied := query_readonly(home / "claudeflare.db", "select * from control where applied_at is not null")
+        ):
             assert time.monotonic() - sent_at < 2.0, "the proxy did not apply the pause within 2 seconds"
             await asyncio.sleep(0.05)
         assert [(r["action"], r["account"], r["result"]) for r in applied] == [("pause", "beta", "ok")]
@@ -306,8 +369,10 @@ async def drive(devtools_port: int, base: str, sent: int, home: Path) -> list[di
         while "paused" not in health:  # the proxy republishes account_status every second
             assert time.monotonic() < deadline, f"the health table does not show beta paused: {health!r}"
             await page.send("Page.navigate", url=base + "/-/dashboards/pool?range=1+hour&account=beta")
-            await page.wait_for("document.readyState === 'complete' && !!document.querySelector('#chart-health tr')",
-                                what="the health table")
+            await page.wait_for(
+                "document.readyState === 'complete' && !!document.querySelector('#chart-health tr')",
+                what="the health table",
+            )
             health = await page.eval("document.querySelector('#chart-health').innerText")
         assert not page.problems(), page.problems()
         return charts
@@ -317,7 +382,9 @@ async def drive(devtools_port: int, base: str, sent: int, home: Path) -> list[di
 
 
 # Each chart by how it is drawn, from the metadata itself: a chart added later is checked too.
-CHARTS = yaml.safe_load((ROOT / "datasette-metadata.yml").read_text())["plugins"]["datasette-dashboards"]["pool"]["charts"]
+CHARTS = yaml.safe_load((ROOT / "datasette-metadata.yml").read_text())["plugins"]["datasette-dashboards"]["pool"][
+    "charts"
+]
 METRICS = {name for name, chart in CHARTS.items() if chart["library"] == "metric"}
 TABLES = {name for name, chart in CHARTS.items() if chart["library"] == "table"}
 TEXT = {name for name, chart in CHARTS.items() if chart["library"] == "markdown"}
@@ -354,7 +421,10 @@ async def add_serve_remove(devtools_port: int, base: str, fake, home: Path, prox
         await log_in(page, base, ACCOUNTS_PAGE)
         await page.wait_for("location.pathname === '/-/dashboards/pool'", what="the dashboard after logging in")
         await page.send("Page.navigate", url=base + ACCOUNTS_PAGE)
-        await page.wait_for("document.readyState === 'complete' && !!document.querySelector('form.oauth-start')", what="the accounts page")
+        await page.wait_for(
+            "document.readyState === 'complete' && !!document.querySelector('form.oauth-start')",
+            what="the accounts page",
+        )
         await page.eval("""(() => {
             const form = document.querySelector('form.oauth-start');
             form.querySelector('[name=name]').value = 'web-max';
@@ -362,8 +432,10 @@ async def add_serve_remove(devtools_port: int, base: str, fake, home: Path, prox
             form.querySelector('[name=tier]').value = '5';
             form.submit();
         })()""")
-        url = await page.wait_for("document.readyState === 'complete' && document.querySelector('#authorize')?.href",
-                                  what="the authorization link")
+        url = await page.wait_for(
+            "document.readyState === 'complete' && document.querySelector('#authorize')?.href",
+            what="the authorization link",
+        )
         await snapshot()
         query = {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
         code = f"code-web-max-{time.monotonic_ns()}"  # what the person's log-in yields
@@ -373,8 +445,11 @@ async def add_serve_remove(devtools_port: int, base: str, fake, home: Path, prox
             document.querySelector('form.oauth-finish [name=code]').value = {json.dumps(pasted)};
             document.querySelector('form.oauth-finish').submit();
         }})()""")
-        await page.wait_for(f"location.pathname === '{ACCOUNTS_PAGE}' && document.readyState === 'complete' && "
-                            "!!document.querySelector('tr[data-account=\"web-max\"]')", what="web-max listed")
+        await page.wait_for(
+            f"location.pathname === '{ACCOUNTS_PAGE}' && document.readyState === 'complete' && "
+            "!!document.querySelector('tr[data-account=\"web-max\"]')",
+            what="web-max listed",
+        )
         assert "added web-max (max, tier 5)" in await page.eval("document.body.innerText")
         await snapshot()
         credential = CredentialStore(home).credentials()["web-max"]
@@ -388,11 +463,16 @@ async def add_serve_remove(devtools_port: int, base: str, fake, home: Path, prox
         assert [r["account"] for r in db_rows(home, "status = 200", expect=1)] == ["web-max"]
 
         await page.eval("document.querySelector('tr[data-account=\"web-max\"] form.remove').submit()")
-        await page.wait_for("document.readyState === 'complete' && !!document.querySelector('form.remove-confirm')",
-                            what="the confirmation")
+        await page.wait_for(
+            "document.readyState === 'complete' && !!document.querySelector('form.remove-confirm')",
+            what="the confirmation",
+        )
         await page.eval("document.querySelector('form.remove-confirm').submit()")
-        await page.wait_for(f"location.pathname === '{ACCOUNTS_PAGE}' && document.readyState === 'complete' && "
-                            "document.body.innerText.includes('removed web-max')", what="web-max removed")
+        await page.wait_for(
+            f"location.pathname === '{ACCOUNTS_PAGE}' && document.readyState === 'complete' && "
+            "document.body.innerText.includes('removed web-max')",
+            what="web-max removed",
+        )
         assert not await page.eval("!!document.querySelector('tr[data-account=\"web-max\"]')")
         await snapshot()
         deadline = time.monotonic() + 5

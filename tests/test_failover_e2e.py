@@ -6,10 +6,11 @@ from collections import Counter
 
 import anthropic
 import requests
-from harness import CLAUDE_CODE_SYSTEM, add_account, db_rows, wait_until
 
 from claudeflare.clock import utc_now
 from claudeflare.flowlog import query_readonly
+
+from harness import CLAUDE_CODE_SYSTEM, add_account, db_rows, wait_until
 
 MODEL = "claude-sonnet-4-6"
 FAST_RETRY = ("--set", "claudeflare_retry_delay_ms=50", "--set", "claudeflare_retry_backoff=2")
@@ -26,8 +27,13 @@ def ask(proxy, stream=False, tokens=10, session=None):
     headers = {"x-fake-tokens": str(tokens)}
     if session:
         headers["x-claude-code-session-id"] = session
-    body = {"model": MODEL, "max_tokens": 100, "stream": stream, "system": CLAUDE_CODE_SYSTEM,
-            "messages": [{"role": "user", "content": "hi"}]}
+    body = {
+        "model": MODEL,
+        "max_tokens": 100,
+        "stream": stream,
+        "system": CLAUDE_CODE_SYSTEM,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
     return requests.post(f"{proxy.url}/v1/messages", json=body, headers=headers, timeout=30)
 
 
@@ -79,7 +85,9 @@ def test_benched_account_gets_nothing_until_its_reset_then_traffic_again(fake, h
         assert ask(proxy).status_code == 200
     a_429 = [i for i, (acct, status) in enumerate(upstream_seen(fake)) if acct == "a" and status == 429]
     assert len(a_429) == 1
-    assert [acct for acct, _ in upstream_seen(fake)[a_429[0] + 1:]] == ["b"] * (len(upstream_seen(fake)) - a_429[0] - 1)
+    assert [acct for acct, _ in upstream_seen(fake)[a_429[0] + 1 :]] == ["b"] * (
+        len(upstream_seen(fake)) - a_429[0] - 1
+    )
     time.sleep(3.2)
     fake.set_limit("a", requests=100, window_s=3600)  # a has room again after its reset
     assert_round_robin_again(fake, proxy)
@@ -93,8 +101,13 @@ def test_streamed_reply_that_was_retried_arrives_complete(fake, home, start_prox
     client = anthropic.Anthropic(base_url=proxy.url, api_key="x", max_retries=0)
     outcomes = []
     for _ in range(2):
-        with client.messages.stream(model=MODEL, max_tokens=100, system=CLAUDE_CODE_SYSTEM, messages=[{"role": "user", "content": "hi"}],
-                                    extra_headers={"x-fake-tokens": "30"}) as stream:
+        with client.messages.stream(
+            model=MODEL,
+            max_tokens=100,
+            system=CLAUDE_CODE_SYSTEM,
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-fake-tokens": "30"},
+        ) as stream:
             text = "".join(stream.text_stream)
             outcomes.append((len(text) > 0, stream.get_final_message().usage.output_tokens))
     assert outcomes == [(True, 30), (True, 30)]
@@ -106,7 +119,9 @@ def test_streamed_reply_that_was_retried_arrives_complete(fake, home, start_prox
 def test_529_is_retried_on_the_same_account_first(fake, home, start_proxy):
     oauth_accounts(fake, home, "a", "b")
     fake.set_fault("a", "status:529", count=2)
-    proxy = start_proxy(home, "--set", "claudeflare_strategy=round-robin", "--set", "claudeflare_retry_attempts=3", *FAST_RETRY)
+    proxy = start_proxy(
+        home, "--set", "claudeflare_strategy=round-robin", "--set", "claudeflare_retry_attempts=3", *FAST_RETRY
+    )
     assert ask(proxy).status_code == 200
     first = upstream_seen(fake)
     assert first[0][1] in (200, 529)
@@ -119,7 +134,9 @@ def test_529_is_retried_on_the_same_account_first(fake, home, start_proxy):
 def test_529_burst_beyond_the_retries_moves_on_and_benches_only_briefly(fake, home, start_proxy):
     oauth_accounts(fake, home, "a", "b")
     fake.set_fault("a", "status:529", count=10)
-    proxy = start_proxy(home, "--set", "claudeflare_strategy=round-robin", "--set", "claudeflare_retry_attempts=2", *FAST_RETRY)
+    proxy = start_proxy(
+        home, "--set", "claudeflare_strategy=round-robin", "--set", "claudeflare_retry_attempts=2", *FAST_RETRY
+    )
     for _ in range(3):
         assert ask(proxy).status_code == 200
     a_tries = [s for acct, s in upstream_seen(fake) if acct == "a"]
@@ -139,7 +156,7 @@ def test_windowless_429_fails_over_without_benching(fake, home, start_proxy):
     seen = upstream_seen(fake)
     refused = seen.index(("a", 429))
     assert seen[refused + 1] == ("b", 200) and seen.count(("a", 429)) == 1
-    assert ("a", 200) in seen[refused + 2:]  # not benched: a serves again right away
+    assert ("a", 200) in seen[refused + 2 :]  # not benched: a serves again right away
     assert account_state(home, "a")[0] == "ok"
     rows = db_rows(home, expect=6)
     assert [json.loads(r["failovers"])[0]["reason"] for r in rows if r["failovers"]] == ["windowless"]
@@ -164,7 +181,9 @@ def test_spend_limit_benches_and_says_so(fake, home, start_proxy):
     for _ in range(3):
         assert ask(proxy).status_code == 200
     assert [s for a, s in upstream_seen(fake) if a == "a"] == [429]
-    assert wait_until(lambda: account_state(home, "a")[0] == "limited" and "spend limit" in account_state(home, "a")[1], timeout=3)
+    assert wait_until(
+        lambda: account_state(home, "a")[0] == "limited" and "spend limit" in account_state(home, "a")[1], timeout=3
+    )
 
 
 def account_state(home, name):
@@ -178,7 +197,9 @@ def assert_nothing_in_flight(home):
     """Every account's in-flight count, as the proxy publishes it after the traffic, is back to 0."""
 
     def published():
-        return query_readonly(home / "claudeflare.db", "select name, requests_in_flight, updated_at from account_status")
+        return query_readonly(
+            home / "claudeflare.db", "select name, requests_in_flight, updated_at from account_status"
+        )
 
     after = utc_now()
     assert wait_until(lambda: (rows := published()) and all(r["updated_at"] > after for r in rows), timeout=5)

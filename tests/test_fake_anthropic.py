@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import requests
+
 from fake_anthropic import CLAUDE_CODE_ONLY, CLIENT_ID, OAUTH_BETA, FakeAnthropic, expected_text, pkce_challenge
 from harness import CLAUDE_CODE_SYSTEM
 
@@ -37,14 +38,24 @@ def fake(server):
 
 def post(fake, body=None, path="/v1/messages", headers=None, auth="key", **kw):
     body = body or (CC_BODY if auth == "oauth" else BODY)
-    auth_headers = {"key": {"x-api-key": KEY},
-                    "oauth": {"authorization": "Bearer at-1", "anthropic-beta": f"claude-code-20250219,{OAUTH_BETA}"},
-                    None: {}}[auth]
+    auth_headers = {
+        "key": {"x-api-key": KEY},
+        "oauth": {"authorization": "Bearer at-1", "anthropic-beta": f"claude-code-20250219,{OAUTH_BETA}"},
+        None: {},
+    }[auth]
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     kw.setdefault("timeout", 10)
-    return requests.post(fake.url + path, data=data, **kw,
-                         headers={"content-type": "application/json", "anthropic-version": "2023-06-01",
-                                  **auth_headers, **(headers or {})})
+    return requests.post(
+        fake.url + path,
+        data=data,
+        **kw,
+        headers={
+            "content-type": "application/json",
+            "anthropic-version": "2023-06-01",
+            **auth_headers,
+            **(headers or {}),
+        },
+    )
 
 
 def parse_sse(raw: bytes) -> list[tuple[str, dict]]:
@@ -59,19 +70,35 @@ def parse_sse(raw: bytes) -> list[tuple[str, dict]]:
 
 def test_streamed_reply_has_the_contract_events_and_usage(fake):
     body = json.dumps({**BODY, "stream": True}).encode()
-    reply = post(fake, body, headers={"x-fake-tokens": "12", "x-fake-cache-read": "300", "x-fake-cache-write": "40",
-                                      "x-fake-cache-write-1h": "7"}, params={"beta": "true"})
+    reply = post(
+        fake,
+        body,
+        headers={
+            "x-fake-tokens": "12",
+            "x-fake-cache-read": "300",
+            "x-fake-cache-write": "40",
+            "x-fake-cache-write-1h": "7",
+        },
+        params={"beta": "true"},
+    )
     assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream")
     assert reply.headers["request-id"].startswith("req_")
     events = parse_sse(reply.content)
     names = [e for e, _ in events]
     assert names == ["message_start", "content_block_start", "ping"] + ["content_block_delta"] * 12 + [
-        "content_block_stop", "message_delta", "message_stop"]
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
     start = events[0][1]["message"]
     assert start["content"] == [] and start["usage"] == {
-        "input_tokens": len(body) // 4, "cache_creation_input_tokens": 47, "cache_read_input_tokens": 300,
-        "output_tokens": 1, "service_tier": "standard",
-        "cache_creation": {"ephemeral_5m_input_tokens": 40, "ephemeral_1h_input_tokens": 7}}
+        "input_tokens": len(body) // 4,
+        "cache_creation_input_tokens": 47,
+        "cache_read_input_tokens": 300,
+        "output_tokens": 1,
+        "service_tier": "standard",
+        "cache_creation": {"ephemeral_5m_input_tokens": 40, "ephemeral_1h_input_tokens": 7},
+    }
     text = "".join(d["delta"]["text"] for e, d in events if e == "content_block_delta")
     assert text == expected_text(12) and "é" in text and "✓" in text
     delta = events[-2][1]
@@ -79,7 +106,12 @@ def test_streamed_reply_has_the_contract_events_and_usage(fake):
     assert delta["usage"]["input_tokens"] == len(body) // 4 and delta["usage"]["cache_read_input_tokens"] == 300
     (seen,) = fake.wait_for_requests(1, finished=True)
     assert (seen["account"], seen["auth_kind"], seen["query"], seen["body"], seen["status"]) == (
-        "key", "api_key", "beta=true", body, 200)
+        "key",
+        "api_key",
+        "beta=true",
+        body,
+        200,
+    )
     assert seen["usage"]["output_tokens"] == 12 and seen["usage"]["input_tokens"] == len(body) // 4
     assert seen["headers"]["x-api-key"] == KEY and seen["request_id"] == reply.headers["request-id"]
     assert "anthropic-ratelimit-requests-remaining" in reply.headers  # Console family for an API key
@@ -89,7 +121,11 @@ def test_non_streamed_reply_and_invalid_json(fake):
     reply = post(fake, headers={"x-fake-tokens": "3", "x-fake-input-tokens": "1234"})
     message = reply.json()
     assert (message["type"], message["role"], message["model"], message["stop_reason"]) == (
-        "message", "assistant", BODY["model"], "end_turn")
+        "message",
+        "assistant",
+        BODY["model"],
+        "end_turn",
+    )
     assert message["content"] == [{"type": "text", "text": expected_text(3)}]
     assert message["usage"]["input_tokens"] == 1234 and message["usage"]["output_tokens"] == 3
     bad = post(fake, b'{"model": "x", "messages": [')
@@ -109,7 +145,9 @@ def test_gzip_and_split_streams_decode_incrementally(fake):
     whole = parse_sse(b"".join(pieces))
     assert whole[-1][0] == "message_stop" and whole[-2][1]["usage"]["output_tokens"] == 20
     split = post(fake, body, headers={"x-fake-split": "1", "x-fake-tokens": "9"})
-    assert "".join(d["delta"]["text"] for e, d in parse_sse(split.content) if e == "content_block_delta") == expected_text(9)
+    assert "".join(
+        d["delta"]["text"] for e, d in parse_sse(split.content) if e == "content_block_delta"
+    ) == expected_text(9)
 
 
 def test_credentials_oauth_beta_rule_and_rate_limit_families(fake):
@@ -117,8 +155,11 @@ def test_credentials_oauth_beta_rule_and_rate_limit_families(fake):
     assert ok.status_code == 200
     assert ok.headers["anthropic-ratelimit-unified-status"] == "allowed"
     assert ok.headers["anthropic-ratelimit-unified-representative-claim"] == "five_hour"
-    assert {"anthropic-ratelimit-unified-5h-utilization", "anthropic-ratelimit-unified-7d-reset",
-            "anthropic-ratelimit-unified-overage-status"} <= set(k.lower() for k in ok.headers)
+    assert {
+        "anthropic-ratelimit-unified-5h-utilization",
+        "anthropic-ratelimit-unified-7d-reset",
+        "anthropic-ratelimit-unified-overage-status",
+    } <= set(k.lower() for k in ok.headers)
     assert fake.requests[-1]["account"] == "max" and fake.requests[-1]["auth_kind"] == "oauth"
     refusals = [
         post(fake, auth=None, headers={"authorization": "Bearer at-1"}),  # no oauth beta
@@ -149,8 +190,15 @@ def test_refresh_rotates_and_the_old_refresh_token_is_rejected(fake):
     assert again.status_code == 400 and again.json()["error"] == "invalid_grant"
     assert fake.token_calls("max") == 2  # the reuse is counted: a proxy that refreshes twice shows
     assert post(fake, auth="oauth").status_code == 200  # the old access token lives until its expiry
-    assert post(fake, CC_BODY, auth=None, headers={"authorization": f"Bearer {new['access_token']}",
-                                          "anthropic-beta": OAUTH_BETA}).status_code == 200
+    assert (
+        post(
+            fake,
+            CC_BODY,
+            auth=None,
+            headers={"authorization": f"Bearer {new['access_token']}", "anthropic-beta": OAUTH_BETA},
+        ).status_code
+        == 200
+    )
     assert token(fake, grant_type="refresh_token", refresh_token=new["refresh_token"]).status_code == 200
     assert token(fake, grant_type="refresh_token", refresh_token="rt-1", client_id="other").status_code == 401
     fake.token_fault = "500"
@@ -161,10 +209,18 @@ def test_authorization_code_with_pkce_and_console_key(fake):
     verifier = "v" * 43
     fake.add_auth_code("code-1", account="new", state="st", code_challenge=pkce_challenge(verifier))
     fake.add_auth_code("code-2", account="new", state="st", code_challenge=pkce_challenge(verifier))
-    assert token(fake, grant_type="authorization_code", code="code-2", state="st",
-                 code_verifier="wrong").json()["error"] == "invalid_grant"
-    good = token(fake, grant_type="authorization_code", code="code-1", state="st", code_verifier=verifier,
-                 redirect_uri="https://platform.claude.com/oauth/code/callback")
+    assert (
+        token(fake, grant_type="authorization_code", code="code-2", state="st", code_verifier="wrong").json()["error"]
+        == "invalid_grant"
+    )
+    good = token(
+        fake,
+        grant_type="authorization_code",
+        code="code-1",
+        state="st",
+        code_verifier=verifier,
+        redirect_uri="https://platform.claude.com/oauth/code/callback",
+    )
     assert good.status_code == 200 and good.json()["scope"] == "user:inference user:profile"
     reused = token(fake, grant_type="authorization_code", code="code-1", state="st", code_verifier=verifier)
     assert reused.status_code == 400 and reused.json()["error"] == "invalid_grant"
@@ -180,13 +236,25 @@ def test_authorization_code_with_pkce_and_console_key(fake):
 def test_usage_endpoint_follows_the_contract_and_its_hourly_budget(fake):
     tokens = fake.add_oauth(account="m")
     fake.usage_budget = 3
-    fake.set_usage("m", {"seven_day_opus": {"utilization": 81.5, "resets_at": "2026-12-01T10:00:00+00:00"},
-                         "extra_usage": {"is_enabled": True, "utilization": 12.0}})
+    fake.set_usage(
+        "m",
+        {
+            "seven_day_opus": {"utilization": 81.5, "resets_at": "2026-12-01T10:00:00+00:00"},
+            "extra_usage": {"is_enabled": True, "utilization": 12.0},
+        },
+    )
     headers = {"authorization": f"Bearer {tokens['access_token']}", "anthropic-beta": OAUTH_BETA}
     replies = [requests.get(fake.url + "/api/oauth/usage", headers=headers, timeout=5) for _ in range(4)]
     assert [r.status_code for r in replies] == [200, 200, 200, 429]
     body = replies[0].json()
-    assert set(body) == {"five_hour", "seven_day", "seven_day_oauth_apps", "seven_day_opus", "seven_day_sonnet", "extra_usage"}
+    assert set(body) == {
+        "five_hour",
+        "seven_day",
+        "seven_day_oauth_apps",
+        "seven_day_opus",
+        "seven_day_sonnet",
+        "extra_usage",
+    }
     assert body["five_hour"]["utilization"] == 10.0  # a percentage, unlike the headers' fraction
     assert datetime.fromisoformat(body["seven_day"]["resets_at"]).timestamp() > time.time()
     assert body["seven_day_opus"]["utilization"] == 81.5 and body["seven_day_sonnet"] is None
@@ -249,11 +317,13 @@ def test_stream_faults(fake):
     in_stream = post(fake, body, headers={"x-fake-fault": "in-stream-error"})
     events = parse_sse(in_stream.content)
     assert in_stream.status_code == 200 and events[-1] == (
-        "error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+        "error",
+        {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+    )
     with pytest.raises(requests.exceptions.ChunkedEncodingError):
-        post(fake, body, headers={"x-fake-fault": "reset-mid-stream"}).content
+        _ = post(fake, body, headers={"x-fake-fault": "reset-mid-stream"}).content
     with pytest.raises(requests.exceptions.ChunkedEncodingError):
-        post(fake, headers={"x-fake-fault": "bad-content-length"}).content
+        _ = post(fake, headers={"x-fake-fault": "bad-content-length"}).content
     assert b"this line is garbage" in post(fake, body, headers={"x-fake-fault": "malformed-sse"}).content
     with pytest.raises(requests.exceptions.ConnectionError):
         post(fake, body, headers={"x-fake-fault": "stall"}, stream=False, timeout=0.5)
@@ -277,11 +347,15 @@ def test_count_tokens_models_head_and_not_found(fake):
 def test_many_concurrent_slow_streams(fake):
     async def run():
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
             async def one():
-                async with session.post(fake.url + "/v1/messages", json={**BODY, "stream": True},
-                                        headers={"x-api-key": KEY, "x-fake-tokens": "10",
-                                                 "x-fake-delay-ms": "30"}) as reply:
+                async with session.post(
+                    fake.url + "/v1/messages",
+                    json={**BODY, "stream": True},
+                    headers={"x-api-key": KEY, "x-fake-tokens": "10", "x-fake-delay-ms": "30"},
+                ) as reply:
                     return (await reply.read()).count(b"event: content_block_delta")
+
             return await asyncio.gather(*(one() for _ in range(500)))
 
     start = time.monotonic()
@@ -297,25 +371,35 @@ def test_standalone_process_and_http_control(tmp_path):
     config.write_text(json.dumps({"api_keys": {"sk-from-config": "cfg"}}))
     port_file = tmp_path / "port"
     script = Path(__file__).with_name("fake_anthropic.py")
-    proc = subprocess.Popen([sys.executable, str(script), "--port", "0", "--port-file", str(port_file),
-                             "--config", str(config)], stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "--port", "0", "--port-file", str(port_file), "--config", str(config)],
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 10
         while not port_file.exists():
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
         url = f"http://127.0.0.1:{int(port_file.read_text())}"
-        assert requests.post(url + "/v1/messages", json=BODY, headers={"x-api-key": "sk-from-config"},
-                             timeout=5).status_code == 200
+        assert (
+            requests.post(
+                url + "/v1/messages", json=BODY, headers={"x-api-key": "sk-from-config"}, timeout=5
+            ).status_code
+            == 200
+        )
         assert requests.post(url + "/_fake/api_keys", json={"key": "sk-2", "account": "two"}, timeout=5).ok
-        assert requests.post(url + "/_fake/limits", json={"account": "two", "requests": 1, "window_s": 60},
-                             timeout=5).ok
-        statuses = [requests.post(url + "/v1/messages", json=BODY, headers={"x-api-key": "sk-2"}, timeout=5).status_code
-                    for _ in range(2)]
+        assert requests.post(
+            url + "/_fake/limits", json={"account": "two", "requests": 1, "window_s": 60}, timeout=5
+        ).ok
+        statuses = [
+            requests.post(url + "/v1/messages", json=BODY, headers={"x-api-key": "sk-2"}, timeout=5).status_code
+            for _ in range(2)
+        ]
         assert statuses == [200, 429]
         seen = requests.get(url + "/_fake/requests", params={"body": "1"}, timeout=5).json()
         assert [r["account"] for r in seen] == ["cfg", "two", "two"] and json.loads(
-            __import__("base64").b64decode(seen[0]["body_b64"])) == BODY
+            __import__("base64").b64decode(seen[0]["body_b64"])
+        ) == BODY
         assert requests.get(url + "/_fake/stats", timeout=5).json()["by_status"] == {"200": 2, "429": 1}
         assert requests.post(url + "/_fake/reset", timeout=5).ok
         assert requests.get(url + "/_fake/requests", timeout=5).json() == []
@@ -342,8 +426,9 @@ def test_subscriptions_serve_only_claude_code_except_haiku(fake):
     assert post(fake, BODY, auth="key").status_code == 200  # API keys serve anything
 
 
-@pytest.mark.parametrize("how, status, kind", [("organization", 400, "invalid_request_error"),
-                                               ("oauth", 403, "permission_error")])
+@pytest.mark.parametrize(
+    "how, status, kind", [("organization", 400, "invalid_request_error"), ("oauth", 403, "permission_error")]
+)
 def test_disabled_accounts_are_refused(fake, how, status, kind):
     fake.disable("max", how)
     reply = post(fake, auth="oauth")

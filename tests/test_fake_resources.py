@@ -3,6 +3,7 @@
 import time
 
 import requests
+
 from harness import key_for
 
 FILES_BETA = "files-api-2025-04-14"
@@ -18,8 +19,12 @@ def accounts(fake, *names):
 
 
 def upload(fake, name, filename="a.txt", data=b"hello", **extra):
-    r = requests.post(f"{fake.url}/v1/files", headers=headers(name, **extra),
-                      files={"file": (filename, data, "text/plain")}, timeout=10)
+    r = requests.post(
+        f"{fake.url}/v1/files",
+        headers=headers(name, **extra),
+        files={"file": (filename, data, "text/plain")},
+        timeout=10,
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -28,13 +33,20 @@ def test_files_belong_to_their_account(fake):
     accounts(fake, "a", "b")
     meta = upload(fake, "a", data=b"x" * 7)
     assert meta["id"].startswith("file_") and meta["type"] == "file"
-    assert (meta["filename"], meta["mime_type"], meta["size_bytes"], meta["downloadable"]) == ("a.txt", "text/plain", 7, False)
+    assert (meta["filename"], meta["mime_type"], meta["size_bytes"], meta["downloadable"]) == (
+        "a.txt",
+        "text/plain",
+        7,
+        False,
+    )
     url = f"{fake.url}/v1/files/{meta['id']}"
     assert requests.get(url, headers=headers("a"), timeout=10).json() == meta
     other = requests.get(url, headers=headers("b"), timeout=10)
     assert other.status_code == 404 and other.json()["error"]["type"] == "not_found_error"
     assert requests.delete(url, headers=headers("b"), timeout=10).status_code == 404
-    assert requests.get(url + "/content", headers=headers("a"), timeout=10).status_code == 400  # uploads aren't downloadable
+    assert (
+        requests.get(url + "/content", headers=headers("a"), timeout=10).status_code == 400
+    )  # uploads aren't downloadable
     assert requests.delete(url, headers=headers("a"), timeout=10).json() == {"id": meta["id"], "type": "file_deleted"}
     assert requests.get(url, headers=headers("a"), timeout=10).status_code == 404
 
@@ -62,8 +74,19 @@ def test_file_list_is_per_account_newest_first_and_paged(fake):
 def test_message_naming_another_accounts_file_is_404(fake):
     accounts(fake, "a", "b")
     file_id = upload(fake, "a")["id"]
-    body = {"model": "claude-sonnet-4-6", "max_tokens": 10, "messages": [{"role": "user", "content": [
-        {"type": "document", "source": {"type": "file", "file_id": file_id}}, {"type": "text", "text": "Sum up"}]}]}
+    body = {
+        "model": "claude-sonnet-4-6",
+        "max_tokens": 10,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "document", "source": {"type": "file", "file_id": file_id}},
+                    {"type": "text", "text": "Sum up"},
+                ],
+            }
+        ],
+    }
     assert requests.post(f"{fake.url}/v1/messages", headers=headers("a"), json=body, timeout=10).status_code == 200
     refused = requests.post(f"{fake.url}/v1/messages", headers=headers("b"), json=body, timeout=10)
     assert refused.status_code == 404 and file_id in refused.json()["error"]["message"]
@@ -73,7 +96,11 @@ def test_batches_lifecycle_and_ownership(fake):
     accounts(fake, "a", "b")
     fake.resources.batch_seconds = 0.2
     base = f"{fake.url}/v1/messages/batches"
-    body = {"requests": [{"custom_id": f"r{i}", "params": {"model": "m", "max_tokens": 5, "messages": []}} for i in range(3)]}
+    body = {
+        "requests": [
+            {"custom_id": f"r{i}", "params": {"model": "m", "max_tokens": 5, "messages": []}} for i in range(3)
+        ]
+    }
     batch = requests.post(base, headers=headers("a"), json=body, timeout=10).json()
     assert batch["id"].startswith("msgbatch_") and batch["type"] == "message_batch"
     assert batch["processing_status"] == "in_progress" and batch["results_url"] is None
@@ -89,7 +116,10 @@ def test_batches_lifecycle_and_ownership(fake):
     assert ended["processing_status"] == "ended" and ended["request_counts"]["succeeded"] == 3
     lines = requests.get(f"{base}/{batch['id']}/results", headers=headers("a"), timeout=10).text.splitlines()
     assert sorted(line.split('"')[3] for line in lines) == ["r0", "r1", "r2"]
-    assert requests.delete(f"{base}/{batch['id']}", headers=headers("a"), timeout=10).json()["type"] == "message_batch_deleted"
+    assert (
+        requests.delete(f"{base}/{batch['id']}", headers=headers("a"), timeout=10).json()["type"]
+        == "message_batch_deleted"
+    )
 
 
 def test_cancel_ends_the_batch_canceled(fake):
@@ -98,6 +128,12 @@ def test_cancel_ends_the_batch_canceled(fake):
     base = f"{fake.url}/v1/messages/batches"
     body = {"requests": [{"custom_id": "r", "params": {"model": "m", "max_tokens": 5, "messages": []}}]}
     batch = requests.post(base, headers=headers("a"), json=body, timeout=10).json()
-    assert requests.post(f"{base}/{batch['id']}/cancel", headers=headers("a"), timeout=10).json()["processing_status"] == "canceling"
+    assert (
+        requests.post(f"{base}/{batch['id']}/cancel", headers=headers("a"), timeout=10).json()["processing_status"]
+        == "canceling"
+    )
     time.sleep(0.3)
-    assert requests.get(f"{base}/{batch['id']}", headers=headers("a"), timeout=10).json()["request_counts"]["canceled"] == 1
+    assert (
+        requests.get(f"{base}/{batch['id']}", headers=headers("a"), timeout=10).json()["request_counts"]["canceled"]
+        == 1
+    )

@@ -14,9 +14,10 @@ from contextlib import contextmanager
 
 import pytest
 import requests
+from test_failover_e2e import assert_nothing_in_flight
+
 from fake_anthropic import FakeAnthropic
 from harness import api_key_accounts, db_rows, free_port, key_for, wait_until
-from test_failover_e2e import assert_nothing_in_flight
 
 MODEL = "claude-sonnet-4-6"
 FAST_RETRY = ("--set", "claudeflare_retry_delay_ms=50", "--set", "claudeflare_retry_backoff=2")
@@ -71,7 +72,9 @@ def test_refused_connections_get_anthropic_errors_until_the_upstream_is_back(fak
     # The first refusal is mitmproxy's own reply (its connection attempt failed); later ones come
     # from the retrying client: both in Anthropic's shape, not an HTML page.
     for _ in range(2):
-        assert_anthropic_error(requests.post(f"{proxy.url}/v1/messages", json=body(False), timeout=10), 502, "api_error")
+        assert_anthropic_error(
+            requests.post(f"{proxy.url}/v1/messages", json=body(False), timeout=10), 502, "api_error"
+        )
     with FakeAnthropic(port=port) as revived:
         revived.add_api_key(key_for("a"), account="a")
         reply = requests.post(f"{proxy.url}/v1/messages", json=body(True), timeout=10)
@@ -99,8 +102,13 @@ def test_upstream_faults_end_cleanly_and_are_logged(fake, home, start_proxy, fau
     proxy = start_proxy(home, "--set", "tcp_timeout=3")
     with other_traffic(proxy) as statuses:
         started = time.monotonic()
-        reply = requests.post(f"{proxy.url}/v1/messages", json=body(stream), stream=True, timeout=30,
-                              headers={"x-fake-fault": fault, "x-fake-tokens": "30"})
+        reply = requests.post(
+            f"{proxy.url}/v1/messages",
+            json=body(stream),
+            stream=True,
+            timeout=30,
+            headers={"x-fake-fault": fault, "x-fake-tokens": "30"},
+        )
         received, how = read_all(reply)
         took = time.monotonic() - started
         time.sleep(0.3)  # other flows go on after the fault too
@@ -123,8 +131,13 @@ def test_client_leaving_mid_stream_is_logged_and_the_rest_served(fake, home, sta
     api_key_accounts(fake, home, ("a", 1))
     proxy = start_proxy(home)
     with other_traffic(proxy) as statuses:
-        reply = requests.post(f"{proxy.url}/v1/messages", json=body(True), stream=True, timeout=10,
-                              headers={"x-fake-tokens": "100", "x-fake-delay-ms": "20"})
+        reply = requests.post(
+            f"{proxy.url}/v1/messages",
+            json=body(True),
+            stream=True,
+            timeout=10,
+            headers={"x-fake-tokens": "100", "x-fake-delay-ms": "20"},
+        )
         next(reply.iter_content(chunk_size=None))
         reply.close()
         time.sleep(0.5)
@@ -151,8 +164,9 @@ def test_database_locked_by_another_process_for_10s(fake, home, start_proxy):
     session = requests.Session()
     assert session.post(f"{proxy.url}/v1/messages", json=body(False), timeout=10).status_code == 200
     assert len(db_rows(home, expect=1)) == 1
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(home / "claudeflare.db"), "10"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(home / "claudeflare.db"), "10"], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline() == "locked\n"
         locked_at = time.monotonic()
@@ -228,7 +242,7 @@ def test_corrupted_accounts_file_while_serving(fake, home, start_proxy):
     rows = db_rows(home, expect=len(statuses))
     assert len(rows) == len(statuses)
     assert {r["account"] for r in rows[:served]} == {"a", "b"}
-    assert {r["account"] for r in rows[fixed + 2:]} == {"b"}
+    assert {r["account"] for r in rows[fixed + 2 :]} == {"b"}
     assert "line" in proxy.output().split("keeping the last good accounts", 1)[1].splitlines()[0]
 
 
@@ -242,7 +256,9 @@ def test_started_on_a_broken_accounts_file_it_says_so_until_fixed(fake, home, st
     assert_anthropic_error(reply, 503, "api_error")
     assert "accounts.toml" in reply.json()["error"]["message"] and "line" in reply.json()["error"]["message"]
     accounts.write_text(good)
-    assert wait_until(lambda: requests.post(f"{proxy.url}/v1/messages", json=body(False), timeout=10).status_code == 200)
+    assert wait_until(
+        lambda: requests.post(f"{proxy.url}/v1/messages", json=body(False), timeout=10).status_code == 200
+    )
     assert proxy.proc.poll() is None
 
 
@@ -256,15 +272,18 @@ def test_started_on_a_non_utf8_accounts_file_its_503_names_the_file_and_line(fak
     assert_anthropic_error(reply, 503, "api_error")
     assert f"{accounts} line {good.count(b'\n') + 1}: not UTF-8" in reply.json()["error"]["message"]
     accounts.write_bytes(good)
-    assert wait_until(lambda: requests.post(f"{proxy.url}/v1/messages", json=body(False), timeout=10).status_code == 200)
+    assert wait_until(
+        lambda: requests.post(f"{proxy.url}/v1/messages", json=body(False), timeout=10).status_code == 200
+    )
 
 
 def test_a_retried_reply_over_the_body_cap_is_refused_like_mitmproxy_would(fake, home, start_proxy):
     api_key_accounts(fake, home, ("a", 1), ("b", 1))
     proxy = start_proxy(home, "--set", "claudeflare_max_body_mb=1", "--set", "claudeflare_strategy=round-robin")
     fake.set_fault("*", "status:429-windowless", 1)  # the first attempt fails over: the retry is fetched by our client
-    reply = requests.post(f"{proxy.url}/v1/messages", json=body(True), timeout=30,
-                          headers={"x-fake-tokens": "100000"})  # about 10 MB of events
+    reply = requests.post(
+        f"{proxy.url}/v1/messages", json=body(True), timeout=30, headers={"x-fake-tokens": "100000"}
+    )  # about 10 MB of events
     assert_anthropic_error(reply, 502, "api_error")
     assert "claudeflare_max_body_mb" in reply.json()["error"]["message"]
     (row,) = db_rows(home, expect=1)

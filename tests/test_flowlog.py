@@ -20,17 +20,52 @@ def rows(path):
 def test_schema_by_migrations_in_wal_mode(tmp_path):
     db = open_db(tmp_path / "log.db")
     assert db.journal_mode == "wal"
-    assert [m.name for m in migrations.applied(db)] == ["m001_requests", "m002_account_status", "m003_control", "m004_failovers",
-                                                    "m005_views", "m006_account_kind", "m007_usage_columns", "m008_resources",
-                                                    "m009_request_facts", "m010_client_limits", "m011_provider"]
+    assert [m.name for m in migrations.applied(db)] == [
+        "m001_requests",
+        "m002_account_status",
+        "m003_control",
+        "m004_failovers",
+        "m005_views",
+        "m006_account_kind",
+        "m007_usage_columns",
+        "m008_resources",
+        "m009_request_facts",
+        "m010_client_limits",
+        "m011_provider",
+    ]
     assert "provider" in db["account_status"].columns_dict
-    assert {"utilization_7d_opus", "reset_7d_opus", "utilization_7d_sonnet", "reset_7d_sonnet", "utilization_extra",
-            "usage_read_at"} <= set(db["account_status"].columns_dict)
+    assert {
+        "utilization_7d_opus",
+        "reset_7d_opus",
+        "utilization_7d_sonnet",
+        "reset_7d_sonnet",
+        "utilization_extra",
+        "usage_read_at",
+    } <= set(db["account_status"].columns_dict)
     columns = set(db["requests"].columns_dict)
     assert {
-        "id", "started_at", "account", "strategy", "session", "method", "path", "model", "stream", "status", "error",
-        "ttfb_ms", "duration_ms", "input_tokens", "output_tokens", "cache_read_input_tokens",
-        "cache_creation_input_tokens", "cost_usd", "attempts", "client", "account_kind", "provider",
+        "id",
+        "started_at",
+        "account",
+        "strategy",
+        "session",
+        "method",
+        "path",
+        "model",
+        "stream",
+        "status",
+        "error",
+        "ttfb_ms",
+        "duration_ms",
+        "input_tokens",
+        "output_tokens",
+        "cache_read_input_tokens",
+        "cache_creation_input_tokens",
+        "cost_usd",
+        "attempts",
+        "client",
+        "account_kind",
+        "provider",
     } <= columns
     db.close()
     assert migrations.pending(open_db(tmp_path / "log.db")) == []  # reopening applies nothing twice
@@ -82,12 +117,14 @@ def test_requests_per_account(tmp_path):
     path = tmp_path / "log.db"
     assert requests_per_account(path, "2026-01-01") == {}
     db = open_db(path)
-    db["requests"].insert_all([
-        {"id": "1", "started_at": "2026-01-02T10:00:00.000Z", "account": "a"},
-        {"id": "2", "started_at": "2026-01-02T11:00:00.000Z", "account": "a"},
-        {"id": "3", "started_at": "2026-01-01T23:00:00.000Z", "account": "a"},
-        {"id": "4", "started_at": "2026-01-02T11:00:00.000Z", "account": None},
-    ])
+    db["requests"].insert_all(
+        [
+            {"id": "1", "started_at": "2026-01-02T10:00:00.000Z", "account": "a"},
+            {"id": "2", "started_at": "2026-01-02T11:00:00.000Z", "account": "a"},
+            {"id": "3", "started_at": "2026-01-01T23:00:00.000Z", "account": "a"},
+            {"id": "4", "started_at": "2026-01-02T11:00:00.000Z", "account": None},
+        ]
+    )
     db.close()
     assert requests_per_account(path, "2026-01-02T00:00:00") == {"a": 2}
 
@@ -132,9 +169,18 @@ def test_chores_survive_a_bad_status_row(tmp_path):
 def test_storable_repairs_what_clients_send():
     from claudeflare.storable import storable
 
-    row = storable({"model": "<img src=x onerror=alert(1)>\x00\n" + "m" * 500, "path": "/v1/\udcff\udcfe",
-                    "session": "\ud800", "input_tokens": -(10**30), "ttfb_ms": float("nan"), "stream": True,
-                    "error": "e" * 10_000, "failovers": [{"account": "a", "status": 429}]})
+    row = storable(
+        {
+            "model": "<img src=x onerror=alert(1)>\x00\n" + "m" * 500,
+            "path": "/v1/\udcff\udcfe",
+            "session": "\ud800",
+            "input_tokens": -(10**30),
+            "ttfb_ms": float("nan"),
+            "stream": True,
+            "error": "e" * 10_000,
+            "failovers": [{"account": "a", "status": 429}],
+        }
+    )
     assert row["model"].startswith("<img src=x onerror=alert(1)>??") and len(row["model"]) == 100
     assert row["path"] == "/v1/??" and row["session"] == "?"
     assert row["input_tokens"] == -(2**63) and row["ttfb_ms"] is None and row["stream"] == 1

@@ -16,12 +16,14 @@ MAX = Account("max", "max", 5)
 
 def client_headers(**extra) -> http.Headers:
     """What a hostile client may send: its own credentials, twice and in any case."""
-    headers = http.Headers([
-        (b"Authorization", b"Bearer sk-ant-oat01-client"),
-        (b"authorization", b"Bearer second"),
-        (b"X-Api-Key", b"sk-ant-api03-client"),
-        (b"content-type", b"application/json"),
-    ])
+    headers = http.Headers(
+        [
+            (b"Authorization", b"Bearer sk-ant-oat01-client"),
+            (b"authorization", b"Bearer second"),
+            (b"X-Api-Key", b"sk-ant-api03-client"),
+            (b"content-type", b"application/json"),
+        ]
+    )
     headers.update(extra)
     return headers
 
@@ -46,7 +48,10 @@ def test_an_oauth_account_sends_only_its_token_with_the_oauth_beta():
 
 def test_the_oauth_beta_is_merged_once_into_the_clients_flags():
     for sent, merged in [
-        ("claude-code-20250219, interleaved-thinking-2025-05-14", f"claude-code-20250219,interleaved-thinking-2025-05-14,{OAUTH_BETA}"),
+        (
+            "claude-code-20250219, interleaved-thinking-2025-05-14",
+            f"claude-code-20250219,interleaved-thinking-2025-05-14,{OAUTH_BETA}",
+        ),
         (f"{OAUTH_BETA},claude-code-20250219", f"{OAUTH_BETA},claude-code-20250219"),
         (" , ", OAUTH_BETA),
     ]:

@@ -16,9 +16,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 from click.testing import CliRunner
-from harness import api_key_accounts, db_rows, free_port
 
 from claudeflare.cli import cli
+
+from harness import api_key_accounts, db_rows, free_port
 
 IP = "/usr/sbin/ip"
 MODEL = "claude-sonnet-4-6"
@@ -36,13 +37,15 @@ class LanClient:
         self.ip = f"10.231.{net // 256}.{net % 256 + 2}"
 
     def __enter__(self) -> "LanClient":
-        for cmd in (["netns", "add", self.ns],
-                    ["link", "add", self.veth, "type", "veth", "peer", "name", self.veth + "n", "netns", self.ns],
-                    ["addr", "add", f"{self.host_ip}/30", "dev", self.veth],
-                    ["link", "set", self.veth, "up"],
-                    ["-n", self.ns, "addr", "add", f"{self.ip}/30", "dev", self.veth + "n"],
-                    ["-n", self.ns, "link", "set", self.veth + "n", "up"],
-                    ["-n", self.ns, "link", "set", "lo", "up"]):
+        for cmd in (
+            ["netns", "add", self.ns],
+            ["link", "add", self.veth, "type", "veth", "peer", "name", self.veth + "n", "netns", self.ns],
+            ["addr", "add", f"{self.host_ip}/30", "dev", self.veth],
+            ["link", "set", self.veth, "up"],
+            ["-n", self.ns, "addr", "add", f"{self.ip}/30", "dev", self.veth + "n"],
+            ["-n", self.ns, "link", "set", self.veth + "n", "up"],
+            ["-n", self.ns, "link", "set", "lo", "up"],
+        ):
             subprocess.run([IP, *cmd], check=True, capture_output=True, timeout=10)
         return self
 
@@ -84,7 +87,7 @@ def send(lan: LanClient, port: int, *requests: tuple[str, str]) -> list[tuple[in
     replies = []
     for line in out.splitlines():
         raw = json.loads(line)
-        last = raw[raw.rfind("HTTP/1.1 "):] if "HTTP/1.1 " in raw else ""
+        last = raw[raw.rfind("HTTP/1.1 ") :] if "HTTP/1.1 " in raw else ""
         head, _, body = last.partition("\r\n\r\n")
         try:
             body = json.loads(body)
@@ -149,7 +152,8 @@ def start_on(start_proxy, home, lan, *extra, hosts=("127.0.0.1",)):
 
 def post(target: str, host: str, *headers: str) -> tuple[str, str]:
     return f"POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n" + "".join(
-        h + "\r\n" for h in headers), BODY
+        h + "\r\n" for h in headers
+    ), BODY
 
 
 def get(target: str, host: str, *headers: str) -> tuple[str, str]:
@@ -169,12 +173,15 @@ def test_keyless_lan_client_is_refused_whatever_a_relay_would_make_of_it(fake, h
     api_key_accounts(fake, home, ("a", 1))
     proxy = start_proxy(home, "--listen-host", "0.0.0.0")
     port = proxy.port
-    replies = send(lan, port,
-                   post(f"http://127.0.0.2:{port}/v1/messages", f"127.0.0.1:{port}"),
-                   post(f"http://127.0.0.2:{port}/v1/messages", f"127.0.0.2:{port}"),
-                   post("/v1/messages", f"127.0.0.2:{port}"),
-                   post("/v1/messages", f"{lan.host_ip}:{port}"),
-                   get("/", f"{lan.host_ip}:{port}"))
+    replies = send(
+        lan,
+        port,
+        post(f"http://127.0.0.2:{port}/v1/messages", f"127.0.0.1:{port}"),
+        post(f"http://127.0.0.2:{port}/v1/messages", f"127.0.0.2:{port}"),
+        post("/v1/messages", f"127.0.0.2:{port}"),
+        post("/v1/messages", f"{lan.host_ip}:{port}"),
+        get("/", f"{lan.host_ip}:{port}"),
+    )
     assert all(refused(r) for r in replies), replies
     assert fake.requests == []
     proxy.stop()
@@ -188,20 +195,26 @@ def test_lan_client_reaches_no_loopback_service_even_with_a_client_key(fake, hom
     proxy = start_on(start_proxy, home, lan)
     port, service = proxy.port, f"127.0.0.1:{loopback_service.port}"
     with_key = f"x-api-key: {key}"
-    replies = send(lan, port,
-                   get(f"http://{service}/admin", service, with_key),
-                   get("/admin", service, with_key),
-                   get("/admin", service),
-                   (f"CONNECT {service} HTTP/1.1\r\nHost: {service}\r\n", ""),
-                   post("/v1/messages", f"{lan.host_ip}:{port}"),
-                   post("/v1/messages", f"{lan.host_ip}:{port}", with_key))
+    replies = send(
+        lan,
+        port,
+        get(f"http://{service}/admin", service, with_key),
+        get("/admin", service, with_key),
+        get("/admin", service),
+        (f"CONNECT {service} HTTP/1.1\r\nHost: {service}\r\n", ""),
+        post("/v1/messages", f"{lan.host_ip}:{port}"),
+        post("/v1/messages", f"{lan.host_ip}:{port}", with_key),
+    )
     assert all(refused(r) for r in replies[:2] + replies[3:4]), replies
     assert refused(replies[2], 401, "authentication_error") and refused(replies[4], 401, "authentication_error")
     assert replies[5][0] == 200 and replies[5][1]["type"] == "message"  # the pool itself serves the key's holder
     # A tunnel to the upstream is the pool's: each request inside it needs the key too.
     upstream = fake.url.removeprefix("http://")
     tunnel = f"CONNECT {upstream} HTTP/1.1\r\nHost: {upstream}\r\n\r\n"
-    inner = [(tunnel + head, body) for head, body in (post("/v1/messages", upstream), post("/v1/messages", upstream, with_key))]
+    inner = [
+        (tunnel + head, body)
+        for head, body in (post("/v1/messages", upstream), post("/v1/messages", upstream, with_key))
+    ]
     unkeyed, keyed = send(lan, port, *inner)
     assert refused(unkeyed, 401, "authentication_error") and keyed[0] == 200, (unkeyed, keyed)
     assert loopback_service.hits == []
@@ -259,7 +272,15 @@ def as_reply(response: httpx.Response) -> tuple[int, dict]:
 
 
 # Spellings of this machine's loopback address that are not "127.0.0.1" or "localhost", and its name.
-SELF_SPELLINGS = ["LOCALHOST", "127.1", "0x7f000001", "2130706433", "[::ffff:127.0.0.1]", "0.0.0.0", socket.gethostname()]
+SELF_SPELLINGS = [
+    "LOCALHOST",
+    "127.1",
+    "0x7f000001",
+    "2130706433",
+    "[::ffff:127.0.0.1]",
+    "0.0.0.0",
+    socket.gethostname(),
+]
 
 
 def loopback_exchange(port: int, head: bytes, timeout: float = 5) -> bytes:
@@ -282,7 +303,9 @@ def test_requests_for_the_proxy_itself_in_any_spelling_are_served_not_relayed(fa
     for spelling in SELF_SPELLINGS:
         authority = f"{spelling}:{proxy.port}"
         for target in (f"http://{authority}/v1/models", "/v1/models"):  # absolute-form, and Host header only
-            reply = loopback_exchange(proxy.port, f"GET {target} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n".encode())
+            reply = loopback_exchange(
+                proxy.port, f"GET {target} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n".encode()
+            )
             assert reply.startswith(b"HTTP/1.1 200"), (target, authority, reply[:200])
     assert [r["path"] for r in fake.requests] == ["/v1/models"] * 2 * len(SELF_SPELLINGS)
     assert {r["account"] for r in fake.requests} == {"a"}
@@ -294,8 +317,13 @@ def test_a_tunnel_or_relay_to_the_proxy_itself_is_refused(fake, home, start_prox
     proxy = start_proxy(home, "--set", "claudeflare_relay=true")
     for spelling in SELF_SPELLINGS:
         authority = f"{spelling}:{proxy.port}"
-        reply = loopback_exchange(proxy.port, f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode(), timeout=3)
-        assert reply.startswith(b"HTTP/1.1 403") and b"does not relay requests to itself" in reply, (authority, reply[:200])
+        reply = loopback_exchange(
+            proxy.port, f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode(), timeout=3
+        )
+        assert reply.startswith(b"HTTP/1.1 403") and b"does not relay requests to itself" in reply, (
+            authority,
+            reply[:200],
+        )
     assert fake.requests == []
 
 
@@ -321,8 +349,25 @@ def test_http2_clients_get_anthropic_errors_too(fake, home, start_proxy):
     clients as its HTML page. (Lazy connections, so TLS with the client completes first.)"""
     api_key_accounts(fake, home, ("a", 1))
     proxy = start_proxy(home, "--set", "connection_strategy=lazy", "--mode", f"reverse:https://127.0.0.1:{free_port()}")
-    done = subprocess.run(["curl", "-sk", "--http2", "-m", "10", "-D", "-", "-d", BODY, "-H", "content-type: application/json",
-                           f"https://127.0.0.1:{proxy.port}/v1/messages"], capture_output=True, timeout=20, text=True)
+    done = subprocess.run(
+        [
+            "curl",
+            "-sk",
+            "--http2",
+            "-m",
+            "10",
+            "-D",
+            "-",
+            "-d",
+            BODY,
+            "-H",
+            "content-type: application/json",
+            f"https://127.0.0.1:{proxy.port}/v1/messages",
+        ],
+        capture_output=True,
+        timeout=20,
+        text=True,
+    )
     head, _, body = done.stdout.partition("\n\n")  # text mode: \r\n read as \n
     assert head.startswith("HTTP/2 502"), done.stdout
     assert "content-type: application/json" in head.lower().splitlines()

@@ -13,11 +13,12 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from harness import add_account, api_key_accounts, claudeflare_proxy, db_rows, key_for
 
 from claudeflare.accounts import AccountsError, check_name, load_accounts
 from claudeflare.cli import cli
 from claudeflare.credentials import Credential, CredentialStore
+
+from harness import add_account, api_key_accounts, claudeflare_proxy, db_rows, key_for
 
 BAD_NAMES = ["a\n", "a\r\nX-Injected: 1", "../../etc/passwd", "a/b", "", ".hidden", "a b", "café", "a" * 65]
 MODEL = "claude-sonnet-4-6"
@@ -51,14 +52,27 @@ def test_malformed_credentials_are_never_sent(fake, home, start_proxy):
     api_key_accounts(fake, home, ("good", 1))
     add_account(home, "from-env", "api-key", 1)
     accounts = home / "accounts.toml"
-    accounts.write_text(accounts.read_text().replace('name = "from-env"', 'name = "from-env"\napi_key_env = "EVIL_KEY"'))
-    add_account(home, "edited", "max", 5, access_token="sk-ant-oat01-ok\r\nX-Injected: 1", refresh_token="sk-ant-ort01-" + "r" * 30)
-    proxy = start_proxy(home, "--set", "claudeflare_strategy=round-robin",
-                        env={"EVIL_KEY": key_for("good") + "\r\nX-Injected: 1"})
+    accounts.write_text(
+        accounts.read_text().replace('name = "from-env"', 'name = "from-env"\napi_key_env = "EVIL_KEY"')
+    )
+    add_account(
+        home,
+        "edited",
+        "max",
+        5,
+        access_token="sk-ant-oat01-ok\r\nX-Injected: 1",
+        refresh_token="sk-ant-ort01-" + "r" * 30,
+    )
+    proxy = start_proxy(
+        home, "--set", "claudeflare_strategy=round-robin", env={"EVIL_KEY": key_for("good") + "\r\nX-Injected: 1"}
+    )
     body = json.dumps({"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}).encode()
     for _ in range(6):
-        reply = raw_request(proxy.port, b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-                            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        reply = raw_request(
+            proxy.port,
+            b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+        )
         assert reply.startswith(b"HTTP/1.1 200")
     seen = [r for r in fake.requests if r["path"] == "/v1/messages"]
     assert [r["account"] for r in seen] == ["good"] * 6
@@ -73,8 +87,11 @@ def test_junk_client_keys_get_401_and_the_proxy_serves_on(fake, home, start_prox
     CliRunner().invoke(cli, ["--home", str(home), "client-key", "create", "laptop"], catch_exceptions=False)
     proxy = start_proxy(home)
     for key in (b"\xff\xfe\x80junk", b"k" * 60_000, b"cfk-" + b"\x00" * 10, b"Bearer"):
-        reply = raw_request(proxy.port, b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-                            b"x-api-key: " + key + b"\r\nContent-Length: 2\r\n\r\n{}")
+        reply = raw_request(
+            proxy.port,
+            b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            b"x-api-key: " + key + b"\r\nContent-Length: 2\r\n\r\n{}",
+        )
         status, _, rest = reply.partition(b"\r\n")
         assert status.split()[1] in (b"400", b"401", b"431"), status  # refused by us, or by mitmproxy's parser
         payload = json.loads(rest.split(b"\r\n\r\n", 1)[1])
@@ -115,8 +132,10 @@ def test_a_body_claiming_10_gb_is_refused_before_any_of_it_is_sent(fake, home, s
     api_key_accounts(fake, home, ("a", 1))
     proxy = start_proxy(home, "--set", "claudeflare_max_body_mb=1")
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
-        s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: %d\r\n\r\n{\"model\": " % (proxy.port, 10 * 1024**3))
+        s.sendall(
+            b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+            b'Content-Length: %d\r\n\r\n{"model": ' % (proxy.port, 10 * 1024**3)
+        )
         head = s.recv(65536)  # answered with the headers alone: the 10 GB are never awaited
     assert head.startswith(b"HTTP/1.1 413") and b'"request_too_large"' in head
     assert fake.requests == []
@@ -128,7 +147,9 @@ def test_a_chunked_body_is_refused_once_past_the_limit_not_at_its_end(fake, home
     api_key_accounts(fake, home, ("a", 1))
     proxy = start_proxy(home, "--set", "claudeflare_max_body_mb=1")
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
-        s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nTransfer-Encoding: chunked\r\n\r\n" % proxy.port)
+        s.sendall(
+            b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nTransfer-Encoding: chunked\r\n\r\n" % proxy.port
+        )
         chunk = b"x" * 65536
         for _ in range(20):  # 1.25 MiB, and never the final empty chunk
             s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
@@ -142,8 +163,11 @@ def test_one_hostile_request_cannot_silence_the_flow_log(fake, home, start_proxy
     proxy = start_proxy(home)
 
     def post(path: bytes, body: bytes) -> bytes:
-        return raw_request(proxy.port, b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-                           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        return raw_request(
+            proxy.port,
+            b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+        )
 
     def body(model: str) -> bytes:
         return b'{"model": "%s", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}' % model.encode()
@@ -170,14 +194,21 @@ def test_one_hostile_request_cannot_silence_the_flow_log(fake, home, start_proxy
 
 def test_priorities_beyond_sqlite_are_refused(home):
     runner = CliRunner()
-    runner.invoke(cli, ["--home", str(home), "add", "a", "--mode", "api-key"], input=key_for("a") + "\n", catch_exceptions=False)
-    for args in (["set", "a", "--priority", "99999999999999999999"], ["add", "b", "--mode", "api-key", "--priority", "-10000000"]):
+    runner.invoke(
+        cli, ["--home", str(home), "add", "a", "--mode", "api-key"], input=key_for("a") + "\n", catch_exceptions=False
+    )
+    for args in (
+        ["set", "a", "--priority", "99999999999999999999"],
+        ["add", "b", "--mode", "api-key", "--priority", "-10000000"],
+    ):
         result = runner.invoke(cli, ["--home", str(home), *args], input=key_for("b") + "\n")
         assert result.exit_code == 2 and "is not in the range" in result.output
     text = (home / "accounts.toml").read_text()
     assert "priority" not in text
     (home / "accounts.toml").write_text(text + "priority = 99999999999999999999\n")
-    with pytest.raises(AccountsError, match=r"line 1: account 'a': 'priority' must be an integer from -1000000 to 1000000"):
+    with pytest.raises(
+        AccountsError, match=r"line 1: account 'a': 'priority' must be an integer from -1000000 to 1000000"
+    ):
         load_accounts(home)
     result = runner.invoke(cli, ["--home", str(home), "list"])
     assert result.exit_code == 1 and "'priority' must be an integer" in result.output

@@ -24,7 +24,11 @@ json_values = st.recursive(
 
 
 @settings(max_examples=200, deadline=None)
-@given(system=json_values, first=json_values, extra=st.dictionaries(st.sampled_from(["model", "stream", "metadata"]), json_values))
+@given(
+    system=json_values,
+    first=json_values,
+    extra=st.dictionaries(st.sampled_from(["model", "stream", "metadata"]), json_values),
+)
 def test_a_yielding_parse_gives_the_same_key_and_summary(system, first, extra):
     body = json.dumps({"system": system, "messages": [{"role": "user", "content": first}], **extra}).encode()
     assert conversation_key({}, body, yielding=True) == conversation_key({}, body)
@@ -37,10 +41,16 @@ def test_same_key_for_a_claude_code_metadata_session_and_odd_bodies():
         assert conversation_key({}, body, yielding=True) == conversation_key({}, body)
 
 
-@pytest.mark.parametrize("option, value", [
-    ("claudeflare_max_head_kb", 0), ("claudeflare_max_head_kb", 4096), ("claudeflare_head_timeout", 0),
-    ("claudeflare_max_idle_conns", 0), ("claudeflare_max_idle_conns_per_peer", -1),
-])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("claudeflare_max_head_kb", 0),
+        ("claudeflare_max_head_kb", 4096),
+        ("claudeflare_head_timeout", 0),
+        ("claudeflare_max_idle_conns", 0),
+        ("claudeflare_max_idle_conns_per_peer", -1),
+    ],
+)
 def test_bad_limits_are_refused(option, value):
     limits = ConnectionLimits()
     with taddons.context(limits) as tctx:

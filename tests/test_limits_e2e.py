@@ -11,14 +11,17 @@ import time
 import psutil
 import pytest
 from click.testing import CliRunner
-from harness import api_key_accounts, claudeflare_proxy, db_rows, wait_until
 
 from claudeflare.cli import cli
 
+from harness import api_key_accounts, claudeflare_proxy, db_rows, wait_until
+
 MODEL = "claude-sonnet-4-6"
 # Run mitmdump under a lower descriptor limit (soft and hard, so the proxy can't raise it).
-NOFILE = ("import os, resource, sys; soft, hard = map(int, sys.argv[1].split(':')); "
-          "resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)); os.execv(sys.argv[2], sys.argv[2:])")
+NOFILE = (
+    "import os, resource, sys; soft, hard = map(int, sys.argv[1].split(':')); "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)); os.execv(sys.argv[2], sys.argv[2:])"
+)
 
 
 @pytest.fixture
@@ -62,8 +65,10 @@ def error_json(reply: bytes) -> dict:
 
 
 def messages_request(port: int, body: bytes, *headers: bytes) -> bytes:
-    return (b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n%s\r\n%s" % (port, len(body), b"".join(h + b"\r\n" for h in headers), body))
+    return (
+        b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n%s\r\n%s" % (port, len(body), b"".join(h + b"\r\n" for h in headers), body)
+    )
 
 
 def small_body(text: str = "hi") -> bytes:
@@ -107,7 +112,9 @@ def test_a_chunk_size_line_that_never_ends_gets_400_at_the_cap(fake, home, start
     proxy = start_proxy(home)
     before = rss(proxy)
     with connect(proxy.port) as s:
-        s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nTransfer-Encoding: chunked\r\n\r\n" % proxy.port)
+        s.sendall(
+            b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nTransfer-Encoding: chunked\r\n\r\n" % proxy.port
+        )
         try:
             for _ in range(256):  # up to 16 MiB of chunk size
                 s.sendall(b"1" * 65536)
@@ -156,8 +163,10 @@ def test_a_refused_request_is_answered_before_its_body_which_is_never_buffered(f
     proxy = start_proxy(home)
     before = rss(proxy)
     mib = 1024**2
-    head = (b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nx-api-key: wrong\r\nExpect: 100-continue\r\n"
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (proxy.port, 30 * mib))
+    head = (
+        b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nx-api-key: wrong\r\nExpect: 100-continue\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (proxy.port, 30 * mib)
+    )
     conns = [connect(proxy.port) for _ in range(4)]
     try:
         for s in conns:
@@ -187,7 +196,9 @@ def test_a_refused_request_is_answered_before_its_body_which_is_never_buffered(f
 
 def test_half_sent_heads_time_out_and_cannot_exhaust_descriptors(fake, home, limited_proxy):
     api_key_accounts(fake, home, ("a", 1))
-    proxy = limited_proxy(home, 128, "--set", "claudeflare_head_timeout=2", "--set", "claudeflare_max_idle_conns_per_peer=40")
+    proxy = limited_proxy(
+        home, 128, "--set", "claudeflare_head_timeout=2", "--set", "claudeflare_max_idle_conns_per_peer=40"
+    )
     half = b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
     slow = []
     try:
@@ -231,13 +242,22 @@ def test_half_sent_heads_time_out_and_cannot_exhaust_descriptors(fake, home, lim
     assert "Too many open files" not in proxy.output()
 
 
-def test_a_reply_outlasting_the_head_timeout_is_not_cut_and_the_idle_connection_closes_after_it(fake, home, start_proxy):
+def test_a_reply_outlasting_the_head_timeout_is_not_cut_and_the_idle_connection_closes_after_it(
+    fake, home, start_proxy
+):
     api_key_accounts(fake, home, ("a", 1))
     proxy = start_proxy(home, "--set", "claudeflare_head_timeout=1")
     conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
-    body = json.dumps({"model": MODEL, "max_tokens": 30, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    body = json.dumps(
+        {"model": MODEL, "max_tokens": 30, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    )
     for _ in range(2):  # twice on one kept-alive connection: the deadline starts again after each reply
-        conn.request("POST", "/v1/messages", body, {"content-type": "application/json", "x-fake-tokens": "15", "x-fake-delay-ms": "100"})
+        conn.request(
+            "POST",
+            "/v1/messages",
+            body,
+            {"content-type": "application/json", "x-fake-tokens": "15", "x-fake-delay-ms": "100"},
+        )
         reply = conn.getresponse()
         assert reply.status == 200 and b"message_stop" in reply.read()  # 1.5 s of stream, whole
         time.sleep(0.5)
@@ -277,7 +297,9 @@ def big_body(mib: int) -> bytes:
     """A conversation start of `mib` MiB in many small blocks, as a pasted log or a long chat would be."""
     block = {"type": "text", "text": "All work and no play makes Jack a dull boy. " * 2}
     count = mib * 1024**2 // len(json.dumps(block))
-    return json.dumps({"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": [block] * count}]}).encode()
+    return json.dumps(
+        {"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": [block] * count}]}
+    ).encode()
 
 
 def test_big_json_bodies_do_not_stall_the_event_loop(home, start_proxy):

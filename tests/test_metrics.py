@@ -21,7 +21,11 @@ class Stub:
 
 def exposed(metrics: Metrics) -> dict:
     text = generate_latest(metrics.registry).decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
 
 
 def test_options_are_checked():
@@ -39,15 +43,36 @@ def test_labels_from_clients_are_bounded():
 
 
 def test_status_rows_become_gauges_and_rows_counters():
-    row = {"name": "a", "state": "limited", "reason": "429", "requests_in_flight": 2, "limited_until": "2026-11-30T18:00:00.000Z",
-           "utilization_5h": 0.5, "utilization_7d": None, "utilization_extra": 0.25}
+    row = {
+        "name": "a",
+        "state": "limited",
+        "reason": "429",
+        "requests_in_flight": 2,
+        "limited_until": "2026-11-30T18:00:00.000Z",
+        "utilization_5h": 0.5,
+        "utilization_7d": None,
+        "utilization_extra": 0.25,
+    }
     status = Stub([row], backlog=7)
     metrics = Metrics(status, status)
     metrics.gauges.rows = tuple(status.status_rows())
-    metrics.observe({"account": "a", "status": 429, "model": "m", "client": None, "input_tokens": 3, "output_tokens": 0,
-                     "cost_usd": 0.5, "ttfb_ms": 100.0, "duration_ms": 2500.0,
-                     "failovers": json.dumps([{"account": "a", "status": 529, "reason": "overloaded"}] * 2)})
-    metrics.observe({"account": None, "status": None, "failovers": "not json"})  # counted as far as it reads; never raises
+    metrics.observe(
+        {
+            "account": "a",
+            "status": 429,
+            "model": "m",
+            "client": None,
+            "input_tokens": 3,
+            "output_tokens": 0,
+            "cost_usd": 0.5,
+            "ttfb_ms": 100.0,
+            "duration_ms": 2500.0,
+            "failovers": json.dumps([{"account": "a", "status": 529, "reason": "overloaded"}] * 2),
+        }
+    )
+    metrics.observe(
+        {"account": None, "status": None, "failovers": "not json"}
+    )  # counted as far as it reads; never raises
     samples = exposed(metrics)
     assert samples[("claudeflare_account_state", (("account", "a"), ("state", "limited")))] == 1
     assert samples[("claudeflare_requests_in_flight", (("account", "a"),))] == 2
@@ -55,8 +80,18 @@ def test_status_rows_become_gauges_and_rows_counters():
     windows = {dict(k[1])["window"]: v for k, v in samples.items() if k[0] == "claudeflare_account_utilization"}
     assert windows == {"5h": 0.5, "extra": 0.25}  # a window not seen is absent, not 0
     assert samples[("claudeflare_flowlog_backlog", ())] == 7
-    assert samples[("claudeflare_requests_total", (("account", "a"), ("client", ""), ("model", "m"), ("status_class", "4xx")))] == 1
-    assert samples[("claudeflare_requests_total", (("account", ""), ("client", ""), ("model", ""), ("status_class", "none")))] == 1
+    assert (
+        samples[
+            ("claudeflare_requests_total", (("account", "a"), ("client", ""), ("model", "m"), ("status_class", "4xx")))
+        ]
+        == 1
+    )
+    assert (
+        samples[
+            ("claudeflare_requests_total", (("account", ""), ("client", ""), ("model", ""), ("status_class", "none")))
+        ]
+        == 1
+    )
     assert samples[("claudeflare_tokens_total", (("kind", "input"),))] == 3
     assert samples[("claudeflare_failovers_total", (("reason", "overloaded"),))] == 2
     assert samples[("claudeflare_cost_usd_total", ())] == 0.5

@@ -5,10 +5,11 @@ import time
 import pytest
 import requests
 from click.testing import CliRunner
-from harness import api_key_accounts, db_rows, free_port, key_for, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from claudeflare.cli import cli
+
+from harness import api_key_accounts, db_rows, free_port, key_for, wait_until
 
 MODEL = "claude-sonnet-4-6"
 
@@ -21,8 +22,11 @@ def ask(proxy, stream=False):
 def scrape(port) -> dict[tuple[str, frozenset], float]:
     """Every sample of /metrics, parsed by prometheus_client: (name, labels) -> value."""
     text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def sample(samples, name, **labels):
@@ -59,7 +63,9 @@ def test_metrics_count_requests_tokens_failovers_and_show_account_gauges(fake, h
     assert cost > 0 and sample(samples, "claudeflare_cost_usd_total") == pytest.approx(cost)
     assert sample(samples, "claudeflare_ttfb_seconds_count") == 4
     assert sample(samples, "claudeflare_request_duration_seconds_count") == 4
-    assert sample(samples, "claudeflare_request_duration_seconds_sum") == pytest.approx(sum(r["duration_ms"] for r in rows) / 1000)
+    assert sample(samples, "claudeflare_request_duration_seconds_sum") == pytest.approx(
+        sum(r["duration_ms"] for r in rows) / 1000
+    )
     assert sample(samples, "claudeflare_account_state", account="b", state="ok") == 1
     assert sample(samples, "claudeflare_account_state", account="a", state="ok") is None  # one state per account
     assert 50 < sample(samples, "claudeflare_account_limited_until_seconds", account="a") - time.time() <= 61
@@ -83,8 +89,13 @@ def test_health_is_200_while_an_account_serves_then_503_and_is_never_logged(fake
     assert wait_until(lambda: health().json()["flowlog_backlog"] == 0, timeout=5)  # rows are written every half second
     health = health()
     assert health.status_code == 200 and health.headers["content-type"] == "application/json"
-    assert health.json() == {"status": "ok", "usable_accounts": 1, "accounts": [{"name": "a", "state": "ok", "reason": None}],
-                             "strategy": "session", "flowlog_backlog": 0}
+    assert health.json() == {
+        "status": "ok",
+        "usable_accounts": 1,
+        "accounts": [{"name": "a", "state": "ok", "reason": None}],
+        "strategy": "session",
+        "flowlog_backlog": 0,
+    }
     head = requests.head(f"{proxy.url}/health", timeout=10)
     assert head.status_code == 200 and head.content == b""
 

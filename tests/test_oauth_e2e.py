@@ -11,11 +11,12 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 from click.testing import CliRunner
-from harness import CLAUDE_CODE_SYSTEM, add_account, claudeflare_proxy, db_rows, free_port, wait_until
 
 from claudeflare import oauth
 from claudeflare.cli import cli
 from claudeflare.credentials import CredentialStore
+
+from harness import CLAUDE_CODE_SYSTEM, add_account, claudeflare_proxy, db_rows, free_port, wait_until
 
 MODEL = "claude-sonnet-4-6"
 
@@ -40,7 +41,9 @@ class Browser:
         self.url = url
         query = {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
         code = f"code-{self.account}-{time.monotonic_ns()}"
-        self.fake.add_auth_code(code, account=self.account, state=query["state"], code_challenge=query["code_challenge"])
+        self.fake.add_auth_code(
+            code, account=self.account, state=query["state"], code_challenge=query["code_challenge"]
+        )
         self.pasted = ((self.paste or "{code}#{state}").format(code=code, state=query["state"]) + "\n").encode()
 
     def stdin(self):
@@ -54,8 +57,8 @@ class Browser:
                 return True
 
             def readinto(self, buffer):
-                data = browser.pasted[self.sent:self.sent + len(buffer)]
-                buffer[:len(data)] = data
+                data = browser.pasted[self.sent : self.sent + len(buffer)]
+                buffer[: len(data)] = data
                 self.sent += len(data)
                 return len(data)
 
@@ -91,15 +94,22 @@ def test_add_console_mints_an_api_key(fake, home, oauth_env, monkeypatch, start_
     cred = CredentialStore(home).credentials()["console"]
     assert cred.api_key.startswith("sk-ant-api03-") and cred.access_token is None
     proxy = start_proxy(home)
-    reply = requests.post(f"{proxy.url}/v1/messages", json={"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}, timeout=10)
+    reply = requests.post(
+        f"{proxy.url}/v1/messages",
+        json={"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]},
+        timeout=10,
+    )
     assert reply.status_code == 200 and fake.requests[-1]["headers"]["x-api-key"] == cred.api_key
 
 
-@pytest.mark.parametrize("paste, message", [
-    ("wrong-code#{state}", "not accepted"),
-    ("{code}#another-state", "belongs to another log-in attempt"),
-    ("{code}", "CODE#STATE"),
-])
+@pytest.mark.parametrize(
+    "paste, message",
+    [
+        ("wrong-code#{state}", "not accepted"),
+        ("{code}#another-state", "belongs to another log-in attempt"),
+        ("{code}", "CODE#STATE"),
+    ],
+)
 def test_add_refuses_bad_pastes(fake, home, oauth_env, monkeypatch, paste, message):
     browser = Browser(fake, "m", monkeypatch, paste=paste)
     result = run(home, "add", "m", "--mode", "max", stdin=browser.stdin())
@@ -129,7 +139,9 @@ def test_add_refuses_a_duplicate_before_the_log_in(fake, home, oauth_env, monkey
 def enrol_oauth(fake, home, name, expires_in, tier=5):
     access, refresh = f"sk-ant-oat01-{name}-{time.monotonic_ns()}", f"sk-ant-ort01-{name}-{time.monotonic_ns()}"
     fake.add_oauth(account=name, access_token=access, refresh_token=refresh, expires_in=expires_in)
-    add_account(home, name, "max", tier, access_token=access, refresh_token=refresh, expires_at=time.time() + expires_in)
+    add_account(
+        home, name, "max", tier, access_token=access, refresh_token=refresh, expires_at=time.time() + expires_in
+    )
     return access, refresh
 
 
@@ -139,14 +151,22 @@ def test_refresh_command_rotates_and_the_old_refresh_token_dies(fake, home, oaut
     assert result.exit_code == 0 and "refreshed m" in result.output
     cred = CredentialStore(home).credentials()["m"]
     assert cred.refresh_token != old_refresh and fake.token_calls("m") == 1
-    reuse = requests.post(f"{fake.url}/v1/oauth/token", timeout=5, json={
-        "grant_type": "refresh_token", "refresh_token": old_refresh, "client_id": oauth.CLIENT_ID})
+    reuse = requests.post(
+        f"{fake.url}/v1/oauth/token",
+        timeout=5,
+        json={"grant_type": "refresh_token", "refresh_token": old_refresh, "client_id": oauth.CLIENT_ID},
+    )
     assert reuse.status_code == 400 and reuse.json()["error"] == "invalid_grant"
     assert "no account named" in run(home, "refresh", "nobody").output
 
 
 def ask(proxy, **headers):
-    body = {"model": MODEL, "max_tokens": 5, "system": CLAUDE_CODE_SYSTEM, "messages": [{"role": "user", "content": "x"}]}
+    body = {
+        "model": MODEL,
+        "max_tokens": 5,
+        "system": CLAUDE_CODE_SYSTEM,
+        "messages": [{"role": "user", "content": "x"}],
+    }
     return requests.post(f"{proxy.url}/v1/messages", json=body, headers=headers, timeout=30)
 
 
@@ -173,7 +193,9 @@ def test_fifty_concurrent_requests_on_an_expired_token_make_one_refresh(fake, ho
     assert concurrently([lambda: ask(proxy).status_code] * 50) == [200] * 50
     assert fake.token_calls("m") == 1
     stored = CredentialStore(home).credentials()["m"]
-    assert {r["headers"]["authorization"] for r in fake.requests if r["path"] == "/v1/messages"} == {f"Bearer {stored.access_token}"}
+    assert {r["headers"]["authorization"] for r in fake.requests if r["path"] == "/v1/messages"} == {
+        f"Bearer {stored.access_token}"
+    }
 
 
 def test_two_proxies_sharing_a_home_refresh_once(fake, home, tmp_path):
@@ -229,6 +251,7 @@ def test_kill_9_during_refresh_leaves_a_working_account(fake, home, tmp_path):
     fake.token_delay_s = 3
     token_url = ("--set", f"claudeflare_token_url={fake.url}/v1/oauth/token")
     proxy = claudeflare_proxy(home, fake.url, tmp_path / "p1.log", *token_url).start()
+
     def doomed():
         with contextlib.suppress(requests.ConnectionError):  # its proxy is about to be killed
             ask(proxy)
@@ -246,7 +269,15 @@ def test_kill_9_during_refresh_leaves_a_working_account(fake, home, tmp_path):
 
 
 def test_login_replaces_a_needs_login_accounts_tokens(fake, home, oauth_env, monkeypatch):
-    add_account(home, "m", "max", 5, access_token="sk-ant-oat01-old-token", refresh_token="sk-ant-ort01-old-token", needs_login=True)
+    add_account(
+        home,
+        "m",
+        "max",
+        5,
+        access_token="sk-ant-oat01-old-token",
+        refresh_token="sk-ant-ort01-old-token",
+        needs_login=True,
+    )
     result = run(home, "login", "m", stdin=Browser(fake, "m", monkeypatch).stdin())
     assert result.exit_code == 0 and "logged in m" in result.output, result.output
     credential = CredentialStore(home).credentials()["m"]

@@ -9,7 +9,6 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 from click.testing import CliRunner
-from harness import CLAUDE_CODE_SYSTEM, add_account, wait_until
 from mitmproxy.test import taddons
 from test_oauth_e2e import enrol_oauth
 
@@ -18,8 +17,16 @@ from claudeflare.credentials import Credential, CredentialStore
 from claudeflare.oauth import LoginFlow, OAuthSettings
 from claudeflare.proxy import Claudeflare
 
-ENV = ("CLAUDEFLARE_TOKEN_URL", "CLAUDEFLARE_AUTHORIZE_URL", "CLAUDEFLARE_CONSOLE_AUTHORIZE_URL",
-       "CLAUDEFLARE_REDIRECT_URI", "CLAUDEFLARE_CLIENT_ID", "CLAUDEFLARE_API_KEY_URL")
+from harness import CLAUDE_CODE_SYSTEM, add_account, wait_until
+
+ENV = (
+    "CLAUDEFLARE_TOKEN_URL",
+    "CLAUDEFLARE_AUTHORIZE_URL",
+    "CLAUDEFLARE_CONSOLE_AUTHORIZE_URL",
+    "CLAUDEFLARE_REDIRECT_URI",
+    "CLAUDEFLARE_CLIENT_ID",
+    "CLAUDEFLARE_API_KEY_URL",
+)
 MAX_SCOPES = "user:profile user:inference user:sessions:claude_code user:mcp_servers user:file_upload"
 
 
@@ -30,8 +37,10 @@ def test_defaults_are_claude_codes_production_settings(monkeypatch):
     assert settings.token_url == "https://platform.claude.com/v1/oauth/token"
     assert settings.redirect_uri == "https://platform.claude.com/oauth/code/callback"
     assert settings.client_id == "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
-    for mode, base, scope in [("max", "https://claude.com/cai/oauth/authorize", MAX_SCOPES),
-                              ("console", "https://platform.claude.com/oauth/authorize", f"org:create_api_key {MAX_SCOPES}")]:
+    for mode, base, scope in [
+        ("max", "https://claude.com/cai/oauth/authorize", MAX_SCOPES),
+        ("console", "https://platform.claude.com/oauth/authorize", f"org:create_api_key {MAX_SCOPES}"),
+    ]:
         url = LoginFlow.start(mode).authorize_url(settings)
         query = {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
         assert url.split("?")[0] == base and query["scope"] == scope
@@ -42,13 +51,23 @@ def test_the_environment_still_moves_every_endpoint(monkeypatch):
     for name in ENV:
         monkeypatch.setenv(name, f"http://127.0.0.1:9/{name}")
     settings = OAuthSettings.from_env()
-    assert (settings.token_url, settings.authorize_url_max, settings.authorize_url_console, settings.redirect_uri,
-            settings.client_id, settings.api_key_url) == tuple(f"http://127.0.0.1:9/{name}" for name in ENV)
+    assert (
+        settings.token_url,
+        settings.authorize_url_max,
+        settings.authorize_url_console,
+        settings.redirect_uri,
+        settings.client_id,
+        settings.api_key_url,
+    ) == tuple(f"http://127.0.0.1:9/{name}" for name in ENV)
 
 
 def ask(proxy):
-    body = {"model": "claude-sonnet-4-6", "max_tokens": 5, "system": CLAUDE_CODE_SYSTEM,
-            "messages": [{"role": "user", "content": "x"}]}
+    body = {
+        "model": "claude-sonnet-4-6",
+        "max_tokens": 5,
+        "system": CLAUDE_CODE_SYSTEM,
+        "messages": [{"role": "user", "content": "x"}],
+    }
     return requests.post(f"{proxy.url}/v1/messages", json=body, timeout=30)
 
 
@@ -96,8 +115,12 @@ def test_invalid_grant_for_a_token_replaced_meanwhile_is_a_harmless_race(fake, h
     # ... Claude Code, outside the proxy's lock, rotates the same refresh token and stores the result.
     fresh = fake.add_oauth(account="m")
     fake.revoke_refresh_token(old_refresh)
-    CredentialStore(home).set_account("m", Credential(access_token=fresh["access_token"], refresh_token=fresh["refresh_token"],
-                                                      expires_at=time.time() + 3600))
+    CredentialStore(home).set_account(
+        "m",
+        Credential(
+            access_token=fresh["access_token"], refresh_token=fresh["refresh_token"], expires_at=time.time() + 3600
+        ),
+    )
     client.join(30)
     assert replies and replies[0].status_code == 200
     sent = [r for r in fake.requests if r["path"] == "/v1/messages"]
@@ -108,8 +131,15 @@ def test_invalid_grant_for_a_token_replaced_meanwhile_is_a_harmless_race(fake, h
 
 
 def test_list_says_token_expired_once_the_old_token_runs_out_while_refreshes_fail(home):
-    add_account(home, "m", "max", 5, access_token="sk-ant-oat01-old", refresh_token="sk-ant-ort01-old",
-                expires_at=time.time() - 1)
+    add_account(
+        home,
+        "m",
+        "max",
+        5,
+        access_token="sk-ant-oat01-old",
+        refresh_token="sk-ant-ort01-old",
+        expires_at=time.time() - 1,
+    )
     addon = Claudeflare()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, claudeflare_home=str(home))

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-from harness import CLAUDE_CODE_SYSTEM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,13 +14,21 @@ from claudeflare.policy import (
     refusal,
 )
 
+from harness import CLAUDE_CODE_SYSTEM
+
 BILLING = {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197.fa0; cc_entrypoint=sdk-cli;"}
 
 
 def claude_code_body(identity=CLAUDE_CODE_IDENTITIES[2], model="claude-opus-4-8", turns=40) -> bytes:
     """Shaped like Claude Code 2.1.197's (captured): keys in its order, messages before the system, ~100 KB."""
-    prompt = {"type": "text", "text": "\nYou are an interactive agent. " + "x" * 30_000, "cache_control": {"type": "ephemeral"}}
-    messages = [{"role": "user", "content": [{"type": "text", "text": f"turn {i} " + "y" * 1000}]} for i in range(turns)]
+    prompt = {
+        "type": "text",
+        "text": "\nYou are an interactive agent. " + "x" * 30_000,
+        "cache_control": {"type": "ephemeral"},
+    }
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": f"turn {i} " + "y" * 1000}]} for i in range(turns)
+    ]
     body = {
         "model": model,
         "messages": messages,
@@ -43,21 +50,33 @@ def test_claude_code_bodies_are_recognised(identity):
 
 def test_the_test_harness_prompt_is_claude_code():
     # Python's json.dumps puts spaces after ':' and ','; the scan allows any JSON whitespace.
-    body = json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 5, "system": CLAUDE_CODE_SYSTEM,
-                       "messages": [{"role": "user", "content": "hi"}]}, indent=2).encode()
+    body = json.dumps(
+        {
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 5,
+            "system": CLAUDE_CODE_SYSTEM,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+        indent=2,
+    ).encode()
     assert is_claude_code(body)
 
 
-@pytest.mark.parametrize("system", [
-    None,
-    "You are Claude Code, Anthropic's official CLI for Claude.",  # a string, not Claude Code's blocks
-    [{"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude."}],  # identity first: not where Claude Code puts it
-    [BILLING],  # the billing header alone
-    [BILLING, {"type": "text", "text": "You are a helpful assistant."}],
-    [{"type": "text", "text": "You are a helpful assistant."}, {"type": "text", "text": CLAUDE_CODE_IDENTITIES[0]}],
-    [BILLING, {"type": "image", "text": CLAUDE_CODE_IDENTITIES[0]}],
-    [BILLING, {"type": "text", "text": ["not", "a", "string"]}],
-])
+@pytest.mark.parametrize(
+    "system",
+    [
+        None,
+        "You are Claude Code, Anthropic's official CLI for Claude.",  # a string, not Claude Code's blocks
+        [
+            {"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude."}
+        ],  # identity first: not where Claude Code puts it
+        [BILLING],  # the billing header alone
+        [BILLING, {"type": "text", "text": "You are a helpful assistant."}],
+        [{"type": "text", "text": "You are a helpful assistant."}, {"type": "text", "text": CLAUDE_CODE_IDENTITIES[0]}],
+        [BILLING, {"type": "image", "text": CLAUDE_CODE_IDENTITIES[0]}],
+        [BILLING, {"type": "text", "text": ["not", "a", "string"]}],
+    ],
+)
 def test_other_system_prompts_are_not(system):
     body = {"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
     if system is not None:
@@ -67,23 +86,33 @@ def test_other_system_prompts_are_not(system):
 
 def test_claude_code_text_inside_a_message_is_not_a_system_prompt():
     quoted = json.dumps({"system": [BILLING, {"type": "text", "text": CLAUDE_CODE_IDENTITIES[0]}]})
-    body = {"model": "claude-sonnet-4-5", "max_tokens": 5, "system": "You are a pirate.",
-            "messages": [{"role": "user", "content": quoted}, {"role": "system", "content": "x"}]}
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 5,
+        "system": "You are a pirate.",
+        "messages": [{"role": "user", "content": quoted}, {"role": "system", "content": "x"}],
+    }
     assert not is_claude_code(json.dumps(body).encode())
 
 
 def test_a_nested_system_key_before_the_real_one_does_not_hide_it():
     body = claude_code_body()
     tool = b'{"type":"tool_use","id":"t","name":"x","input":{"system":[{"type":"text","text":"no"},1]}}'
-    body = body.replace(b'"messages":[', b'"messages":[{"role":"assistant","content":[' + tool + b']},', 1)
+    body = body.replace(b'"messages":[', b'"messages":[{"role":"assistant","content":[' + tool + b"]},", 1)
     assert is_claude_code(body)
 
 
 def test_truncated_and_oversized_blocks_are_refused():
     body = claude_code_body()
     assert not is_claude_code(body[: body.index(b"You are a Claude agent") + 10])
-    huge = json.dumps({"system": [{"type": "text", "text": "x-anthropic-billing-header: " + "a" * 100_000},
-                                  {"type": "text", "text": CLAUDE_CODE_IDENTITIES[0]}]}).encode()
+    huge = json.dumps(
+        {
+            "system": [
+                {"type": "text", "text": "x-anthropic-billing-header: " + "a" * 100_000},
+                {"type": "text", "text": CLAUDE_CODE_IDENTITIES[0]},
+            ]
+        }
+    ).encode()
     assert not is_claude_code(huge)
 
 
@@ -95,10 +124,17 @@ def test_garbage_bytes_never_raise(data):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(["system", "type", "text", "model"]), inner, max_size=4),
-                    max_leaves=20),
-       st.sampled_from([0, 1, 7, 30, 200, 10_000]))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+        lambda inner: (
+            st.lists(inner, max_size=4)
+            | st.dictionaries(st.sampled_from(["system", "type", "text", "model"]), inner, max_size=4)
+        ),
+        max_leaves=20,
+    ),
+    st.sampled_from([0, 1, 7, 30, 200, 10_000]),
+)
 def test_garbage_json_and_cut_bodies_never_raise(value, cut):
     raw = json.dumps({"system": value, "model": value}).encode()
     for body in (raw, raw[:cut], raw + b"]" * 3):
@@ -126,29 +162,48 @@ def error(message, kind="invalid_request_error"):
     return json.dumps({"type": "error", "error": {"type": kind, "message": message}, "request_id": "req_1"}).encode()
 
 
-@pytest.mark.parametrize("status, body, meaning", [
-    (400, error("This organization has been disabled."), "disabled"),
-    (403, error("OAuth authentication is currently not allowed for this organization.", "permission_error"), "disabled"),
-    (400, error("This credential is only authorized for use with Claude Code and cannot be used for other API requests."), "claude-code-only"),
-    (429, error("Extra usage is required for long context requests.", "rate_limit_error"), "long-context"),
-    (429, error("Usage credits are required for long context requests.", "rate_limit_error"), "long-context"),
-    (429, error("This request would exceed your account's rate limit.", "rate_limit_error"), None),
-    (400, error("messages: Field required"), None),
-    (500, error("This organization has been disabled."), None),  # only where Anthropic says it
-    (400, b"not json", None),
-    (400, b'{"error": "a string"}', None),
-    (400, b'{"error": {"message": 7}}', None),
-    (400, error("This organization has been disabled." + " " * 70_000), None),  # unbounded bodies are not read
-])
+@pytest.mark.parametrize(
+    "status, body, meaning",
+    [
+        (400, error("This organization has been disabled."), "disabled"),
+        (
+            403,
+            error("OAuth authentication is currently not allowed for this organization.", "permission_error"),
+            "disabled",
+        ),
+        (
+            400,
+            error(
+                "This credential is only authorized for use with Claude Code and cannot be used for other API requests."
+            ),
+            "claude-code-only",
+        ),
+        (429, error("Extra usage is required for long context requests.", "rate_limit_error"), "long-context"),
+        (429, error("Usage credits are required for long context requests.", "rate_limit_error"), "long-context"),
+        (429, error("This request would exceed your account's rate limit.", "rate_limit_error"), None),
+        (400, error("messages: Field required"), None),
+        (500, error("This organization has been disabled."), None),  # only where Anthropic says it
+        (400, b"not json", None),
+        (400, b'{"error": "a string"}', None),
+        (400, b'{"error": {"message": 7}}', None),
+        (400, error("This organization has been disabled." + " " * 70_000), None),  # unbounded bodies are not read
+    ],
+)
 def test_refusals_that_mean_something(status, body, meaning):
     assert refusal(status, body) == meaning
 
 
 def test_credential_fingerprint_changes_with_a_new_login_or_key_only():
     old = Credential(access_token="sk-ant-oat01-a", refresh_token="sk-ant-ort01-a", expires_at=1.0)
-    assert credential_fingerprint(old) == credential_fingerprint(Credential(access_token="sk-ant-oat01-a", refresh_token="sk-ant-ort01-a"))
-    assert credential_fingerprint(old) != credential_fingerprint(Credential(access_token="sk-ant-oat01-b", refresh_token="sk-ant-ort01-b"))
-    assert credential_fingerprint(Credential(api_key="sk-ant-api03-x")) != credential_fingerprint(Credential(api_key="sk-ant-api03-y"))
+    assert credential_fingerprint(old) == credential_fingerprint(
+        Credential(access_token="sk-ant-oat01-a", refresh_token="sk-ant-ort01-a")
+    )
+    assert credential_fingerprint(old) != credential_fingerprint(
+        Credential(access_token="sk-ant-oat01-b", refresh_token="sk-ant-ort01-b")
+    )
+    assert credential_fingerprint(Credential(api_key="sk-ant-api03-x")) != credential_fingerprint(
+        Credential(api_key="sk-ant-api03-y")
+    )
     assert "sk-ant" not in credential_fingerprint(old) and credential_fingerprint(None) is None
 
 

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner
-from fake_anthropic import expected_text
-from harness import CLAUDE_CODE_SYSTEM, ROOT, add_account, api_key_accounts, db_rows, wait_until
 
 from claudeflare.cli import cli
 from claudeflare.credentials import Credential, CredentialStore
 from claudeflare.flowlog import account_status
+
+from fake_anthropic import expected_text
+from harness import CLAUDE_CODE_SYSTEM, ROOT, add_account, api_key_accounts, db_rows, wait_until
 
 CLAUDE = ROOT / "node_modules" / ".bin" / "claude"
 SONNET, OPUS = "claude-sonnet-4-6", "claude-opus-4-8"
@@ -25,7 +26,9 @@ def max_accounts(fake, home, *names, priority=0):
     for name in names:
         access, refresh = f"sk-ant-oat01-{name}-access", f"sk-ant-ort01-{name}-refresh"
         fake.add_oauth(account=name, access_token=access, refresh_token=refresh, expires_in=7200)
-        add_account(home, name, "max", 5, priority, access_token=access, refresh_token=refresh, expires_at=time.time() + 7200)
+        add_account(
+            home, name, "max", 5, priority, access_token=access, refresh_token=refresh, expires_at=time.time() + 7200
+        )
 
 
 def ask(proxy, claude_code=True, model=SONNET, **headers):
@@ -55,11 +58,15 @@ def test_real_claude_code_runs_on_a_subscription(fake, home, start_proxy, tmp_pa
         "DISABLE_AUTOUPDATER": "1",
     }
     Path(env["HOME"]).mkdir()
-    done = subprocess.run([str(CLAUDE), "-p", "say hi"], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    done = subprocess.run(
+        [str(CLAUDE), "-p", "say hi"], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert expected_text(10) in done.stdout
     messages = [r for r in fake.requests if r["path"] == "/v1/messages"]
-    assert messages and all(r["account"] == "sub" and r["auth_kind"] == "oauth" and r["status"] == 200 for r in messages)
+    assert messages and all(
+        r["account"] == "sub" and r["auth_kind"] == "oauth" and r["status"] == 200 for r in messages
+    )
     # HEAD / is answered by the proxy; the one other call is the proxy's own usage read at start.
     assert [r["path"] for r in fake.requests if r["path"] != "/v1/messages"] in ([], ["/api/oauth/usage"])
     rows = db_rows(home, "path = '/v1/messages'", expect=len(messages))
@@ -73,8 +80,13 @@ def test_other_clients_get_a_clear_403_and_nothing_goes_upstream(fake, home, sta
     assert refused.status_code == 403
     error = refused.json()
     assert error["type"] == "error" and error["error"]["type"] == "permission_error"
-    assert "only Claude Code" in error["error"]["message"] and "claudeflare add NAME --mode api-key" in error["error"]["message"]
-    assert ask(proxy, claude_code=False, model="claude-haiku-4-5").status_code == 403  # Haiku too: the terms, not the API
+    assert (
+        "only Claude Code" in error["error"]["message"]
+        and "claudeflare add NAME --mode api-key" in error["error"]["message"]
+    )
+    assert (
+        ask(proxy, claude_code=False, model="claude-haiku-4-5").status_code == 403
+    )  # Haiku too: the terms, not the API
     assert served(fake) == []
     assert ask(proxy).status_code == 200 and served(fake) == [("sub", 200)]
 
@@ -82,8 +94,10 @@ def test_other_clients_get_a_clear_403_and_nothing_goes_upstream(fake, home, sta
 def test_claude_code_goes_to_subscriptions_and_the_rest_to_keys(fake, home, start_proxy):
     max_accounts(fake, home, "sub", priority=0)
     api_key_accounts(fake, home, ("key", 1, 1))  # a worse priority: only what subscriptions may not serve
-    keys = {name: CliRunner().invoke(cli, ["--home", str(home), "client-key", "create", name]).stdout.strip()
-            for name in ("laptop", "ci")}
+    keys = {
+        name: CliRunner().invoke(cli, ["--home", str(home), "client-key", "create", name]).stdout.strip()
+        for name in ("laptop", "ci")
+    }
     proxy = start_proxy(home)
     sent = [("laptop", True), ("laptop", False), ("ci", False), ("laptop", True)]
     assert [ask(proxy, claude_code=cc, **{"x-api-key": keys[client]}).status_code for client, cc in sent] == [200] * 4
@@ -125,8 +139,12 @@ def test_disabled_account_fails_over_and_stays_out_until_its_credential_changes(
     # A new login: new tokens in the store (the proxy reloads it within a second); Anthropic takes them again.
     fake.enable("gone")
     fake.add_oauth(account="gone", access_token="sk-ant-oat01-gone-new", refresh_token="sk-ant-ort01-gone-new")
-    CredentialStore(home).set_account("gone", Credential(access_token="sk-ant-oat01-gone-new",
-                                                         refresh_token="sk-ant-ort01-gone-new", expires_at=time.time() + 3600))
+    CredentialStore(home).set_account(
+        "gone",
+        Credential(
+            access_token="sk-ant-oat01-gone-new", refresh_token="sk-ant-ort01-gone-new", expires_at=time.time() + 3600
+        ),
+    )
     assert wait_until(lambda: ask(proxy).status_code == 200 and served(fake)[-1] == ("gone", 200), timeout=10)
 
 

@@ -41,7 +41,9 @@ def test_longest_prefix_wins():
     assert price_for("claude-opus-4-20250514").input == 15
 
 
-@pytest.mark.parametrize("model", ["claude-opus-41", "claude-sonnet-45", "claude-opus", "claude-haiku-4", "gpt-4o", "", None])
+@pytest.mark.parametrize(
+    "model", ["claude-opus-41", "claude-sonnet-45", "claude-opus", "claude-haiku-4", "gpt-4o", "", None]
+)
 def test_no_match_without_a_dash_boundary_or_unknown(model):
     assert price_for(model) is None
 
@@ -75,7 +77,9 @@ def test_worked_example():
 
 
 def test_one_hour_cache_writes_cost_twice_the_input_price():
-    one_hour = Usage(model="claude-opus-4-5", cache_creation_input_tokens=1_000_000, cache_creation_1h_input_tokens=1_000_000)
+    one_hour = Usage(
+        model="claude-opus-4-5", cache_creation_input_tokens=1_000_000, cache_creation_1h_input_tokens=1_000_000
+    )
     five_minute = Usage(model="claude-opus-4-5", cache_creation_input_tokens=1_000_000)
     assert cost_usd(one_hour) == pytest.approx(10.0)
     assert cost_usd(five_minute) == pytest.approx(6.25)

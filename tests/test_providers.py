@@ -18,7 +18,7 @@ from claudeflare.ratelimit import Health, Signals
 from claudeflare.router import Router
 from claudeflare.states import AccountState
 
-COMPATIBLE = '''
+COMPATIBLE = """
 [[accounts]]
 name = "sub"
 mode = "max"
@@ -30,7 +30,7 @@ base_url = "https://llm.example.com:8443/api/anthropic/"
 auth = "bearer"
 priority = 1
 models = { "claude-sonnet-*" = "glm-4.6", "claude-*" = "glm-4.5-air" }
-'''
+"""
 
 
 def accounts(text=COMPATIBLE):
@@ -50,19 +50,34 @@ def test_compatible_settings_are_parsed_once():
     assert glm.settings.auth == "bearer"
 
 
-@pytest.mark.parametrize("extra, message", [
-    ('provider = ["anthropic"]\n', "'provider' must be one of"),
-    ('provider = "openai"\n', "'provider' must be one of anthropic, anthropic-compatible, vertex, bedrock, got 'openai'"),
-    ('provider = "anthropic-compatible"\n', "'base_url' is required"),
-    ('provider = "anthropic-compatible"\nbase_url = "ftp://x"\n', "'base_url' must be http(s)://host"),
-    ('provider = "anthropic-compatible"\nbase_url = "https://u:secret@x"\n', "'base_url' must not hold credentials"),
-    ('provider = "anthropic-compatible"\nbase_url = "https://x:99999"\n', "bad port"),
-    ('provider = "anthropic-compatible"\nbase_url = "https://x"\nauth = "basic"\n', "'auth' must be one of x-api-key, bearer"),
-    ('provider = "anthropic-compatible"\nbase_url = "https://x"\nmodels = ["a"]\n', "'models' must be a table"),
-    ('provider = "anthropic-compatible"\nbase_url = "https://x"\nmodels = { "claude-*" = "glm-*" }\n', "not a model glob = model name"),
-    ('provider = "anthropic-compatible"\nbase_url = "https://x"\nmode = "max"\n', "takes mode 'api-key'"),
-    ('mode = "api-key"\nbase_url = "https://x"\n', "base_url not for provider 'anthropic'"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ('provider = ["anthropic"]\n', "'provider' must be one of"),
+        (
+            'provider = "openai"\n',
+            "'provider' must be one of anthropic, anthropic-compatible, vertex, bedrock, got 'openai'",
+        ),
+        ('provider = "anthropic-compatible"\n', "'base_url' is required"),
+        ('provider = "anthropic-compatible"\nbase_url = "ftp://x"\n', "'base_url' must be http(s)://host"),
+        (
+            'provider = "anthropic-compatible"\nbase_url = "https://u:secret@x"\n',
+            "'base_url' must not hold credentials",
+        ),
+        ('provider = "anthropic-compatible"\nbase_url = "https://x:99999"\n', "bad port"),
+        (
+            'provider = "anthropic-compatible"\nbase_url = "https://x"\nauth = "basic"\n',
+            "'auth' must be one of x-api-key, bearer",
+        ),
+        ('provider = "anthropic-compatible"\nbase_url = "https://x"\nmodels = ["a"]\n', "'models' must be a table"),
+        (
+            'provider = "anthropic-compatible"\nbase_url = "https://x"\nmodels = { "claude-*" = "glm-*" }\n',
+            "not a model glob = model name",
+        ),
+        ('provider = "anthropic-compatible"\nbase_url = "https://x"\nmode = "max"\n', "takes mode 'api-key'"),
+        ('mode = "api-key"\nbase_url = "https://x"\n', "base_url not for provider 'anthropic'"),
+    ],
+)
 def test_bad_provider_settings_name_the_account_and_key(extra, message):
     with pytest.raises(AccountsError) as e:
         parse_accounts('[[accounts]]\nname = "a"\n' + extra, "accounts.toml")
@@ -75,29 +90,42 @@ def test_models_map_by_the_first_matching_glob_and_only_those_are_served():
     compatible = providers.of(glm)
     assert compatible.upstream_model(glm, "claude-sonnet-4-5") == "glm-4.6"  # first match wins
     assert compatible.upstream_model(glm, "claude-opus-4-1") == "glm-4.5-air"
-    assert compatible.serves(glm, "glm-4.6") and compatible.upstream_model(glm, "glm-4.6") is None  # a listed name, as is
+    assert (
+        compatible.serves(glm, "glm-4.6") and compatible.upstream_model(glm, "glm-4.6") is None
+    )  # a listed name, as is
     assert not compatible.serves(glm, "gpt-5")
 
 
 def test_a_rewrite_changes_the_top_level_model_only():
-    body = json.dumps({"messages": [{"role": "user", "content": [{"type": "tool_result", "content": '{"model": "x"}'}]}],
-                       "tools": [{"name": "t", "input_schema": {"model": "claude-sonnet-4-5"}}],
-                       "model": "claude-sonnet-4-5", "max_tokens": 5, "note": "ünïcode"}).encode()
+    body = json.dumps(
+        {
+            "messages": [{"role": "user", "content": [{"type": "tool_result", "content": '{"model": "x"}'}]}],
+            "tools": [{"name": "t", "input_schema": {"model": "claude-sonnet-4-5"}}],
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 5,
+            "note": "ünïcode",
+        }
+    ).encode()
     glm = accounts()["glm"]
     state = FlowState(id="x", started_at="now", model="claude-sonnet-4-5")
     rewrite = lambda data: providers.of(glm).rewrite(glm, state, data)  # noqa: E731
     out, path = providers.rewritten(rewrite, body)
     out = json.loads(out)
-    assert path is None and out["model"] == "glm-4.6" and out["tools"][0]["input_schema"]["model"] == "claude-sonnet-4-5"
+    assert (
+        path is None and out["model"] == "glm-4.6" and out["tools"][0]["input_schema"]["model"] == "claude-sonnet-4-5"
+    )
     assert out["note"] == "ünïcode" and out["messages"] == json.loads(body)["messages"]
     assert providers.rewritten(rewrite, b"[1]") is None and providers.rewritten(rewrite, b"{not json") is None
 
 
 def flow_for(model: str) -> http.HTTPFlow:
     flow = tflow.tflow()
-    flow.request = http.Request.make("POST", "https://api.anthropic.com/v1/messages?beta=true",
-                                     json.dumps({"model": model, "max_tokens": 5, "messages": []}),
-                                     {"content-type": "application/json", "host": "api.anthropic.com"})
+    flow.request = http.Request.make(
+        "POST",
+        "https://api.anthropic.com/v1/messages?beta=true",
+        json.dumps({"model": model, "max_tokens": 5, "messages": []}),
+        {"content-type": "application/json", "host": "api.anthropic.com"},
+    )
     return flow
 
 
@@ -108,18 +136,33 @@ def test_adapt_sends_each_attempt_where_its_provider_says_and_back():
 
     asyncio.run(providers.adapt(flow.request, state, found["glm"]))
     request = flow.request
-    assert (request.scheme, request.host, request.port, request.path) == ("https", "llm.example.com", 8443, "/api/anthropic/v1/messages?beta=true")
+    assert (request.scheme, request.host, request.port, request.path) == (
+        "https",
+        "llm.example.com",
+        8443,
+        "/api/anthropic/v1/messages?beta=true",
+    )
     assert request.headers["host"] == "llm.example.com:8443"
     assert json.loads(request.raw_content)["model"] == "glm-4.6"
     assert request.headers["content-length"] == str(len(request.raw_content))
 
-    asyncio.run(providers.adapt(flow.request, state, found["sub"]))  # a failover to Anthropic: the client's request again
-    assert (request.scheme, request.host, request.port, request.path) == ("https", "api.anthropic.com", 443, "/v1/messages?beta=true")
+    asyncio.run(
+        providers.adapt(flow.request, state, found["sub"])
+    )  # a failover to Anthropic: the client's request again
+    assert (request.scheme, request.host, request.port, request.path) == (
+        "https",
+        "api.anthropic.com",
+        443,
+        "/v1/messages?beta=true",
+    )
     assert request.headers["host"] == "api.anthropic.com"
     assert request.raw_content == client_body and request.headers["content-length"] == str(len(client_body))
 
 
-@pytest.mark.parametrize("auth, header, value", [("bearer", "authorization", "Bearer glm-key-123456"), ("x-api-key", "x-api-key", "glm-key-123456")])
+@pytest.mark.parametrize(
+    "auth, header, value",
+    [("bearer", "authorization", "Bearer glm-key-123456"), ("x-api-key", "x-api-key", "glm-key-123456")],
+)
 def test_compatible_accounts_send_their_key_the_way_the_endpoint_wants(auth, header, value):
     glm = accounts(COMPATIBLE.replace('auth = "bearer"', f'auth = "{auth}"'))["glm"]
     headers = http.Headers(authorization="Bearer client", **{"x-api-key": "client", "anthropic-beta": "x"})
@@ -134,7 +177,9 @@ def router_for(pool: Pool) -> Router:
 
 def test_a_model_no_usable_account_serves_gets_a_404_naming_it_and_who_could():
     found = accounts(COMPATIBLE.replace('name = "sub"\nmode = "max"', 'name = "sub"\nmode = "max"\npaused = true'))
-    pool = Pool(tuple(found.values()), {"glm": Credential(api_key="glm-key-123456"), "sub": Credential(access_token="t" * 20)})
+    pool = Pool(
+        tuple(found.values()), {"glm": Credential(api_key="glm-key-123456"), "sub": Credential(access_token="t" * 20)}
+    )
     router = router_for(pool)
     state = FlowState(id="x", started_at="now", model="gpt-5", endpoint="/v1/messages")
     assert router.allowed(pool, state) == []
@@ -151,7 +196,11 @@ def test_a_model_no_usable_account_serves_gets_a_404_naming_it_and_who_could():
 def test_a_model_nobody_lists_says_so():
     found = accounts()
     pool = Pool((found["glm"],), {"glm": Credential(api_key="glm-key-123456")})
-    message = json.loads(router_for(pool).no_account_response(pool, FlowState(id="x", started_at="now", model="gpt-5", endpoint="/v1/messages")).content)["error"]["message"]
+    message = json.loads(
+        router_for(pool)
+        .no_account_response(pool, FlowState(id="x", started_at="now", model="gpt-5", endpoint="/v1/messages"))
+        .content
+    )["error"]["message"]
     assert "no account lists it" in message and pool.state(found["glm"]) == AccountState.OK
 
 
@@ -166,25 +215,30 @@ def test_compatible_accounts_serve_the_messages_api_only():
     assert router_for(pool).allowed(pool, counting) == [found["glm"]]
 
 
-VERTEX = '''
+VERTEX = """
 [[accounts]]
 name = "gcp"
 provider = "vertex"
 region = "us-east5"
 project = "my-project"
 models = { "claude-sonnet-4-6*" = "claude-sonnet-4-6@20260101" }
-'''
+"""
 
 
 def test_vertex_models_map_to_vertex_ids():
     gcp = accounts(VERTEX)["gcp"]
     vertex = providers.of(gcp)
-    assert vertex.vertex_model(gcp, "claude-sonnet-4-5-20250929") == "claude-sonnet-4-5@20250929"  # a dated id: NAME@DATE
+    assert (
+        vertex.vertex_model(gcp, "claude-sonnet-4-5-20250929") == "claude-sonnet-4-5@20250929"
+    )  # a dated id: NAME@DATE
     assert vertex.vertex_model(gcp, "claude-haiku-4-5") == "claude-haiku-4-5@20251001"  # an alias: the built-in table
     assert vertex.vertex_model(gcp, "claude-sonnet-4-6") == "claude-sonnet-4-6@20260101"  # accounts.toml first
     assert vertex.vertex_model(gcp, "claude-future-9") == "claude-future-9" and not vertex.serves(gcp, "gpt-5")
     assert vertex.destination(gcp) == providers.Destination("https", "us-east5-aiplatform.googleapis.com", 443)
-    assert providers.of(gcp).destination(accounts(VERTEX.replace("us-east5", "global"))["gcp"]).host == "aiplatform.googleapis.com"
+    assert (
+        providers.of(gcp).destination(accounts(VERTEX.replace("us-east5", "global"))["gcp"]).host
+        == "aiplatform.googleapis.com"
+    )
 
 
 def test_vertex_takes_the_model_out_of_the_body_and_into_the_url():
@@ -195,19 +249,33 @@ def test_vertex_takes_the_model_out_of_the_body_and_into_the_url():
     for stream, method in ((True, "streamRawPredict"), (False, "rawPredict")):
         body = json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 5, "stream": stream, "messages": []}).encode()
         out, path = providers.rewritten(lambda data: vertex.rewrite(gcp, state, data), body)
-        assert path == f"/v1/projects/my-project/locations/us-east5/publishers/anthropic/models/claude-sonnet-4-5@20250929:{method}"
-        assert json.loads(out) == {"anthropic_version": "vertex-2023-10-16", "max_tokens": 5, "stream": stream, "messages": []}
+        assert (
+            path
+            == f"/v1/projects/my-project/locations/us-east5/publishers/anthropic/models/claude-sonnet-4-5@20250929:{method}"
+        )
+        assert json.loads(out) == {
+            "anthropic_version": "vertex-2023-10-16",
+            "max_tokens": 5,
+            "stream": stream,
+            "messages": [],
+        }
     hostile = json.dumps({"model": "claude-x/../../../v1/projects/other:rawPredict?alt=", "messages": []}).encode()
     _, path = providers.rewritten(lambda data: vertex.rewrite(gcp, state, data), hostile)
-    assert path == "/v1/projects/my-project/locations/us-east5/publishers/anthropic/models/claude-x%2F..%2F..%2F..%2Fv1%2Fprojects%2Fother%3ArawPredict%3Falt%3D:rawPredict"
+    assert (
+        path
+        == "/v1/projects/my-project/locations/us-east5/publishers/anthropic/models/claude-x%2F..%2F..%2F..%2Fv1%2Fprojects%2Fother%3ArawPredict%3Falt%3D:rawPredict"
+    )
 
 
-@pytest.mark.parametrize("table, message", [
-    ('region = "us east"\n', "'region' must be a Vertex AI region"),
-    ('project = "X!"\n', "'project' must be a Google Cloud project id"),
-    ('credentials_file = ""\n', "'credentials_file' is the path"),
-    ('auth = "bearer"\n', "auth not for provider 'vertex'"),
-])
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ('region = "us east"\n', "'region' must be a Vertex AI region"),
+        ('project = "X!"\n', "'project' must be a Google Cloud project id"),
+        ('credentials_file = ""\n', "'credentials_file' is the path"),
+        ('auth = "bearer"\n', "auth not for provider 'vertex'"),
+    ],
+)
 def test_bad_vertex_settings(table, message):
     with pytest.raises(AccountsError) as e:
         parse_accounts('[[accounts]]\nname = "gcp"\nprovider = "vertex"\n' + table)
@@ -216,15 +284,27 @@ def test_bad_vertex_settings(table, message):
 
 def test_google_errors_become_anthropic_errors_and_a_429_is_a_limit():
     vertex = providers.PROVIDERS["vertex"]
-    google = http.Response.make(429, json.dumps({"error": {"code": 429, "message": "Quota exceeded.", "status": "RESOURCE_EXHAUSTED"}}))
-    assert vertex.signals(google, Signals()).exhausted and not providers.PROVIDERS["anthropic"].signals(google, Signals()).exhausted
+    google = http.Response.make(
+        429, json.dumps({"error": {"code": 429, "message": "Quota exceeded.", "status": "RESOURCE_EXHAUSTED"}})
+    )
+    assert (
+        vertex.signals(google, Signals()).exhausted
+        and not providers.PROVIDERS["anthropic"].signals(google, Signals()).exhausted
+    )
     vertex.reply(google)
     body = json.loads(google.content)
-    assert body["type"] == "error" and body["error"] == {"type": "rate_limit_error", "message": "Vertex AI: Quota exceeded."}
-    listed = http.Response.make(400, json.dumps([{"error": {"code": 400, "message": "bad", "status": "INVALID_ARGUMENT"}}]))
+    assert body["type"] == "error" and body["error"] == {
+        "type": "rate_limit_error",
+        "message": "Vertex AI: Quota exceeded.",
+    }
+    listed = http.Response.make(
+        400, json.dumps([{"error": {"code": 400, "message": "bad", "status": "INVALID_ARGUMENT"}}])
+    )
     vertex.reply(listed)
     assert json.loads(listed.content)["error"]["type"] == "invalid_request_error"
-    ours = http.Response.make(503, json.dumps({"type": "error", "error": {"type": "api_error", "message": "Claudeflare: x"}}))
+    ours = http.Response.make(
+        503, json.dumps({"type": "error", "error": {"type": "api_error", "message": "Claudeflare: x"}})
+    )
     vertex.reply(ours)
     assert json.loads(ours.content)["error"]["message"] == "Claudeflare: x"  # already Anthropic's shape: left alone
 
@@ -232,28 +312,40 @@ def test_google_errors_become_anthropic_errors_and_a_429_is_a_limit():
 def test_bedrock_event_stream_becomes_sse_frame_by_frame_as_it_arrives():
     from fake_bedrock import chunk, frame
 
-    start, stop = chunk({"type": "message_start", "message": {"id": "m"}}), chunk({"type": "message_stop", "amazon-bedrock-invocationMetrics": {}})
+    start, stop = (
+        chunk({"type": "message_start", "message": {"id": "m"}}),
+        chunk({"type": "message_stop", "amazon-bedrock-invocationMetrics": {}}),
+    )
     translate = providers.bedrock.EventStreamToSSE()
-    out = [translate(start[i:i + 1]) for i in range(len(start))]  # one byte at a time
+    out = [translate(start[i : i + 1]) for i in range(len(start))]  # one byte at a time
     assert out[:-1] == [[]] * (len(start) - 1)  # nothing until the frame is whole, then its event at once
     assert out[-1] == b'event: message_start\ndata: {"type":"message_start","message":{"id":"m"}}\n\n'
     assert translate(stop) == b'event: message_stop\ndata: {"type":"message_stop"}\n\n'  # Bedrock's metrics left out
 
-    throttled = frame({":message-type": "exception", ":exception-type": "throttlingException"}, b'{"message":"slow down"}')
+    throttled = frame(
+        {":message-type": "exception", ":exception-type": "throttlingException"}, b'{"message":"slow down"}'
+    )
     event = providers.bedrock.EventStreamToSSE()(throttled)
     assert event.startswith(b"event: error\n") and json.loads(event.split(b"data: ")[1])["error"] == {
-        "type": "rate_limit_error", "message": "Amazon Bedrock: slow down"}
+        "type": "rate_limit_error",
+        "message": "Amazon Bedrock: slow down",
+    }
 
     torn = bytearray(start)
     torn[-1] ^= 0xFF  # a bad CRC
     broken = providers.bedrock.EventStreamToSSE()
-    assert json.loads(broken(bytes(torn)).split(b"data: ")[1])["error"]["message"] == "Amazon Bedrock: unreadable event stream"
+    assert (
+        json.loads(broken(bytes(torn)).split(b"data: ")[1])["error"]["message"]
+        == "Amazon Bedrock: unreadable event stream"
+    )
     assert broken(stop) == []  # nothing after a broken frame is trusted
 
 
 def test_bedrock_maps_models_and_rewrites_the_body():
-    aws = accounts('[[accounts]]\nname = "aws"\nprovider = "bedrock"\nregion = "eu-west-1"\n'
-                   'models = { "claude-sonnet-4-6*" = "eu.anthropic.claude-sonnet-4-6-v1:0" }\n')["aws"]
+    aws = accounts(
+        '[[accounts]]\nname = "aws"\nprovider = "bedrock"\nregion = "eu-west-1"\n'
+        'models = { "claude-sonnet-4-6*" = "eu.anthropic.claude-sonnet-4-6-v1:0" }\n'
+    )["aws"]
     bedrock = providers.of(aws)
     assert bedrock.bedrock_model(aws, "claude-sonnet-4-5") == "anthropic.claude-sonnet-4-5-20250929-v1:0"
     assert bedrock.bedrock_model(aws, "claude-opus-4-1-20250805") == "anthropic.claude-opus-4-1-20250805-v1:0"
@@ -268,23 +360,39 @@ def test_bedrock_maps_models_and_rewrites_the_body():
 
 def test_bedrock_errors_become_anthropic_errors_and_throttling_is_a_limit():
     bedrock = providers.PROVIDERS["bedrock"]
-    throttled = http.Response.make(429, b'{"message":"Too many requests"}', {"x-amzn-errortype": "ThrottlingException:http://internal.amazon.com/"})
+    throttled = http.Response.make(
+        429, b'{"message":"Too many requests"}', {"x-amzn-errortype": "ThrottlingException:http://internal.amazon.com/"}
+    )
     assert bedrock.signals(throttled, Signals()).account_exhausted
     bedrock.reply(throttled)
-    assert json.loads(throttled.content)["error"] == {"type": "rate_limit_error", "message": "Amazon Bedrock: Too many requests"}
+    assert json.loads(throttled.content)["error"] == {
+        "type": "rate_limit_error",
+        "message": "Amazon Bedrock: Too many requests",
+    }
 
 
 def test_an_aws_session_token_is_a_placeholder_in_the_flow():
     from claudeflare import wire
 
     request = flow_for("claude-sonnet-4-5").request
-    wire.conceal(request, http.Headers(authorization="AWS4-HMAC-SHA256 Credential=AKIA/…", **{"x-amz-security-token": "FwoGZX-session"}), "aws")
-    assert request.headers["x-amz-security-token"] == "[claudeflare: aws]" and "AKIA" not in request.headers["authorization"]
+    wire.conceal(
+        request,
+        http.Headers(authorization="AWS4-HMAC-SHA256 Credential=AKIA/…", **{"x-amz-security-token": "FwoGZX-session"}),
+        "aws",
+    )
+    assert (
+        request.headers["x-amz-security-token"] == "[claudeflare: aws]"
+        and "AKIA" not in request.headers["authorization"]
+    )
     assert wire.on_wire(request).headers["x-amz-security-token"] == "FwoGZX-session"
 
 
 def test_the_example_files_provider_accounts_parse_when_uncommented():
     text = open("accounts.example.toml").read()
-    block = text[text.index('# [[accounts]]\n# name = "glm"'):text.index("# Optional: alerts")]
+    block = text[text.index('# [[accounts]]\n# name = "glm"') : text.index("# Optional: alerts")]
     found = parse_accounts(re.sub(r"(?m)^# ?", "", block)).accounts
-    assert [(a.name, a.provider, a.priority) for a in found] == [("glm", "anthropic-compatible", 2), ("aws", "bedrock", 2), ("gcp", "vertex", 2)]
+    assert [(a.name, a.provider, a.priority) for a in found] == [
+        ("glm", "anthropic-compatible", 2),
+        ("aws", "bedrock", 2),
+        ("gcp", "vertex", 2),
+    ]

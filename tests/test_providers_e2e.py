@@ -7,12 +7,13 @@ import time
 
 import anthropic
 import httpx
-from fake_anthropic import FakeAnthropic
-from harness import CLAUDE_CODE_SYSTEM, add_account, db_rows, wait_until
 
 from claudeflare.config import ensure_home
 from claudeflare.credentials import Credential, CredentialStore
 from claudeflare.flowlog import account_status
+
+from fake_anthropic import FakeAnthropic
+from harness import CLAUDE_CODE_SYSTEM, add_account, db_rows, wait_until
 
 GLM_KEY = "glm-secret-key-0123456789"
 
@@ -22,8 +23,10 @@ def add_compatible(home, url, name="glm", priority=0, auth="x-api-key"):
     ensure_home(home)
     CredentialStore(home).set_account(name, Credential(api_key=GLM_KEY))
     with open(home / "accounts.toml", "a") as f:
-        f.write(f'\n[[accounts]]\nname = "{name}"\nprovider = "anthropic-compatible"\nbase_url = "{url}"\n'
-                f'auth = "{auth}"\npriority = {priority}\nmodels = {{ "claude-sonnet-*" = "glm-4.6", "claude-haiku-*" = "glm-4.5-air" }}\n')
+        f.write(
+            f'\n[[accounts]]\nname = "{name}"\nprovider = "anthropic-compatible"\nbase_url = "{url}"\n'
+            f'auth = "{auth}"\npriority = {priority}\nmodels = {{ "claude-sonnet-*" = "glm-4.6", "claude-haiku-*" = "glm-4.5-air" }}\n'
+        )
 
 
 def messages(fake):
@@ -37,29 +40,50 @@ def test_a_compatible_account_serves_mapped_models_with_its_own_key(fake, home, 
         proxy = start_proxy(home)
         client = anthropic.Anthropic(base_url=proxy.url, api_key="client-key-ignored", max_retries=0)
 
-        reply = client.messages.create(model="claude-sonnet-4-5", max_tokens=20, messages=[{"role": "user", "content": "hi"}])
+        reply = client.messages.create(
+            model="claude-sonnet-4-5", max_tokens=20, messages=[{"role": "user", "content": "hi"}]
+        )
         assert reply.model == "glm-4.6" and reply.usage.output_tokens > 0
-        with httpx.stream("POST", f"{proxy.url}/v1/messages", timeout=30, json={
-                "model": "claude-haiku-4-5", "max_tokens": 20, "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
+        with httpx.stream(
+            "POST",
+            f"{proxy.url}/v1/messages",
+            timeout=30,
+            json={
+                "model": "claude-haiku-4-5",
+                "max_tokens": 20,
+                "stream": True,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+        ) as r:
             events = [line for line in r.iter_lines() if line.startswith("event: ")]
         assert r.status_code == 200 and events[0] == "event: message_start" and events[-1] == "event: message_stop"
 
         seen = messages(other)
         assert [(json.loads(s["body"])["model"], s["account"], s["auth_kind"]) for s in seen] == [
-            ("glm-4.6", "glm", "api_key"), ("glm-4.5-air", "glm", "api_key")]
+            ("glm-4.6", "glm", "api_key"),
+            ("glm-4.5-air", "glm", "api_key"),
+        ]
         assert messages(fake) == []  # nothing went to Anthropic
 
-        refused = httpx.post(f"{proxy.url}/v1/messages", timeout=30,
-                             json={"model": "gpt-5", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+        refused = httpx.post(
+            f"{proxy.url}/v1/messages",
+            timeout=30,
+            json={"model": "gpt-5", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+        )
         error = refused.json()["error"]
         assert refused.status_code == 404 and error["type"] == "not_found_error" and "'gpt-5'" in error["message"]
         assert len(messages(other)) == 2
 
         rows = db_rows(home, expect=3)
         assert [(r["provider"], r["model"], r["status"]) for r in rows] == [
-            ("anthropic-compatible", "glm-4.6", 200), ("anthropic-compatible", "glm-4.5-air", 200), (None, "gpt-5", 404)]
+            ("anthropic-compatible", "glm-4.6", 200),
+            ("anthropic-compatible", "glm-4.5-air", 200),
+            (None, "gpt-5", 404),
+        ]
         assert rows[1]["stream"] == 1 and rows[1]["output_tokens"] > 0  # usage read from the stream as it passed
-        assert wait_until(lambda: account_status(home / "claudeflare.db").get("glm", {}).get("provider") == "anthropic-compatible")
+        assert wait_until(
+            lambda: account_status(home / "claudeflare.db").get("glm", {}).get("provider") == "anthropic-compatible"
+        )
         assert GLM_KEY not in (home / "claudeflare.db").read_bytes().decode("latin-1")
 
 
@@ -72,8 +96,12 @@ def test_a_conversation_moves_from_a_limited_subscription_to_a_compatible_accoun
         other.add_api_key(GLM_KEY, account="glm")
         add_compatible(home, other.url, priority=1, auth="x-api-key")
         proxy = start_proxy(home, "--set", "claudeflare_retry_delay_ms=50")
-        body = {"model": "claude-sonnet-4-5", "max_tokens": 20, "system": CLAUDE_CODE_SYSTEM,
-                "messages": [{"role": "user", "content": "hi"}]}
+        body = {
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 20,
+            "system": CLAUDE_CODE_SYSTEM,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
         session = {"x-claude-code-session-id": "one-conversation"}
         first = httpx.post(f"{proxy.url}/v1/messages", json=body, headers=session, timeout=30)
         assert first.status_code == 200 and first.json()["model"] == "claude-sonnet-4-5"
@@ -87,5 +115,7 @@ def test_a_conversation_moves_from_a_limited_subscription_to_a_compatible_accoun
 
         rows = db_rows(home, expect=2)
         assert [(r["account"], r["provider"], r["account_kind"]) for r in rows] == [
-            ("sub", "anthropic", "subscription"), ("glm", "anthropic-compatible", "api-key")]
+            ("sub", "anthropic", "subscription"),
+            ("glm", "anthropic-compatible", "api-key"),
+        ]
         assert json.loads(rows[1]["failovers"])[0]["account"] == "sub"

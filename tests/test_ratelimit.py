@@ -28,8 +28,17 @@ def unified(status="allowed", reset=NOW + 3600, util5=0.4, util7=0.2, **extra):
 
 
 def test_unified_signals_are_read():
-    s = read_signals(unified(status="allowed_warning", util5=0.91, **{"anthropic-ratelimit-unified-overage-status": "rejected",
-                                                                     "anthropic-ratelimit-unified-overage-disabled-reason": "out_of_credits"}), NOW)
+    s = read_signals(
+        unified(
+            status="allowed_warning",
+            util5=0.91,
+            **{
+                "anthropic-ratelimit-unified-overage-status": "rejected",
+                "anthropic-ratelimit-unified-overage-disabled-reason": "out_of_credits",
+            },
+        ),
+        NOW,
+    )
     assert (s.status, s.reset, s.claim) == ("allowed_warning", NOW + 3600, "five_hour")
     assert s.windows["5h"].utilization == 0.91 and s.windows["7d"].reset == NOW + 5 * 86400
     assert (s.overage_status, s.overage_reason) == ("rejected", "out_of_credits")
@@ -37,24 +46,30 @@ def test_unified_signals_are_read():
 
 
 def test_console_signals_and_retry_after():
-    s = read_signals({
-        "anthropic-ratelimit-requests-limit": "50",
-        "anthropic-ratelimit-requests-remaining": "0",
-        "anthropic-ratelimit-requests-reset": "2027-01-15T08:00:30Z",
-        "retry-after": "17",
-        "x-should-retry": "true",
-    }, NOW)
+    s = read_signals(
+        {
+            "anthropic-ratelimit-requests-limit": "50",
+            "anthropic-ratelimit-requests-remaining": "0",
+            "anthropic-ratelimit-requests-reset": "2027-01-15T08:00:30Z",
+            "retry-after": "17",
+            "x-should-retry": "true",
+        },
+        NOW,
+    )
     assert s.console_remaining == {"requests": 0} and s.retry_after == 17 and s.should_retry is True
     assert s.console_reset["requests"] > NOW
 
 
 def test_garbage_headers_are_ignored():
-    s = read_signals({
-        "anthropic-ratelimit-unified-reset": "soon",
-        "anthropic-ratelimit-unified-5h-utilization": "nan",
-        "anthropic-ratelimit-requests-reset": "yesterday",
-        "retry-after": "whenever",
-    }, NOW)
+    s = read_signals(
+        {
+            "anthropic-ratelimit-unified-reset": "soon",
+            "anthropic-ratelimit-unified-5h-utilization": "nan",
+            "anthropic-ratelimit-requests-reset": "yesterday",
+            "retry-after": "whenever",
+        },
+        NOW,
+    )
     assert s.reset is None and s.windows["5h"].utilization is None and s.retry_after is None and s.console_reset == {}
 
 
@@ -115,12 +130,25 @@ def test_windowless_429_does_not_bench():
 
 def test_spend_limit_benches_until_reset_and_says_so():
     health = Health(Clock())
-    outcome = health.observe("a", 429, read_signals({"retry-after": "7200"}, NOW), "rate_limit_error", "enforced_spend_limit_reached")
+    outcome = health.observe(
+        "a", 429, read_signals({"retry-after": "7200"}, NOW), "rate_limit_error", "enforced_spend_limit_reached"
+    )
     assert outcome == "limited" and health.get("a").until == NOW + 7200
     assert health.get("a").reason.startswith("spend limit reached")
-    health.observe("b", 429, read_signals(unified(status="rejected", **{
-        "anthropic-ratelimit-unified-overage-status": "rejected",
-        "anthropic-ratelimit-unified-overage-disabled-reason": "out_of_credits"}), NOW))
+    health.observe(
+        "b",
+        429,
+        read_signals(
+            unified(
+                status="rejected",
+                **{
+                    "anthropic-ratelimit-unified-overage-status": "rejected",
+                    "anthropic-ratelimit-unified-overage-disabled-reason": "out_of_credits",
+                },
+            ),
+            NOW,
+        ),
+    )
     assert health.get("b").reason.startswith("five_hour limit and out of credits")
 
 
@@ -150,8 +178,15 @@ def test_needs_login_is_not_available_until_cleared():
 def test_out_of_credits_with_windows_allowed_does_not_bench():
     # The paid overflow is spent, not the plan (contract §4): e.g. a long-context refusal.
     health = Health(Clock())
-    signals = read_signals(unified(**{"anthropic-ratelimit-unified-overage-status": "rejected",
-                                      "anthropic-ratelimit-unified-overage-disabled-reason": "out_of_credits"}), NOW)
+    signals = read_signals(
+        unified(
+            **{
+                "anthropic-ratelimit-unified-overage-status": "rejected",
+                "anthropic-ratelimit-unified-overage-disabled-reason": "out_of_credits",
+            }
+        ),
+        NOW,
+    )
     assert health.observe("a", 429, signals, "rate_limit_error") == "windowless"
     assert health.available("a") and health.get("a").state == "ok"
 
@@ -165,8 +200,14 @@ def test_a_jittered_reset_is_the_same_window_and_the_latest_reset_counts():
     health.observe("a", 429, read_signals(unified(status="rejected", reset=NOW + 3570), NOW))
     assert health.get("a").until == NOW + 3600
     # Several windows rejected: the latest reset counts, even when the unified reset names another.
-    both = unified(status="rejected", reset=NOW + 600, **{"anthropic-ratelimit-unified-7d-status": "rejected",
-                                                          "anthropic-ratelimit-unified-7d-reset": str(int(NOW + 7200))})
+    both = unified(
+        status="rejected",
+        reset=NOW + 600,
+        **{
+            "anthropic-ratelimit-unified-7d-status": "rejected",
+            "anthropic-ratelimit-unified-7d-reset": str(int(NOW + 7200)),
+        },
+    )
     health.observe("b", 429, read_signals(both, NOW))
     assert health.get("b").until == NOW + 7200
 
@@ -180,18 +221,27 @@ def test_529_benches_no_longer_than_the_retry_delay():
 def test_a_family_weekly_window_benches_that_family_only():
     clock = Clock()
     health = Health(clock)
-    opus_week = unified(**{"anthropic-ratelimit-unified-status": "rejected",
-                           "anthropic-ratelimit-unified-representative-claim": "seven_day_opus",
-                           "anthropic-ratelimit-unified-7d_oi-status": "rejected",
-                           "anthropic-ratelimit-unified-7d_oi-utilization": "1",
-                           "anthropic-ratelimit-unified-7d_oi-reset": str(int(NOW + 86400))})
+    opus_week = unified(
+        **{
+            "anthropic-ratelimit-unified-status": "rejected",
+            "anthropic-ratelimit-unified-representative-claim": "seven_day_opus",
+            "anthropic-ratelimit-unified-7d_oi-status": "rejected",
+            "anthropic-ratelimit-unified-7d_oi-utilization": "1",
+            "anthropic-ratelimit-unified-7d_oi-reset": str(int(NOW + 86400)),
+        }
+    )
     assert health.observe("a", 429, read_signals(opus_week, NOW), "rate_limit_error", family="opus") == "family-limited"
     assert not health.available("a", family="opus")
     assert health.available("a", family="sonnet") and health.available("a")
     assert health.utilization_now("a", NOW) == 0.4  # the 5h window, not the opus week
     # Only the 7d_oi window, no claim: the family of the refused request.
-    oi_only = unified(**{"anthropic-ratelimit-unified-status": "rejected", "anthropic-ratelimit-unified-7d_oi-status": "rejected",
-                         "anthropic-ratelimit-unified-7d_oi-reset": str(int(NOW + 600))})
+    oi_only = unified(
+        **{
+            "anthropic-ratelimit-unified-status": "rejected",
+            "anthropic-ratelimit-unified-7d_oi-status": "rejected",
+            "anthropic-ratelimit-unified-7d_oi-reset": str(int(NOW + 600)),
+        }
+    )
     assert health.observe("b", 429, read_signals(oi_only, NOW), family="sonnet") == "family-limited"
     assert not health.available("b", family="sonnet") and health.available("b", family="haiku")
     assert health.soonest(["a", "b"], "opus") == NOW + 86400 and health.soonest(["a", "b"], "sonnet") == NOW + 600

@@ -6,12 +6,13 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
-from harness import add_account, free_port
 
 from claudeflare import oauth, refresh
 from claudeflare.credentials import CredentialStore
 from claudeflare.oauth import OAuthError, OAuthSettings
 from claudeflare.refresh import TokenRefresher
+
+from harness import add_account, free_port
 
 NAME = "max"
 EXPIRING = 60  # seconds left: inside the refresh margin (300), yet the old token still works
@@ -28,8 +29,15 @@ def clock(monkeypatch):
 
 def enrol(fake, home, expires_in=EXPIRING):
     tokens = fake.add_oauth(account=NAME, expires_in=expires_in)
-    add_account(home, NAME, "max", 5, access_token=tokens["access_token"], refresh_token=tokens["refresh_token"],
-                expires_at=time.time() + expires_in)
+    add_account(
+        home,
+        NAME,
+        "max",
+        5,
+        access_token=tokens["access_token"],
+        refresh_token=tokens["refresh_token"],
+        expires_at=time.time() + expires_in,
+    )
     return stored(home)
 
 

@@ -7,11 +7,12 @@ import re
 
 import httpx
 import pytest
-from harness import free_port
 from mitmproxy import http
 from mitmproxy.test import tutils
 
-from claudeflare.resend import Resender, ReplyTooLarge
+from claudeflare.resend import ReplyTooLarge, Resender
+
+from harness import free_port
 
 BODY = b'{"model":"claude-sonnet-4-6","stream":true}\xff'  # sent as is, even bytes that are no UTF-8
 
@@ -70,12 +71,22 @@ async def resend(upstream_reply, headers=None, max_body=1 << 20, timeout=10.0, p
 
 
 def test_hop_by_hop_headers_are_skipped_and_the_rest_and_the_body_go_as_received():
-    headers = http.Headers([
-        (b"Host", b"evil.example"), (b"Connection", b"x-evil"), (b"Keep-Alive", b"timeout=999"), (b"TE", b"trailers"),
-        (b"Upgrade", b"h2c"), (b"Proxy-Connection", b"keep-alive"), (b"Transfer-Encoding", b"chunked"),
-        (b"Content-Length", b"999"), (b"x-api-key", b"sk-ant-api03-resend"),
-        (b"anthropic-beta", b"a-1"), (b"anthropic-beta", b"b-2"), (b"Accept-Encoding", b"gzip"),
-    ])
+    headers = http.Headers(
+        [
+            (b"Host", b"evil.example"),
+            (b"Connection", b"x-evil"),
+            (b"Keep-Alive", b"timeout=999"),
+            (b"TE", b"trailers"),
+            (b"Upgrade", b"h2c"),
+            (b"Proxy-Connection", b"keep-alive"),
+            (b"Transfer-Encoding", b"chunked"),
+            (b"Content-Length", b"999"),
+            (b"x-api-key", b"sk-ant-api03-resend"),
+            (b"anthropic-beta", b"a-1"),
+            (b"anthropic-beta", b"b-2"),
+            (b"Accept-Encoding", b"gzip"),
+        ]
+    )
     response, upstream = asyncio.run(resend(reply("content-length: 2"), headers))
     head = upstream.heads[0].decode().lower()
     assert head.startswith("post /v1/messages?beta=true http/1.1\r\n")
@@ -91,15 +102,28 @@ def test_hop_by_hop_headers_are_skipped_and_the_rest_and_the_body_go_as_received
 def test_the_reply_stays_encoded_as_received_and_gets_its_own_length():
     sse = b"event: message_start\ndata: {}\n\n" * 50
     encoded = gzip.compress(sse)
-    chunked = b"".join(b"%x\r\n%s\r\n" % (len(encoded[i:i + 100]), encoded[i:i + 100]) for i in range(0, len(encoded), 100))
-    upstream_reply = reply("content-type: text/event-stream", "content-encoding: gzip", "transfer-encoding: chunked",
-                           "connection: keep-alive", "keep-alive: timeout=5", "request-id: req_1",
-                           "anthropic-ratelimit-unified-status: allowed", status="529 Overloaded", body=chunked + b"0\r\n\r\n")
+    chunked = b"".join(
+        b"%x\r\n%s\r\n" % (len(encoded[i : i + 100]), encoded[i : i + 100]) for i in range(0, len(encoded), 100)
+    )
+    upstream_reply = reply(
+        "content-type: text/event-stream",
+        "content-encoding: gzip",
+        "transfer-encoding: chunked",
+        "connection: keep-alive",
+        "keep-alive: timeout=5",
+        "request-id: req_1",
+        "anthropic-ratelimit-unified-status: allowed",
+        status="529 Overloaded",
+        body=chunked + b"0\r\n\r\n",
+    )
     response, _ = asyncio.run(resend(upstream_reply))
     assert response.status_code == 529
     assert response.raw_content == encoded and response.content == sse
     assert response.headers["content-encoding"] == "gzip" and response.headers["content-length"] == str(len(encoded))
-    assert response.headers["request-id"] == "req_1" and response.headers["anthropic-ratelimit-unified-status"] == "allowed"
+    assert (
+        response.headers["request-id"] == "req_1"
+        and response.headers["anthropic-ratelimit-unified-status"] == "allowed"
+    )
     for skipped in ("transfer-encoding", "connection", "keep-alive"):
         assert skipped not in response.headers, skipped
 
@@ -135,11 +159,14 @@ def test_reading_stops_at_the_cap_however_much_the_upstream_would_send():
     assert sum(sent) < 32 << 20  # what socket buffers hold at most, not the 64 MiB on offer
 
 
-@pytest.mark.parametrize("upstream_reply, error", [
-    (reply("content-length: 100", body=b"short"), httpx.RemoteProtocolError),  # cut off mid-body
-    (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", httpx.RemoteProtocolError),  # no HTTP at all
-    (b"", httpx.RemoteProtocolError),  # closed without a word
-])
+@pytest.mark.parametrize(
+    "upstream_reply, error",
+    [
+        (reply("content-length: 100", body=b"short"), httpx.RemoteProtocolError),  # cut off mid-body
+        (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", httpx.RemoteProtocolError),  # no HTTP at all
+        (b"", httpx.RemoteProtocolError),  # closed without a word
+    ],
+)
 def test_a_broken_reply_is_a_transport_error(upstream_reply, error):
     with pytest.raises(error) as raised:
         asyncio.run(resend(upstream_reply))

@@ -32,14 +32,23 @@ def test_path_ids():
     assert path_ids("/v1/files/file_011Cabc/content") == ["file_011Cabc"]
     assert path_ids("/v1/messages/batches/msgbatch_01x/results") == ["msgbatch_01x"]
     assert path_ids("/v1/messages/batches/msgbatch_01x/cancel") == ["msgbatch_01x"]
-    for other in ("/v1/files", "/v1/messages", "/v1/files/file_a.b", "/v1/files/notafile", "/x/v1/files/file_a",
-                  "/v1/files/file_" + "a" * 201, "/v1/messages/batches/file_a"):
+    for other in (
+        "/v1/files",
+        "/v1/messages",
+        "/v1/files/file_a.b",
+        "/v1/files/notafile",
+        "/x/v1/files/file_a",
+        "/v1/files/file_" + "a" * 201,
+        "/v1/messages/batches/file_a",
+    ):
         assert path_ids(other) == []
 
 
 def test_body_file_ids_tolerate_garbage_and_ignore_text():
     doc = {"type": "document", "source": {"type": "file", "file_id": "file_A1"}}
-    body = json.dumps({"messages": [{"role": "user", "content": [doc, doc, {"type": "text", "text": '"file_id": "file_T"'}]}]})
+    body = json.dumps(
+        {"messages": [{"role": "user", "content": [doc, doc, {"type": "text", "text": '"file_id": "file_T"'}]}]}
+    )
     assert body_file_ids(body.encode()) == ["file_A1"]  # once; the one inside a string is text, not a block
     assert body_file_ids(b'{"file_id" : "file_B2"') == ["file_B2"]  # truncated JSON still says which
     assert body_file_ids(b'\xff\x00"file_id":"file_C3"\xfe') == ["file_C3"]
@@ -76,8 +85,9 @@ def items(*specs):
 
 
 def test_merged_page_newest_first_with_cursors():
-    everything = items(("f1", "2026-01-01T00:00:01Z"), ("f3", "2026-01-01T00:00:03.5Z"), ("f2", "2026-01-01T00:00:02Z"),
-                       ("f0", None))
+    everything = items(
+        ("f1", "2026-01-01T00:00:01Z"), ("f3", "2026-01-01T00:00:03.5Z"), ("f2", "2026-01-01T00:00:02Z"), ("f0", None)
+    )
     page = merged_page(everything, 2, None, None, None)
     assert [i["id"] for i in page["data"]] == ["f3", "f2"] and page["has_more"] and page["next_page"] == "page_f2"
     assert (page["first_id"], page["last_id"]) == ("f3", "f2")
@@ -88,7 +98,13 @@ def test_merged_page_newest_first_with_cursors():
     assert [i["id"] for i in newer["data"]] == ["f2"] and newer["has_more"]
     assert merged_page(everything, 5, "nope", None, None)["data"] == []
     assert [i["id"] for i in merged_page(everything, 5, None, None, {"f1", "f0"})["data"]] == ["f1", "f0"]
-    assert merged_page([], 20, None, None, None) == {"data": [], "has_more": False, "first_id": None, "last_id": None, "next_page": None}
+    assert merged_page([], 20, None, None, None) == {
+        "data": [],
+        "has_more": False,
+        "first_id": None,
+        "last_id": None,
+        "next_page": None,
+    }
 
 
 def test_page_query():
@@ -97,14 +113,22 @@ def test_page_query():
 
     assert q() == (20, None, None, None)
     assert q(limit=5, page="page_f9") == (5, "f9", None, None)
-    for bad in ({"limit": 0}, {"limit": 1001}, {"limit": "x"}, {"limit": "-1"}, {"page": "f9"},
-                {"after_id": "a", "before_id": "b"}):
+    for bad in (
+        {"limit": 0},
+        {"limit": 1001},
+        {"limit": "x"},
+        {"limit": "-1"},
+        {"page": "f9"},
+        {"after_id": "a", "before_id": "b"},
+    ):
         with pytest.raises(ValueError):
             q(**bad)
 
 
 def pool_of(*accounts):
-    return Pool(accounts=list(accounts), credentials={a.name: Credential(api_key=f"sk-ant-api03-{a.name}") for a in accounts})
+    return Pool(
+        accounts=list(accounts), credentials={a.name: Credential(api_key=f"sk-ant-api03-{a.name}") for a in accounts}
+    )
 
 
 def test_owner_for_pins_and_refuses_clearly():
@@ -158,7 +182,9 @@ def test_owners_are_written_by_the_flow_log_and_loaded_again(tmp_path):
     log.close()
     conn = sqlite3.connect(path)
     assert conn.execute("select id, account, kind from resources order by id").fetchall() == [
-        ("file_1", "c", "file"), ("msgbatch_1", "b", "batch")]
+        ("file_1", "c", "file"),
+        ("msgbatch_1", "b", "batch"),
+    ]
     conn.close()
     again = Owners(lambda *change: None)
     again.load(path)
@@ -169,8 +195,11 @@ def test_owners_are_written_by_the_flow_log_and_loaded_again(tmp_path):
 
 
 def test_batch_results_url_leads_back_through_the_pool():
-    batch = {"type": "message_batch", "id": "msgbatch_1",
-             "results_url": "https://api.anthropic.com/v1/messages/batches/msgbatch_1/results"}
+    batch = {
+        "type": "message_batch",
+        "id": "msgbatch_1",
+        "results_url": "https://api.anthropic.com/v1/messages/batches/msgbatch_1/results",
+    }
     reply = http.Response.make(200, json.dumps(batch), {"content-type": "application/json"})
     localize_batch_reply(request("GET", "/v1/messages/batches/msgbatch_1"), reply)
     assert json.loads(reply.content)["results_url"] == "/v1/messages/batches/msgbatch_1/results"

@@ -8,9 +8,10 @@ import time
 import anthropic
 import requests
 from click.testing import CliRunner
-from harness import add_account, api_key_accounts, db_rows, key_for, wait_until
 
 from claudeflare.cli import cli
+
+from harness import add_account, api_key_accounts, db_rows, key_for, wait_until
 
 MODEL = "claude-sonnet-4-6"
 FILES_BETA = "files-api-2025-04-14"
@@ -38,8 +39,19 @@ def owners_table(home):
 
 
 def ask_about(proxy, file_id, **extra):
-    body = {"model": MODEL, "max_tokens": 20, "messages": [{"role": "user", "content": [
-        {"type": "document", "source": {"type": "file", "file_id": file_id}}, {"type": "text", "text": "Sum it up"}]}]}
+    body = {
+        "model": MODEL,
+        "max_tokens": 20,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "document", "source": {"type": "file", "file_id": file_id}},
+                    {"type": "text", "text": "Sum it up"},
+                ],
+            }
+        ],
+    }
     return requests.post(f"{proxy.url}/v1/messages", headers={**HEADERS, **extra}, json=body, timeout=30)
 
 
@@ -68,7 +80,9 @@ def test_files_go_to_their_owner_and_list_merged(fake, home, start_proxy):
     assert [f["id"] for f in first["data"]] == ids[:0:-1] and first["has_more"] is True and first["last_id"] == ids[1]
     rest = requests.get(f"{proxy.url}/v1/files", params={"after_id": ids[1]}, headers=HEADERS, timeout=10).json()
     assert [f["id"] for f in rest["data"]] == [ids[0]] and rest["has_more"] is False
-    newer = requests.get(f"{proxy.url}/v1/files", params={"before_id": ids[1], "limit": 1}, headers=HEADERS, timeout=10).json()
+    newer = requests.get(
+        f"{proxy.url}/v1/files", params={"before_id": ids[1], "limit": 1}, headers=HEADERS, timeout=10
+    ).json()
     assert [f["id"] for f in newer["data"]] == [ids[2]]
     assert [f.id for f in client.beta.files.list(limit=1)] == ids[::-1]  # SDK auto-paging via next_page
 
@@ -136,13 +150,21 @@ def test_owner_limited_paused_or_removed(fake, home, start_proxy):
 
     runner = CliRunner()
     assert runner.invoke(cli, ["--home", str(home), "pause", owner]).exit_code == 0
-    assert wait_until(lambda: requests.get(f"{proxy.url}/v1/files/{file_id}", headers=HEADERS, timeout=10).status_code == 503)
+    assert wait_until(
+        lambda: requests.get(f"{proxy.url}/v1/files/{file_id}", headers=HEADERS, timeout=10).status_code == 503
+    )
     paused = requests.get(f"{proxy.url}/v1/files/{file_id}", headers=HEADERS, timeout=10).json()
-    assert paused["error"]["type"] == "api_error" and f"'{owner}'" in paused["error"]["message"] and "paused" in paused["error"]["message"]
+    assert (
+        paused["error"]["type"] == "api_error"
+        and f"'{owner}'" in paused["error"]["message"]
+        and "paused" in paused["error"]["message"]
+    )
     assert ask_about(proxy, file_id).status_code == 503  # not sent to the other account, which would say 404
 
     assert runner.invoke(cli, ["--home", str(home), "remove", owner, "--yes"]).exit_code == 0
-    assert wait_until(lambda: requests.get(f"{proxy.url}/v1/files/{file_id}", headers=HEADERS, timeout=10).status_code == 404)
+    assert wait_until(
+        lambda: requests.get(f"{proxy.url}/v1/files/{file_id}", headers=HEADERS, timeout=10).status_code == 404
+    )
     gone = requests.get(f"{proxy.url}/v1/files/{file_id}", headers=HEADERS, timeout=10).json()
     assert gone["error"]["type"] == "not_found_error" and f"'{owner}'" in gone["error"]["message"]
     assert all(r["account"] == owner for r in fake.requests if r["path"] == f"/v1/files/{file_id}")

@@ -16,15 +16,20 @@ from claudeflare.balancer import Balancer
 from claudeflare.credentials import Credential, CredentialStore
 from claudeflare.flows import FlowState, FlowStates
 from claudeflare.options import Retry
-from claudeflare.proxy import Claudeflare
 from claudeflare.policy import credential_fingerprint
+from claudeflare.proxy import Claudeflare
 from claudeflare.ratelimit import Health
 from claudeflare.router import Router
+
 from harness import add_account, key_for, wait_until
+
 
 def limited() -> dict:
     """A rejected window that resets an hour from now (now: when the reply is made, not imported)."""
-    return {"anthropic-ratelimit-unified-status": "rejected", "anthropic-ratelimit-unified-reset": str(int(time.time()) + 3600)}
+    return {
+        "anthropic-ratelimit-unified-status": "rejected",
+        "anthropic-ratelimit-unified-reset": str(int(time.time()) + 3600),
+    }
 
 
 def reply(status: int, headers: dict | None = None, kind: str = "api_error") -> http.Response:
@@ -54,8 +59,13 @@ def proxy(tmp_path):
         add_account(home, name, "api-key", api_key=key_for(name))
     claudeflare = Claudeflare()
     with taddons.context(claudeflare) as tctx:
-        tctx.configure(claudeflare, claudeflare_home=str(home), claudeflare_upstream="http://127.0.0.1:9",
-                       claudeflare_strategy="round-robin", claudeflare_retry_delay_ms=1)
+        tctx.configure(
+            claudeflare,
+            claudeflare_home=str(home),
+            claudeflare_upstream="http://127.0.0.1:9",
+            claudeflare_strategy="round-robin",
+            claudeflare_retry_delay_ms=1,
+        )
         yield claudeflare
     claudeflare.watcher.stop()
 
@@ -87,6 +97,7 @@ def test_a_failover_that_raises_still_gives_its_in_flight_count_back(proxy):
 
 # --- the Router alone, with its collaborators in memory -------------------------------------------
 
+
 class FakeRefresher:
     """A token server that hands out a new access token when told the old one was refused."""
 
@@ -97,7 +108,9 @@ class FakeRefresher:
         if rejected is None:
             return credential
         self.refused.append(rejected)
-        return Credential(access_token=f"{rejected}-fresh", refresh_token=credential.refresh_token, expires_at=time.time() + 3600)
+        return Credential(
+            access_token=f"{rejected}-fresh", refresh_token=credential.refresh_token, expires_at=time.time() + 3600
+        )
 
 
 def make_router(*accounts: Account, credentials: dict, resender: FakeResender, refresher=None) -> Router:
@@ -107,14 +120,25 @@ def make_router(*accounts: Account, credentials: dict, resender: FakeResender, r
     async def sleep(seconds):
         sleeps.append(seconds)
 
-    router = Router(lambda: pool, Balancer("round-robin"), Health(), FlowStates(), refresher=refresher, resender=resender, sleep=sleep)
+    router = Router(
+        lambda: pool,
+        Balancer("round-robin"),
+        Health(),
+        FlowStates(),
+        refresher=refresher,
+        resender=resender,
+        sleep=sleep,
+    )
     router.sleeps = sleeps
     return router
 
 
 def keyed(*names, resender) -> Router:
-    return make_router(*(Account(n, "api-key") for n in names), credentials={n: Credential(api_key=key_for(n)) for n in names},
-                       resender=resender)
+    return make_router(
+        *(Account(n, "api-key") for n in names),
+        credentials={n: Credential(api_key=key_for(n)) for n in names},
+        resender=resender,
+    )
 
 
 async def serve(router: Router, upstream: http.Response, owner: str | None = None) -> tuple[http.HTTPFlow, FlowState]:
@@ -156,9 +180,16 @@ def test_a_529_waits_and_retries_the_same_account_with_backoff():
 
 def test_a_401_refreshes_the_token_once_then_the_account_needs_a_login():
     account = Account("m", "max")
-    router = make_router(account, credentials={"m": Credential(access_token="sk-ant-oat01-old", refresh_token="sk-ant-ort01-r",
-                                                               expires_at=time.time() + 3600)},
-                         resender=FakeResender(reply(401, kind="authentication_error")), refresher=FakeRefresher())
+    router = make_router(
+        account,
+        credentials={
+            "m": Credential(
+                access_token="sk-ant-oat01-old", refresh_token="sk-ant-ort01-r", expires_at=time.time() + 3600
+            )
+        },
+        resender=FakeResender(reply(401, kind="authentication_error")),
+        refresher=FakeRefresher(),
+    )
     flow, state = asyncio.run(serve(router, reply(401, kind="authentication_error")))
     assert router.refresher.refused == ["sk-ant-oat01-old"]  # one refresh, for the token refused
     assert router.resender.sent == ["Bearer sk-ant-oat01-old-fresh"]
@@ -210,7 +241,9 @@ def test_flow_metadata_holds_plain_values_and_no_secret(proxy):
     flow = pool_flow(proxy)
     asyncio.run(proxy.request(flow))
     state = proxy.states.get(flow)
-    assert state.lease and flow.metadata == {"claudeflare": {"id": state.id, "account": state.account, "client": None, "attempts": 1}}
+    assert state.lease and flow.metadata == {
+        "claudeflare": {"id": state.id, "account": state.account, "client": None, "attempts": 1}
+    }
     saved = tnetstring.dumps(flow.get_state())  # what `-w` writes: the live state stays out of it
     assert key_for("a").encode() not in saved and key_for("b").encode() not in saved
     asyncio.run(proxy.response(flow))

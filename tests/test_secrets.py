@@ -17,11 +17,23 @@ import psutil
 import pytest
 import requests
 from click.testing import CliRunner
-from harness import ADDON, CLAUDE_CODE_SYSTEM, MITMDUMP, add_account, claudeflare_proxy, db_rows, free_port, key_for, wait_for_port, wait_until
 from mitmproxy import io
 
 from claudeflare.cli import cli
 from claudeflare.credentials import CredentialStore
+
+from harness import (
+    ADDON,
+    CLAUDE_CODE_SYSTEM,
+    MITMDUMP,
+    add_account,
+    claudeflare_proxy,
+    db_rows,
+    free_port,
+    key_for,
+    wait_for_port,
+    wait_until,
+)
 
 CLAUDEFLARE = Path(sys.executable).parent / "claudeflare"
 MITMWEB = Path(sys.executable).parent / "mitmweb"
@@ -37,14 +49,25 @@ def traffic(proxy, client_key: str) -> int:
     session = requests.Session()
     headers = {"x-api-key": client_key, "anthropic-version": "2023-06-01"}
     # Claude Code's prompt, so the subscription account serves its share too.
-    body = {"model": MODEL, "max_tokens": 50, "system": CLAUDE_CODE_SYSTEM, "messages": [{"role": "user", "content": "secret sweep"}]}
+    body = {
+        "model": MODEL,
+        "max_tokens": 50,
+        "system": CLAUDE_CODE_SYSTEM,
+        "messages": [{"role": "user", "content": "secret sweep"}],
+    }
     sent = 0
     for i in range(12):
-        reply = session.post(f"{proxy.url}/v1/messages", json={**body, "stream": i % 2 == 0}, headers=headers, timeout=10)
+        reply = session.post(
+            f"{proxy.url}/v1/messages", json={**body, "stream": i % 2 == 0}, headers=headers, timeout=10
+        )
         assert reply.status_code == 200, reply.text
         sent += 1
-    assert session.post(f"{proxy.url}/v1/messages/count_tokens", json=body, headers=headers, timeout=10).status_code == 200
-    wrong = session.post(f"{proxy.url}/v1/messages", json=body, headers={"x-api-key": "cfk-presented-but-wrong-0123456789"}, timeout=10)
+    assert (
+        session.post(f"{proxy.url}/v1/messages/count_tokens", json=body, headers=headers, timeout=10).status_code == 200
+    )
+    wrong = session.post(
+        f"{proxy.url}/v1/messages", json=body, headers={"x-api-key": "cfk-presented-but-wrong-0123456789"}, timeout=10
+    )
     assert wrong.status_code == 401
     return sent + 1
 
@@ -98,14 +121,30 @@ def test_no_secret_leaves_the_credential_store(fake, home, start_proxy, tmp_path
     assert created.exit_code == 0 and client_key.startswith("cfk-")
 
     saved = tmp_path / "flows.mitm"
-    proxy = start_proxy(home, "-w", str(saved), "--set", "flow_detail=4", "--set", "termlog_verbosity=debug",
-                        "--set", f"claudeflare_token_url={fake.url}/v1/oauth/token", "--set", "claudeflare_strategy=round-robin")
+    proxy = start_proxy(
+        home,
+        "-w",
+        str(saved),
+        "--set",
+        "flow_detail=4",
+        "--set",
+        "termlog_verbosity=debug",
+        "--set",
+        f"claudeflare_token_url={fake.url}/v1/oauth/token",
+        "--set",
+        "claudeflare_strategy=round-robin",
+    )
     assert wait_until(lambda: fake.tokens("max")["refresh_token"] != first["refresh_token"], timeout=10)
     fake.revoke_access_token(fake.tokens("max")["access_token"])  # the next request on it gets a 401 and a refresh
     sent = traffic(proxy, client_key)
     assert len(db_rows(home, expect=sent)) == sent
-    secrets = {api_key, client_key, "cfk-presented-but-wrong-0123456789", *first.values(),
-               *(v for k, v in fake.tokens("max").items() if k.endswith("token"))}
+    secrets = {
+        api_key,
+        client_key,
+        "cfk-presented-but-wrong-0123456789",
+        *first.values(),
+        *(v for k, v in fake.tokens("max").items() if k.endswith("token")),
+    }
     assert len(secrets) == 7  # the 401 rotated the tokens once more
 
     runner = CliRunner()
@@ -118,15 +157,21 @@ def test_no_secret_leaves_the_credential_store(fake, home, start_proxy, tmp_path
     port = free_port()
     log = tmp_path / "dashboard.log"
     with open(log, "wb") as out:
-        dashboard = subprocess.Popen([str(CLAUDEFLARE), "--home", str(home), "dashboard", "--public", "--allow-sql",
-                                      "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+        dashboard = subprocess.Popen(
+            [str(CLAUDEFLARE), "--home", str(home), "dashboard", "--public", "--allow-sql", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         wait_for_port(port, 30, alive=lambda: dashboard.poll() is None)
         pages = crawl(f"http://127.0.0.1:{port}")
-        everything = requests.get(f"http://127.0.0.1:{port}/claudeflare.json",
-                                  params={"sql": "select * from requests"}, timeout=30)
+        everything = requests.get(
+            f"http://127.0.0.1:{port}/claudeflare.json", params={"sql": "select * from requests"}, timeout=30
+        )
         pages["sql: select * from requests"] = everything.content
-        command_lines = {p.pid: " ".join(p.cmdline()) for p in (psutil.Process(dashboard.pid), psutil.Process(proxy.proc.pid))}
+        command_lines = {
+            p.pid: " ".join(p.cmdline()) for p in (psutil.Process(dashboard.pid), psutil.Process(proxy.proc.pid))
+        }
     finally:
         dashboard.terminate()
         dashboard.wait(10)
@@ -140,14 +185,26 @@ def test_no_secret_leaves_the_credential_store(fake, home, start_proxy, tmp_path
     proxy.stop()
     written = {**running, **files()}
     assert (home / "claudeflare.db-wal") in running
-    assert {p.name for p in written} >= {"claudeflare.db", "accounts.toml", "credentials.json", "mitmdump-0.log", "dashboard.log",
-                                         "flows.mitm"}
-    places = {**{str(p): b for p, b in written.items() if p.name not in PRIVATE_FILES}, **outputs, **pages,
-              **{f"command line of {pid}": c.encode() for pid, c in command_lines.items()}}
+    assert {p.name for p in written} >= {
+        "claudeflare.db",
+        "accounts.toml",
+        "credentials.json",
+        "mitmdump-0.log",
+        "dashboard.log",
+        "flows.mitm",
+    }
+    places = {
+        **{str(p): b for p, b in written.items() if p.name not in PRIVATE_FILES},
+        **outputs,
+        **pages,
+        **{f"command line of {pid}": c.encode() for pid, c in command_lines.items()},
+    }
     leaks = [(secret[:16], where) for secret in secrets for where, data in places.items() if secret.encode() in data]
     assert leaks == []
     proxy_log = written[tmp_path / "mitmdump-0.log"]
-    assert b"[claudeflare: console]" in proxy_log and b"Bearer [claudeflare: max]" in proxy_log  # flow_detail=4 printed headers
+    assert (
+        b"[claudeflare: console]" in proxy_log and b"Bearer [claudeflare: max]" in proxy_log
+    )  # flow_detail=4 printed headers
     assert b"unserializable" not in proxy_log
     assert_saved_pool_flows(saved, sent)
 
@@ -167,18 +224,40 @@ def test_mitmweb_never_shows_a_credential(fake, home, tmp_path):
     fake.add_oauth(account="max", expires_in=60, **first)
     add_account(home, "max", "max", 5, expires_at=time.time() + 60, **first)  # refreshed at once: a new token
     web_port, password = free_port(), token_hex(16)
-    proxy = claudeflare_proxy(home, fake.url, tmp_path / "mitmweb.log", "--no-web-open-browser",
-                              "--set", f"web_port={web_port}", "--set", "web_host=127.0.0.1", "--set", f"web_password={password}",
-                              "--set", f"claudeflare_token_url={fake.url}/v1/oauth/token", "--set", "claudeflare_strategy=round-robin")
+    proxy = claudeflare_proxy(
+        home,
+        fake.url,
+        tmp_path / "mitmweb.log",
+        "--no-web-open-browser",
+        "--set",
+        f"web_port={web_port}",
+        "--set",
+        "web_host=127.0.0.1",
+        "--set",
+        f"web_password={password}",
+        "--set",
+        f"claudeflare_token_url={fake.url}/v1/oauth/token",
+        "--set",
+        "claudeflare_strategy=round-robin",
+    )
     proxy.args[0] = str(MITMWEB)  # the same addon and options under mitmweb
     own_key = "sk-ant-api03-the-clients-own-" + "k" * 24  # a client's own credential is not shown either
-    body = {"model": MODEL, "max_tokens": 20, "system": CLAUDE_CODE_SYSTEM, "messages": [{"role": "user", "content": "in flight"}]}
+    body = {
+        "model": MODEL,
+        "max_tokens": 20,
+        "system": CLAUDE_CODE_SYSTEM,
+        "messages": [{"role": "user", "content": "in flight"}],
+    }
     web = requests.Session()
     web.headers["authorization"] = f"Bearer {password}"
 
     def post() -> requests.Response:
-        return requests.post(f"{proxy.url}/v1/messages", json=body, timeout=30,
-                             headers={"x-api-key": own_key, "anthropic-version": "2023-06-01", "x-fake-first-byte-ms": "3000"})
+        return requests.post(
+            f"{proxy.url}/v1/messages",
+            json=body,
+            timeout=30,
+            headers={"x-api-key": own_key, "anthropic-version": "2023-06-01", "x-fake-first-byte-ms": "3000"},
+        )
 
     def pool_flows() -> list[dict]:
         listed = web.get(f"http://127.0.0.1:{web_port}/flows", timeout=10)
@@ -196,7 +275,9 @@ def test_mitmweb_never_shows_a_credential(fake, home, tmp_path):
         with ThreadPoolExecutor(2) as pool:
             replies = [pool.submit(post) for _ in range(2)]
             # Both are routed and wait for the upstream's first byte: the state a credential used to show in.
-            assert wait_until(lambda: len([f for f in pool_flows() if shown(f) and "response" not in f]) == 2, timeout=10)
+            assert wait_until(
+                lambda: len([f for f in pool_flows() if shown(f) and "response" not in f]) == 2, timeout=10
+            )
             flying = pool_flows()
             views["/flows in flight"] = json.dumps(flying).encode()
             views["/flows/dump in flight"] = web.get(f"http://127.0.0.1:{web_port}/flows/dump", timeout=10).content
@@ -212,14 +293,32 @@ def test_mitmweb_never_shows_a_credential(fake, home, tmp_path):
     secrets = {api_key, own_key, *first.values(), *(v for k, v in fake.tokens("max").items() if k.endswith("token"))}
     assert len(secrets) == 6
     views["mitmweb's log"] = proxy.log.read_bytes()
-    assert b"[claudeflare: web]" in views["/flows/dump in flight"] and b"[claudeflare: max]" in views["/flows/dump after"]
-    assert [(secret[:16], where) for secret in secrets for where, data in views.items() if secret.encode() in data] == []
+    assert (
+        b"[claudeflare: web]" in views["/flows/dump in flight"] and b"[claudeflare: max]" in views["/flows/dump after"]
+    )
+    assert [
+        (secret[:16], where) for secret in secrets for where, data in views.items() if secret.encode() in data
+    ] == []
 
 
 def test_proxy_debug_is_refused(home):
     """mitmproxy's proxy_debug logs the bytes on the wire, where the credential is: not with the addon."""
     add_account(home, "console", "api-key", 1, api_key=key_for("console"))
-    run = subprocess.run([str(MITMDUMP), "-s", str(ADDON), "--listen-host", "127.0.0.1", "--listen-port", "0",
-                          "--set", f"claudeflare_home={home}", "--set", "proxy_debug=true"],
-                         capture_output=True, timeout=30)
+    run = subprocess.run(
+        [
+            str(MITMDUMP),
+            "-s",
+            str(ADDON),
+            "--listen-host",
+            "127.0.0.1",
+            "--listen-port",
+            "0",
+            "--set",
+            f"claudeflare_home={home}",
+            "--set",
+            "proxy_debug=true",
+        ],
+        capture_output=True,
+        timeout=30,
+    )
     assert run.returncode != 0 and b"proxy_debug logs credentials" in run.stdout + run.stderr

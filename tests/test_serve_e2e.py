@@ -11,6 +11,7 @@ import uuid
 import psutil
 import pytest
 import requests
+
 from harness import CLAUDEFLARE, LISTENING, Serve, api_key_accounts, db_rows, wait_until
 
 MODEL = "claude-sonnet-4-6"
@@ -22,7 +23,9 @@ def start_serve(tmp_path, fake):
     started = []
 
     def start(home, *extra, workers=2):
-        serve = Serve(home, fake.url, tmp_path / f"serve-{len(started)}.log", "--set", "flow_detail=0", *extra, workers=workers)
+        serve = Serve(
+            home, fake.url, tmp_path / f"serve-{len(started)}.log", "--set", "flow_detail=0", *extra, workers=workers
+        )
         started.append(serve)
         return serve.start()
 
@@ -51,10 +54,19 @@ class Load:
             if self.stopping.is_set():
                 break
             stream = (n + i) % 2 == 0
-            body = {"model": MODEL, "max_tokens": 50, "stream": stream, "messages": [{"role": "user", "content": f"load {n} {i}"}]}
+            body = {
+                "model": MODEL,
+                "max_tokens": 50,
+                "stream": stream,
+                "messages": [{"role": "user", "content": f"load {n} {i}"}],
+            }
             try:
-                reply = session.post(f"{self.url}/v1/messages", json=body, timeout=10,
-                                     headers={"x-fake-tokens": "20", "x-fake-delay-ms": "1"})
+                reply = session.post(
+                    f"{self.url}/v1/messages",
+                    json=body,
+                    timeout=10,
+                    headers={"x-fake-tokens": "20", "x-fake-delay-ms": "1"},
+                )
             except requests.RequestException:
                 self.errors += 1
                 session.close()
@@ -82,8 +94,14 @@ def logged_ids(home) -> list[str]:
 
 def connections_per_worker(serve: Serve) -> list[int]:
     """Client connections each worker holds on the shared port."""
-    return [sum(1 for c in psutil.Process(pid).net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED
-                and c.laddr.port == serve.port) for pid in serve.worker_pids()]
+    return [
+        sum(
+            1
+            for c in psutil.Process(pid).net_connections("tcp")
+            if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == serve.port
+        )
+        for pid in serve.worker_pids()
+    ]
 
 
 def test_two_workers_share_one_port_and_both_serve(start_serve, fake, home):
@@ -93,9 +111,15 @@ def test_two_workers_share_one_port_and_both_serve(start_serve, fake, home):
     results, held = [], []
 
     def slow_stream(n):
-        body = {"model": MODEL, "max_tokens": 50, "stream": True, "messages": [{"role": "user", "content": f"slow {n}"}]}
-        reply = requests.post(f"{serve.url}/v1/messages", json=body, timeout=20,
-                              headers={"x-fake-tokens": "40", "x-fake-delay-ms": "50"})
+        body = {
+            "model": MODEL,
+            "max_tokens": 50,
+            "stream": True,
+            "messages": [{"role": "user", "content": f"slow {n}"}],
+        }
+        reply = requests.post(
+            f"{serve.url}/v1/messages", json=body, timeout=20, headers={"x-fake-tokens": "40", "x-fake-delay-ms": "50"}
+        )
         results.append((reply.status_code, reply.content.endswith(b'{"type":"message_stop"}\n\n')))
 
     threads = [threading.Thread(target=slow_stream, args=(n,)) for n in range(CLIENTS)]
@@ -117,8 +141,12 @@ def test_a_conversations_turns_work_on_either_worker(start_serve, fake, home):
     messages = []
     for turn in range(8):  # each turn on a new connection, so either worker may take it
         messages.append({"role": "user", "content": f"turn {turn}"})
-        reply = requests.post(f"{serve.url}/v1/messages", timeout=10, headers={"x-claude-code-session-id": session_id},
-                              json={"model": MODEL, "max_tokens": 50, "messages": messages})
+        reply = requests.post(
+            f"{serve.url}/v1/messages",
+            timeout=10,
+            headers={"x-claude-code-session-id": session_id},
+            json={"model": MODEL, "max_tokens": 50, "messages": messages},
+        )
         assert reply.status_code == 200, reply.text
         messages.append({"role": "assistant", "content": reply.json()["content"]})
     rows = db_rows(home, expect=8)
@@ -174,8 +202,12 @@ def test_workers_that_cannot_start_stop_serve_with_an_error(home, tmp_path, fake
 
 
 def test_serve_refuses_to_be_given_the_listening_address_twice(home):
-    result = subprocess.run([str(CLAUDEFLARE), "--home", str(home), "serve", "--", "--listen-port", "9"],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [str(CLAUDEFLARE), "--home", str(home), "serve", "--", "--listen-port", "9"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 1 and "'--listen-port' is set by `claudeflare serve`" in result.stderr
 
 
@@ -184,10 +216,18 @@ def test_a_killed_supervisor_takes_its_workers_with_it_and_their_rows_are_writte
     serve = start_serve(home)
     workers = serve.worker_pids()
     for n in range(4):
-        assert requests.post(f"{serve.url}/v1/messages", timeout=10,
-                             json={"model": MODEL, "max_tokens": 50, "messages": [{"role": "user", "content": f"hi {n}"}]}).status_code == 200
+        assert (
+            requests.post(
+                f"{serve.url}/v1/messages",
+                timeout=10,
+                json={"model": MODEL, "max_tokens": 50, "messages": [{"role": "user", "content": f"hi {n}"}]},
+            ).status_code
+            == 200
+        )
     serve.stop(signal.SIGKILL)
     # Each worker got SIGTERM from the kernel (PR_SET_PDEATHSIG), so none holds the port, and they wrote their rows.
-    assert wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                                      for p in workers), 20)
+    assert wait_until(
+        lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in workers),
+        20,
+    )
     assert len(db_rows(home, expect=4)) == 4

@@ -8,11 +8,12 @@ from collections import Counter
 
 import pytest
 import requests
-from harness import CLAUDE_CODE_SYSTEM, add_account, api_key_accounts, db_rows, free_port, wait_for_port, wait_until
 
 from claudeflare import state
 from claudeflare.accounts import hash_client_key
 from claudeflare.credentials import CredentialStore
+
+from harness import CLAUDE_CODE_SYSTEM, add_account, api_key_accounts, db_rows, free_port, wait_for_port, wait_until
 
 MODEL = "claude-sonnet-4-6"
 SYNC = 1.0  # a few of the state thread's rounds (state.POLL): long enough for an event to cross
@@ -31,8 +32,22 @@ class RedisServer:
 
     def start(self) -> "RedisServer":
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_for_port(self.port, 10, alive=lambda: self.proc.poll() is None)
         return self
 
@@ -53,7 +68,12 @@ def ask(proxy, session=None, tokens=10):
     headers = {"x-fake-tokens": str(tokens)}
     if session:
         headers["x-claude-code-session-id"] = session
-    body = {"model": MODEL, "max_tokens": 100, "system": CLAUDE_CODE_SYSTEM, "messages": [{"role": "user", "content": "hi"}]}
+    body = {
+        "model": MODEL,
+        "max_tokens": 100,
+        "system": CLAUDE_CODE_SYSTEM,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
     return requests.post(f"{proxy.url}/v1/messages", json=body, headers=headers, timeout=30)
 
 
@@ -66,7 +86,9 @@ def enrol_oauth(fake, homes, name, expires_in):
     access, refresh = f"sk-ant-oat01-{name}-{time.monotonic_ns()}", f"sk-ant-ort01-{name}-{time.monotonic_ns()}"
     fake.add_oauth(account=name, access_token=access, refresh_token=refresh, expires_in=expires_in)
     for home in dict.fromkeys(homes):
-        add_account(home, name, "max", 5, access_token=access, refresh_token=refresh, expires_at=time.time() + expires_in)
+        add_account(
+            home, name, "max", 5, access_token=access, refresh_token=refresh, expires_at=time.time() + expires_in
+        )
     return access
 
 
@@ -143,8 +165,10 @@ def test_redis_gone_the_local_copy_serves_and_resyncs_when_it_is_back(fake, tmp_
     homes = [tmp_path / "home-1", tmp_path / "home-2"]
     api_keys_everywhere(fake, homes, ("a", 1), ("b", 1))
     fake.set_limit("a", requests=1, window_s=3600)
-    one, two = [start_proxy(h, "--set", f"claudeflare_state={redis_server.url}", "--set", "claudeflare_strategy=round-robin")
-                for h in homes]
+    one, two = [
+        start_proxy(h, "--set", f"claudeflare_state={redis_server.url}", "--set", "claudeflare_strategy=round-robin")
+        for h in homes
+    ]
     redis_server.stop()
     for _ in range(4):  # one meets a's limit while Redis is gone
         assert ask(one).status_code == 200
@@ -154,7 +178,7 @@ def test_redis_gone_the_local_copy_serves_and_resyncs_when_it_is_back(fake, tmp_
     assert ask(one).status_code == 200
     redis_server.start()
     for proxy in (one, two):
-        assert wait_until(lambda: "reachable again, re-synced" in proxy.output(), timeout=15)
+        assert wait_until(lambda proxy=proxy: "reachable again, re-synced" in proxy.output(), timeout=15)
         assert proxy.output().count("unreachable, serving from the local copy") == 1  # logged once, not per try
         assert proxy.proc.poll() is None
     time.sleep(SYNC)
@@ -199,7 +223,7 @@ def test_one_usage_read_per_interval_for_the_fleet_and_everyone_learns_it(fake, 
     fake.set_usage("m", {"five_hour": {"utilization": 42, "resets_at": "2099-01-01T00:00:00Z"}})
     start()
     for home in dict.fromkeys(homes):  # the reader's result reached the other's status too
-        assert wait_until(lambda: account_status(home, "m") == 0.42, timeout=10)
+        assert wait_until(lambda home=home: account_status(home, "m") == 0.42, timeout=10)
     time.sleep(SYNC)
     assert fake.usage_reads("m") == 1  # both start due to read it: one did
 
@@ -209,8 +233,12 @@ def test_a_file_made_through_one_is_reached_through_the_other(fake, fleet):
     api_keys_everywhere(fake, homes, ("a", 1), ("b", 1))
     one, two = start("--set", "claudeflare_strategy=round-robin")
     headers = {"x-api-key": "client", "anthropic-version": "2023-06-01", "anthropic-beta": "files-api-2025-04-14"}
-    made = [requests.post(f"{one.url}/v1/files", headers=headers, files={"file": (f"{i}.txt", b"text", "text/plain")},
-                          timeout=30).json()["id"] for i in range(2)]
+    made = [
+        requests.post(
+            f"{one.url}/v1/files", headers=headers, files={"file": (f"{i}.txt", b"text", "text/plain")}, timeout=30
+        ).json()["id"]
+        for i in range(2)
+    ]
     owner = {i: fake.resources.owner(i) for i in made}
     assert sorted(owner.values()) == ["a", "b"]
     time.sleep(SYNC)
@@ -224,8 +252,13 @@ def test_least_requests_counts_the_other_proxys_streams(fake, fleet):
     api_keys_everywhere(fake, homes, ("a", 1), ("b", 1))
     one, two = start("--set", "claudeflare_strategy=least-requests")
     body = {"model": MODEL, "max_tokens": 100, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
-    slow = requests.post(f"{one.url}/v1/messages", json=body, stream=True, timeout=30,
-                         headers={"x-fake-tokens": "40", "x-fake-delay-ms": "100"})  # 4 s on one account
+    slow = requests.post(
+        f"{one.url}/v1/messages",
+        json=body,
+        stream=True,
+        timeout=30,
+        headers={"x-fake-tokens": "40", "x-fake-delay-ms": "100"},
+    )  # 4 s on one account
     assert slow.status_code == 200
     busy = served_by(fake)[0][0]
     time.sleep(SYNC + 0.5)
@@ -240,20 +273,22 @@ def test_a_client_keys_concurrency_holds_across_the_fleet(fake, fleet):
     api_keys_everywhere(fake, homes, ("a", 1))
     key = "cf-fleet-client-key-" + "k" * 24
     for home in dict.fromkeys(homes):
-        CredentialStore(home).update(lambda d: d["client_keys"].__setitem__(
-            "ci", {"sha256": hash_client_key(key), "limits": {"concurrency": 1}}))
+        CredentialStore(home).update(
+            lambda d: d["client_keys"].__setitem__("ci", {"sha256": hash_client_key(key), "limits": {"concurrency": 1}})
+        )
     one, two = start()
     body = {"model": MODEL, "max_tokens": 100, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 
     def send(proxy, **headers):
-        return requests.post(f"{proxy.url}/v1/messages", json=body, stream=True, timeout=30,
-                             headers={"x-api-key": key, **headers})
+        return requests.post(
+            f"{proxy.url}/v1/messages", json=body, stream=True, timeout=30, headers={"x-api-key": key, **headers}
+        )
 
     slow = send(one, **{"x-fake-tokens": "30", "x-fake-delay-ms": "100"})  # 3 s
     assert slow.status_code == 200
     time.sleep(SYNC + 0.5)
     refused = send(two)
     assert refused.status_code == 429 and "1 concurrent request" in refused.json()["error"]["message"]
-    slow.content  # the stream ends: its slot is free for the fleet
+    _ = slow.content  # the stream ends: its slot is free for the fleet
     time.sleep(SYNC + 0.5)
     assert send(two).status_code == 200

@@ -7,6 +7,7 @@ import threading
 import time
 
 import requests
+
 from harness import api_key_accounts, claudeflare_proxy
 
 MODEL = "claude-sonnet-4-6"
@@ -31,10 +32,19 @@ class Load:
                 if self.stopping.is_set():
                     return
                 stream = (n + i) % 2 == 0
-                body = {"model": MODEL, "max_tokens": 50, "stream": stream, "messages": [{"role": "user", "content": f"load {n} {i}"}]}
+                body = {
+                    "model": MODEL,
+                    "max_tokens": 50,
+                    "stream": stream,
+                    "messages": [{"role": "user", "content": f"load {n} {i}"}],
+                }
                 try:
-                    reply = session.post(f"{self.url}/v1/messages", json=body, timeout=10,
-                                         headers={"x-fake-tokens": "20", "x-fake-delay-ms": "1"})
+                    reply = session.post(
+                        f"{self.url}/v1/messages",
+                        json=body,
+                        timeout=10,
+                        headers={"x-fake-tokens": "20", "x-fake-delay-ms": "1"},
+                    )
                 except requests.RequestException:
                     return
                 if reply.status_code == 200 and (not stream or reply.content.endswith(b'{"type":"message_stop"}\n\n')):

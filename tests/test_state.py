@@ -10,9 +10,9 @@ from claudeflare import state
 from claudeflare.accounts import Account
 from claudeflare.balancer import Balancer
 from claudeflare.ratelimit import Health, Signals, Window
-from claudeflare.states import AccountState
 from claudeflare.resources import Owners
 from claudeflare.state import Event, HomeState, merge, parse_state
+from claudeflare.states import AccountState
 from claudeflare.usage_poll import UsagePoller
 
 
@@ -24,23 +24,31 @@ def bench(account="a", until=None, family=None):
     return Event("bench", f"{account}/{family or ''}", account, until or time.time() + 60, family, "5h limit")
 
 
-@pytest.mark.parametrize("raw", [
-    "not json", "[]", "{}", '{"kind":"drop","key":"k","account":"a","until":1e12}',
-    json.dumps({"kind": "bind", "key": "k" * 300, "account": "a", "until": 1e12}),
-    json.dumps({"kind": "bind", "key": "k", "account": "a\nb", "until": 1e12}),
-    json.dumps({"kind": "bind", "key": "k", "account": "a", "until": "soon"}),
-    json.dumps({"kind": "bind", "key": "k", "account": "a", "until": True}),
-    '{"kind":"bind","key":"k","account":"a","until":NaN}',
-    json.dumps({"kind": "bench", "key": "k", "account": "a", "until": 1e12, "reason": "x" * 1000}),
-    json.dumps({"kind": "bench", "key": "k", "account": "a", "until": 1e12, "extra": 1}),
-    "[" * 100_000,
-    json.dumps({"kind": "owner", "key": "file_1", "account": "", "until": 1e12}),
-    json.dumps({"kind": "usage", "key": "a", "account": "a", "until": 1e12}),
-    json.dumps({"kind": "usage", "key": "a", "account": "a", "until": 1e12, "data": {"windows": {"5h": [0.5]}}}),
-    json.dumps({"kind": "usage", "key": "a", "account": "a", "until": 1e12, "data": {"windows": {"5H!": [0.5, None]}}}),
-    json.dumps({"kind": "usage", "key": "a", "account": "a", "until": 1e12, "data": {"windows": {}, "extra": -1}}),
-    json.dumps({"kind": "bind", "key": "k", "account": "a", "until": 1e12, "data": {"windows": {}}}),
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "not json",
+        "[]",
+        "{}",
+        '{"kind":"drop","key":"k","account":"a","until":1e12}',
+        json.dumps({"kind": "bind", "key": "k" * 300, "account": "a", "until": 1e12}),
+        json.dumps({"kind": "bind", "key": "k", "account": "a\nb", "until": 1e12}),
+        json.dumps({"kind": "bind", "key": "k", "account": "a", "until": "soon"}),
+        json.dumps({"kind": "bind", "key": "k", "account": "a", "until": True}),
+        '{"kind":"bind","key":"k","account":"a","until":NaN}',
+        json.dumps({"kind": "bench", "key": "k", "account": "a", "until": 1e12, "reason": "x" * 1000}),
+        json.dumps({"kind": "bench", "key": "k", "account": "a", "until": 1e12, "extra": 1}),
+        "[" * 100_000,
+        json.dumps({"kind": "owner", "key": "file_1", "account": "", "until": 1e12}),
+        json.dumps({"kind": "usage", "key": "a", "account": "a", "until": 1e12}),
+        json.dumps({"kind": "usage", "key": "a", "account": "a", "until": 1e12, "data": {"windows": {"5h": [0.5]}}}),
+        json.dumps(
+            {"kind": "usage", "key": "a", "account": "a", "until": 1e12, "data": {"windows": {"5H!": [0.5, None]}}}
+        ),
+        json.dumps({"kind": "usage", "key": "a", "account": "a", "until": 1e12, "data": {"windows": {}, "extra": -1}}),
+        json.dumps({"kind": "bind", "key": "k", "account": "a", "until": 1e12, "data": {"windows": {}}}),
+    ],
+)
 def test_an_event_from_the_store_is_checked(raw):
     assert Event.parse(raw) is None
 
@@ -53,7 +61,11 @@ def test_an_event_round_trips():
 def test_the_option_takes_home_or_a_redis_url_and_never_echoes_it():
     assert parse_state("") == parse_state("home") == "home"
     assert parse_state("rediss://:pw@redis.example:6380/1") == "rediss://:pw@redis.example:6380/1"
-    for bad in ("http://:secret-password@host/", "redis://:secret-password@host:port-secret/0", "redis://:secret-password@/0"):
+    for bad in (
+        "http://:secret-password@host/",
+        "redis://:secret-password@host:port-secret/0",
+        "redis://:secret-password@/0",
+    ):
         with pytest.raises(ValueError) as e:
             parse_state(bad)
         assert "secret" not in str(e.value) and "claudeflare_state" in str(e.value)
@@ -121,8 +133,12 @@ def test_merge_benches_never_shorter_and_never_over_a_refusal():
 def test_a_limit_seen_here_is_published():
     published = []
     health, balancer = Health(), Balancer()
-    state.connect(type("Shared", (), {"publish": lambda self, e: published.append(e)})(), balancer, health, None, UsagePoller())
-    signals = Signals(status="rejected", reset=time.time() + 300, windows={"5h": Window("rejected", 1.0, time.time() + 300)})
+    state.connect(
+        type("Shared", (), {"publish": lambda self, e: published.append(e)})(), balancer, health, None, UsagePoller()
+    )
+    signals = Signals(
+        status="rejected", reset=time.time() + 300, windows={"5h": Window("rejected", 1.0, time.time() + 300)}
+    )
     health.observe("a", 429, signals)
     balancer.pick([Account("a", "api-key")], "c1")
     assert [(e.kind, e.account) for e in published] == [("bench", "a"), ("bind", "a")]
@@ -130,10 +146,21 @@ def test_a_limit_seen_here_is_published():
 
 def test_usage_and_owners_merge():
     health, known = Health(), owners()
-    usage = Event("usage", "m", "m", time.time() + 300, data={"windows": {"5h": [0.4, time.time() + 900], "7d": [0.1, None]}, "extra": None})
+    usage = Event(
+        "usage",
+        "m",
+        "m",
+        time.time() + 300,
+        data={"windows": {"5h": [0.4, time.time() + 900], "7d": [0.1, None]}, "extra": None},
+    )
     assert Event.parse(usage.to_json()) == usage
     created, gone = state.owner_event("file_1", "a"), state.owner_event("batch_1", None)
-    merge([Event.parse(e.to_json()) for e in (usage, created, state.owner_event("batch_1", "b"), gone)], Balancer(), health, known)
+    merge(
+        [Event.parse(e.to_json()) for e in (usage, created, state.owner_event("batch_1", "b"), gone)],
+        Balancer(),
+        health,
+        known,
+    )
     assert health.view("m").utilization == {"5h": 0.4, "7d": 0.1}
     assert known.owners == {"file_1": "a"}
 
@@ -187,9 +214,16 @@ def test_other_proxies_client_counts_hold_a_key_to_its_limits():
     clients = ClientLimits(None, None)
     now = time.time()
     minute = int(now // 60)
-    merge([Event("client", "proxy-x/client:ci", "ci", now + 3, data={"n": 1, "minute": minute, "admitted": 2}),
-           Event("client", "proxy-x/client:old", "old", now + 3, data={"n": 0, "minute": minute - 1, "admitted": 5})],
-          Balancer(), Health(), owners(), clients)
+    merge(
+        [
+            Event("client", "proxy-x/client:ci", "ci", now + 3, data={"n": 1, "minute": minute, "admitted": 2}),
+            Event("client", "proxy-x/client:old", "old", now + 3, data={"n": 0, "minute": minute - 1, "admitted": 5}),
+        ],
+        Balancer(),
+        Health(),
+        owners(),
+        clients,
+    )
     assert clients.head_refusal("ci", Limits(concurrency=1), now).status_code == 429
     assert clients.head_refusal("ci", Limits(concurrency=2), now) is None
     assert clients.head_refusal("ci", Limits(rpm=2), now).status_code == 429

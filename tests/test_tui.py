@@ -12,7 +12,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from textual.worker import WorkerCancelled
-from harness import add_account, key_for
 
 from claudeflare.accounts import edit_accounts, load_accounts
 from claudeflare.clock import iso_utc
@@ -20,27 +19,59 @@ from claudeflare.credentials import CredentialStore
 from claudeflare.flowlog import open_db
 from claudeflare.tui import Details, OAuthLogin, PoolApp, load_snapshot, qr_text
 
+from harness import add_account, key_for
+
 ARTIFACTS = Path(__file__).parent / "artifacts"
 SIZE = (200, 50)
 NEW_KEY = "sk-ant-api03-typed-into-the-tui-0123456789"
 
 
 def row(n, account, ago, status=200, session="s-1", model="claude-sonnet-4-5", **extra):
-    return {"id": f"r{n}", "started_at": iso_utc(time.time() - ago), "account": account, "client": "laptop",
-            "method": "POST", "path": "/v1/messages", "model": model, "stream": 1, "status": status,
-            "ttfb_ms": 120.0 + n, "duration_ms": 900.0, "input_tokens": 100, "output_tokens": 50,
-            "cache_read_input_tokens": 300, "cache_creation_input_tokens": 0, "cost_usd": 0.01, "priced": 1,
-            "attempts": 1, "session": session, "request_id": f"req_{n}", **extra}
+    return {
+        "id": f"r{n}",
+        "started_at": iso_utc(time.time() - ago),
+        "account": account,
+        "client": "laptop",
+        "method": "POST",
+        "path": "/v1/messages",
+        "model": model,
+        "stream": 1,
+        "status": status,
+        "ttfb_ms": 120.0 + n,
+        "duration_ms": 900.0,
+        "input_tokens": 100,
+        "output_tokens": 50,
+        "cache_read_input_tokens": 300,
+        "cache_creation_input_tokens": 0,
+        "cost_usd": 0.01,
+        "priced": 1,
+        "attempts": 1,
+        "session": session,
+        "request_id": f"req_{n}",
+        **extra,
+    }
 
 
 def write_status(home, names, age=0.0, in_flight=0):
     db = open_db(home / "claudeflare.db")
     with db.conn:
         db["account_status"].delete_where()
-        db["account_status"].insert_all([
-            {"name": n, "mode": "api-key", "tier": 1, "priority": 0, "state": "ok", "requests_in_flight": in_flight,
-             "utilization_5h": 0.42, "reset_5h": iso_utc(time.time() + 7200), "updated_at": iso_utc(time.time() - age)}
-            for n in names])
+        db["account_status"].insert_all(
+            [
+                {
+                    "name": n,
+                    "mode": "api-key",
+                    "tier": 1,
+                    "priority": 0,
+                    "state": "ok",
+                    "requests_in_flight": in_flight,
+                    "utilization_5h": 0.42,
+                    "reset_5h": iso_utc(time.time() + 7200),
+                    "updated_at": iso_utc(time.time() - age),
+                }
+                for n in names
+            ]
+        )
     db.close()
 
 
@@ -52,13 +83,24 @@ def pool(home):
     add_account(home, "beta", api_key=key_for("beta"))
     db = open_db(home / "claudeflare.db")
     with db.conn:
-        db["requests"].insert_all([
-            row(1, "alpha", 30), row(2, "alpha", 20),
-            row(3, "beta", 10, status=529, session="s-2", error="upstream overloaded", attempts=3,
-                failovers=json.dumps([{"account": "alpha", "status": 529, "reason": "overloaded"}])),
-            row(4, "beta", 3 * 3600, session="s-3"),
-            row(5, "beta", 5, session="s-4", model="[red]x[/red]"),
-        ])
+        db["requests"].insert_all(
+            [
+                row(1, "alpha", 30),
+                row(2, "alpha", 20),
+                row(
+                    3,
+                    "beta",
+                    10,
+                    status=529,
+                    session="s-2",
+                    error="upstream overloaded",
+                    attempts=3,
+                    failovers=json.dumps([{"account": "alpha", "status": 529, "reason": "overloaded"}]),
+                ),
+                row(4, "beta", 3 * 3600, session="s-3"),
+                row(5, "beta", 5, session="s-4", model="[red]x[/red]"),
+            ]
+        )
     db.close()
     write_status(home, ["alpha", "beta"], in_flight=2)
     return home
@@ -140,8 +182,11 @@ def test_odd_values_in_the_log_show_as_unreadable_rows_and_the_screen_goes_on(po
     """The flow log is SQLite: any column may hold any type. One bad row must not stop the refresh."""
     db = open_db(pool / "claudeflare.db")
     with db.conn:
-        db.execute("insert into requests (id, started_at, account, status, ttfb_ms, cost_usd, attempts, input_tokens) "
-                   "values ('odd', ?, 'alpha', 'two hundred', 'fast', 'free', 'x', 'many')", [iso_utc(time.time())])
+        db.execute(
+            "insert into requests (id, started_at, account, status, ttfb_ms, cost_usd, attempts, input_tokens) "
+            "values ('odd', ?, 'alpha', 'two hundred', 'fast', 'free', 'x', 'many')",
+            [iso_utc(time.time())],
+        )
     db.close()
 
     async def script(app, pilot):
@@ -289,8 +334,15 @@ def test_oauth_log_in_shows_the_link_and_a_qr_code_then_takes_the_pasted_code(po
 
 def test_log_in_again_replaces_the_tokens_and_a_taken_name_is_refused_before_the_log_in(pool, fake, monkeypatch):
     monkeypatch.setenv("CLAUDEFLARE_TOKEN_URL", f"{fake.url}/v1/oauth/token")
-    add_account(pool, "max-old", "max", 5, access_token="old-access-token", refresh_token="old-refresh-token",
-                expires_at=time.time() - 60)
+    add_account(
+        pool,
+        "max-old",
+        "max",
+        5,
+        access_token="old-access-token",
+        refresh_token="old-refresh-token",
+        expires_at=time.time() - 60,
+    )
 
     async def script(app, pilot):
         await pilot.press("l")  # alpha: an API key has no log-in
@@ -309,7 +361,9 @@ def test_log_in_again_replaces_the_tokens_and_a_taken_name_is_refused_before_the
         await pilot.click("#start")
         await pilot.pause()
         query = {k: v[0] for k, v in parse_qs(urlsplit(login.url).query).items()}
-        fake.add_auth_code("code-again", account="max-old", state=query["state"], code_challenge=query["code_challenge"])
+        fake.add_auth_code(
+            "code-again", account="max-old", state=query["state"], code_challenge=query["code_challenge"]
+        )
         await paste(login, pilot, f"code-again#{query['state']}")
         await settle(app, pilot)
         assert app.screen is not login and "logged in max-old" in notes(app)
@@ -350,8 +404,9 @@ def test_request_details_and_conversation_in_order(pool):
         await pilot.press("escape", "down", "c")  # r2, in conversation s-1 with r1
         await settle(app, pilot)
         assert [str(c) for c in app.screen.query_one("#conversation").get_row_at(0)][1] == "alpha"
-        assert list(app.screen.query_one("#conversation").rows) and \
-            [k.value for k in app.screen.query_one("#conversation").rows] == ["r1", "r2"]
+        assert list(app.screen.query_one("#conversation").rows) and [
+            k.value for k in app.screen.query_one("#conversation").rows
+        ] == ["r1", "r2"]
 
     run(pool, script)
 
@@ -367,7 +422,7 @@ def test_the_qr_code_holds_the_link():
     for line in lines:
         back.append([int(c in "█▀") for c in line])
         back.append([int(c in "█▄") for c in line])
-    assert back[:len(matrix)] == matrix
+    assert back[: len(matrix)] == matrix
 
 
 def test_a_refresh_reads_only_the_range_whatever_the_log_holds(pool, monkeypatch):
@@ -376,8 +431,9 @@ def test_a_refresh_reads_only_the_range_whatever_the_log_holds(pool, monkeypatch
     index instead of ranging over started_at steps through every row."""
     db = open_db(pool / "claudeflare.db")
     with db.conn:
-        db["requests"].insert_all((row(n, "alpha" if n % 2 else "beta", 30 * 86400 + n) for n in range(100, 20_100)),
-                                  batch_size=5000)
+        db["requests"].insert_all(
+            (row(n, "alpha" if n % 2 else "beta", 30 * 86400 + n) for n in range(100, 20_100)), batch_size=5000
+        )
     db.close()
     steps = []
     connect = sqlite3.connect
@@ -398,27 +454,69 @@ def test_a_refresh_reads_only_the_range_whatever_the_log_holds(pool, monkeypatch
 def showcase(home):
     """Made-up accounts and an hour of traffic for the README's screenshot (no real names or secrets)."""
     now = time.time()
-    add_account(home, "team-max", "max", 20, access_token="made-up-access-1", refresh_token="made-up-refresh-1",
-                expires_at=now + 5 * 3600)
-    add_account(home, "own-pro", "max", 5, 1, access_token="made-up-access-2", refresh_token="made-up-refresh-2",
-                expires_at=now + 40 * 60)
+    add_account(
+        home,
+        "team-max",
+        "max",
+        20,
+        access_token="made-up-access-1",
+        refresh_token="made-up-refresh-1",
+        expires_at=now + 5 * 3600,
+    )
+    add_account(
+        home,
+        "own-pro",
+        "max",
+        5,
+        1,
+        access_token="made-up-access-2",
+        refresh_token="made-up-refresh-2",
+        expires_at=now + 40 * 60,
+    )
     add_account(home, "ci-key", api_key=key_for("ci-key"))
     edit_accounts(home, lambda doc: doc["accounts"][2].__setitem__("paused", True))
     db = open_db(home / "claudeflare.db")
-    status = [("team-max", "ok", None, None, 0.31, 0.12, 1), ("own-pro", "limited", "5-hour limit reached", 3000, 1.0, 0.64, 0),
-              ("ci-key", "paused", None, None, None, None, 0)]
+    status = [
+        ("team-max", "ok", None, None, 0.31, 0.12, 1),
+        ("own-pro", "limited", "5-hour limit reached", 3000, 1.0, 0.64, 0),
+        ("ci-key", "paused", None, None, None, None, 0),
+    ]
     models = ("claude-sonnet-4-5", "claude-opus-4-1", "claude-haiku-4-5")
     with db.conn:
-        db["account_status"].insert_all([
-            {"name": n, "state": state, "reason": reason, "limited_until": until and iso_utc(now + until),
-             "utilization_5h": u5, "reset_5h": u5 is not None and iso_utc(now + 3000) or None, "utilization_7d": u7,
-             "reset_7d": u7 is not None and iso_utc(now + 4 * 86400) or None, "requests_in_flight": flight,
-             "updated_at": iso_utc(now)} for n, state, reason, until, u5, u7, flight in status])
-        db["requests"].insert_all([
-            row(n, "team-max" if n % 3 else "own-pro", 3590 * (n / 240) ** 1.6, session=f"s-{n // 9}",
-                model=models[n % 3], status=429 if n % 41 == 0 else 200, attempts=2 if n % 41 == 0 else 1,
-                failovers=json.dumps([{"account": "own-pro", "status": 429, "reason": "limited"}]) if n % 41 == 0 else None)
-            for n in range(240)])
+        db["account_status"].insert_all(
+            [
+                {
+                    "name": n,
+                    "state": state,
+                    "reason": reason,
+                    "limited_until": until and iso_utc(now + until),
+                    "utilization_5h": u5,
+                    "reset_5h": u5 is not None and iso_utc(now + 3000) or None,
+                    "utilization_7d": u7,
+                    "reset_7d": u7 is not None and iso_utc(now + 4 * 86400) or None,
+                    "requests_in_flight": flight,
+                    "updated_at": iso_utc(now),
+                }
+                for n, state, reason, until, u5, u7, flight in status
+            ]
+        )
+        db["requests"].insert_all(
+            [
+                row(
+                    n,
+                    "team-max" if n % 3 else "own-pro",
+                    3590 * (n / 240) ** 1.6,
+                    session=f"s-{n // 9}",
+                    model=models[n % 3],
+                    status=429 if n % 41 == 0 else 200,
+                    attempts=2 if n % 41 == 0 else 1,
+                    failovers=json.dumps([{"account": "own-pro", "status": 429, "reason": "limited"}])
+                    if n % 41 == 0
+                    else None,
+                )
+                for n in range(240)
+            ]
+        )
     db.close()
 
 

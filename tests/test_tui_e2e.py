@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from harness import api_key_accounts, db_rows, wait_until
 
 from claudeflare.accounts import load_accounts
+
+from harness import api_key_accounts, db_rows, wait_until
 
 CLAUDEFLARE = Path(sys.executable).parent / "claudeflare"
 
@@ -43,16 +44,23 @@ def test_the_tui_shows_traffic_and_pauses_an_account(fake, home, start_proxy, tm
     assert wait_until(lambda: "alpha" in screen() and "beta" in screen(), timeout=20), screen()
     assert wait_until(lambda: "No proxy running" not in screen(), timeout=10), screen()
     for _ in range(3):
-        reply = requests.post(f"{proxy.url}/v1/messages", timeout=10, json={
-            "model": "claude-sonnet-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
+        reply = requests.post(
+            f"{proxy.url}/v1/messages",
+            timeout=10,
+            json={"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]},
+        )
         assert reply.status_code == 200
     db_rows(home, expect=3)
-    assert wait_until(lambda: "3 requests" in screen() and screen().count("claude-sonnet-4-5") >= 3, timeout=10), screen()
+    assert wait_until(lambda: "3 requests" in screen() and screen().count("claude-sonnet-4-5") >= 3, timeout=10), (
+        screen()
+    )
 
     tmux("send-keys", "p")  # the cursor is on the first account
     assert wait_until(lambda: load_accounts(home).accounts[0].paused, timeout=10), screen()
-    assert wait_until(lambda: any(line.lstrip("│ ").startswith("alpha") and "paused" in line
-                                  for line in screen().splitlines()), timeout=10), screen()
+    assert wait_until(
+        lambda: any(line.lstrip("│ ").startswith("alpha") and "paused" in line for line in screen().splitlines()),
+        timeout=10,
+    ), screen()
     assert not load_accounts(home).accounts[1].paused
 
     proxy.stop()

@@ -20,7 +20,10 @@ def frame(name: str, data: object) -> bytes:
 
 
 def text_delta(text: str) -> bytes:
-    return frame("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}})
+    return frame(
+        "content_block_delta",
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}},
+    )
 
 
 MESSAGE_START = frame(
@@ -47,14 +50,21 @@ MESSAGE_START = frame(
 STREAM = b"".join(
     [
         MESSAGE_START,
-        frame("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        frame(
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        ),
         frame("ping", {"type": "ping"}),
         text_delta("héllo ✓"),
         text_delta(" and more ✓✓ text"),
         frame("content_block_stop", {"type": "content_block_stop", "index": 0}),
         frame(
             "message_delta",
-            {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": 42}},
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": 42},
+            },
         ),
         frame("message_stop", {"type": "message_stop"}),
     ]
@@ -109,7 +119,9 @@ def test_crlf_line_endings():
 
 
 def test_type_read_from_json_without_event_lines_or_space_after_colon():
-    lenient = b"\n".join(line.replace(b"data: ", b"data:") for line in STREAM.split(b"\n") if not line.startswith(b"event:"))
+    lenient = b"\n".join(
+        line.replace(b"data: ", b"data:") for line in STREAM.split(b"\n") if not line.startswith(b"event:")
+    )
     assert parse(*pieces(lenient, 5)).usage == EXPECTED
 
 
@@ -161,7 +173,9 @@ def test_decode_error_stops_parsing_and_keeps_usage_so_far():
 
 
 def test_unknown_events_and_ping_are_ignored():
-    noise = frame("ping", {"type": "ping"}) + frame("future_event", {"type": "future_event", "usage": {"output_tokens": 999}})
+    noise = frame("ping", {"type": "ping"}) + frame(
+        "future_event", {"type": "future_event", "usage": {"output_tokens": 999}}
+    )
     at = STREAM.index(b"event: message_delta")
     assert parse(noise + STREAM[:at] + noise + STREAM[at:] + noise).usage == EXPECTED
 
@@ -181,7 +195,11 @@ def test_error_event_without_details_still_reports_an_error():
 def test_message_delta_counts_are_cumulative_latest_wins():
     deltas = frame("message_delta", {"type": "message_delta", "delta": {}, "usage": {"output_tokens": 10}}) + frame(
         "message_delta",
-        {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 25, "input_tokens": 40}},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "tool_use"},
+            "usage": {"output_tokens": 25, "input_tokens": 40},
+        },
     )
     usage = parse(MESSAGE_START + deltas).usage
     assert (usage.output_tokens, usage.input_tokens, usage.stop_reason) == (25, 40, "tool_use")
@@ -195,7 +213,10 @@ def test_cache_creation_1h_split():
 
 @pytest.mark.parametrize("bad", ["x", None, True, -1, 1.5, [1], {"n": 1}])
 def test_bad_values_are_ignored(bad):
-    start = {"type": "message_start", "message": {"model": 7, "usage": {"input_tokens": bad, "output_tokens": 3, "cache_creation": bad}}}
+    start = {
+        "type": "message_start",
+        "message": {"model": 7, "usage": {"input_tokens": bad, "output_tokens": 3, "cache_creation": bad}},
+    }
     delta = {"type": "message_delta", "delta": {"stop_reason": [bad]}, "usage": {"output_tokens": bad}}
     usage = parse(frame("message_start", start) + frame("message_delta", delta)).usage
     assert usage == Usage(output_tokens=3)
@@ -205,7 +226,7 @@ def test_malformed_events_are_skipped():
     junk = (
         b"event: message_start\ndata: {not json\n\n"
         b"event: message_start\ndata: [1, 2]\n\n"
-        b"event: message_delta\ndata: {\"type\": \"message_delta\", \"usage\": 5, \"delta\": []}\n\n"
+        b'event: message_delta\ndata: {"type": "message_delta", "usage": 5, "delta": []}\n\n'
         b"data: \xff\xfe\xfd\n\n"
         b"data: " + b"[" * 100_000 + b"\n\n"
         b": a comment\nretry: 100\nid: 3\n\n"
@@ -249,7 +270,12 @@ def test_usage_from_json_message():
         "model": MODEL,
         "content": [{"type": "text", "text": "hi ✓"}],
         "stop_reason": "max_tokens",
-        "usage": {"input_tokens": 5, "output_tokens": 7, "cache_read_input_tokens": 3, "cache_creation_input_tokens": 0},
+        "usage": {
+            "input_tokens": 5,
+            "output_tokens": 7,
+            "cache_read_input_tokens": 3,
+            "cache_creation_input_tokens": 0,
+        },
     }
     expected = Usage(model=MODEL, input_tokens=5, output_tokens=7, cache_read_input_tokens=3, stop_reason="max_tokens")
     assert usage_from_json(json.dumps(body).encode()) == expected
@@ -266,7 +292,15 @@ def test_usage_from_json_error_body():
 
 @pytest.mark.parametrize(
     "body, encoding",
-    [(b"", None), (b"not json", None), (b"[1]", None), (b"\xff\xfe", None), (b"[" * 100_000, None), (b"{}", "compress"), (b"{}", "gzip")],
+    [
+        (b"", None),
+        (b"not json", None),
+        (b"[1]", None),
+        (b"\xff\xfe", None),
+        (b"[" * 100_000, None),
+        (b"{}", "compress"),
+        (b"{}", "gzip"),
+    ],
 )
 def test_usage_from_json_none_cases(body, encoding):
     assert usage_from_json(body, encoding) is None
@@ -279,7 +313,7 @@ ENCODINGS = st.sampled_from([None, *COMPRESSORS])
 def chunkings(draw, data: bytes):
     cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=12)))
     bounds = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 @settings(max_examples=300, deadline=None)
@@ -296,7 +330,12 @@ def test_arbitrary_bytes_never_raise_nor_change_chunks(chunks, encoding):
 @settings(max_examples=200, deadline=None)
 @given(st.data(), ENCODINGS)
 def test_arbitrary_sse_like_text_never_raises(data, encoding):
-    lines = data.draw(st.lists(st.sampled_from([b"event: message_start", b"data: {", b"data: null", b"\r", b"", b"data:"]) | st.binary(max_size=40)))
+    lines = data.draw(
+        st.lists(
+            st.sampled_from([b"event: message_start", b"data: {", b"data: null", b"\r", b"", b"data:"])
+            | st.binary(max_size=40)
+        )
+    )
     raw = b"\n".join(lines) + STREAM
     encoded = raw if encoding is None else COMPRESSORS[encoding](raw)
     parse(*data.draw(chunkings(encoded)), encoding=encoding)

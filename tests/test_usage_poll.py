@@ -8,49 +8,61 @@ from datetime import UTC, datetime
 import pytest
 import requests
 from click.testing import CliRunner
-from harness import CLAUDE_CODE_SYSTEM, add_account, api_key_accounts, wait_until
-
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
 from claudeflare.cli import cli
-from claudeflare.proxy import Claudeflare
 from claudeflare.clock import iso_utc
 from claudeflare.flowlog import open_db
+from claudeflare.proxy import Claudeflare
 from claudeflare.ratelimit import Health
 from claudeflare.usage_poll import MAX_BACKOFF, Schedule, parse_usage
+
+from harness import CLAUDE_CODE_SYSTEM, add_account, api_key_accounts, wait_until
 
 RESET = "2026-12-01T10:00:00+00:00"
 RESET_EPOCH = datetime(2026, 12, 1, 10, tzinfo=UTC).timestamp()
 
 
 def test_parse_usage_turns_percentages_into_fractions():
-    body = json.dumps({
-        "five_hour": {"utilization": 42.0, "resets_at": RESET},
-        "seven_day": {"utilization": 105, "resets_at": "2026-12-01T10:00:00Z"},  # past 100% (extra usage)
-        "seven_day_opus": {"utilization": 81.5, "resets_at": None},
-        "seven_day_sonnet": None,
-        "seven_day_oauth_apps": None,
-        "extra_usage": {"is_enabled": True, "monthly_limit": 5000, "used_credits": 620, "utilization": 12.4},
-    }).encode()
+    body = json.dumps(
+        {
+            "five_hour": {"utilization": 42.0, "resets_at": RESET},
+            "seven_day": {"utilization": 105, "resets_at": "2026-12-01T10:00:00Z"},  # past 100% (extra usage)
+            "seven_day_opus": {"utilization": 81.5, "resets_at": None},
+            "seven_day_sonnet": None,
+            "seven_day_oauth_apps": None,
+            "extra_usage": {"is_enabled": True, "monthly_limit": 5000, "used_credits": 620, "utilization": 12.4},
+        }
+    ).encode()
     usage = parse_usage(body)
     assert usage.windows == {"5h": (0.42, RESET_EPOCH), "7d": (1.05, RESET_EPOCH), "7d_opus": (0.815, None)}
     assert usage.extra == pytest.approx(0.124)
 
 
-@pytest.mark.parametrize("body", [
-    b"", b"not json", b"[1, 2]", b"null", b'"text"', b"[" * 100_000,
-    b'{"five_hour": "full", "seven_day": [], "extra_usage": 3}',
-    b'{"five_hour": {"utilization": "42"}, "seven_day": {"utilization": true}, "seven_day_opus": {"utilization": NaN}}',
-    b'{"five_hour": {"utilization": -5}, "seven_day": {"utilization": Infinity}, "extra_usage": {"utilization": null}}',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"not json",
+        b"[1, 2]",
+        b"null",
+        b'"text"',
+        b"[" * 100_000,
+        b'{"five_hour": "full", "seven_day": [], "extra_usage": 3}',
+        b'{"five_hour": {"utilization": "42"}, "seven_day": {"utilization": true}, "seven_day_opus": {"utilization": NaN}}',
+        b'{"five_hour": {"utilization": -5}, "seven_day": {"utilization": Infinity}, "extra_usage": {"utilization": null}}',
+    ],
+)
 def test_parse_usage_leaves_out_what_does_not_parse(body):
     usage = parse_usage(body)
     assert usage.windows == {} and usage.extra is None
 
 
 def test_parse_usage_keeps_a_window_whose_reset_does_not_parse():
-    usage = parse_usage(b'{"five_hour": {"utilization": 7, "resets_at": "soon"}, "seven_day": {"utilization": 1, "resets_at": 5}}')
+    usage = parse_usage(
+        b'{"five_hour": {"utilization": 7, "resets_at": "soon"}, "seven_day": {"utilization": 1, "resets_at": 5}}'
+    )
     assert usage.windows == {"5h": (0.07, None), "7d": (0.01, None)}
 
 
@@ -61,7 +73,7 @@ def test_schedule_reads_once_per_interval_and_backs_off_on_errors():
     assert not schedule.due("m", 1299) and schedule.due("m", 1300)
     assert [schedule.failed("m", 0) for _ in range(5)] == [600, 1200, 2400, MAX_BACKOFF, MAX_BACKOFF]
     assert schedule.failed("m", 0, retry_after=5000) == 5000  # retry-after beyond the backoff is honoured
-    assert schedule.failed("m", 0, retry_after=10 ** 9) == 6 * 3600  # within reason
+    assert schedule.failed("m", 0, retry_after=10**9) == 6 * 3600  # within reason
     schedule.read("m", 0)
     assert schedule.failed("m", 0, retry_after=1) == 600  # never sooner than the backoff
     assert Schedule(300).due("other", 0)
@@ -82,24 +94,47 @@ def test_health_counts_an_idle_accounts_usage():
     health = Health(clock=lambda: now)
     health.observe_usage("idle", {"5h": (0.97, now + 600), "7d": (0.2, None)}, 0.5)
     assert health.utilization_now("idle", now) == 0.97 and health.utilization_now("idle", now + 601) == 0.2
-    assert health.available("idle") and health.get("idle").extra_usage == 0.5 and health.get("idle").usage_read_at == now
+    assert (
+        health.available("idle") and health.get("idle").extra_usage == 0.5 and health.get("idle").usage_read_at == now
+    )
 
 
 def test_list_shows_usage_with_resets(home):
-    add_account(home, "sub", "max", 20, access_token="sk-ant-oat01-list", refresh_token="sk-ant-ort01-list",
-                expires_at=time.time() + 3600)
+    add_account(
+        home,
+        "sub",
+        "max",
+        20,
+        access_token="sk-ant-oat01-list",
+        refresh_token="sk-ant-ort01-list",
+        expires_at=time.time() + 3600,
+    )
     db = open_db(home / "claudeflare.db")
-    db["account_status"].insert({
-        "name": "sub", "state": "ok", "utilization_5h": 0.25, "reset_5h": iso_utc(time.time() + 2 * 3600 + 630),
-        "utilization_7d_opus": 0.815, "reset_7d_opus": iso_utc(time.time() + 3 * 86400 + 3 * 3600 + 60),
-        "utilization_7d_sonnet": 0.05, "utilization_extra": 0.124, "usage_read_at": iso_utc(time.time()),
-        "updated_at": iso_utc(time.time())})
+    db["account_status"].insert(
+        {
+            "name": "sub",
+            "state": "ok",
+            "utilization_5h": 0.25,
+            "reset_5h": iso_utc(time.time() + 2 * 3600 + 630),
+            "utilization_7d_opus": 0.815,
+            "reset_7d_opus": iso_utc(time.time() + 3 * 86400 + 3 * 3600 + 60),
+            "utilization_7d_sonnet": 0.05,
+            "utilization_extra": 0.124,
+            "usage_read_at": iso_utc(time.time()),
+            "updated_at": iso_utc(time.time()),
+        }
+    )
     db.close()
     table = CliRunner().invoke(cli, ["--home", str(home), "list"]).output
     assert "25% (resets in 2h10m)" in table and "82% (resets in 3d03h)" in table and "12%" in table
     (row,) = json.loads(CliRunner().invoke(cli, ["--home", str(home), "list", "--json"]).output)
     assert (row["utilization_7d_opus"], row["utilization_7d_sonnet"], row["utilization_extra"]) == (0.815, 0.05, 0.124)
-    assert row["reset_7d_opus"].endswith("Z") and row["reset_5h"] and row["usage_read_at"] and row["reset_7d_sonnet"] is None
+    assert (
+        row["reset_7d_opus"].endswith("Z")
+        and row["reset_5h"]
+        and row["usage_read_at"]
+        and row["reset_7d_sonnet"] is None
+    )
 
 
 # --- through a real proxy -------------------------------------------------------------------------
@@ -107,8 +142,15 @@ def test_list_shows_usage_with_resets(home):
 
 def enrol(fake, home, name, tier=5):
     tokens = fake.add_oauth(account=name, expires_in=3600)
-    add_account(home, name, "max", tier, access_token=tokens["access_token"], refresh_token=tokens["refresh_token"],
-                expires_at=time.time() + 3600)
+    add_account(
+        home,
+        name,
+        "max",
+        tier,
+        access_token=tokens["access_token"],
+        refresh_token=tokens["refresh_token"],
+        expires_at=time.time() + 3600,
+    )
     return tokens
 
 
@@ -123,9 +165,14 @@ def usage_requests(fake, account=None):
 def test_an_idle_subscriptions_usage_is_read_once_at_start_and_listed(fake, home, start_proxy):
     tokens = enrol(fake, home, "idle")
     api_key_accounts(fake, home, ("key", 1))
-    fake.set_usage("idle", {"seven_day_opus": {"utilization": 81.5, "resets_at": RESET},
-                            "seven_day_sonnet": {"utilization": 5, "resets_at": RESET},
-                            "extra_usage": {"is_enabled": True, "utilization": 12.4}})
+    fake.set_usage(
+        "idle",
+        {
+            "seven_day_opus": {"utilization": 81.5, "resets_at": RESET},
+            "seven_day_sonnet": {"utilization": 5, "resets_at": RESET},
+            "extra_usage": {"is_enabled": True, "utilization": 12.4},
+        },
+    )
     proxy = start_proxy(home)
     assert wait_until(lambda: listed(home)["idle"]["utilization_7d_opus"] == 0.815, timeout=10)
     idle = listed(home)["idle"]
@@ -149,10 +196,18 @@ def test_new_conversations_avoid_an_idle_account_whose_window_is_nearly_spent(fa
     assert wait_until(lambda: fake.usage_reads("spent") == fake.usage_reads("roomy") == 1, timeout=10)
     assert wait_until(lambda: listed(home)["spent"]["utilization_5h"] == 0.97, timeout=5)
     for i in range(4):
-        body = {"model": "claude-sonnet-4-6", "max_tokens": 5, "system": CLAUDE_CODE_SYSTEM,
-                "messages": [{"role": "user", "content": f"conversation {i}"}]}
-        reply = requests.post(f"{proxy.url}/v1/messages", json=body, timeout=10,
-                              headers={"x-claude-code-session-id": f"00000000-0000-4000-8000-00000000000{i}"})
+        body = {
+            "model": "claude-sonnet-4-6",
+            "max_tokens": 5,
+            "system": CLAUDE_CODE_SYSTEM,
+            "messages": [{"role": "user", "content": f"conversation {i}"}],
+        }
+        reply = requests.post(
+            f"{proxy.url}/v1/messages",
+            json=body,
+            timeout=10,
+            headers={"x-claude-code-session-id": f"00000000-0000-4000-8000-00000000000{i}"},
+        )
         assert reply.status_code == 200, reply.text
     assert {r["account"] for r in fake.requests if r["path"] == "/v1/messages"} == {"roomy"}
 

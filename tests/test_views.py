@@ -12,17 +12,29 @@ from datasette_dashboards import replace_opts_in_query
 
 from claudeflare import stats
 from claudeflare.cli import METADATA, cli
-from claudeflare.config import DB_FILE
 from claudeflare.clock import iso_utc
+from claudeflare.config import DB_FILE
 from claudeflare.flowlog import migrations, open_db
 
 NOW = time.time()
 
 
 def request(id, minutes_ago=1, **kw):
-    return {"id": id, "started_at": iso_utc(NOW - minutes_ago * 60), "account": "a", "path": "/v1/messages", "status": 200,
-            "error": None, "input_tokens": 1, "output_tokens": 2, "cache_read_input_tokens": 3,
-            "cache_creation_input_tokens": 4, "cost_usd": 0.5, "failovers": None, **kw}
+    return {
+        "id": id,
+        "started_at": iso_utc(NOW - minutes_ago * 60),
+        "account": "a",
+        "path": "/v1/messages",
+        "status": 200,
+        "error": None,
+        "input_tokens": 1,
+        "output_tokens": 2,
+        "cache_read_input_tokens": 3,
+        "cache_creation_input_tokens": 4,
+        "cost_usd": 0.5,
+        "failovers": None,
+        **kw,
+    }
 
 
 ROWS = [
@@ -52,7 +64,9 @@ def test_request_facts_defines_each_figure_once(tmp_path):
     assert (f["ok"]["input_all"], f["ok"]["tokens_total"]) == (8, 10)
     assert (f["no-counts"]["input_all"], f["no-counts"]["tokens_total"]) == (None, None)  # adds nothing to a ratio
     assert f["ok"]["day"] == f["ok"]["started_at"][:10] and abs(f["ok"]["epoch"] - (NOW - 60)) < 1
-    assert set(f["ok"]) >= set(sqlite_utils.Database(tmp_path / "log.db")["requests"].columns_dict)  # every column of requests
+    assert set(f["ok"]) >= set(
+        sqlite_utils.Database(tmp_path / "log.db")["requests"].columns_dict
+    )  # every column of requests
 
 
 def test_time_buckets_cover_each_range_up_to_now(tmp_path):
@@ -63,12 +77,24 @@ def test_time_buckets_cover_each_range_up_to_now(tmp_path):
     for r in db.query("select * from time_buckets order by range, t"):
         buckets.setdefault(r["range"], []).append(r)
     assert {k: v[0]["seconds"] for k, v in buckets.items()} == {
-        "1 hour": 60, "6 hours": 300, "24 hours": 900, "7 days": 3600, "30 days": 14400, "90 days": 86400, "": 86400}
+        "1 hour": 60,
+        "6 hours": 300,
+        "24 hours": 900,
+        "7 days": 3600,
+        "30 days": 14400,
+        "90 days": 86400,
+        "": 86400,
+    }
     day = buckets["24 hours"]
     assert len(day) in (96, 97) and all(b["t"] % 900 == 0 and b["seconds"] == 900 for b in day)
     assert [b["t"] for b in day] == list(range(day[0]["t"], day[-1]["t"] + 1, 900))  # no gaps
     after = time.time()  # the view's 'now' is between the two
-    assert day[0]["t"] <= after - 86400 and before - 86400 < day[0]["t"] + 900 and day[-1]["t"] <= after and before < day[-1]["t"] + 900
+    assert (
+        day[0]["t"] <= after - 86400
+        and before - 86400 < day[0]["t"] + 900
+        and day[-1]["t"] <= after
+        and before < day[-1]["t"] + 900
+    )
     assert day[0]["time"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(day[0]["t"]))
     assert len(buckets[""]) == 4  # all time: daily from the oldest request's day
     db.close()
@@ -79,7 +105,9 @@ def dashboard_sql(name: str) -> str:
     queries = meta["databases"]["claudeflare"]["queries"]
     if name in queries:
         return queries[name]["sql"]
-    return replace_opts_in_query(meta["plugins"]["datasette-dashboards"]["pool"]["charts"][name]["query"], {"range": "", "account": ""})
+    return replace_opts_in_query(
+        meta["plugins"]["datasette-dashboards"]["pool"]["charts"][name]["query"], {"range": "", "account": ""}
+    )
 
 
 def cli_stats(home, since: str) -> dict:
@@ -111,4 +139,6 @@ def test_stats_read_a_log_written_before_the_views(tmp_path):
     migrations.apply(db, stop_before="m009_request_facts")  # as an older proxy left it
     db["requests"].insert(request("ok", status=500))
     db.close()
-    assert [(r["account"], r["requests"], r["errors"]) for r in stats.per_account(path, "2000-01-01T00:00:00")] == [("a", 1, 1)]
+    assert [(r["account"], r["requests"], r["errors"]) for r in stats.per_account(path, "2000-01-01T00:00:00")] == [
+        ("a", 1, 1)
+    ]

@@ -22,8 +22,19 @@ pytestmark = [pytest.mark.timeout(90), pytest.mark.e2e]  # builds and installs a
 METADATA = "datasette-metadata.yml"
 PLUGINS = ("claudeflare_dashboard.py", "claudeflare_login.py")
 # What a checkout holds besides the project (`build/` would let a stale earlier build into the wheel).
-NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "node_modules", "*.egg-info", "__pycache__", "artifacts",
-                                    "*.db", "*.db-*", ".pytest_cache", ".hypothesis")
+NOT_SOURCE = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "build",
+    "node_modules",
+    "*.egg-info",
+    "__pycache__",
+    "artifacts",
+    "*.db",
+    "*.db-*",
+    ".pytest_cache",
+    ".hypothesis",
+)
 
 
 def run(*args, **kwargs) -> subprocess.CompletedProcess:
@@ -36,8 +47,19 @@ def wheel(tmp_path_factory) -> Path:
     source = tmp / "source"
     shutil.copytree(ROOT, source, symlinks=True, ignore=NOT_SOURCE)  # the metadata link stays a link, as in git
     # No build isolation: this virtualenv's setuptools builds it, rather than one downloaded.
-    run(sys.executable, "-m", "pip", "wheel", source, "--no-deps", "--no-build-isolation", "--no-index",
-        "--disable-pip-version-check", "-w", tmp / "dist")
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        source,
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "--disable-pip-version-check",
+        "-w",
+        tmp / "dist",
+    )
     (built,) = (tmp / "dist").glob("claudeflare-*.whl")
     return built
 
@@ -46,9 +68,21 @@ def wheel(tmp_path_factory) -> Path:
 def venv(wheel, tmp_path_factory) -> Path:
     venv = tmp_path_factory.mktemp("venv")
     run(sys.executable, "-m", "venv", "--without-pip", venv)
-    run(sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "--no-deps", "--no-index",
-        "--disable-pip-version-check", wheel)
-    site = Path(run(venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip())
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        venv / "bin" / "python",
+        "install",
+        "--no-deps",
+        "--no-index",
+        "--disable-pip-version-check",
+        wheel,
+    )
+    site = Path(
+        run(venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip()
+    )
     (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return venv
 
@@ -63,7 +97,9 @@ def test_the_wheel_carries_the_dashboards_metadata_and_plugins(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert f"claudeflare/{METADATA}" in names
     assert all(f"claudeflare/datasette_plugins/{p}" in names for p in PLUGINS)
-    assert {"claudeflare/providers/__init__.py", "claudeflare/providers/compatible.py"} <= set(names)  # accounts.py imports them
+    assert {"claudeflare/providers/__init__.py", "claudeflare/providers/compatible.py"} <= set(
+        names
+    )  # accounts.py imports them
     assert zipfile.ZipFile(wheel).read(f"claudeflare/{METADATA}") == (ROOT / METADATA).read_bytes()
 
 
@@ -80,8 +116,12 @@ def test_an_installed_wheel_serves_the_dashboard(venv, tmp_path):
 
     port = free_port()
     with open(tmp_path / "dashboard.log", "wb") as log:
-        dashboard = subprocess.Popen([str(claudeflare), "--home", str(tmp_path / "home"), "dashboard", "--port", str(port),
-                                      "--public"], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        dashboard = subprocess.Popen(
+            [str(claudeflare), "--home", str(tmp_path / "home"), "dashboard", "--port", str(port), "--public"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
     try:
         wait_for_port(port, 30, alive=lambda: dashboard.poll() is None)
         # Anonymous reading with --public is the packaged plugin's doing; the title is the packaged metadata's.

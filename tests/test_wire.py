@@ -9,7 +9,6 @@ import ssl
 import h2.connection
 import h2.events
 import pytest
-from harness import Mitmdump, add_account, key_for
 from mitmproxy import http, io
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy import commands
@@ -18,6 +17,8 @@ from mitmproxy.proxy.layers.http import RequestHeaders, _http1, _http2, _http3
 from mitmproxy.test import taddons, tflow
 
 from claudeflare import wire
+
+from harness import Mitmdump, add_account, key_for
 
 SECRET = "sk-ant-api03-wire-0123456789abcdef"
 TOKEN = "sk-ant-oat01-wire-0123456789abcdef"
@@ -41,7 +42,11 @@ def concealed(http_version: str = "HTTP/1.1", **credentials) -> http.Request:
 
 
 def http1_head(context, request: http.Request) -> bytes:
-    sent = [c.data for c in _http1.Http1Client(context).send(RequestHeaders(1, request, False)) if isinstance(c, commands.SendData)]
+    sent = [
+        c.data
+        for c in _http1.Http1Client(context).send(RequestHeaders(1, request, False))
+        if isinstance(c, commands.SendData)
+    ]
     return b"".join(sent)
 
 
@@ -105,9 +110,18 @@ def h2_post(port: int, path: str, body: dict) -> tuple[int, bytes]:
         conn = h2.connection.H2Connection()
         conn.initiate_connection()
         data = json.dumps(body).encode()
-        conn.send_headers(1, [(":method", "POST"), (":scheme", "https"), (":authority", f"127.0.0.1:{port}"), (":path", path),
-                              ("content-type", "application/json"), ("content-length", str(len(data))),
-                              ("anthropic-version", "2023-06-01")])
+        conn.send_headers(
+            1,
+            [
+                (":method", "POST"),
+                (":scheme", "https"),
+                (":authority", f"127.0.0.1:{port}"),
+                (":path", path),
+                ("content-type", "application/json"),
+                ("content-length", str(len(data))),
+                ("anthropic-version", "2023-06-01"),
+            ],
+        )
         conn.send_data(1, data, end_stream=True)
         status, reply = None, b""
         while True:
@@ -131,15 +145,34 @@ def test_an_http2_client_through_http1_and_http2_upstreams(fake, home, start_pro
     fake.add_api_key(key, account="h2")
     add_account(home, "h2", "api-key", 1, api_key=key)
     confdir = f"confdir={tmp_path / 'mitmproxy'}"  # this test's own CA, for the TLS it speaks
-    relay = Mitmdump("--mode", f"reverse:{fake.url}", "--set", confdir, "-w", str(tmp_path / "relay.mitm"),
-                     log=tmp_path / "relay.log", addon=False).start()
+    relay = Mitmdump(
+        "--mode",
+        f"reverse:{fake.url}",
+        "--set",
+        confdir,
+        "-w",
+        str(tmp_path / "relay.mitm"),
+        log=tmp_path / "relay.log",
+        addon=False,
+    ).start()
     body = {"model": "claude-sonnet-4-6", "max_tokens": 10, "messages": [{"role": "user", "content": "h2"}]}
     try:
         for n, upstream in enumerate([fake.url, f"https://127.0.0.1:{relay.port}"]):
             saved = tmp_path / f"proxy-{n}.mitm"
             # lazy: with no upstream connection yet, the client's TLS may choose h2 whatever the upstream speaks
-            proxy = start_proxy(home, "--mode", f"reverse:{upstream}", "--set", "ssl_insecure=true", "--set", confdir,
-                                "--set", "connection_strategy=lazy", "-w", str(saved))
+            proxy = start_proxy(
+                home,
+                "--mode",
+                f"reverse:{upstream}",
+                "--set",
+                "ssl_insecure=true",
+                "--set",
+                confdir,
+                "--set",
+                "connection_strategy=lazy",
+                "-w",
+                str(saved),
+            )
             status, reply = h2_post(proxy.port, "/v1/messages", body)
             assert status == 200, reply
             proxy.stop()

@@ -24,8 +24,17 @@ from claudeflare import oauth
 from claudeflare.accounts import TIERS, Account, AccountsError, load_pool
 from claudeflare.config import resolve_home
 from claudeflare.credentials import CredentialStoreError
-from claudeflare.enrol import OAUTH_MODES, add_api_key_account, finish_oauth, finish_relogin, new_account, oauth_account, \
-    refuse_duplicate, remove_account, start_oauth
+from claudeflare.enrol import (
+    OAUTH_MODES,
+    add_api_key_account,
+    finish_oauth,
+    finish_relogin,
+    new_account,
+    oauth_account,
+    refuse_duplicate,
+    remove_account,
+    start_oauth,
+)
 from claudeflare.oauth import LoginFlow, OAuthError
 
 PAGE = "/-/claudeflare/accounts"
@@ -84,8 +93,17 @@ def account_rows(home) -> tuple[list[dict], str | None]:
         pool = load_pool(home)
     except REFUSED as e:
         return [], str(e)
-    return [{"name": a.name, "mode": a.mode, "tier": a.tier, "priority": a.priority, "state": pool.state(a), "oauth": a.oauth}
-            for a in pool.accounts], None
+    return [
+        {
+            "name": a.name,
+            "mode": a.mode,
+            "tier": a.tier,
+            "priority": a.priority,
+            "state": pool.state(a),
+            "oauth": a.oauth,
+        }
+        for a in pool.accounts
+    ], None
 
 
 def form_account(form: dict, mode: str) -> Account:
@@ -170,8 +188,15 @@ async def render(datasette, request, status: int = 200, view: str = "list", **co
     if view == "list":
         context["accounts"], context["list_error"] = await in_home(account_rows)
     template = datasette.jinja_env.from_string(TEMPLATE)
-    context = {"page": datasette.urls.path(PAGE), "tier_choices": TIERS, "oauth_modes": OAUTH_MODES, "form": {},
-               "form_kind": None, "view": view, **context}
+    context = {
+        "page": datasette.urls.path(PAGE),
+        "tier_choices": TIERS,
+        "oauth_modes": OAUTH_MODES,
+        "form": {},
+        "form_kind": None,
+        "view": view,
+        **context,
+    }
     return Response.html(await datasette.render_template(template, context, request=request), status=status)
 
 
@@ -233,8 +258,13 @@ async def oauth_start(request, datasette):
 
 
 def oauth_page(login: str, pending: Pending) -> dict:
-    return {"url": pending.url, "login": login, "name": pending.account.name, "mode": pending.account.mode,
-            "relogin": pending.relogin}
+    return {
+        "url": pending.url,
+        "login": login,
+        "name": pending.account.name,
+        "mode": pending.account.mode,
+        "relogin": pending.relogin,
+    }
 
 
 async def oauth_finish(request, datasette):
@@ -244,7 +274,9 @@ async def oauth_finish(request, datasette):
     key, store = form.get("login", ""), logins(datasette)
     try:
         pending = store.take(key, request.actor.get("id"))
-        await in_home(finish_relogin if pending.relogin else finish_oauth, pending.account, pending.flow, form.get("code", ""))
+        await in_home(
+            finish_relogin if pending.relogin else finish_oauth, pending.account, pending.flow, form.get("code", "")
+        )
     except OAuthError as e:
         if e.kind != "state":  # the code was spent or the flow is over: only a fresh link helps
             return await render(datasette, request, 400, error=f"{e} (start the log-in again)")

@@ -45,10 +45,12 @@ def is_public(datasette) -> bool:
 
 def query_variants(sql: str) -> set[str]:
     """Every SQL text the dashboard sends for a chart: each `[[ … :var … ]]` block kept or dropped."""
-    names = sorted({m.group("var") for block in sql_opt_pattern.findall(sql) for m in [sql_var_pattern.search(block)] if m})
+    names = sorted(
+        {m.group("var") for block in sql_opt_pattern.findall(sql) for m in [sql_var_pattern.search(block)] if m}
+    )
     variants = set()
     for kept in itertools.product((False, True), repeat=len(names)):
-        options = {name: "x" if keep else "" for name, keep in zip(names, kept)}
+        options = {name: "x" if keep else "" for name, keep in zip(names, kept, strict=True)}
         variants.add(replace_opts_in_query(sql, options))
     return variants
 
@@ -75,14 +77,19 @@ MARK = "\ue000" + secrets.token_hex(16) + "\ue000"
 
 
 def is_markup(value) -> bool:
-    return isinstance(value, str) and len(value) >= 2 * len(MARK) and value.startswith(MARK) and value.endswith(MARK) \
+    return (
+        isinstance(value, str)
+        and len(value) >= 2 * len(MARK)
+        and value.startswith(MARK)
+        and value.endswith(MARK)
         and value.count(MARK) == 2
+    )
 
 
 def as_html(value) -> str:
     """A cell as HTML: html()'s output as made, anything else escaped."""
     if is_markup(value):
-        return value[len(MARK):-len(MARK)]
+        return value[len(MARK) : -len(MARK)]
     return str(escape("" if value is None else str(value).replace(MARK, "")))
 
 
@@ -93,7 +100,7 @@ def html(template, *values) -> str:
     if len(parts) != len(values) + 1:
         raise ValueError(f"html(): {len(parts) - 1} placeholder(s) for {len(values)} value(s)")
     out = [parts[0]]
-    for value, part in zip(values, parts[1:]):
+    for value, part in zip(values, parts[1:], strict=True):
         out += [as_html(value), part]
     return MARK + "".join(out) + MARK
 
@@ -115,7 +122,7 @@ def drawn_as_html(datasette, scope: dict) -> bool:
     if scope.get("type") != "http" or not (path.startswith("/") and path.endswith(".json")):
         return False
     sql = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("sql") or []
-    queries = chart_queries(datasette, path[1:-len(".json")], escaped_only=True)
+    queries = chart_queries(datasette, path[1 : -len(".json")], escaped_only=True)
     return any(q in queries for q in sql)
 
 
@@ -205,9 +212,9 @@ def permission_allowed(datasette, actor, action, resource):
     if action == "execute-sql" and is_chart_request(datasette, current_scope.get(), resource):
 
         async def may_view():
-            return await datasette.permission_allowed(actor, "view-instance", default=True) and await datasette.permission_allowed(
-                actor, "view-database", resource, default=True
-            )
+            return await datasette.permission_allowed(
+                actor, "view-instance", default=True
+            ) and await datasette.permission_allowed(actor, "view-database", resource, default=True)
 
         return may_view
     return None

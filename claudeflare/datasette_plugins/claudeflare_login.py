@@ -72,8 +72,9 @@ def client_address(request) -> str:
 
 
 async def login_form(datasette, request, error: str | None, status: int = 200) -> Response:
-    return Response.html(await datasette.render_template("password_login.html", {"error": error}, request=request),
-                         status=status)
+    return Response.html(
+        await datasette.render_template("password_login.html", {"error": error}, request=request), status=status
+    )
 
 
 async def login(request, datasette):
@@ -109,7 +110,11 @@ def asgi_wrapper(datasette):
         async def guarded(scope, receive, send):
             if scope.get("type") != "http":
                 return await app(scope, receive, send)
-            headers = [(k, v) for k, v in scope.get("headers", []) if not (k.lower() == b"authorization" and v[:6].lower() == b"basic ")]
+            headers = [
+                (k, v)
+                for k, v in scope.get("headers", [])
+                if not (k.lower() == b"authorization" and v[:6].lower() == b"basic ")
+            ]
             length = dict(headers).get(b"content-length", b"0")
             if not length.isdigit() or int(length) > MAX_BODY:
                 return await Response.text(f"Request body over {MAX_BODY} bytes", status=413).asgi_send(send)

@@ -126,9 +126,9 @@ def rewritten(rewrite, body: bytes, yielding: bool = False) -> tuple[bytes, str 
 
 
 from .anthropic import Anthropic  # noqa: E402  (the providers import the base above)
+from .bedrock import Bedrock  # noqa: E402
 from .compatible import AnthropicCompatible  # noqa: E402
 from .vertex import Vertex  # noqa: E402
-from .bedrock import Bedrock  # noqa: E402
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (Anthropic(), AnthropicCompatible(), Vertex(), Bedrock())}
 DEFAULT = Anthropic.name

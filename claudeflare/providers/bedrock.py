@@ -54,11 +54,19 @@ VERSIONS = {  # an alias -> the version Bedrock serves it as
     "claude-3-5-haiku": "claude-3-5-haiku-20241022",
 }
 # x-amzn-errortype (or an exception frame's :exception-type) -> Anthropic's error type
-ERROR_TYPES = {"throttlingexception": "rate_limit_error", "servicequotaexceededexception": "rate_limit_error",
-               "accessdeniedexception": "permission_error", "resourcenotfoundexception": "not_found_error",
-               "validationexception": "invalid_request_error", "modelnotreadyexception": "overloaded_error",
-               "serviceunavailableexception": "overloaded_error", "unrecognizedclientexception": "authentication_error",
-               "modeltimeoutexception": "api_error", "internalserverexception": "api_error", "modelstreamerrorexception": "api_error"}
+ERROR_TYPES = {
+    "throttlingexception": "rate_limit_error",
+    "servicequotaexceededexception": "rate_limit_error",
+    "accessdeniedexception": "permission_error",
+    "resourcenotfoundexception": "not_found_error",
+    "validationexception": "invalid_request_error",
+    "modelnotreadyexception": "overloaded_error",
+    "serviceunavailableexception": "overloaded_error",
+    "unrecognizedclientexception": "authentication_error",
+    "modeltimeoutexception": "api_error",
+    "internalserverexception": "api_error",
+    "modelstreamerrorexception": "api_error",
+}
 
 
 @dataclass(frozen=True)
@@ -94,8 +102,11 @@ def error_type(name: str | None) -> str:
 
 
 def anthropic_error(kind: str, message: str) -> dict:
-    return {"type": "error", "error": {"type": kind, "message": f"Amazon Bedrock: {message}"},
-            "request_id": f"req_bedrock_{secrets.token_hex(8)}"}
+    return {
+        "type": "error",
+        "error": {"type": kind, "message": f"Amazon Bedrock: {message}"},
+        "request_id": f"req_bedrock_{secrets.token_hex(8)}",
+    }
 
 
 class EventStreamToSSE:
@@ -166,8 +177,12 @@ class Bedrock(Provider):
         return Settings(region, profile, base_url, compatible.parse_models(table.get("models")))
 
     def table(self, settings: Settings) -> dict:
-        given = {"region": settings.region, "profile": settings.profile,
-                 "base_url": settings.base_url and compatible.base_url(settings.base_url), "models": dict(settings.models)}
+        given = {
+            "region": settings.region,
+            "profile": settings.profile,
+            "base_url": settings.base_url and compatible.base_url(settings.base_url),
+            "models": dict(settings.models),
+        }
         return {k: v for k, v in given.items() if v}
 
     def bedrock_model(self, account, model: str | None) -> str | None:
@@ -221,8 +236,15 @@ class Bedrock(Provider):
         held = self.held[account.name]
         for name in ("authorization", "x-api-key", "x-amz-date", "x-amz-security-token"):
             headers.pop(name, None)
-        signed = AWSRequest("POST", f"{request.scheme}://{request.host_header or request.host}{request.path}", data=request.raw_content or b"",
-                            headers={"content-type": headers.get("content-type", "application/json"), "accept": headers.get("accept", "*/*")})
+        signed = AWSRequest(
+            "POST",
+            f"{request.scheme}://{request.host_header or request.host}{request.path}",
+            data=request.raw_content or b"",
+            headers={
+                "content-type": headers.get("content-type", "application/json"),
+                "accept": headers.get("accept", "*/*"),
+            },
+        )
         SigV4Auth(held.signing, "bedrock", held.region).add_auth(signed)
         for name in ("authorization", "x-amz-date", "x-amz-security-token", "accept", "content-type"):
             if name in signed.headers:
@@ -254,4 +276,6 @@ class Bedrock(Provider):
         if not isinstance(message, str) or data.get("type") == "error":
             return
         response.headers["content-type"] = "application/json"
-        response.content = json.dumps(anthropic_error(error_type(response.headers.get("x-amzn-errortype")), message)).encode()
+        response.content = json.dumps(
+            anthropic_error(error_type(response.headers.get("x-amzn-errortype")), message)
+        ).encode()

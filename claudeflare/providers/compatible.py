@@ -35,7 +35,9 @@ def parse_base_url(url) -> Destination:
         raise ProviderError("'base_url' is required: the endpoint's URL, e.g. https://api.example.com/anthropic")
     parts = urlsplit(url)
     if parts.username or parts.password:  # not echoed: the URL holds a secret
-        raise ProviderError("'base_url' must not hold credentials: store the key with `claudeflare add` or use api_key_env")
+        raise ProviderError(
+            "'base_url' must not hold credentials: store the key with `claudeflare add` or use api_key_env"
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ProviderError(f"'base_url' must be http(s)://host[:port][/path], without query, got {url!r}")
     try:
@@ -57,7 +59,12 @@ def parse_models(models) -> tuple[tuple[str, str], ...]:
     if not isinstance(models, dict):
         raise ProviderError("'models' must be a table of client model (glob) = upstream model")
     for glob, target in models.items():
-        if not MODEL_RE.fullmatch(glob) or not isinstance(target, str) or not MODEL_RE.fullmatch(target) or set("*?[]") & set(target):
+        if (
+            not MODEL_RE.fullmatch(glob)
+            or not isinstance(target, str)
+            or not MODEL_RE.fullmatch(target)
+            or set("*?[]") & set(target)
+        ):
             raise ProviderError(f"'models': {glob!r} = {target!r} is not a model glob = model name")
     return tuple(models.items())
 
@@ -74,7 +81,11 @@ class AnthropicCompatible(Provider):
         return Settings(parse_base_url(table.get("base_url")), auth, parse_models(table.get("models")))
 
     def table(self, settings: Settings) -> dict:
-        return {"base_url": base_url(settings.destination), "auth": settings.auth, **({"models": dict(settings.models)} if settings.models else {})}
+        return {
+            "base_url": base_url(settings.destination),
+            "auth": settings.auth,
+            **({"models": dict(settings.models)} if settings.models else {}),
+        }
 
     def upstream_model(self, account, model: str | None) -> str | None:
         if model is None:
@@ -95,7 +106,12 @@ class AnthropicCompatible(Provider):
 
     def serves(self, account, model: str | None) -> bool:
         models = account.settings.models
-        return not models or model is None or self.upstream_model(account, model) is not None or any(model == t for _, t in models)
+        return (
+            not models
+            or model is None
+            or self.upstream_model(account, model) is not None
+            or any(model == t for _, t in models)
+        )
 
     def destination(self, account) -> Destination:
         return account.settings.destination

@@ -50,8 +50,14 @@ VERSIONS = {
     "claude-3-5-haiku": "claude-3-5-haiku@20241022",
 }
 # Google's error status -> Anthropic's error type (contract §4)
-ERROR_TYPES = {"RESOURCE_EXHAUSTED": "rate_limit_error", "PERMISSION_DENIED": "permission_error", "NOT_FOUND": "not_found_error",
-               "UNAUTHENTICATED": "authentication_error", "INVALID_ARGUMENT": "invalid_request_error", "UNAVAILABLE": "overloaded_error"}
+ERROR_TYPES = {
+    "RESOURCE_EXHAUSTED": "rate_limit_error",
+    "PERMISSION_DENIED": "permission_error",
+    "NOT_FOUND": "not_found_error",
+    "UNAUTHENTICATED": "authentication_error",
+    "INVALID_ARGUMENT": "invalid_request_error",
+    "UNAVAILABLE": "overloaded_error",
+}
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,9 @@ class Held:
     def refresh(self) -> None:
         if self.credentials is None:
             if self.settings.credentials_file:
-                self.credentials = service_account.Credentials.from_service_account_file(self.settings.credentials_file, scopes=SCOPES)
+                self.credentials = service_account.Credentials.from_service_account_file(
+                    self.settings.credentials_file, scopes=SCOPES
+                )
                 found = self.credentials.project_id
             else:
                 self.credentials, found = google.auth.default(scopes=SCOPES)
@@ -116,8 +124,13 @@ class Vertex(Provider):
         return Settings(region, project, path, base_url, compatible.parse_models(table.get("models")))
 
     def table(self, settings: Settings) -> dict:
-        given = {"region": settings.region, "project": settings.project, "credentials_file": settings.credentials_file,
-                 "base_url": settings.base_url and compatible.base_url(settings.base_url), "models": dict(settings.models)}
+        given = {
+            "region": settings.region,
+            "project": settings.project,
+            "credentials_file": settings.credentials_file,
+            "base_url": settings.base_url and compatible.base_url(settings.base_url),
+            "models": dict(settings.models),
+        }
         return {k: v for k, v in given.items() if v}
 
     def vertex_model(self, account, model: str | None) -> str | None:
@@ -136,7 +149,8 @@ class Vertex(Provider):
     def destination(self, account) -> Destination:
         region = account.settings.region
         return account.settings.base_url or Destination(
-            "https", "aiplatform.googleapis.com" if region == "global" else f"{region}-aiplatform.googleapis.com", 443)
+            "https", "aiplatform.googleapis.com" if region == "global" else f"{region}-aiplatform.googleapis.com", 443
+        )
 
     def rewrites(self, account, state) -> bool:
         return True
@@ -147,7 +161,9 @@ class Vertex(Provider):
         method = "streamRawPredict" if data.get("stream") is True else "rawPredict"
         held, region = self.held[account.name], account.settings.region
         # The client's model may reach the URL: quoted, it stays one path segment of this model's.
-        vertex_model = urllib.parse.quote(self.vertex_model(account, model if isinstance(model, str) else None) or "unknown", safe="@")
+        vertex_model = urllib.parse.quote(
+            self.vertex_model(account, model if isinstance(model, str) else None) or "unknown", safe="@"
+        )
         return f"/v1/projects/{held.project}/locations/{region}/publishers/anthropic/models/{vertex_model}:{method}"
 
     async def credential(self, account) -> Credential | None:
@@ -167,7 +183,9 @@ class Vertex(Provider):
             return None
         self.problems.note(account.name, None)
         expiry = held.credentials.expiry  # naive UTC, as google-auth keeps it
-        return Credential(access_token=held.credentials.token, expires_at=expiry.replace(tzinfo=UTC).timestamp() if expiry else None)
+        return Credential(
+            access_token=held.credentials.token, expires_at=expiry.replace(tzinfo=UTC).timestamp() if expiry else None
+        )
 
     def authenticate(self, headers, account, credential, request) -> None:
         for name in ("authorization", "x-api-key"):
@@ -191,5 +209,10 @@ class Vertex(Provider):
             return
         kind = ERROR_TYPES.get(status, "api_error" if response.status_code >= 500 else "invalid_request_error")
         response.headers["content-type"] = "application/json"
-        response.content = json.dumps({"type": "error", "error": {"type": kind, "message": f"Vertex AI: {message}"},
-                                       "request_id": f"req_vertex_{secrets.token_hex(8)}"}).encode()
+        response.content = json.dumps(
+            {
+                "type": "error",
+                "error": {"type": kind, "message": f"Vertex AI: {message}"},
+                "request_id": f"req_vertex_{secrets.token_hex(8)}",
+            }
+        ).encode()
