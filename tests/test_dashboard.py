@@ -236,7 +236,7 @@ def chart_url(chart: dict, **filters) -> str:
 
 
 async def chart_rows(ds, cookies, name, **filters) -> list[dict]:
-    filters = {"range": "24 hours", "account": "", **filters}
+    filters = {"range": "24 hours", "account": "", "provider": "", **filters}
     reply = await ds.client.get(chart_url(charts()[name], **filters), cookies=cookies)
     assert reply.status_code == 200, f"{name}: {reply.status_code} {reply.text[:500]}"
     return reply.json()["rows"]
@@ -819,3 +819,25 @@ def test_client_budgets_show_spend_against_each_budget(serve, db_path):
         )
 
     run(check())
+
+
+def test_the_provider_filter_narrows_every_chart(serve, db_path):
+    db = sqlite_utils.Database(db_path)
+    with db.conn:
+        db.execute("update requests set provider = case account when 'a' then 'anthropic' else 'bedrock' end")
+        db.execute("update account_status set provider = case name when 'a' then 'anthropic' else 'bedrock' end")
+    db.close()
+    ds = serve()
+
+    async def check():
+        cookies = await login(ds)
+        every = await chart_rows(ds, cookies, "requests", range="")  # accounts a (anthropic) and b (bedrock)
+        only_a = await chart_rows(ds, cookies, "requests", range="", account="a")
+        assert await chart_rows(ds, cookies, "requests", range="", provider="anthropic") == only_a != every
+        assert {r["account"] for r in await chart_rows(ds, cookies, "health", provider="bedrock")} == {"b"}
+        for name, chart in charts().items():  # every chart's SQL takes the filter, and the plugin allows it
+            if chart.get("query"):
+                await chart_rows(ds, cookies, name, provider="bedrock")
+
+    run(check())
+
