@@ -840,4 +840,3 @@ def test_the_provider_filter_narrows_every_chart(serve, db_path):
                 await chart_rows(ds, cookies, name, provider="bedrock")
 
     run(check())
-
