@@ -19,7 +19,6 @@ Bedrock's errors reach the client in Anthropic's shape; a ThrottlingException li
 import asyncio
 import base64
 import dataclasses
-import fnmatch
 import json
 import logging
 import os
@@ -188,9 +187,8 @@ class Bedrock(Provider):
     def bedrock_model(self, account, model: str | None) -> str | None:
         if not model:
             return None
-        for glob, target in account.settings.models:
-            if fnmatch.fnmatchcase(model, glob):
-                return target
+        if target := compatible.mapped(account.settings.models, model):
+            return target
         dated = model if DATED.fullmatch(model) else VERSIONS.get(model)
         return f"anthropic.{dated}-v1:0" if dated else None
 

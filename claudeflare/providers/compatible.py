@@ -23,6 +23,15 @@ AUTHS = ("x-api-key", "bearer")
 MODEL_RE = re.compile(r"[A-Za-z0-9._:@/*?\[\]-]{1,128}")  # globs and names, as policy reads a model
 
 
+def mapped(models, model: str | None) -> str | None:
+    """The target of the first `models` glob that matches `model` (the table's order), or None."""
+    if model:
+        for glob, target in models:
+            if fnmatch.fnmatchcase(model, glob):
+                return target
+    return None
+
+
 @dataclass(frozen=True)
 class Settings:
     destination: Destination
@@ -88,12 +97,7 @@ class AnthropicCompatible(Provider):
         }
 
     def upstream_model(self, account, model: str | None) -> str | None:
-        if model is None:
-            return None
-        for glob, target in account.settings.models:
-            if fnmatch.fnmatchcase(model, glob):
-                return target
-        return None
+        return mapped(account.settings.models, model)
 
     def rewrites(self, account, state) -> bool:
         target = self.upstream_model(account, state.model)

@@ -18,7 +18,6 @@ in memory only and goes on the wire only (wire.py), like every credential.
 
 import asyncio
 import dataclasses
-import fnmatch
 import json
 import re
 import secrets
@@ -136,9 +135,8 @@ class Vertex(Provider):
     def vertex_model(self, account, model: str | None) -> str | None:
         if not model:
             return None
-        for glob, target in account.settings.models:
-            if fnmatch.fnmatchcase(model, glob):
-                return target
+        if target := compatible.mapped(account.settings.models, model):
+            return target
         if dated := DATED.fullmatch(model):
             return f"{dated.group(1)}@{dated.group(2)}"
         return VERSIONS.get(model, model if model.startswith("claude-") else None)
