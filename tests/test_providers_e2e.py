@@ -108,7 +108,10 @@ def test_a_conversation_moves_from_a_limited_subscription_to_a_compatible_accoun
         second = httpx.post(f"{proxy.url}/v1/messages", json={**body, "stream": True}, headers=session, timeout=30)
         assert second.status_code == 200 and "glm-4.6" in second.text and "message_stop" in second.text
 
-        assert [(s["account"], s["status"]) for s in messages(fake)] == [("sub", 200), ("sub", 429)]
+        # The subscription's one request of the window is spent: the second turn meets its 429 and fails
+        # over, or — when the first reply already said the window is used up — moves before asking it.
+        calls = [(s["account"], s["status"]) for s in messages(fake)]
+        assert calls in ([("sub", 200), ("sub", 429)], [("sub", 200)])
         (moved,) = messages(other)
         assert json.loads(moved["body"])["model"] == "glm-4.6" and moved["headers"]["x-api-key"] == GLM_KEY
         assert "authorization" not in moved["headers"] and "oauth" not in moved["headers"].get("anthropic-beta", "")
@@ -118,4 +121,7 @@ def test_a_conversation_moves_from_a_limited_subscription_to_a_compatible_accoun
             ("sub", "anthropic", "subscription"),
             ("glm", "anthropic-compatible", "api-key"),
         ]
-        assert json.loads(rows[1]["failovers"])[0]["account"] == "sub"
+        if len(calls) == 2:
+            assert json.loads(rows[1]["failovers"])[0]["account"] == "sub"
+        else:
+            assert "conversation one-conversation moved from sub to glm" in proxy.output()
