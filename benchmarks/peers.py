@@ -1,7 +1,7 @@
 """Claudeflare against the pools people would pick instead, on the same fake upstream, in one run.
 
     .venv/bin/python benchmarks/peers.py [--scratch DIR] [--rounds 3] [--workers 2] [--requests 300]
-        [--concurrency 10] [--skip-install]
+        [--concurrency 10] [--slow-start 50] [--slow-max 800] [--skip-install]
 
 Installs into a scratch folder (default: a new temporary one; never inside the repository):
 - better-ccflare, from npm (`npm install better-ccflare@VERSION`): the package ships one compiled
@@ -16,6 +16,9 @@ against each, the order rotating every round: --requests streamed /v1/messages r
 tokens, --concurrency at a time on keep-alive connections, from a load-generator process
 (benchmarks/scale.py's). Per target: requests per second, p50/p99 time to first byte, and the CPU
 time of the target's processes (psutil, the whole process tree) per request. Medians over rounds.
+Then, once per target, slow streams held (scale.py's measure: S streams of --slow-tokens tokens at
+1 token / 50 ms opened together, S doubling from --slow-start to --slow-max; held when every stream
+ends whole and the p99 of the added inter-event delay is under 50 ms).
 A peer that cannot be installed or started here is reported as "not run here: <reason>".
 Every process it started is stopped at the end, also on Ctrl-C or failure.
 """
@@ -42,7 +45,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 from bench_proxy import KEY, start_fake  # noqa: E402
 from harness import Mitmdump, Serve, add_account, free_port, wait_for_port  # noqa: E402
-from scale import ONE_PEER, measure_throughput  # noqa: E402
+from scale import ONE_PEER, measure_slow, measure_throughput  # noqa: E402
 
 BETTER_CCFLARE = "better-ccflare@3.5.4"  # the accounts row below is this version's schema
 MODEL = "claude-sonnet-4-5-20250929"  # bench_proxy.BODY's
@@ -130,8 +133,8 @@ class Process:
             self.proc.wait(5)
 
 
-def start_better_ccflare(binary: Path, scratch: Path, upstream: str) -> Process:
-    home = scratch / "better-ccflare-home"
+def start_better_ccflare(binary: Path, folder: Path, upstream: str) -> Process:
+    home = folder / "better-ccflare-home"
     home.mkdir(exist_ok=True)
     db = home / "better-ccflare.db"
     env = {**os.environ, "HOME": str(home), "BETTER_CCFLARE_DB_PATH": str(db),
@@ -147,20 +150,22 @@ def start_better_ccflare(binary: Path, scratch: Path, upstream: str) -> Process:
                     " values (?, 'bench', 'anthropic-compatible', ?, null, null, null, ?, 0, 0, 0, ?)",
                     (str(uuid.uuid4()), KEY, int(time.time() * 1000), upstream))
     port = free_port()
-    return Process([str(binary), "--serve", "--port", str(port)], scratch / "better-ccflare.log", port, env, home).start()
+    return Process([str(binary), "--serve", "--port", str(port)], folder / "better-ccflare.log", port, env, home).start()
 
 
-def start_litellm(binary: Path, scratch: Path, upstream: str) -> Process:
-    config = scratch / "litellm-config.yaml"
+def start_litellm(binary: Path, folder: Path, upstream: str) -> Process:
+    config = folder / "litellm-config.yaml"
     config.write_text(json.dumps({  # JSON is YAML
         "model_list": [{"model_name": MODEL, "litellm_params": {"model": f"anthropic/{MODEL}", "api_base": upstream, "api_key": KEY}}],
         "litellm_settings": {"telemetry": False},
+        # without it LiteLLM drops the x-fake-* headers, and the fake could not pace the slow streams
+        "general_settings": {"forward_client_headers_to_llm_api": True},
     }))
     # The master key is the clients' key too, so every target gets the same request bytes.
     env = {**os.environ, "LITELLM_MASTER_KEY": KEY, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     port = free_port()
     return Process([str(binary), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
-                   scratch / "litellm.log", port, env, scratch, ready_path="/health/liveliness").start()
+                   folder / "litellm.log", port, env, folder, ready_path="/health/liveliness").start()
 
 
 def tree(pid: int) -> list[psutil.Process]:
@@ -188,6 +193,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="Claudeflare's N (it also runs with 1)")
     parser.add_argument("--requests", type=int, default=300, help="per target per round")
     parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--slow-start", type=int, default=50, help="slow streams: first try (0: skip them)")
+    parser.add_argument("--slow-max", type=int, default=800)
+    parser.add_argument("--slow-tokens", type=int, default=60, help="tokens per slow stream (at 50 ms each)")
     parser.add_argument("--skip-install", action="store_true", help="use what an earlier run installed in --scratch")
     args = parser.parse_args()
     args.generators = 1  # what scale.measure_throughput reads
@@ -210,21 +218,23 @@ def main() -> int:
             not_run[name] = str(e)
             print(f"  {name}: not run here: {e}", flush=True)
 
+    run_dir = scratch / time.strftime("run-%Y%m%d-%H%M%S")  # logs, homes and port files of this run only
+    run_dir.mkdir()
     targets: dict[str, object] = {}
     fake = None
     try:
-        fake, upstream = start_fake(scratch)
-        homes = {n: scratch / f"claudeflare-home-{n}" for n in (1, args.workers)}
+        fake, upstream = start_fake(run_dir)
+        homes = {n: run_dir / f"claudeflare-home-{n}" for n in (1, args.workers)}
         for home in homes.values():
             add_account(home, "bench", "api-key", 1, api_key=KEY)
         starters = {
             "bare mitmdump": lambda: Mitmdump("--mode", f"reverse:{upstream}", "--set", "stream_large_bodies=1", *QUIET,
-                                              log=scratch / "bare.log", addon=False).start(),
+                                              log=run_dir / "bare.log", addon=False).start(),
             **{f"Claudeflare, {n} worker{'s' * (n > 1)}":
-               (lambda n=n: Serve(homes[n], upstream, scratch / f"claudeflare-{n}.log", *QUIET, *ONE_PEER, workers=n).start(60))
+               (lambda n=n: Serve(homes[n], upstream, run_dir / f"claudeflare-{n}.log", *QUIET, *ONE_PEER, workers=n).start(60))
                for n in homes},
-            "better-ccflare": lambda: start_better_ccflare(installed["better-ccflare"], scratch, upstream),
-            "LiteLLM proxy": lambda: start_litellm(installed["LiteLLM proxy"], scratch, upstream),
+            "better-ccflare": lambda: start_better_ccflare(installed["better-ccflare"], run_dir, upstream),
+            "LiteLLM proxy": lambda: start_litellm(installed["LiteLLM proxy"], run_dir, upstream),
         }
         for name, start in starters.items():
             if name in not_run:
@@ -234,7 +244,7 @@ def main() -> int:
                 targets[name] = start()
                 warm = measure_throughput(targets[name].url, argparse.Namespace(**{**vars(args), "requests": 100}))
                 if warm["errors"]:
-                    raise NotRunHere(f"{warm['errors']} of 100 warm-up requests failed (see {scratch})")
+                    raise NotRunHere(f"{warm['errors']} of 100 warm-up requests failed (see {run_dir})")
             except (NotRunHere, RuntimeError) as e:
                 not_run[name] = str(e).splitlines()[0][:300]
                 print(f"  {name}: not run here: {not_run[name]}", flush=True)
@@ -250,6 +260,10 @@ def main() -> int:
                 figures["cpu_ms_per_request"] = (cpu_seconds(pid) - before) * 1000 / args.requests
                 rows[name].append(figures)
                 print(f"  round {i + 1}: {name}: {figures}", flush=True)
+        slow = {}
+        for name in order if args.slow_start else ():  # once each, after the rounds: seconds per try
+            print(f"  {name}:", flush=True)
+            slow[name] = measure_slow(targets[name].url, args)["slow_streams_held"]
     finally:
         for target in targets.values():
             target.stop()
@@ -259,19 +273,21 @@ def main() -> int:
 
     print(f"\n{args.rounds} rounds × {args.requests} streamed 10-token replies per target, {args.concurrency} concurrent; "
           "medians over rounds\n")
-    print("| target | req/s | p50 TTFB | p99 TTFB | errors | proxy CPU per request | requests per CPU-second |")
-    print("|---|---|---|---|---|---|---|")
+    print("| target | req/s | p50 TTFB | p99 TTFB | errors | proxy CPU per request | requests per CPU-second "
+          "| slow streams held |")
+    print("|---|---|---|---|---|---|---|---|")
     summary = {}
     for name in starters:
         if name in not_run:
-            print(f"| {name} | not run here: {not_run[name]} | | | | | |")
+            print(f"| {name} | not run here: {not_run[name]} | | | | | | |")
             continue
         med = {k: statistics.median(r[k] for r in rows[name]) for k in ("requests_per_s", "ttfb_p50_ms", "ttfb_p99_ms", "cpu_ms_per_request")}
         med["errors"] = sum(r["errors"] for r in rows[name])
+        med["slow_streams_held"] = slow.get(name, "—")
         summary[name] = med
         print(f"| {name} | {med['requests_per_s']:.1f} | {med['ttfb_p50_ms']:.2f} ms | {med['ttfb_p99_ms']:.2f} ms | "
-              f"{med['errors']} | {med['cpu_ms_per_request']:.2f} ms | {1000 / med['cpu_ms_per_request']:.0f} |")
-    print(json.dumps({"rounds": rows, "medians": summary, "not_run": not_run}))
+              f"{med['errors']} | {med['cpu_ms_per_request']:.2f} ms | {1000 / med['cpu_ms_per_request']:.0f} | {med['slow_streams_held']} |")
+    print(json.dumps({"rounds": rows, "slow_streams_held": slow, "medians": summary, "not_run": not_run}))
     return 0
 
 
