@@ -20,7 +20,8 @@ Then, once per target, slow streams held (scale.py's measure: S streams of --slo
 1 token / 50 ms opened together, S doubling from --slow-start to --slow-max; held when every stream
 ends whole and the p99 of the added inter-event delay is under 50 ms), after one burst not counted.
 A peer that cannot be installed or started here is reported as "not run here: <reason>".
-Every process it started is stopped at the end, also on Ctrl-C or failure.
+Every process it started is stopped at the end, also on Ctrl-C or failure. The scratch folder is
+kept (its path is printed first), so a later run can reuse it with --scratch DIR --skip-install.
 """
 
 import argparse
