@@ -197,7 +197,7 @@ def report(results: dict, args) -> None:
             rounds = results[provider][kind]
             ttfbs = [t for r in rounds for t in r["ttfbs"]]
 
-            def ratio(get, rounds=rounds):
+            def ratio(get, rounds=rounds, base=base):
                 return statistics.median(get(r) / get(b) for r, b in zip(rounds, base, strict=True))
 
             print(
