@@ -79,8 +79,9 @@ def append_account(home: Path, table: str) -> None:
         f.write("\n[[accounts]]\n" + table)
 
 
-def start_proxies(tmp: Path, up: dict) -> dict[str, Mitmdump]:
-    """One Claudeflare per provider, each with one account of it; the flow log written as usual."""
+def start_proxies(tmp: Path, up: dict, proxies: dict[str, Mitmdump]) -> None:
+    """One Claudeflare per provider, each with one account of it, into `proxies` as each starts (so
+    the caller stops those that did if a later one fails); the flow log written as usual."""
     homes = {p: tmp / p for p in PROVIDERS}
     add_account(homes["anthropic"], "bench", "api-key", 1, api_key=ANTHROPIC_KEY)
     ensure_home(homes["anthropic-compatible"])
@@ -99,7 +100,6 @@ def start_proxies(tmp: Path, up: dict) -> dict[str, Mitmdump]:
         f"credentials_file = {json.dumps(str(service_account))}\n",
     )
     append_account(homes["bedrock"], f'name = "aws"\nprovider = "bedrock"\nbase_url = "{up["bedrock"]}"\n')
-    proxies = {}
     for provider in PROVIDERS:
         proxies[provider] = Mitmdump(
             "--set",
@@ -111,7 +111,6 @@ def start_proxies(tmp: Path, up: dict) -> dict[str, Mitmdump]:
             log=tmp / f"{provider}.log",
             env=up["bedrock_env"] if provider == "bedrock" else None,
         ).start()
-    return proxies
 
 
 async def one(session: aiohttp.ClientSession, url: str, stream: bool) -> float:
@@ -229,7 +228,7 @@ def main() -> int:
         up = parent.recv()
         with tempfile.TemporaryDirectory() as tmp_name:
             try:
-                proxies = start_proxies(Path(tmp_name), up)
+                start_proxies(Path(tmp_name), up, proxies)
                 for proxy in proxies.values():  # warm up: imports, tokens, signers, connection pools
                     for stream in (True, False):
                         asyncio.run(load(proxy.url, 50, args.concurrency, stream))
