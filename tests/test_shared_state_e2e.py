@@ -161,7 +161,7 @@ def test_one_refresh_per_expiry_for_the_fleet(fake, fleet):
 
 
 def test_redis_gone_the_local_copy_serves_and_resyncs_when_it_is_back(fake, tmp_path, start_proxy, redis_server):
-    """A 3 s outage (the issue says 10 s; the behaviour is the same, past the thread's first retries)."""
+    """Redis gone for 10 s, as the issue asks: requests go on from the local copy, then it re-syncs."""
     homes = [tmp_path / "home-1", tmp_path / "home-2"]
     api_keys_everywhere(fake, homes, ("a", 1), ("b", 1))
     fake.set_limit("a", requests=1, window_s=3600)
@@ -174,8 +174,10 @@ def test_redis_gone_the_local_copy_serves_and_resyncs_when_it_is_back(fake, tmp_
         assert ask(one).status_code == 200
     assert ask(two).status_code == 200  # round-robin's first pick there is b: two has not met a's limit
     assert wait_until(lambda: "unreachable, serving from the local copy" in one.output(), timeout=5)
-    time.sleep(3)
-    assert ask(one).status_code == 200
+    gone = time.monotonic()
+    while time.monotonic() - gone < 10:  # served all along, from the local copy
+        assert ask(one).status_code == 200  # (two is not asked: it must learn a's limit from one)
+        time.sleep(1)
     redis_server.start()
     for proxy in (one, two):
         assert wait_until(lambda proxy=proxy: "reachable again, re-synced" in proxy.output(), timeout=15)
