@@ -45,8 +45,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 from bench_proxy import KEY, start_fake  # noqa: E402
-from harness import Mitmdump, Serve, add_account, free_port, wait_for_port  # noqa: E402
 from scale import ONE_PEER, measure_slow, measure_throughput, try_slow  # noqa: E402
+
+from harness import Mitmdump, Serve, add_account, free_port, wait_for_port  # noqa: E402
 
 BETTER_CCFLARE = "better-ccflare@3.5.4"  # the accounts row below is this version's schema
 MODEL = "claude-sonnet-4-5-20250929"  # bench_proxy.BODY's
@@ -69,14 +70,18 @@ def run(cmd: list[str], what: str, timeout: float, **kw) -> subprocess.Completed
 
 # --- installing (into the scratch folder) ---
 
+
 def install_better_ccflare(scratch: Path, skip: bool) -> Path:
     prefix = scratch / "better-ccflare"
     binary = prefix / "node_modules" / "better-ccflare" / "dist" / "better-ccflare"
     if not skip:
         prefix.mkdir(parents=True, exist_ok=True)
         run(["npm", "view", BETTER_CCFLARE, "version"], "npm view better-ccflare", 60)
-        run(["npm", "install", "--prefix", str(prefix), "--no-audit", "--no-fund", BETTER_CCFLARE],
-            "npm install better-ccflare", 300)
+        run(
+            ["npm", "install", "--prefix", str(prefix), "--no-audit", "--no-fund", BETTER_CCFLARE],
+            "npm install better-ccflare",
+            300,
+        )
     if not binary.exists():
         raise NotRunHere(f"no {binary} (installed?)")
     binary.chmod(0o755)
@@ -95,6 +100,7 @@ def install_litellm(scratch: Path, skip: bool) -> Path:
 
 # --- the targets: each started, its processes, stopped ---
 
+
 class Process:
     """A peer's server in its own session (so stopping it reaches its children), output to a log."""
 
@@ -108,8 +114,9 @@ class Process:
 
     def start(self, timeout: float = 120) -> "Process":
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                         cwd=self.cwd, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd, start_new_session=True
+            )
         try:
             wait_for_port(self.port, timeout, alive=lambda: self.proc.poll() is None)
             if self.ready_path:  # listening is not ready for every server (LiteLLM loads its config after)
@@ -138,35 +145,60 @@ def start_better_ccflare(binary: Path, folder: Path, upstream: str) -> Process:
     home = folder / "better-ccflare-home"
     home.mkdir(exist_ok=True)
     db = home / "better-ccflare.db"
-    env = {**os.environ, "HOME": str(home), "BETTER_CCFLARE_DB_PATH": str(db),
-           "BETTER_CCFLARE_CONFIG_PATH": str(home / "config.json"), "BETTER_CCFLARE_HOST": "127.0.0.1",
-           "LOG_LEVEL": "WARN", "STORE_PAYLOADS": "false"}
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "BETTER_CCFLARE_DB_PATH": str(db),
+        "BETTER_CCFLARE_CONFIG_PATH": str(home / "config.json"),
+        "BETTER_CCFLARE_HOST": "127.0.0.1",
+        "LOG_LEVEL": "WARN",
+        "STORE_PAYLOADS": "false",
+    }
     # `--list` creates the database; the account is the row `--add-account NAME --mode
     # anthropic-compatible` writes (its prompts do not take piped answers reliably).
     run([str(binary), "--list"], "better-ccflare --list", 60, env=env, cwd=home)
     with closing(sqlite3.connect(db)) as con, con:
         con.execute("delete from accounts")
-        con.execute("insert into accounts (id, name, provider, api_key, refresh_token, access_token, expires_at,"
-                    " created_at, request_count, total_requests, priority, custom_endpoint)"
-                    " values (?, 'bench', 'anthropic-compatible', ?, null, null, null, ?, 0, 0, 0, ?)",
-                    (str(uuid.uuid4()), KEY, int(time.time() * 1000), upstream))
+        con.execute(
+            "insert into accounts (id, name, provider, api_key, refresh_token, access_token, expires_at,"
+            " created_at, request_count, total_requests, priority, custom_endpoint)"
+            " values (?, 'bench', 'anthropic-compatible', ?, null, null, null, ?, 0, 0, 0, ?)",
+            (str(uuid.uuid4()), KEY, int(time.time() * 1000), upstream),
+        )
     port = free_port()
-    return Process([str(binary), "--serve", "--port", str(port)], folder / "better-ccflare.log", port, env, home).start()
+    return Process(
+        [str(binary), "--serve", "--port", str(port)], folder / "better-ccflare.log", port, env, home
+    ).start()
 
 
 def start_litellm(binary: Path, folder: Path, upstream: str) -> Process:
     config = folder / "litellm-config.yaml"
-    config.write_text(json.dumps({  # JSON is YAML
-        "model_list": [{"model_name": MODEL, "litellm_params": {"model": f"anthropic/{MODEL}", "api_base": upstream, "api_key": KEY}}],
-        "litellm_settings": {"telemetry": False},
-        # without it LiteLLM drops the x-fake-* headers, and the fake could not pace the slow streams
-        "general_settings": {"forward_client_headers_to_llm_api": True},
-    }))
+    config.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "model_list": [
+                    {
+                        "model_name": MODEL,
+                        "litellm_params": {"model": f"anthropic/{MODEL}", "api_base": upstream, "api_key": KEY},
+                    }
+                ],
+                "litellm_settings": {"telemetry": False},
+                # without it LiteLLM drops the x-fake-* headers, and the fake could not pace the slow streams
+                "general_settings": {"forward_client_headers_to_llm_api": True},
+            }
+        )
+    )
     # The master key is the clients' key too, so every target gets the same request bytes.
     env = {**os.environ, "LITELLM_MASTER_KEY": KEY, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     port = free_port()
-    return Process([str(binary), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
-                   folder / "litellm.log", port, env, folder, ready_path="/health/liveliness").start()
+    return Process(
+        [str(binary), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
+        folder / "litellm.log",
+        port,
+        env,
+        folder,
+        ready_path="/health/liveliness",
+    ).start()
 
 
 def tree(pid: int) -> list[psutil.Process]:
@@ -189,10 +221,13 @@ def held_cell(slow: dict) -> str:
     """The largest S held, and the p99 added delay of the first S missed (what missed looks like)."""
     missed = [t for t in slow["slow_tries"] if not t["held"]]
     miss = missed[0] if missed else None
-    return f"{slow['slow_streams_held']}" + (f" ({miss['streams']}: {miss['added_p99_ms']} ms, {miss['failed']} failed)" if miss else "")
+    return f"{slow['slow_streams_held']}" + (
+        f" ({miss['streams']}: {miss['added_p99_ms']} ms, {miss['failed']} failed)" if miss else ""
+    )
 
 
 # --- the run ---
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -236,11 +271,23 @@ def main() -> int:
         for home in homes.values():
             add_account(home, "bench", "api-key", 1, api_key=KEY)
         starters = {
-            "bare mitmdump": lambda: Mitmdump("--mode", f"reverse:{upstream}", "--set", "stream_large_bodies=1", *QUIET,
-                                              log=run_dir / "bare.log", addon=False).start(),
-            **{f"Claudeflare, {n} worker{'s' * (n > 1)}":
-               (lambda n=n: Serve(homes[n], upstream, run_dir / f"claudeflare-{n}.log", *QUIET, *ONE_PEER, workers=n).start(60))
-               for n in homes},
+            "bare mitmdump": lambda: Mitmdump(
+                "--mode",
+                f"reverse:{upstream}",
+                "--set",
+                "stream_large_bodies=1",
+                *QUIET,
+                log=run_dir / "bare.log",
+                addon=False,
+            ).start(),
+            **{
+                f"Claudeflare, {n} worker{'s' * (n > 1)}": (
+                    lambda n=n: Serve(
+                        homes[n], upstream, run_dir / f"claudeflare-{n}.log", *QUIET, *ONE_PEER, workers=n
+                    ).start(60)
+                )
+                for n in homes
+            },
             "better-ccflare": lambda: start_better_ccflare(installed["better-ccflare"], run_dir, upstream),
             "LiteLLM proxy": lambda: start_litellm(installed["LiteLLM proxy"], run_dir, upstream),
         }
@@ -261,7 +308,7 @@ def main() -> int:
         rows: dict[str, list[dict]] = {name: [] for name in targets}
         order = list(targets)
         for i in range(args.rounds):
-            for name in order[i % len(order):] + order[:i % len(order)]:  # rotate which goes first
+            for name in order[i % len(order) :] + order[: i % len(order)]:  # rotate which goes first
                 pid = targets[name].proc.pid
                 before = cpu_seconds(pid)
                 figures = measure_throughput(targets[name].url, args)
@@ -280,22 +327,31 @@ def main() -> int:
             fake.terminate()
             fake.wait(10)
 
-    print(f"\n{args.rounds} rounds × {args.requests} streamed 10-token replies per target, {args.concurrency} concurrent; "
-          "medians over rounds\n")
-    print("| target | req/s | p50 TTFB | p99 TTFB | errors | proxy CPU per request | requests per CPU-second "
-          "| slow streams held |")
+    print(
+        f"\n{args.rounds} rounds × {args.requests} streamed 10-token replies per target, {args.concurrency} concurrent; "
+        "medians over rounds\n"
+    )
+    print(
+        "| target | req/s | p50 TTFB | p99 TTFB | errors | proxy CPU per request | requests per CPU-second "
+        "| slow streams held |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     summary = {}
     for name in starters:
         if name in not_run:
             print(f"| {name} | not run here: {not_run[name]} | | | | | | |")
             continue
-        med = {k: statistics.median(r[k] for r in rows[name]) for k in ("requests_per_s", "ttfb_p50_ms", "ttfb_p99_ms", "cpu_ms_per_request")}
+        med = {
+            k: statistics.median(r[k] for r in rows[name])
+            for k in ("requests_per_s", "ttfb_p50_ms", "ttfb_p99_ms", "cpu_ms_per_request")
+        }
         med["errors"] = sum(r["errors"] for r in rows[name])
         med["slow_streams_held"] = held_cell(slow[name]) if name in slow else "—"
         summary[name] = med
-        print(f"| {name} | {med['requests_per_s']:.1f} | {med['ttfb_p50_ms']:.2f} ms | {med['ttfb_p99_ms']:.2f} ms | "
-              f"{med['errors']} | {med['cpu_ms_per_request']:.2f} ms | {1000 / med['cpu_ms_per_request']:.0f} | {med['slow_streams_held']} |")
+        print(
+            f"| {name} | {med['requests_per_s']:.1f} | {med['ttfb_p50_ms']:.2f} ms | {med['ttfb_p99_ms']:.2f} ms | "
+            f"{med['errors']} | {med['cpu_ms_per_request']:.2f} ms | {1000 / med['cpu_ms_per_request']:.0f} | {med['slow_streams_held']} |"
+        )
     print(json.dumps({"rounds": rows, "slow_streams_held": slow, "medians": summary, "not_run": not_run}))
     return 0
 
