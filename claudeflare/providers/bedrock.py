@@ -84,9 +84,10 @@ class Held:
 
     settings: Settings
     stored: Credential | None = None  # the account's stored key pair, if it has one
-    credentials: object = None  # botocore Credentials (refreshable ones refresh themselves)
+    # botocore Credentials (refreshable ones refresh themselves); out of repr, which would show the secret
+    credentials: object = field(default=None, repr=False)
     region: str | None = None
-    signing: object = None  # the frozen credentials of the latest attempt
+    signing: object = field(default=None, repr=False)  # the frozen credentials of the latest attempt
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def find(self) -> None:
