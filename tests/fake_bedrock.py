@@ -75,7 +75,7 @@ class FakeBedrock:
         return {
             "AWS_ACCESS_KEY_ID": self.access_key,
             "AWS_SECRET_ACCESS_KEY": self.secret_key,
-            "AWS_SESSION_TOKEN": self.session_token,
+            "AWS_SESSION_TOKEN": self.session_token or "",
             "AWS_REGION": self.region,
             "AWS_CONFIG_FILE": "/nonexistent",
             "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
