@@ -194,6 +194,12 @@ def oauth_login(mode: str, finish) -> None:
     help="vertex: the Vertex AI region (default global); bedrock: the AWS region (default: the AWS chain's).",
 )
 @click.option("--profile", help="bedrock: the AWS profile whose credentials sign requests (default: the AWS chain's).")
+@click.option(
+    "--aws-key-pair",
+    is_flag=True,
+    help="bedrock: sign with a key pair kept in credentials.json, read as ACCESS_KEY_ID and SECRET_ACCESS_KEY "
+    "(hidden prompts or two lines of standard input), instead of the AWS chain's credentials.",
+)
 @click.option("--project", help="vertex: the Google Cloud project (default: the credentials' own).")
 @click.option(
     "--credentials-file",
@@ -214,6 +220,7 @@ def add(
     models: tuple[str, ...],
     region: str | None,
     profile: str | None,
+    aws_key_pair: bool,
     project: str | None,
     credentials_file: str | None,
 ) -> None:
@@ -228,6 +235,7 @@ def add(
         claudeflare add glm --provider anthropic-compatible --base-url https://api.z.ai/api/anthropic --auth bearer --model 'claude-*=glm-4.6' --priority 1 < key.txt
         claudeflare add gcp --provider vertex --region us-east5 --project my-project --priority 1
         claudeflare add aws --provider bedrock --region us-east-1 --profile claude --priority 1
+        claudeflare add aws-keys --provider bedrock --region us-east-1 --aws-key-pair
     """
     checked_name(name)
     mode = mode or ("api-key" if provider != providers.DEFAULT else None)
@@ -235,6 +243,8 @@ def add(
         raise click.UsageError("Missing option '--mode'.")
     if api_key_env and mode != "api-key":
         raise click.UsageError("--api-key-env is for --mode api-key")
+    if aws_key_pair and (provider != "bedrock" or profile or api_key_env):
+        raise click.UsageError("--aws-key-pair is for provider bedrock, without --profile or --api-key-env")
     settings = provider_settings(
         name,
         provider,
@@ -248,7 +258,10 @@ def add(
     )
     refuse_duplicate(obj, name)
     account = Account(name, mode, int(tier), priority, api_key_env=api_key_env, provider=provider, settings=settings)
-    if providers.PROVIDERS[provider].own_credentials:
+    if aws_key_pair:
+        pair = enrolment.aws_key_pair(read_secret("ACCESS_KEY_ID"), read_secret("SECRET_ACCESS_KEY"))
+        enrolment.enrol(obj.home, account, pair)
+    elif providers.PROVIDERS[provider].own_credentials:
         enrolment.enrol(obj.home, account, None)  # its credentials are google-auth's or botocore's to find
     elif mode == "api-key":
         enrolment.add_api_key_account(obj.home, account, None if api_key_env else read_secret("API key"))

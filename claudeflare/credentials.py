@@ -23,6 +23,7 @@ from .config import CREDENTIALS_FILE
 # Secrets go into HTTP headers: printable ASCII without spaces, or one could inject headers.
 HEADER_SAFE_RE = re.compile(r"[\x21-\x7e]+")
 SECRET_RE = re.compile(r"[\x21-\x7e]{8,4096}")  # and what a pasted one looks like
+SECRET_FIELDS = ("token", "key", "key_id")  # a Credential field whose name ends so holds a secret
 
 
 @dataclass(frozen=True)
@@ -32,16 +33,18 @@ class Credential:
     expires_at: float | None = None  # epoch seconds
     api_key: str | None = None
     needs_login: bool = False  # the refresh token was refused: only a new log-in helps
+    aws_access_key_id: str | None = None  # a Bedrock account's stored key pair (else botocore's chain)
+    aws_secret_access_key: str | None = None
 
     def __repr__(self) -> str:
         # Never let a token reach a log line or a traceback through repr().
-        held = [f.name for f in fields(self) if getattr(self, f.name) and f.name.endswith(("token", "key"))]
+        held = [f.name for f in fields(self) if getattr(self, f.name) and f.name.endswith(SECRET_FIELDS)]
         return f"Credential(holds={held}, expires_at={self.expires_at}, needs_login={self.needs_login})"
 
     @functools.cached_property  # a credential is immutable; checked once, not on every request
     def well_formed(self) -> bool:
         """Every secret held is safe to put in a header (from a hand-edited file, env var or token server)."""
-        held = [getattr(self, f.name) for f in fields(self) if f.name.endswith(("token", "key"))]
+        held = [getattr(self, f.name) for f in fields(self) if f.name.endswith(SECRET_FIELDS)]
         return all(v is None or (isinstance(v, str) and HEADER_SAFE_RE.fullmatch(v)) for v in held)
 
     def valid_token(self, now: float | None = None, margin: float = 0.0) -> bool:

@@ -5,6 +5,7 @@ worker thread. They raise `AccountsError` (the request is wrong: a name, a dupli
 key), `OAuthError` (the log-in failed) or `CredentialStoreError`, whose messages never hold a secret.
 """
 
+import re
 from pathlib import Path
 
 from .accounts import (
@@ -73,6 +74,16 @@ def add_api_key_account(home: Path, account: Account, key: str | None) -> None:
     if (key is None) == (account.api_key_env is None):
         raise AccountsError("give either the key or the environment variable that holds it")
     enrol(home, account, None if key is None else Credential(api_key=check_secret(key, "an API key")))
+
+
+AWS_KEY_ID_RE = re.compile(r"[A-Z0-9]{16,128}")
+
+
+def aws_key_pair(key_id: str, secret: str) -> Credential:
+    """A Bedrock account's stored key pair, checked (the messages never quote it)."""
+    if not AWS_KEY_ID_RE.fullmatch(key_id.strip()):
+        raise AccountsError("that does not look like an AWS access key id: expected 16-128 capitals and digits")
+    return Credential(aws_access_key_id=key_id.strip(), aws_secret_access_key=check_secret(secret, "an AWS secret key"))
 
 
 def start_oauth(mode: str) -> tuple[LoginFlow, str]:

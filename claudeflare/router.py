@@ -83,7 +83,7 @@ class Router:
     async def fresh(self, pool: Pool, account: Account) -> Credential | None:
         """The account's credential, refreshed first if its token is about to expire."""
         if providers.of(account).own_credentials:
-            return await providers.of(account).credential(account)
+            return await providers.of(account).credential(account, pool.stored_credential(account))
         credential = pool.credential(account)
         if credential and self.refresher:
             credential = await self.refresher.fresh(account.name, credential)

@@ -54,11 +54,12 @@ def aws_error(status: int, kind: str, message: str) -> web.Response:
 
 
 class FakeBedrock:
-    def __init__(self, region: str = "us-east-1") -> None:
+    def __init__(self, region: str = "us-east-1", session: bool = True) -> None:
         self.region = region
         self.access_key = "AKIAFAKE" + secrets.token_hex(6).upper()
         self.secret_key = secrets.token_urlsafe(30)
-        self.session_token = "FwoGZXIvYXdzEfake" + secrets.token_hex(16)  # signed, not checked: as STS would mint
+        # signed, not checked: as STS would mint; None: a long-term key pair, which has none
+        self.session_token = "FwoGZXIvYXdzEfake" + secrets.token_hex(16) if session else None
         self.requests: list[dict] = []  # path, model, method, body, headers, status
         self.limit: int | None = None  # invocations served before ThrottlingException
         self.port = 0
@@ -74,7 +75,7 @@ class FakeBedrock:
         return {
             "AWS_ACCESS_KEY_ID": self.access_key,
             "AWS_SECRET_ACCESS_KEY": self.secret_key,
-            "AWS_SESSION_TOKEN": self.session_token,
+            "AWS_SESSION_TOKEN": self.session_token or "",
             "AWS_REGION": self.region,
             "AWS_CONFIG_FILE": "/nonexistent",
             "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
@@ -91,7 +92,7 @@ class FakeBedrock:
         if region != self.region or not request.headers.get("x-amz-date", "").startswith(day):
             return "Credential should be scoped to a valid region and date."
         names = signed.split(";")
-        if "host" not in names or "x-amz-security-token" not in names:
+        if "host" not in names or (self.session_token and "x-amz-security-token" not in names):
             return "'Host' and 'X-Amz-Security-Token' must be signed headers."
         recomputed = AWSRequest(
             "POST",

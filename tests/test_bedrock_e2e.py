@@ -4,11 +4,14 @@ Anthropic SSE, a ThrottlingException as a limit, and a conversation moving from 
 subscription to Bedrock."""
 
 import json
+import os
 import time
 
 import anthropic
 import httpx
+from click.testing import CliRunner
 
+from claudeflare.cli import cli
 from claudeflare.config import ensure_home
 
 from fake_bedrock import FakeBedrock
@@ -167,3 +170,40 @@ def test_a_bedrock_account_without_credentials_says_why_once(fake, home, start_p
         assert (
             proxy.output().count("bedrock account aws: no AWS credentials found") == 1
         )  # logged once, not per request
+
+
+def test_a_bedrock_account_with_a_stored_key_pair_signs_with_it_and_never_shows_it(fake, home, start_proxy, tmp_path):
+    def claudeflare(*args, input=None):
+        result = CliRunner().invoke(cli, ["--home", str(home), *args], input=input)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    with FakeBedrock(session=False) as bedrock:  # a long-term key pair: no session token
+        claudeflare(
+            *("add", "aws", "--provider", "bedrock", "--region", bedrock.region, "--base-url", bedrock.url),
+            "--aws-key-pair",
+            input=f"{bedrock.access_key}\n{bedrock.secret_key}\n",
+        )
+        empty = tmp_path / "empty-aws-file"
+        empty.write_text("")
+        no_chain = {k: "" for k in os.environ if k.startswith("AWS_")} | {  # nothing but the stored pair
+            "AWS_CONFIG_FILE": str(empty),
+            "AWS_SHARED_CREDENTIALS_FILE": str(empty),
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+        proxy = start_proxy(home, "--set", "flow_detail=3", env=no_chain)
+        reply = httpx.post(
+            f"{proxy.url}/v1/messages",
+            timeout=30,
+            json={"model": "claude-sonnet-4-5", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["content"][0]["text"] == "hello from bedrock"
+        assert [(c["status"], c["method"]) for c in bedrock.requests] == [(200, "invoke")]  # the fake checked SigV4
+        assert f"Credential={bedrock.access_key}/" in bedrock.requests[0]["headers"]["authorization"]
+        assert [(r["account"], r["status"]) for r in db_rows(home, expect=1)] == [("aws", 200)]
+        listed = claudeflare("list", "--json")
+        proxy.stop()
+        assert json.loads(listed)[0]["name"] == "aws"
+        for text in (listed, (home / "claudeflare.db").read_bytes().decode("latin-1"), proxy.output()):
+            assert bedrock.secret_key not in text and bedrock.access_key not in text

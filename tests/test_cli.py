@@ -498,3 +498,41 @@ def test_add_a_bedrock_account(run, home):
         "--profile: not for provider vertex"
         in run("add", "gcp", "--provider", "vertex", "--profile", "x", ok=False).output
     )
+
+
+AWS_KEY_ID, AWS_SECRET = "AKIASTOREDSTORED0001", "stored/secret+key0123456789abcdef"
+
+
+def test_add_a_bedrock_account_with_a_stored_key_pair_from_stdin(run, home):
+    added = run(
+        "add",
+        "aws",
+        "--provider",
+        "bedrock",
+        "--region",
+        "us-east-1",
+        "--aws-key-pair",
+        input=f"{AWS_KEY_ID}\n{AWS_SECRET}\n",
+    )
+    assert "added aws (bedrock, tier 1)" in added.output and AWS_SECRET not in added.output
+    stored = CredentialStore(home).credentials()["aws"]
+    assert (stored.aws_access_key_id, stored.aws_secret_access_key) == (AWS_KEY_ID, AWS_SECRET)
+    assert (home / "credentials.json").stat().st_mode & 0o777 == 0o600
+    assert AWS_SECRET not in (home / "accounts.toml").read_text()
+    listed = run("list", "--json").output
+    assert json.loads(listed)[0]["provider"] == "bedrock" and AWS_SECRET not in listed and AWS_KEY_ID not in listed
+
+
+@pytest.mark.parametrize(
+    "args, pair, message",
+    [
+        (("--provider", "bedrock", "--profile", "claude"), f"{AWS_KEY_ID}\n{AWS_SECRET}\n", "--aws-key-pair is for"),
+        (("--provider", "vertex"), f"{AWS_KEY_ID}\n{AWS_SECRET}\n", "--aws-key-pair is for"),
+        (("--provider", "bedrock"), f"not-a-key-id-{AWS_SECRET}\n{AWS_SECRET}\n", "AWS access key id"),
+        (("--provider", "bedrock"), f"{AWS_KEY_ID}\n\n", "does not look like"),
+    ],
+)
+def test_add_refuses_a_bad_aws_key_pair_and_writes_nothing(run, home, args, pair, message):
+    result = run("add", "aws", *args, "--aws-key-pair", input=pair, ok=False)
+    assert message in result.output and AWS_SECRET not in result.output
+    assert not (home / "accounts.toml").exists() and CredentialStore(home).credentials() == {}

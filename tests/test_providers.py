@@ -387,6 +387,39 @@ def test_an_aws_session_token_is_a_placeholder_in_the_flow():
     assert wire.on_wire(request).headers["x-amz-security-token"] == "FwoGZX-session"
 
 
+def test_a_stored_aws_key_pair_signs_instead_of_the_chain_and_never_shows(monkeypatch, caplog):
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIACHAINCHAINCHAIN0")  # the chain's: must not be used
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "chain-secret-chain-secret")
+    aws = accounts('[[accounts]]\nname = "aws-pair"\nprovider = "bedrock"\nregion = "eu-west-1"\n')["aws-pair"]
+    bedrock = providers.of(aws)
+    pair = Credential(aws_access_key_id="AKIASTOREDSTORED0001", aws_secret_access_key="stored/secret+key0123456789")
+    assert asyncio.run(bedrock.credential(aws, pair)) is not None
+    request = flow_for("claude-sonnet-4-5").request
+    headers = http.Headers(**{"content-type": "application/json"})
+    bedrock.authenticate(headers, aws, None, request)
+    assert "Credential=AKIASTOREDSTORED0001/" in headers["authorization"] and "x-amz-security-token" not in headers
+    signed = AWSRequest(
+        "POST",
+        request.url,
+        data=request.raw_content,
+        headers={"content-type": "application/json", "accept": "*/*", "x-amz-date": headers["x-amz-date"]},
+    )
+    signed.context["timestamp"] = headers["x-amz-date"]
+    signer = SigV4Auth(Credentials("AKIASTOREDSTORED0001", "stored/secret+key0123456789"), "bedrock", "eu-west-1")
+    expected = signer.signature(signer.string_to_sign(signed, signer.canonical_request(signed)), signed)
+    assert headers["authorization"].endswith(f"Signature={expected}")  # the stored secret signed it
+    shown = repr(pair) + repr(bedrock.held["aws-pair"]) + caplog.text
+    assert "stored/secret" not in shown and "AKIASTORED" not in shown
+
+    bad = Credential(aws_access_key_id="AKIASTOREDSTORED0001", aws_secret_access_key="two words")
+    assert asyncio.run(bedrock.credential(aws, bad)) is None  # not the chain's instead
+    assert bedrock.problem(aws) == "malformed stored AWS key pair" and "two words" not in caplog.text
+
+
 def test_the_example_files_provider_accounts_parse_when_uncommented():
     text = open("accounts.example.toml").read()
     block = text[text.index('# [[accounts]]\n# name = "glm"') : text.index("# Optional: alerts")]

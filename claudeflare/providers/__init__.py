@@ -70,8 +70,9 @@ class Provider:
         """Adapt the parsed body in place; returns the path to send it to, or None for the client's."""
         return None
 
-    async def credential(self, account):
-        """For `own_credentials` providers: a Credential good to send now, or None (see `problem`)."""
+    async def credential(self, account, stored=None):
+        """For `own_credentials` providers: a Credential good to send now, or None (see `problem`).
+        `stored`: the account's entry in the credential store, if any (e.g. a stored key pair)."""
         return None
 
     def problem(self, account) -> str | None:

@@ -7,8 +7,9 @@
     profile = "claude"         # default: the AWS chain's default credentials
     priority = 1
 
-Credentials come from botocore's standard chain (environment, shared files, SSO, instance roles),
-are kept in memory and refreshed by botocore. The model goes in the URL (`/model/ID/invoke`, or
+Credentials are the account's stored key pair (`claudeflare add … --aws-key-pair`, kept in
+credentials.json) or else botocore's standard chain (environment, shared files, SSO, instance roles),
+kept in memory and refreshed by botocore. The model goes in the URL (`/model/ID/invoke`, or
 `/invoke-with-response-stream` for `"stream": true`), mapped to Bedrock's ids by a built-in table
 that `models` overrides; the body gets `anthropic_version: bedrock-2023-05-31` instead of `model`
 and `stream`. A streamed reply comes in AWS event-stream framing: each frame is turned into the
@@ -27,6 +28,7 @@ import secrets
 import urllib.parse
 from dataclasses import dataclass, field
 
+import botocore.credentials
 import botocore.session
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -81,15 +83,22 @@ class Held:
     """One account's botocore credentials and region, found in a worker thread."""
 
     settings: Settings
-    credentials: object = None  # botocore Credentials (refreshable ones refresh themselves)
+    stored: Credential | None = None  # the account's stored key pair, if it has one
+    # botocore Credentials (refreshable ones refresh themselves); out of repr, which would show the secret
+    credentials: object = field(default=None, repr=False)
     region: str | None = None
-    signing: object = None  # the frozen credentials of the latest attempt
+    signing: object = field(default=None, repr=False)  # the frozen credentials of the latest attempt
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def find(self) -> None:
         session = botocore.session.Session(profile=self.settings.profile)
         self.region = self.settings.region or session.get_config_variable("region") or os.environ.get("AWS_REGION")
-        self.credentials = session.get_credentials()
+        if self.stored:
+            self.credentials = botocore.credentials.Credentials(
+                self.stored.aws_access_key_id, self.stored.aws_secret_access_key
+            )
+        else:
+            self.credentials = session.get_credentials()
 
     def frozen(self):
         """Frozen credentials: a refreshable set may refresh, which blocks (so: off the loop)."""
@@ -210,10 +219,15 @@ class Bedrock(Provider):
         target = self.bedrock_model(account, model if isinstance(model, str) else None) or "unknown"
         return f"/model/{urllib.parse.quote(target, safe='')}/{'invoke-with-response-stream' if stream else 'invoke'}"
 
-    async def credential(self, account) -> Credential | None:
+    async def credential(self, account, stored: Credential | None = None) -> Credential | None:
+        if stored and not (stored.aws_access_key_id or stored.aws_secret_access_key):
+            stored = None  # holds no key pair: the chain's
+        if stored and not (stored.aws_access_key_id and stored.aws_secret_access_key and stored.well_formed):
+            self.problems.note(account.name, "malformed stored AWS key pair")
+            return None
         held = self.held.get(account.name)
-        if held is None or held.settings != account.settings:
-            held = self.held[account.name] = Held(account.settings)
+        if held is None or held.settings != account.settings or held.stored != stored:
+            held = self.held[account.name] = Held(account.settings, stored)
         async with held.lock:
             try:
                 if held.credentials is None:

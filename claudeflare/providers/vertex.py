@@ -164,7 +164,7 @@ class Vertex(Provider):
         )
         return f"/v1/projects/{held.project}/locations/{region}/publishers/anthropic/models/{vertex_model}:{method}"
 
-    async def credential(self, account) -> Credential | None:
+    async def credential(self, account, stored: Credential | None = None) -> Credential | None:
         held = self.held.get(account.name)
         if held is None or held.settings != account.settings:
             held = self.held[account.name] = Held(account.settings)
