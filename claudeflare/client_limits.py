@@ -16,8 +16,7 @@ from collections import Counter
 from mitmproxy import http
 
 from .alerts import BudgetView
-from .client_rules import Limits, SpendCounter, iso_z, model_refused, named_models, period_end, period_start
-from .clock import iso_utc
+from .client_rules import Limits, SpendCounter, iso_z, model_refused, named_models, period_end, period_key
 from .flows import FlowStates, error_response
 from .offloop import off_loop
 
@@ -59,7 +58,7 @@ class ClientLimits:
             if spend is None or not (limits.budget_usd and limits.per):
                 continue
             if (spent := spend.spent(client, limits.per, now)) is not None:
-                views[client] = BudgetView(iso_utc(period_start(limits.per, now).timestamp()), spent, limits.budget_usd)
+                views[client] = BudgetView(period_key(limits.per, int(now // 86400)), spent, limits.budget_usd)
         return views
 
     def limits(self, client: str | None) -> Limits | None:

@@ -184,7 +184,7 @@ class SpendCounter:
         recent = self.recent.get(client, [])
         if recent and recent[0][0] <= published[0]:
             recent[:] = [r for r in recent if r[0] > published[0]]  # in the sum already
-        base = summed[1] if summed[0] == iso_utc(period_start(per, now).timestamp()) else 0.0  # a new period began
+        base = summed[1] if summed[0] == period_key(per, int(now // 86400)) else 0.0  # a new period began
         return base + sum(cost for _, cost in recent)
 
     # on the writer thread
@@ -222,9 +222,16 @@ def spend_since(conn, starts: dict[str, str]) -> dict[str, float]:
     return {client: float(conn.execute(SPEND_SQL, [client, start]).fetchone()[0]) for client, start in starts.items()}
 
 
+@functools.lru_cache(maxsize=16)
+def period_key(per: str, day: int) -> str:
+    """The start of the period holding UTC day number `day`, as the flow log writes `started_at`:
+    computed once a day, not on every request."""
+    return iso_utc(period_start(per, day * 86400).timestamp())
+
+
 def period_starts(budgets: dict[str, Limits], now: float) -> dict[str, str]:
     """The start of each budgeted client's current period, as the flow log writes `started_at`."""
-    return {name: iso_utc(period_start(b.per, now).timestamp()) for name, b in budgets.items() if b.per}
+    return {name: period_key(b.per, int(now // 86400)) for name, b in budgets.items() if b.per}
 
 
 def budget_rows(budgets: dict[str, Limits], spend: dict[str, float], now: float) -> list[dict]:

@@ -12,6 +12,7 @@ never relayed to this proxy itself. Refusals write no flow-log row, and are logg
 import asyncio
 import logging
 import socket
+import time
 from collections import Counter
 
 from mitmproxy import ctx, http
@@ -113,6 +114,8 @@ class ClientGate:
         self.claudeflare = claudeflare  # its pool (client keys) and upstream
         self.states = states
         self.relay = False
+        self.ports: set[int] = set()
+        self.ports_read_at = -1.0
         self.refused = RefusalLog()
 
     def load(self, loader) -> None:
@@ -225,9 +228,12 @@ class ClientGate:
         upstream = self.claudeflare.upstream
         return (host.lower(), port) == (upstream.host, upstream.port)
 
-    @staticmethod
-    def our_ports(sockname) -> set[int]:
-        """Every port this proxy listens on (a loop may go through another of its listeners)."""
-        server = ctx.master.addons.get("proxyserver")
-        ports = {addr[1] for addr in server.listen_addrs()} if server else set()
-        return ports | {sockname[1]}
+    def our_ports(self, sockname) -> set[int]:
+        """Every port this proxy listens on (a loop may go through another of its listeners); read
+        at most once a second, not on every request."""
+        now = time.monotonic()
+        if now >= self.ports_read_at + 1.0:
+            server = ctx.master.addons.get("proxyserver")
+            self.ports = {addr[1] for addr in server.listen_addrs()} if server else set()
+            self.ports_read_at = now
+        return self.ports | {sockname[1]}
