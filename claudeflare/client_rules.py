@@ -12,6 +12,7 @@ more than the requests in flight. Periods are calendar periods in UTC: a day
 from 00:00, a week from Monday 00:00, a month from the 1st 00:00.
 """
 
+import collections
 import fnmatch
 import functools
 import json
@@ -162,7 +163,9 @@ class SpendCounter:
         self.budgets: dict[str, Limits] = {}  # every client key with limits (set on the loop)
         self.published: tuple[int, dict[str, tuple[str, float]]] | None = None  # set by the writer
         self.queued = 0  # rows queued so far (loop)
-        self.recent: dict[str, list[tuple[int, float]]] = {}  # client -> (row number, cost) (loop)
+        # client -> (row number, cost) of rows queued since the last sum, and their total (loop)
+        self.recent: dict[str, collections.deque[tuple[int, float]]] = {}
+        self.recent_total: dict[str, float] = {}
         self._next_sum = 0.0  # writer
         self._budgets_summed: dict | None = None  # writer
         self._table: list[dict] | None = None  # what table client_limits holds (writer)
@@ -173,7 +176,8 @@ class SpendCounter:
         self.queued += 1
         cost = row.get("cost_usd")
         if cost and row.get("client") in self.budgets:
-            self.recent.setdefault(row["client"], []).append((self.queued, cost))
+            self.recent.setdefault(row["client"], collections.deque()).append((self.queued, cost))
+            self.recent_total[row["client"]] = self.recent_total.get(row["client"], 0.0) + cost
 
     def spent(self, client: str, per: str, now: float) -> float | None:
         """None until the flow log has summed this client's period."""
@@ -181,11 +185,11 @@ class SpendCounter:
         summed = published[1].get(client) if published else None
         if summed is None:
             return None
-        recent = self.recent.get(client, [])
-        if recent and recent[0][0] <= published[0]:
-            recent[:] = [r for r in recent if r[0] > published[0]]  # in the sum already
+        recent = self.recent.get(client)
+        while recent and recent[0][0] <= published[0]:  # in the sum already
+            self.recent_total[client] -= recent.popleft()[1]
         base = summed[1] if summed[0] == period_key(per, int(now // 86400)) else 0.0  # a new period began
-        return base + sum(cost for _, cost in recent)
+        return base + (self.recent_total.get(client, 0.0) if recent else 0.0)
 
     # on the writer thread
 
