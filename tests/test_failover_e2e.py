@@ -83,11 +83,12 @@ def test_benched_account_gets_nothing_until_its_reset_then_traffic_again(fake, h
     proxy = start_proxy(home, "--set", "claudeflare_strategy=round-robin")
     for _ in range(6):
         assert ask(proxy).status_code == 200
-    a_429 = [i for i, (acct, status) in enumerate(upstream_seen(fake)) if acct == "a" and status == 429]
-    assert len(a_429) == 1
-    assert [acct for acct, _ in upstream_seen(fake)[a_429[0] + 1 :]] == ["b"] * (
-        len(upstream_seen(fake)) - a_429[0] - 1
-    )
+    seen = upstream_seen(fake)
+    a_429 = [i for i, (acct, status) in enumerate(seen) if acct == "a" and status == 429]
+    # The spent window is met once at most — or not at all, when a's own 200 already said it is spent.
+    assert len(a_429) <= 1
+    after = (a_429 or [next(i for i, (acct, _) in enumerate(seen) if acct == "a")])[0] + 1
+    assert [acct for acct, _ in seen[after:]] == ["b"] * (len(seen) - after)
     time.sleep(3.2)
     fake.set_limit("a", requests=100, window_s=3600)  # a has room again after its reset
     assert_round_robin_again(fake, proxy)
