@@ -13,12 +13,13 @@ import json
 import re
 import secrets
 import struct
-import threading
 
 from aiohttp import web
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
+
+from app_thread import AppThread
 
 AUTH = re.compile(
     r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/bedrock/aws4_request, SignedHeaders=([^,]+), Signature=([0-9a-f]{64})"
@@ -63,7 +64,7 @@ class FakeBedrock:
         self.requests: list[dict] = []  # path, model, method, body, headers, status
         self.limit: int | None = None  # invocations served before ThrottlingException
         self.port = 0
-        self._loop = self._thread = self._runner = None
+        self._server: AppThread | None = None
 
     @property
     def url(self) -> str:
@@ -193,29 +194,9 @@ class FakeBedrock:
     def __enter__(self) -> FakeBedrock:
         app = web.Application()
         app.router.add_post("/{tail:.*}", self.invoke)
-        ready = threading.Event()
-
-        async def start():
-            self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-            await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]
-
-        def run():
-            self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(start())
-            ready.set()
-            self._loop.run_forever()
-            self._loop.close()
-
-        self._thread = threading.Thread(target=run, name="fake-bedrock", daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("fake Bedrock did not start")
+        self._server = AppThread(app, "fake-bedrock")
+        self.port = self._server.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        self._server.stop()

@@ -5,17 +5,17 @@ Google's error shape, 429 RESOURCE_EXHAUSTED past a limit)."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import re
 import secrets
-import threading
 import time
 
 from aiohttp import web
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from app_thread import AppThread
 
 PREDICT = re.compile(
     r"/v1/projects/([^/]+)/locations/([^/]+)/publishers/anthropic/models/([^/:]+):(rawPredict|streamRawPredict)"
@@ -46,7 +46,7 @@ class FakeVertex:
         self.requests: list[dict] = []  # each predict call: path, model, region, body, headers, status
         self.limit: int | None = None  # predict calls served before 429 RESOURCE_EXHAUSTED
         self.port = 0
-        self._loop = self._thread = self._runner = None
+        self._server: AppThread | None = None
 
     # --- what the tests use ----------------------------------------------------------------------
 
@@ -191,29 +191,9 @@ class FakeVertex:
         app = web.Application()
         app.router.add_post("/token", self.token)
         app.router.add_post("/{tail:.*}", self.predict)
-        ready = threading.Event()
-
-        async def start():
-            self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-            await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]
-
-        def run():
-            self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(start())
-            ready.set()
-            self._loop.run_forever()
-            self._loop.close()
-
-        self._thread = threading.Thread(target=run, name="fake-vertex", daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("fake Vertex did not start")
+        self._server = AppThread(app, "fake-vertex")
+        self.port = self._server.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        self._server.stop()
