@@ -141,10 +141,10 @@ def test_a_conversation_moves_from_a_limited_subscription_to_bedrock_then_bedroc
         assert [c["status"] for c in bedrock.requests] == [200, 429]  # throttled once, then benched: not asked again
         rows = db_rows(home, expect=4)
         assert [(r["account"], r["provider"]) for r in rows[:2]] == [("sub", "anthropic"), ("aws", "bedrock")]
-        if len(calls) == 2:
-            assert json.loads(rows[1]["failovers"])[0]["account"] == "sub"
-        else:
-            assert "conversation one-conversation moved from sub to aws" in proxy.output()
+        # The move is logged: as the second turn's failover, or as a move before asking the subscription
+        # (whose 429 then comes when the throttled Bedrock sends a later turn back to it).
+        failed_over = rows[1]["failovers"] and json.loads(rows[1]["failovers"])[0]["account"] == "sub"
+        assert failed_over or "conversation one-conversation moved from sub to aws" in proxy.output()
         assert rows[1]["output_tokens"] == 9
 
 
