@@ -64,8 +64,9 @@ def test_pool_serves_until_every_limit_is_spent_then_fast_429s(fake, home, start
     assert Counter(a for a, s in seen if s == 429) == {"a": 1, "b": 1, "c": 1}  # each found spent once, then benched
     rows = db_rows(home, expect=14)
     assert sum(r["attempts"] for r in rows) == len(seen)  # every upstream request is accounted for, none twice
-    reasons = [[f["reason"] for f in json.loads(r["failovers"])] for r in rows if r["failovers"]]
-    assert reasons == [["limited"], ["limited"], ["limited"]]
+    # Each account was found spent once, by whichever request met it (one request may meet two).
+    reasons = [f["reason"] for r in rows if r["failovers"] for f in json.loads(r["failovers"])]
+    assert reasons == ["limited"] * 3
     assert_nothing_in_flight(home)
 
 
