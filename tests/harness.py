@@ -9,8 +9,11 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+
+import requests
 
 from claudeflare.accounts import Account, add_account_table, edit_accounts
 from claudeflare.config import ensure_home
@@ -200,3 +203,65 @@ class Serve(Mitmdump):
         import psutil
 
         return [child.pid for child in psutil.Process(self.proc.pid).children()]
+
+
+class Load:
+    """`clients` threads sending requests (half streamed) until stopped. After an error a client
+    stops, unless `reconnect` (a worker of several may die under it): then it goes on with a new
+    connection. `acknowledged`: (request-id, monotonic time it was complete) of every reply received
+    whole; `errors`: the connection errors met."""
+
+    def __init__(self, url: str, clients: int = 20, reconnect: bool = False, model: str = "claude-sonnet-4-6"):
+        self.url, self.reconnect, self.model = url, reconnect, model
+        self.acknowledged: list[tuple[str, float]] = []
+        self.errors = 0
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self.client, args=(n,)) for n in range(clients)]
+        for t in self.threads:
+            t.start()
+
+    def client(self, n: int) -> None:
+        session = requests.Session()
+        for i in range(2000):  # bounded, whatever happens
+            if self.stopping.is_set():
+                break
+            stream = (n + i) % 2 == 0
+            body = {
+                "model": self.model,
+                "max_tokens": 50,
+                "stream": stream,
+                "messages": [{"role": "user", "content": f"load {n} {i}"}],
+            }
+            try:
+                reply = session.post(
+                    f"{self.url}/v1/messages",
+                    json=body,
+                    timeout=10,
+                    headers={"x-fake-tokens": "20", "x-fake-delay-ms": "1"},
+                )
+            except requests.RequestException:
+                self.errors += 1
+                session.close()
+                if not self.reconnect:
+                    return
+                session = requests.Session()
+                time.sleep(0.05)
+                continue
+            if reply.status_code == 200 and (not stream or reply.content.endswith(b'{"type":"message_stop"}\n\n')):
+                self.acknowledged.append((reply.headers["request-id"], time.monotonic()))
+        session.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for t in self.threads:
+            t.join(30)
+
+
+def logged_ids(home: Path) -> list[str]:
+    """Anthropic's request-id of every row in the flow log, after an integrity check."""
+    conn = sqlite3.connect(home / "claudeflare.db")
+    try:
+        assert conn.execute("pragma integrity_check").fetchone() == ("ok",)
+        return [r[0] for r in conn.execute("select request_id from requests where request_id is not null")]
+    finally:
+        conn.close()

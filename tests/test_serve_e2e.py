@@ -2,7 +2,6 @@
 flow log written by all of them."""
 
 import signal
-import sqlite3
 import subprocess
 import threading
 import time
@@ -12,7 +11,7 @@ import psutil
 import pytest
 import requests
 
-from harness import CLAUDEFLARE, LISTENING, Serve, api_key_accounts, db_rows, wait_until
+from harness import CLAUDEFLARE, LISTENING, Load, Serve, api_key_accounts, db_rows, logged_ids, wait_until
 
 MODEL = "claude-sonnet-4-6"
 CLIENTS = 20
@@ -32,64 +31,6 @@ def start_serve(tmp_path, fake):
     yield start
     for serve in started:
         serve.stop()
-
-
-class Load:
-    """CLIENTS threads sending requests (half streamed) until stopped; unlike a client of one proxy,
-    each goes on after an error (a new connection), as a worker may die under it.
-    `acknowledged`: (request-id, monotonic time it was complete) of every reply received whole."""
-
-    def __init__(self, url: str):
-        self.url = url
-        self.acknowledged: list[tuple[str, float]] = []
-        self.errors = 0
-        self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self.client, args=(n,)) for n in range(CLIENTS)]
-        for t in self.threads:
-            t.start()
-
-    def client(self, n: int) -> None:
-        session = requests.Session()
-        for i in range(2000):  # bounded, whatever happens
-            if self.stopping.is_set():
-                break
-            stream = (n + i) % 2 == 0
-            body = {
-                "model": MODEL,
-                "max_tokens": 50,
-                "stream": stream,
-                "messages": [{"role": "user", "content": f"load {n} {i}"}],
-            }
-            try:
-                reply = session.post(
-                    f"{self.url}/v1/messages",
-                    json=body,
-                    timeout=10,
-                    headers={"x-fake-tokens": "20", "x-fake-delay-ms": "1"},
-                )
-            except requests.RequestException:
-                self.errors += 1
-                session.close()
-                session = requests.Session()
-                time.sleep(0.05)
-                continue
-            if reply.status_code == 200 and (not stream or reply.content.endswith(b'{"type":"message_stop"}\n\n')):
-                self.acknowledged.append((reply.headers["request-id"], time.monotonic()))
-        session.close()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        for t in self.threads:
-            t.join(30)
-
-
-def logged_ids(home) -> list[str]:
-    conn = sqlite3.connect(home / "claudeflare.db")
-    try:
-        assert conn.execute("pragma integrity_check").fetchone() == ("ok",)
-        return [r[0] for r in conn.execute("select request_id from requests where request_id is not null")]
-    finally:
-        conn.close()
 
 
 def connections_per_worker(serve: Serve) -> list[int]:
@@ -157,7 +98,7 @@ def test_a_worker_killed_under_load_is_restarted_and_the_survivors_rows_are_all_
     api_key_accounts(fake, home, ("a", 1), ("b", 1))
     serve = start_serve(home)
     victim, survivor = serve.worker_pids()
-    load = Load(serve.url)
+    load = Load(serve.url, reconnect=True)
     time.sleep(2)
     killed_at = time.monotonic()
     psutil.Process(victim).send_signal(signal.SIGKILL)
@@ -182,7 +123,7 @@ def test_sigterm_stops_every_worker_and_every_acknowledged_row_is_written(start_
     api_key_accounts(fake, home, ("a", 1), ("b", 1))
     serve = start_serve(home)
     workers = serve.worker_pids()
-    load = Load(serve.url)
+    load = Load(serve.url, reconnect=True)
     time.sleep(3)
     assert serve.stop(signal.SIGTERM) == 0
     load.stop()
