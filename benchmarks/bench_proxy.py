@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from claudeflare.accounts import hash_client_key  # noqa: E402
 from claudeflare.credentials import CredentialStore  # noqa: E402
 
-from harness import Mitmdump, add_account, free_port, wait_for_port  # noqa: E402
+from harness import Mitmdump, RedisServer, add_account, wait_for_port  # noqa: E402
 
 KEY = "sk-ant-api03-benchmark-" + "b" * 32
 FIRST_KEY = "sk-ant-api03-benchmark-first-" + "f" * 26
@@ -198,31 +198,14 @@ def main() -> int:
             *quiet,
             log=tmp / "failover.log",
         ).start()
-        redis_port = free_port()
-        redis = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(tmp),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        wait_for_port(redis_port, 10)
+        redis = RedisServer(tmp).start()
         on_redis = Mitmdump(
             "--set",
             f"claudeflare_home={redis_home}",
             "--set",
             f"claudeflare_upstream={upstream}",
             "--set",
-            f"claudeflare_state=redis://127.0.0.1:{redis_port}/0",
+            f"claudeflare_state={redis.url}",
             *quiet,
             log=tmp / "redis.log",
         ).start()
@@ -251,7 +234,7 @@ def main() -> int:
             pool.stop()
             failover.stop()
             on_redis.stop()
-            redis.terminate()
+            redis.stop()
             fake.terminate()
 
     def summary(name):

@@ -2,7 +2,6 @@
 (state.db) or two homes on one real redis-server."""
 
 import sqlite3
-import subprocess
 import time
 from collections import Counter
 
@@ -13,48 +12,10 @@ from claudeflare import state
 from claudeflare.accounts import hash_client_key
 from claudeflare.credentials import CredentialStore
 
-from harness import CLAUDE_CODE_SYSTEM, add_account, api_key_accounts, db_rows, free_port, wait_for_port, wait_until
+from harness import CLAUDE_CODE_SYSTEM, RedisServer, add_account, api_key_accounts, db_rows, wait_until
 
 MODEL = "claude-sonnet-4-6"
 SYNC = 1.0  # a few of the state thread's rounds (state.POLL): long enough for an event to cross
-
-
-class RedisServer:
-    """A throwaway redis-server on a free loopback port, without persistence."""
-
-    def __init__(self, tmp_path):
-        self.port, self.dir = free_port(), tmp_path
-        self.proc = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> "RedisServer":
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.dir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port, 10, alive=lambda: self.proc.poll() is None)
-        return self
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 @pytest.fixture
