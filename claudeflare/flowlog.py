@@ -20,6 +20,7 @@ from . import retention
 from .client_rules import SpendCounter
 from .clock import utc_now
 from .storable import storable
+from .wal import enable_wal
 
 logger = logging.getLogger(__name__)
 
@@ -279,8 +280,8 @@ def open_db(path: Path) -> sqlite_utils.Database:
     """Open (creating and migrating) the analytics database in WAL mode."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), timeout=5, check_same_thread=False)
+    enable_wal(conn)
     db = sqlite_utils.Database(conn)
-    db.enable_wal()
     migrations.apply(db)
     return db
 

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 from .accounts import NAME_RE
 from .credentials import Credential, CredentialStore, CredentialStoreError, entry_problem
+from .wal import enable_wal
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +317,7 @@ class HomeState(SharedState):
 
     def connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=5, isolation_level=None)
-        db.execute("pragma journal_mode=wal")
+        enable_wal(db)
         db.execute(
             "create table if not exists events (id integer primary key autoincrement, body text not null, until real not null)"
         )

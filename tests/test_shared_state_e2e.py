@@ -184,11 +184,11 @@ def test_one_usage_read_per_interval_for_the_fleet_and_everyone_learns_it(fake, 
     homes, start = fleet
     enrol_oauth(fake, homes, "m", expires_in=7200)
     fake.set_usage("m", {"five_hour": {"utilization": 42, "resets_at": "2099-01-01T00:00:00Z"}})
-    start()
+    proxies = start()
     for home in dict.fromkeys(homes):  # the reader's result reached the other's status too
         assert wait_until(lambda home=home: account_status(home, "m") == 0.42, timeout=10)
     time.sleep(SYNC)
-    assert fake.usage_reads("m") == 1  # both start due to read it: one did
+    assert fake.usage_reads("m") == 1, [p.output() for p in proxies]  # both start due to read it: one did
 
 
 def test_a_file_made_through_one_is_reached_through_the_other(fake, fleet):
