@@ -114,12 +114,19 @@ class Mitmdump:
             return self.proc.wait(5)
 
 
+USAGE_READS = "claudeflare_usage_interval=300"  # the default: for the tests about usage reads
+
+
 def claudeflare_proxy(home: Path, upstream: str, log: Path, *extra: str, env: dict | None = None) -> Mitmdump:
+    """Usage reads are off unless `extra` sets their interval: the read at start would race a test's
+    first requests (a spent account may then be moved away from before or after its 429)."""
+    reads = [] if "claudeflare_usage_interval=" in " ".join(extra) else ["--set", "claudeflare_usage_interval=0"]
     return Mitmdump(
         "--set",
         f"claudeflare_home={home}",
         "--set",
         f"claudeflare_upstream={upstream}",
+        *reads,
         *extra,
         log=log,
         env=env,

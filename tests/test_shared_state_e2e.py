@@ -12,7 +12,7 @@ from claudeflare import state
 from claudeflare.accounts import hash_client_key
 from claudeflare.credentials import CredentialStore
 
-from harness import CLAUDE_CODE_SYSTEM, RedisServer, add_account, api_key_accounts, db_rows, wait_until
+from harness import CLAUDE_CODE_SYSTEM, USAGE_READS, RedisServer, add_account, api_key_accounts, db_rows, wait_until
 
 MODEL = "claude-sonnet-4-6"
 SYNC = 1.0  # a few of the state thread's rounds (state.POLL): long enough for an event to cross
@@ -184,7 +184,7 @@ def test_one_usage_read_per_interval_for_the_fleet_and_everyone_learns_it(fake, 
     homes, start = fleet
     enrol_oauth(fake, homes, "m", expires_in=7200)
     fake.set_usage("m", {"five_hour": {"utilization": 42, "resets_at": "2099-01-01T00:00:00Z"}})
-    proxies = start()
+    proxies = start("--set", USAGE_READS)
     for home in dict.fromkeys(homes):  # the reader's result reached the other's status too
         assert wait_until(lambda home=home: account_status(home, "m") == 0.42, timeout=10)
     time.sleep(SYNC)

@@ -18,7 +18,7 @@ from claudeflare.proxy import Claudeflare
 from claudeflare.ratelimit import Health
 from claudeflare.usage_poll import MAX_BACKOFF, Schedule, parse_usage
 
-from harness import CLAUDE_CODE_SYSTEM, add_account, api_key_accounts, wait_until
+from harness import CLAUDE_CODE_SYSTEM, USAGE_READS, add_account, api_key_accounts, wait_until
 
 RESET = "2026-12-01T10:00:00+00:00"
 RESET_EPOCH = datetime(2026, 12, 1, 10, tzinfo=UTC).timestamp()
@@ -173,7 +173,7 @@ def test_an_idle_subscriptions_usage_is_read_once_at_start_and_listed(fake, home
             "extra_usage": {"is_enabled": True, "utilization": 12.4},
         },
     )
-    proxy = start_proxy(home)
+    proxy = start_proxy(home, "--set", USAGE_READS)
     assert wait_until(lambda: listed(home)["idle"]["utilization_7d_opus"] == 0.815, timeout=10)
     idle = listed(home)["idle"]
     assert idle["utilization_5h"] == 0.1 and idle["utilization_7d"] == 0.05  # the fake's 10% and 5%
@@ -192,7 +192,7 @@ def test_new_conversations_avoid_an_idle_account_whose_window_is_nearly_spent(fa
     for name in ("spent", "roomy"):
         enrol(fake, home, name)
     fake.set_usage("spent", {"five_hour": {"utilization": 97, "resets_at": iso_utc(time.time() + 3600)}})
-    proxy = start_proxy(home)
+    proxy = start_proxy(home, "--set", USAGE_READS)
     assert wait_until(lambda: fake.usage_reads("spent") == fake.usage_reads("roomy") == 1, timeout=10)
     assert wait_until(lambda: listed(home)["spent"]["utilization_5h"] == 0.97, timeout=5)
     for i in range(4):
