@@ -1,5 +1,6 @@
 """Per-flow state and the small operations on mitmproxy requests and responses the addons share."""
 
+import functools
 import ipaddress
 import json
 import secrets
@@ -150,6 +151,7 @@ def install_anthropic_error_pages() -> None:
         _http2.Http2Server._handle_event = h2_anthropic_errors(_http2.Http2Server._handle_event)
 
 
+@functools.lru_cache(maxsize=4096)  # peers and hosts repeat: parsing one costs more than the gate's other checks
 def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """An IP address, IPv4-mapped ones as IPv4 (a dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d)."""
     try:

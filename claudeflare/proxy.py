@@ -20,7 +20,7 @@ from pathlib import Path
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from . import policy, providers, resources, wire
+from . import dispatch, policy, providers, resources, wire
 from . import state as shared_state
 from .accounts import Pool, PoolWatcher
 from .alerts import Alerts
@@ -142,6 +142,7 @@ class Claudeflare:
     def load(self, loader) -> None:
         install_anthropic_error_pages()
         wire.install()
+        dispatch.install()
         add = loader.add_option
         add(
             "claudeflare_home",

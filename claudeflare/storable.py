@@ -6,6 +6,7 @@ control characters, or megabytes. SQLite's driver refuses a surrogate and an int
 by raising, so every value is repaired here before it is queued for the writer thread.
 """
 
+import functools
 import json
 import math
 
@@ -33,6 +34,8 @@ PLAIN = {"model", "method", "path", "session", "client", "account", "strategy", 
 
 def text(value: str, cap: int = DEFAULT_CAP, plain: bool = False) -> str:
     """Valid UTF-8 (surrogates replaced), at most `cap` characters, and printable when `plain`."""
+    if len(value) <= cap and value.isascii() and (value.isprintable() or not plain):
+        return value  # the common case, checked cheaply: ASCII holds no surrogate
     value = value[: cap + 1].encode("utf-8", "replace").decode("utf-8")
     if plain and not value.isprintable():
         value = "".join(c if c.isprintable() else "?" for c in value)
@@ -57,4 +60,9 @@ def value(column: str, v):
 
 def storable(row: dict) -> dict:
     """A copy of `row` that SQLite accepts whatever the client sent."""
-    return {text(str(k), 64, plain=True): value(str(k), v) for k, v in row.items()}
+    return {_column(k): value(k, v) for k, v in row.items()}
+
+
+@functools.lru_cache(maxsize=256)  # the writers' column names: a handful, repeated on every row
+def _column(name) -> str:
+    return text(str(name), 64, plain=True)
