@@ -222,16 +222,15 @@ class SSEUsageParser:
             self._stopped = True
 
     def _feed_text(self, data: bytes) -> None:
-        if (
-            self.seen_events
-            and not self._pending
-            and not self._dropping
-            and data.endswith(b"\n\n")
-            and b"message_" not in data
-            and b"error" not in data
-        ):
-            # Whole events, none of them usage or error (content deltas, pings): nothing to read.
-            self._event = None
+        if not self._pending and not self._dropping and data.endswith(b"\n\n"):
+            # Whole events, the usual chunk: once the stream is known good, only those that may carry
+            # usage or an error are read line by line (not content deltas nor pings).
+            for event in data.split(b"\n\n")[:-1]:
+                if self.seen_events and b"message_" not in event and b"error" not in event:
+                    continue
+                for line in event.split(b"\n"):
+                    self._line(line)
+                self._event = None  # the blank line that ended it
             return
         lines = data.split(b"\n")
         if len(lines) == 1:
