@@ -92,15 +92,20 @@ DISABLED_MESSAGES = (
     "OAuth authentication is currently not allowed for this organization",
 )
 CLAUDE_CODE_ONLY_MESSAGE = "only authorized for use with Claude Code"
+THIRD_PARTY_MESSAGE = "Third-party apps now draw from your extra usage"
+BARE_REFUSAL = "Error"  # what the refusal said before it had words (400), and sometimes still (429)
 LONG_CONTEXT_MESSAGES = ("Extra usage is required for long context", "Usage credits are required for long context")
 REFUSAL_STATUSES = (400, 403, 429)  # the statuses whose message `refusal` reads
 
 
-def refusal(status: int, body: bytes) -> Outcome | None:
+def refusal(status: int, body: bytes, third_party: bool = False) -> Outcome | None:
     """What an error reply means beyond its status: `disabled` (the account is gone until its
     credentials change), `claude-code-only` (a subscription refused a request: another kind of
     account may serve it), `long-context` (a subscription without extra usage refused this request
-    only: an API-key account serves it). None for anything else."""
+    only: an API-key account serves it). None for anything else.
+
+    `third_party`: a request not recognised as Claude Code, sent on a subscription. Then a bare
+    `Error` (400, or 429 with no window spent) is the Claude-Code-only refusal in its older forms."""
     if status not in REFUSAL_STATUSES or len(body) > 64 * 1024:
         return None
     try:
@@ -112,7 +117,9 @@ def refusal(status: int, body: bytes) -> Outcome | None:
         return None
     if status in (400, 403) and message.startswith(DISABLED_MESSAGES):
         return Outcome.DISABLED
-    if status == 400 and CLAUDE_CODE_ONLY_MESSAGE in message:
+    if status == 400 and (CLAUDE_CODE_ONLY_MESSAGE in message or message.startswith(THIRD_PARTY_MESSAGE)):
+        return Outcome.CLAUDE_CODE_ONLY
+    if status in (400, 429) and third_party and message.strip() == BARE_REFUSAL:
         return Outcome.CLAUDE_CODE_ONLY
     if status == 429 and message.startswith(LONG_CONTEXT_MESSAGES):
         return Outcome.LONG_CONTEXT

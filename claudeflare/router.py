@@ -181,7 +181,12 @@ class Router:
 
     def observe_refusal(self, name: str, state: FlowState, response: http.Response) -> Outcome:
         body = response.get_content(strict=False) or b""
-        match policy.refusal(response.status_code, body):
+        # Not Claude Code, on a subscription, and no window says a limit is spent: a bare refusal is
+        # the Claude-Code-only one (contract §8), not a limit to bench the account for.
+        third_party = state.account_kind == "subscription" and not state.claude_code
+        match policy.refusal(
+            response.status_code, body, third_party and not (state.signals and state.signals.exhausted)
+        ):
             case Outcome.DISABLED:
                 self.health.disable(name, f"disabled by Anthropic ({response.status_code})", self.fingerprint(name))
                 return Outcome.DISABLED

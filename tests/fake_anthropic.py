@@ -97,6 +97,17 @@ CLAUDE_CODE_IDENTITIES = (
 CLAUDE_CODE_ONLY = (
     "This credential is only authorized for use with Claude Code and cannot be used for other API requests."
 )
+# Every form of that refusal seen (contract §8), by name: the proxy must know each.
+THIRD_PARTY_REFUSALS = {
+    "credential": (400, CLAUDE_CODE_ONLY),
+    "error": (400, "Error"),
+    "error-429": (429, "Error"),
+    "extra-usage": (
+        400,
+        "Third-party apps now draw from your extra usage, not your plan limits. "
+        "Add more extra usage at claude.ai/settings/usage to continue.",
+    ),
+}
 LONG_CONTEXT = "Extra usage is required for long context requests."
 LONG_CONTEXT_TOKENS = 200_000  # past this, a subscription without extra usage refuses the request
 DISABLED = {
@@ -232,6 +243,7 @@ class FakeAnthropic:
         self.token_delay_s = 0.0  # delay inside /v1/oauth/token (a client that leaves meanwhile changes nothing)
         self.token_fault: str | None = None  # "500" | "invalid_grant" | "429" | "404" (the old host) | None
         self.usage_budget = USAGE_BUDGET  # usage reads per account per hour, then 429 with retry-after
+        self.third_party_refusal = "credential"  # how subscriptions refuse what is not Claude Code
         self._lock = threading.RLock()
         self._state = _State()
         self._records: list[dict] = []
@@ -396,6 +408,7 @@ class FakeAnthropic:
             self.resources.reset()
             self.token_delay_s, self.token_fault, self.token_lifetime = 0.0, None, 3600
             self.usage_budget = USAGE_BUDGET
+            self.third_party_refusal = "credential"
         self.reset_requests()
 
     def reset_requests(self) -> None:
@@ -940,7 +953,7 @@ class FakeAnthropic:
         }
         model = payload["model"]
         if kind == "oauth" and "haiku" not in model.lower() and not is_claude_code(payload):
-            return self._error(request, 400, CLAUDE_CODE_ONLY)
+            return self._error(request, *THIRD_PARTY_REFUSALS[self.third_party_refusal])
         five, hour = _int_header(request, "x-fake-cache-write", 0), _int_header(request, "x-fake-cache-write-1h", 0)
         usage["cache_creation_input_tokens"] = five + hour
         cache_creation = {"ephemeral_5m_input_tokens": five, "ephemeral_1h_input_tokens": hour}

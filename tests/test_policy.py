@@ -193,6 +193,24 @@ def test_refusals_that_mean_something(status, body, meaning):
     assert refusal(status, body) == meaning
 
 
+THIRD_PARTY = "Third-party apps now draw from your extra usage, not your plan limits. Add credits to continue."
+
+
+@pytest.mark.parametrize(
+    "status, body, third_party, meaning",
+    [
+        (400, error(THIRD_PARTY), False, "claude-code-only"),  # says so whoever sent it
+        (400, error("Error"), True, "claude-code-only"),
+        (429, error("Error", "rate_limit_error"), True, "claude-code-only"),
+        (400, error("Error"), False, None),  # Claude Code's own request, or an API key: an error like any
+        (429, error("Error", "rate_limit_error"), False, None),  # ... or a limit, by its headers
+        (400, error("Error: messages: Field required"), True, None),
+    ],
+)
+def test_the_older_forms_of_the_claude_code_only_refusal(status, body, third_party, meaning):
+    assert refusal(status, body, third_party) == meaning
+
+
 def test_credential_fingerprint_changes_with_a_new_login_or_key_only():
     old = Credential(access_token="sk-ant-oat01-a", refresh_token="sk-ant-ort01-a", expires_at=1.0)
     assert credential_fingerprint(old) == credential_fingerprint(

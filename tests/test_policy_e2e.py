@@ -15,7 +15,7 @@ from claudeflare.cli import cli
 from claudeflare.credentials import Credential, CredentialStore
 from claudeflare.flowlog import account_status
 
-from fake_anthropic import expected_text
+from fake_anthropic import THIRD_PARTY_REFUSALS, expected_text
 from harness import CLAUDE_CODE_SYSTEM, ROOT, add_account, api_key_accounts, db_rows, wait_until
 
 CLAUDE = ROOT / "node_modules" / ".bin" / "claude"
@@ -111,13 +111,16 @@ def test_claude_code_goes_to_subscriptions_and_the_rest_to_keys(fake, home, star
     assert all(r["tokens"] > 0 for r in stats)
 
 
-def test_option_any_lets_other_clients_try_subscriptions(fake, home, start_proxy):
+@pytest.mark.parametrize("form", list(THIRD_PARTY_REFUSALS))
+def test_option_any_lets_other_clients_try_subscriptions(fake, home, start_proxy, form):
     max_accounts(fake, home, "sub", priority=0)
     api_key_accounts(fake, home, ("key", 1, 1))
+    fake.third_party_refusal = form
     proxy = start_proxy(home, "--set", "claudeflare_subscription_clients=any")
-    # The subscription refuses it (400, Claude Code only): the request fails over to the key, the account stays.
+    # The subscription refuses it (Claude Code only, in any of its forms): the request fails over to
+    # the key, the account stays in service.
     assert ask(proxy, claude_code=False).status_code == 200
-    assert served(fake) == [("sub", 400), ("key", 200)]
+    assert served(fake) == [("sub", THIRD_PARTY_REFUSALS[form][0]), ("key", 200)]
     assert ask(proxy).status_code == 200 and served(fake)[-1] == ("sub", 200)
 
 
