@@ -11,12 +11,15 @@ import asyncio
 import ipaddress
 import json
 import logging
+import os
 from collections.abc import Callable
 from datetime import datetime
 
 from mitmproxy import ctx, exceptions
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
+
+from .supervisor import WORKER_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +36,19 @@ TOKEN_KINDS = {
 UTILIZATION = "utilization_"  # status-row columns utilization_<window>
 
 
-def parse_endpoint(port: int, host: str) -> tuple[str, int] | None:
-    """Where to serve /metrics, or None when off."""
+def parse_endpoint(port: int, host: str, worker: str | None = None) -> tuple[str, int] | None:
+    """Where to serve /metrics, or None when off. Worker n of `claudeflare serve` (`worker`, from
+    the environment) serves on `port` + n - 1: each worker's figures are its own, scraped apart."""
     if not 0 <= port <= 65535:
         raise ValueError("claudeflare_metrics_port must be from 0 (off) to 65535")
     try:
         ipaddress.ip_address(host)
     except ValueError:
         raise ValueError(f"claudeflare_metrics_host must be an IP address, not {host!r}") from None
+    if port and worker and worker.isdigit() and int(worker) > 1:
+        port += int(worker) - 1
+        if port > 65535:
+            raise ValueError(f"claudeflare_metrics_port: worker {worker} would serve on {port}, past 65535")
     return (host, port) if port else None
 
 
@@ -156,7 +164,9 @@ class Metrics:
         if not {"claudeflare_metrics_port", "claudeflare_metrics_host"} & updated:
             return
         try:
-            endpoint = parse_endpoint(ctx.options.claudeflare_metrics_port, ctx.options.claudeflare_metrics_host)
+            endpoint = parse_endpoint(
+                ctx.options.claudeflare_metrics_port, ctx.options.claudeflare_metrics_host, os.environ.get(WORKER_ENV)
+            )
         except ValueError as e:
             raise exceptions.OptionsError(str(e)) from None
         if endpoint == self.endpoint:

@@ -15,6 +15,7 @@ to every worker, which writes its pending rows before it exits.
 """
 
 import ctypes
+import os
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from pathlib import Path
 ADDON = Path(__file__).resolve().parent.parent / "addon" / "claudeflare.py"
 # Options the supervisor sets for every worker; mitmdump refuses an option given twice.
 OWN_OPTIONS = ("-p", "--listen-host", "--listen-port", "listen_host=", "listen_port=")
+WORKER_ENV = "CLAUDEFLARE_WORKER"  # each worker's number, 1…N: worker n serves metrics on the port + n - 1
 START_GRACE = 5.0  # a worker that exits sooner failed to start
 MAX_FAILED_STARTS = 3  # in a row, for one worker: then give up
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0  # seconds before a restart, doubling per failed start
@@ -111,7 +113,8 @@ class Supervisor:
 
     def start(self, worker: Worker) -> None:
         linux = sys.platform.startswith("linux")
-        worker.proc = subprocess.Popen(self.command, env=self.env, preexec_fn=die_with_parent if linux else None)
+        env = {**(os.environ if self.env is None else self.env), WORKER_ENV: str(worker.number)}
+        worker.proc = subprocess.Popen(self.command, env=env, preexec_fn=die_with_parent if linux else None)
         worker.started_at = time.monotonic()
         self.say(f"claudeflare serve: worker {worker.number} started (pid {worker.proc.pid})")
 

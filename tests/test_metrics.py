@@ -36,6 +36,15 @@ def test_options_are_checked():
             parse_endpoint(port, host)
 
 
+def test_worker_n_of_serve_takes_the_port_plus_n_minus_1():
+    assert parse_endpoint(9464, "127.0.0.1", "1") == ("127.0.0.1", 9464)
+    assert parse_endpoint(9464, "127.0.0.1", "3") == ("127.0.0.1", 9466)
+    assert parse_endpoint(0, "127.0.0.1", "3") is None  # off stays off
+    assert parse_endpoint(9464, "127.0.0.1", "junk") == ("127.0.0.1", 9464)
+    with pytest.raises(ValueError, match="worker 3 would serve on 65536"):
+        parse_endpoint(65534, "127.0.0.1", "3")
+
+
 def test_labels_from_clients_are_bounded():
     models = BoundedLabel(limit=3)
     assert [models(m) for m in ("m1", None, "m2", "m3", "m1", "m4")] == ["m1", "", "m2", OTHER, "m1", OTHER]

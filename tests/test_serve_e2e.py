@@ -2,6 +2,7 @@
 flow log written by all of them."""
 
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -11,7 +12,17 @@ import psutil
 import pytest
 import requests
 
-from harness import CLAUDEFLARE, LISTENING, Load, Serve, api_key_accounts, db_rows, logged_ids, wait_until
+from harness import (
+    CLAUDEFLARE,
+    LISTENING,
+    Load,
+    Serve,
+    api_key_accounts,
+    db_rows,
+    free_port,
+    logged_ids,
+    wait_until,
+)
 
 MODEL = "claude-sonnet-4-6"
 CLIENTS = 20
@@ -73,6 +84,37 @@ def test_two_workers_share_one_port_and_both_serve(start_serve, fake, home):
     assert all(n > 0 for n in held[-1]), held[-1]
     assert results == [(200, True)] * CLIENTS
     assert len(db_rows(home, expect=CLIENTS)) == CLIENTS
+
+
+def free_port_pair() -> int:
+    """A loopback port free together with the next one."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port + 1)) != 0:
+                return port
+    raise RuntimeError("no two free ports in a row")
+
+
+def test_each_worker_serves_its_own_metrics_on_the_port_plus_its_number(start_serve, fake, home):
+    api_key_accounts(fake, home, ("a", 1))
+    port = free_port_pair()
+    serve = start_serve(home, "--set", f"claudeflare_metrics_port={port}")
+    assert len(serve.worker_pids()) == 2  # both started: the second did not collide with the first
+    for n in range(CLIENTS):
+        body = {"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": f"count {n}"}]}
+        assert requests.post(f"{serve.url}/v1/messages", json=body, timeout=10).status_code == 200
+
+    def counted(p):
+        text = requests.get(f"http://127.0.0.1:{p}/metrics", timeout=5).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("claudeflare_requests_total{")
+        )
+
+    # Each worker counts only what it served; scraped apart, they add up to every request.
+    assert wait_until(lambda: counted(port) + counted(port + 1) == CLIENTS, timeout=10)
 
 
 def test_a_conversations_turns_work_on_either_worker(start_serve, fake, home):
