@@ -2,15 +2,18 @@
 
 The logic lives in the `claudeflare` package. mitmproxy puts this script's folder first on
 sys.path, where this very file would shadow the package of the same name, so take it off first.
+`claudeflare serve` runs it as `claudeflare/entry/claudeflare.py`, a link here (a copy in a wheel).
 """
 
 import sys
 from pathlib import Path
 
-_here = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-if str(_here.parent) not in sys.path:
-    sys.path.append(str(_here.parent))  # a checkout run without `pip install -e .`
+# This folder, as mitmproxy put it there: addon/, or claudeflare/entry/ holding a link to this file.
+_here = {Path(__file__).parent.resolve(), Path(__file__).resolve().parent}
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in _here]
+_root = Path(__file__).resolve().parent.parent
+if (_root / "claudeflare" / "__init__.py").exists() and str(_root) not in sys.path:
+    sys.path.append(str(_root))  # a checkout run without `pip install -e .` (not a wheel's copy)
 
 from claudeflare import proxy  # noqa: E402
 

@@ -24,7 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ADDON = Path(__file__).resolve().parent.parent / "addon" / "claudeflare.py"
+# addon/claudeflare.py: a link to it in a checkout, a copy of it in an installed wheel.
+ADDON = Path(__file__).parent / "entry" / "claudeflare.py"
 # Options the supervisor sets for every worker; mitmdump refuses an option given twice.
 OWN_OPTIONS = ("-p", "--listen-host", "--listen-port", "listen_host=", "listen_port=")
 WORKER_ENV = "CLAUDEFLARE_WORKER"  # each worker's number, 1…N: worker n serves metrics on the port + n - 1
@@ -155,8 +156,6 @@ class Supervisor:
 def serve(workers: int, host: str, port: int, mitmdump_args: list[str], env: dict[str, str], say=print) -> int:
     """Run `workers` mitmdumps on host:port until stopped; the exit code for the command."""
     check_mitmdump_args(mitmdump_args)
-    if not ADDON.exists():
-        raise ServeError(f"{ADDON} not found: `claudeflare serve` runs the addon from a checkout")
     reserved = reserve_port(host, port)
     try:
         port = reserved.getsockname()[1]

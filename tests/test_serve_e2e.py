@@ -100,19 +100,24 @@ def test_each_worker_serves_its_own_metrics_on_the_port_plus_its_number(start_se
     api_key_accounts(fake, home, ("a", 1))
     port = free_port_pair()
     serve = start_serve(home, "--set", f"claudeflare_metrics_port={port}")
-    assert len(serve.worker_pids()) == 2  # both started: the second did not collide with the first
-    for n in range(CLIENTS):
-        body = {"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": f"count {n}"}]}
-        assert requests.post(f"{serve.url}/v1/messages", json=body, timeout=10).status_code == 200
 
-    def counted(p):
-        text = requests.get(f"http://127.0.0.1:{p}/metrics", timeout=5).text
+    def counted(p) -> float | None:
+        try:
+            text = requests.get(f"http://127.0.0.1:{p}/metrics", timeout=5).text
+        except requests.ConnectionError:
+            return None  # that worker is still starting
         return sum(
             float(line.rsplit(" ", 1)[1])
             for line in text.splitlines()
             if line.startswith("claudeflare_requests_total{")
         )
 
+    # Both workers up, each on its own port: the second did not collide with the first.
+    assert wait_until(lambda: counted(port) == counted(port + 1) == 0, timeout=20), serve.output()
+    assert len(serve.worker_pids()) == 2
+    for n in range(CLIENTS):
+        body = {"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": f"count {n}"}]}
+        assert requests.post(f"{serve.url}/v1/messages", json=body, timeout=10).status_code == 200
     # Each worker counts only what it served; scraped apart, they add up to every request.
     assert wait_until(lambda: counted(port) + counted(port + 1) == CLIENTS, timeout=10)
 

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -135,3 +136,42 @@ def test_an_installed_wheel_serves_the_dashboard(venv, tmp_path):
         except subprocess.TimeoutExpired:
             dashboard.kill()
             dashboard.wait()
+
+
+def test_an_installed_wheel_serves_the_pool(wheel, venv, tmp_path):
+    """`claudeflare serve` runs the addon the wheel carries: no checkout needed."""
+    assert (
+        zipfile.ZipFile(wheel).read("claudeflare/entry/claudeflare.py") == (ROOT / "addon/claudeflare.py").read_bytes()
+    )
+    port = free_port()
+    with open(tmp_path / "serve.log", "wb") as log:
+        serve = subprocess.Popen(
+            [str(venv / "bin" / "claudeflare"), "--home", str(tmp_path / "home"), "serve", "--workers", "1"]
+            + ["--listen-host", "127.0.0.1", "--listen-port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
+    try:
+        wait_for_port(port, 60, alive=lambda: serve.poll() is None)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/messages", data=b"{}", headers={"content-type": "application/json"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 503 and b"Claudeflare has no accounts" in refused.value.read()
+        worker = (tmp_path / "serve.log").read_text()
+        assert (
+            str(venv)
+            in run(
+                venv / "bin" / "python", "-c", "import claudeflare; print(claudeflare.__file__)", cwd=tmp_path
+            ).stdout
+        )
+        assert "Traceback" not in worker, worker
+    finally:
+        serve.terminate()
+        try:
+            serve.wait(30)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.wait()
