@@ -3,9 +3,12 @@ the head's size, the time to send it, and how many connections may wait without 
 
 A connection "waits" from its connect, and again from the end of each reply when it is kept alive,
 until its next request head is complete (through a CONNECT tunnel: the first request inside it). It is closed once it has waited `claudeflare_head_timeout`
-seconds, however slowly it trickles bytes (slowloris), and a new connection is refused while
-`claudeflare_max_idle_conns` wait in total or `claudeflare_max_idle_conns_per_peer` from its
-address, so waiting connections can't use up the file descriptors the served ones need.
+seconds, however slowly it trickles bytes (slowloris). While `claudeflare_max_idle_conns` wait in
+total or `claudeflare_max_idle_conns_per_peer` from its address, a new connection gets GRACE seconds
+for its head instead: a burst of real clients (500 Claude Code streams opened at once) sends heads
+at once, which only wait to be read, while idle ones over the caps are closed within GRACE. Once
+the waiting ones hold a quarter of the file descriptors, one over the caps is refused at once, so
+waiting connections can't use up the descriptors the served ones need.
 """
 
 import asyncio
@@ -24,6 +27,8 @@ from . import hardening
 logger = logging.getLogger(__name__)
 
 OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+GRACE = 1.0  # seconds to send a head, for a connection that arrives past the caps
+TOO_MANY = "too many connections without a request"
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,7 @@ class ConnectionLimits:
         self.in_flight: Counter[str] = Counter()  # requests per client connection (HTTP/2 has several)
         self.open_flows: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         self.refused = Throttled("connections refused: too many are open without a request")
+        self.ceiling = 256  # waiting connections past which one over the caps is refused at once: a quarter of the fds
 
     def load(self, loader) -> None:
         hardening.install()
@@ -129,7 +135,7 @@ class ConnectionLimits:
             "Most connections open without a request in progress; more are refused.",
         )
         add("claudeflare_max_idle_conns_per_peer", int, Limits.max_idle_per_peer, "The same, per client address.")
-        raise_fd_limit()
+        self.ceiling = raise_fd_limit() // 4
 
     def configure(self, updated: set[str]) -> None:
         try:
@@ -148,11 +154,12 @@ class ConnectionLimits:
 
     def client_connected(self, client: connection.Client) -> None:
         peer = client.peername[0]
-        if len(self.timers) >= self.limits.max_idle or self.per_peer[peer] >= self.limits.max_idle_per_peer:
-            client.error = "too many connections without a request"  # mitmproxy closes it at once
+        crowded = len(self.timers) >= self.limits.max_idle or self.per_peer[peer] >= self.limits.max_idle_per_peer
+        if crowded and len(self.timers) >= self.ceiling:
+            client.error = TOO_MANY  # mitmproxy closes it at once
             self.refused(f"from {peer}")
             return
-        self.wait(client)
+        self.wait(client, GRACE if crowded else None)
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.stop_waiting(client)
@@ -191,12 +198,15 @@ class ConnectionLimits:
         if client.timestamp_end is None:
             self.wait(client)  # kept alive: the next head has its deadline too
 
-    def wait(self, client: connection.Client) -> None:
+    def wait(self, client: connection.Client, grace: float | None = None) -> None:
+        """Until its head is complete; `grace`: a deadline shorter than the head timeout, past the caps."""
         self.stop_waiting(client)
         peer = client.peername[0]
         self.peers[client.id] = peer
         self.per_peer[peer] += 1
-        self.timers[client.id] = asyncio.get_running_loop().call_later(self.limits.head_timeout, self.expire, client)
+        self.timers[client.id] = asyncio.get_running_loop().call_later(
+            grace or self.limits.head_timeout, self.expire, client, grace is not None
+        )
 
     def stop_waiting(self, client: connection.Client) -> None:
         timer = self.timers.pop(client.id, None)
@@ -208,8 +218,12 @@ class ConnectionLimits:
         if self.per_peer[peer] <= 0:
             del self.per_peer[peer]
 
-    def expire(self, client: connection.Client) -> None:
+    def expire(self, client: connection.Client, crowded: bool = False) -> None:
         self.stop_waiting(client)
-        why = f"no complete request head within {self.limits.head_timeout:g}s (claudeflare_head_timeout)"
+        if crowded:
+            why = TOO_MANY
+            self.refused(f"from {client.peername[0]}")
+        else:
+            why = f"no complete request head within {self.limits.head_timeout:g}s (claudeflare_head_timeout)"
         if not hardening.close_client(ctx.master.addons.get("proxyserver"), client, why):
             self.wait(client)  # a reply is still being written to it: not idle yet

@@ -14,7 +14,7 @@ from mitmproxy.test import taddons, tflow
 
 from claudeflare.conversation import conversation_key
 from claudeflare.flows import request_summary
-from claudeflare.limits import ConnectionLimits, Throttled
+from claudeflare.limits import GRACE, TOO_MANY, ConnectionLimits, Throttled
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -76,11 +76,13 @@ def test_http2_header_lists_are_bounded():
     assert conn.local_settings.max_concurrent_streams == 100
 
 
-def test_connections_waiting_for_a_head_are_capped_per_peer_and_in_total():
+def test_connections_past_the_caps_get_a_short_deadline_and_past_the_ceiling_none():
     async def scenario():
         limits = ConnectionLimits()
         with taddons.context(limits) as tctx:
             tctx.configure(limits, claudeflare_max_idle_conns=5, claudeflare_max_idle_conns_per_peer=3)
+            limits.ceiling = 7  # as if a quarter of the descriptors were 7
+            loop = asyncio.get_running_loop()
 
             def arrive(peer: str):
                 client = tflow.tclient_conn()
@@ -88,17 +90,23 @@ def test_connections_waiting_for_a_head_are_capped_per_peer_and_in_total():
                 limits.client_connected(client)
                 return client
 
+            def deadline(client) -> float | None:
+                timer = limits.timers.get(client.id)
+                return round(timer.when() - loop.time()) if timer else None
+
             same = [arrive("192.0.2.1") for _ in range(4)]
-            assert [c.error is None for c in same] == [True, True, True, False]  # per peer
-            others = [arrive(f"192.0.2.{n}") for n in (2, 3, 4)]
-            assert [c.error is None for c in others] == [True, True, False]  # in total
+            assert [deadline(c) for c in same] == [30, 30, 30, GRACE]  # past the per-peer cap: a second
+            others = [arrive(f"192.0.2.{n}") for n in (2, 3, 4, 5)]
+            assert [deadline(c) for c in others] == [30, GRACE, GRACE, None]  # past the total; then the ceiling
+            assert others[-1].error == TOO_MANY and all(c.error is None for c in [*same, *others[:-1]])
             flow = tflow.tflow()
-            flow.client_conn = same[0]
-            limits.requestheaders(flow)  # its head arrived: it no longer counts
-            assert arrive("192.0.2.1").error is None
-            limits.response(flow)  # kept alive: waiting again, over the cap now
-            assert len(limits.timers) == 6
+            flow.client_conn = same[3]
+            limits.requestheaders(flow)  # its head arrived in time: it no longer counts
+            assert deadline(same[3]) is None
+            limits.response(flow)  # kept alive: waiting again, with the full head timeout
+            assert deadline(same[3]) == 30
             for client in [*same, *others]:
                 limits.client_disconnected(client)
+            assert not limits.timers and not limits.per_peer
 
     asyncio.run(scenario())

@@ -242,6 +242,35 @@ def test_half_sent_heads_time_out_and_cannot_exhaust_descriptors(fake, home, lim
     assert "Too many open files" not in proxy.output()
 
 
+def test_a_burst_past_the_per_peer_cap_that_sends_its_heads_at_once_is_served(fake, home, start_proxy):
+    """500 Claude Code streams opened at once wait, for a moment, as idle connections would: past
+    the cap they get GRACE to send a head, and do (they used to be reset at once)."""
+    api_key_accounts(fake, home, ("a", 1))
+    proxy = start_proxy(home, "--set", "claudeflare_max_idle_conns_per_peer=20")
+    burst = [connect(proxy.port) for _ in range(60)]  # all open before any head: 40 past the cap
+    try:
+        for n, s in enumerate(burst):
+            s.sendall(messages_request(proxy.port, small_body(f"burst {n}"), b"Connection: close"))
+        replies = [read_reply(s) for s in burst]
+    finally:
+        for s in burst:
+            s.close()
+    assert [r[:12] for r in replies] == [b"HTTP/1.1 200"] * 60
+    late = [connect(proxy.port) for _ in range(30)]  # past the cap, and no head: closed within GRACE
+    try:
+        started = time.monotonic()
+        for s in late[20:]:
+            s.settimeout(5)
+            assert read_reply(s) == b""
+        assert time.monotonic() - started < 3
+        late[0].sendall(messages_request(proxy.port, small_body(), b"Connection: close"))
+        assert read_reply(late[0]).startswith(b"HTTP/1.1 200")  # one within the cap keeps its time
+    finally:
+        for s in late:
+            s.close()
+    assert "connections refused: too many are open without a request" in proxy.output()
+
+
 def test_a_reply_outlasting_the_head_timeout_is_not_cut_and_the_idle_connection_closes_after_it(
     fake, home, start_proxy
 ):
