@@ -420,6 +420,50 @@ def test_a_stored_aws_key_pair_signs_instead_of_the_chain_and_never_shows(monkey
     assert bedrock.problem(aws) == "malformed stored AWS key pair" and "two words" not in caplog.text
 
 
+def test_a_big_bedrock_body_is_hashed_off_the_loop_and_signed_as_botocore_would(monkeypatch):
+    import threading
+
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    from claudeflare.providers import bedrock as bedrock_module
+
+    aws = accounts('[[accounts]]\nname = "aws-big"\nprovider = "bedrock"\nregion = "eu-west-1"\n')["aws-big"]
+    bedrock = providers.of(aws)
+    pair = Credential(aws_access_key_id="AKIASTOREDSTORED0002", aws_secret_access_key="stored/secret+key0123456789")
+    assert asyncio.run(bedrock.credential(aws, pair)) is not None
+    hashed_in = []
+    hash_body = bedrock_module.sha256_hex
+    monkeypatch.setattr(
+        bedrock_module, "sha256_hex", lambda body, **kw: hashed_in.append(threading.current_thread()) or hash_body(body)
+    )
+
+    def signed_like_botocore(request, headers) -> bool:
+        signed = AWSRequest(
+            "POST",
+            request.url,
+            data=request.raw_content,
+            headers={"content-type": "application/json", "accept": "*/*", "x-amz-date": headers["x-amz-date"]},
+        )
+        signed.context["timestamp"] = headers["x-amz-date"]
+        signer = SigV4Auth(Credentials("AKIASTOREDSTORED0002", "stored/secret+key0123456789"), "bedrock", "eu-west-1")
+        expected = signer.signature(signer.string_to_sign(signed, signer.canonical_request(signed)), signed)
+        return headers["authorization"].endswith(f"Signature={expected}")
+
+    request = flow_for("claude-sonnet-4-5").request
+    request.raw_content = b'{"messages": "' + b"x" * 400_000 + b'"}'  # past LOOP_PARSE_LIMIT
+    asyncio.run(bedrock.prepare(request))
+    assert [t is threading.main_thread() for t in hashed_in] == [False]  # the parser thread did it
+    headers = http.Headers(**{"content-type": "application/json"})
+    bedrock.authenticate(headers, aws, None, request)
+    assert signed_like_botocore(request, headers)
+    request.raw_content = b'{"changed": true}'  # since prepare: its digest no longer holds
+    headers = http.Headers(**{"content-type": "application/json"})
+    bedrock.authenticate(headers, aws, None, request)
+    assert signed_like_botocore(request, headers)
+
+
 def test_the_example_files_provider_accounts_parse_when_uncommented():
     text = open("accounts.example.toml").read()
     block = text[text.index('# [[accounts]]\n# name = "glm"') : text.index("# Optional: alerts")]

@@ -96,6 +96,10 @@ class Provider:
         """Where the account's requests go; None: the proxy's upstream (claudeflare_upstream)."""
         return None
 
+    async def prepare(self, request) -> None:
+        """After `request` is adapted, before `authenticate`: work on its body that must not block
+        the loop (off_loop), e.g. the digest a signature covers."""
+
     def authenticate(self, headers, account, credential, request) -> None:
         """Put the credential in `headers`, which `request` (adapted already) goes upstream with."""
         raise NotImplementedError
@@ -174,3 +178,4 @@ async def adapt(request, state, account) -> None:
         request.raw_content = body
         if "content-length" in request.headers:
             request.headers["content-length"] = str(len(body or b""))
+    await provider.prepare(request)

@@ -20,12 +20,14 @@ Bedrock's errors reach the client in Anthropic's shape; a ThrottlingException li
 import asyncio
 import base64
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import re
 import secrets
 import urllib.parse
+import weakref
 from dataclasses import dataclass, field
 
 import botocore.credentials
@@ -35,6 +37,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.eventstream import EventStreamBuffer
 
 from ..credentials import Credential
+from ..offloop import off_loop
 from . import Destination, Problems, Provider, ProviderError, compatible
 
 logger = logging.getLogger(__name__)
@@ -161,6 +164,21 @@ def sse(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
+def sha256_hex(body: bytes, yielding: bool = False) -> str:
+    return hashlib.sha256(body).hexdigest()  # hashlib lets go of the GIL on a big body
+
+
+class Signer(SigV4Auth):
+    """botocore's SigV4, with the payload's digest given (hashed off the loop) when it is known."""
+
+    def __init__(self, credentials, service: str, region: str, digest: str | None) -> None:
+        super().__init__(credentials, service, region)
+        self.digest = digest
+
+    def payload(self, request) -> str:
+        return self.digest or super().payload(request)
+
+
 class Bedrock(Provider):
     name = "bedrock"
     keys = frozenset({"region", "profile", "base_url", "models"})
@@ -170,6 +188,8 @@ class Bedrock(Provider):
     def __init__(self) -> None:
         self.held: dict[str, Held] = {}  # account name -> its credentials (on the event loop only)
         self.problems = Problems(self.name)
+        # request -> (the body, its SHA-256): hashed by `prepare`, off the loop when big
+        self.digests: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def problem(self, account) -> str | None:
         return self.problems.now.get(account.name)
@@ -244,6 +264,10 @@ class Bedrock(Provider):
         held.signing = frozen
         return Credential()  # the secret stays with botocore's credentials: `authenticate` signs with them
 
+    async def prepare(self, request) -> None:
+        body = request.raw_content or b""
+        self.digests[request] = (body, await off_loop(sha256_hex, body=body))
+
     def authenticate(self, headers, account, credential, request) -> None:
         held = self.held[account.name]
         for name in ("authorization", "x-api-key", "x-amz-date", "x-amz-security-token"):
@@ -257,7 +281,8 @@ class Bedrock(Provider):
                 "accept": headers.get("accept", "*/*"),
             },
         )
-        SigV4Auth(held.signing, "bedrock", held.region).add_auth(signed)
+        body, digest = self.digests.get(request, (None, None))
+        Signer(held.signing, "bedrock", held.region, digest if body is request.raw_content else None).add_auth(signed)
         for name in ("authorization", "x-amz-date", "x-amz-security-token", "accept", "content-type"):
             if name in signed.headers:
                 headers[name] = signed.headers[name]
