@@ -16,6 +16,9 @@ from .config import DEFAULT_SESSION_HOURS, DEFAULT_STRATEGY, DEFAULT_SWITCH_UTIL
 logger = logging.getLogger(__name__)
 
 PRUNE_EVERY = 60.0  # seconds between sweeps of expired conversation bindings
+# Bindings kept at most: each new conversation adds one for session_seconds, so a client inventing
+# session ids would otherwise grow memory without end. Past it, the least recently bound goes.
+MAX_SESSIONS = 50_000
 
 
 class Balancer:
@@ -129,7 +132,7 @@ class Balancer:
             self._forget(old[0])
             if moved:
                 logger.info("claudeflare: conversation %s moved from %s to %s: %s", key, old[0], name, moved)
-        self.sessions[key] = (name, self.clock() + self.session_seconds)
+        self._keep(key, name, self.clock() + self.session_seconds)
         self.session_counts[name] += 1
         if self.on_bind:
             self.on_bind(key, name, self.session_seconds)
@@ -155,7 +158,14 @@ class Balancer:
             self._forget(old[0])
         if not old or old[0] != name:
             self.session_counts[name] += 1
-        self.sessions[key] = (name, self.clock() + seconds)
+        self._keep(key, name, self.clock() + seconds)
+
+    def _keep(self, key: str, name: str, expiry: float) -> None:
+        self.sessions.pop(key, None)  # re-inserted last: the dict stays least recently bound first
+        self.sessions[key] = (name, expiry)
+        while len(self.sessions) > MAX_SESSIONS:
+            oldest = next(iter(self.sessions))
+            self._forget(self.sessions.pop(oldest)[0])
 
     def _forget(self, name: str) -> None:
         self.session_counts[name] -= 1

@@ -2,6 +2,7 @@ from collections import Counter
 
 import pytest
 
+from claudeflare import balancer as balancer_module
 from claudeflare.accounts import Account
 from claudeflare.balancer import Balancer
 
@@ -111,6 +112,18 @@ def test_expired_bindings_are_pruned():
     balancer.pick([A, B], "late")
     assert list(balancer.sessions) == ["late"]
     assert sum(balancer.session_counts.values()) == 1
+
+
+def test_bindings_are_capped_and_the_least_recently_bound_goes_first(monkeypatch):
+    monkeypatch.setattr(balancer_module, "MAX_SESSIONS", 3)
+    balancer = Balancer("session", session_seconds=3600, clock=Clock())
+    for key in ("one", "two", "three"):
+        balancer.pick([A, B], key)
+    balancer.adopt("one", balancer.sessions["one"][0], 3600)  # bound again (another proxy's turn)
+    for key in ("four", "five"):
+        balancer.pick([A, B], key)
+    assert list(balancer.sessions) == ["one", "four", "five"]
+    assert sum(balancer.session_counts.values()) == 3  # the evicted ones are no longer counted
 
 
 def test_priority_is_a_preference_not_a_weight():
