@@ -28,7 +28,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -42,7 +42,7 @@ STATE_FILE = "state.db"
 POLL = 0.2  # seconds between reads of the shared store
 MAX_BACKOFF = 5.0  # seconds between tries while the store is unreachable
 MAX_KEY = 256  # a conversation key is a short id or a hash (conversation.py)
-MAX_KNOWN = 100_000  # live events kept for republishing; the oldest go first
+MAX_KNOWN = 50_000  # live events kept for republishing, the oldest go first (as many as bindings kept)
 MAX_READ = 1000  # events read per round
 LOCK_TTL_MS = 60_000  # a refresh lock outlives any token request (oauth.py times out sooner)
 LOCK_WAIT = 30.0
@@ -67,6 +67,7 @@ class Event:
     family: str | None = None
     reason: str | None = None
     data: dict | None = None
+    by: str | None = None  # the publishing proxy's origin: it skips its own events when reading back
 
     @property
     def slot(self) -> tuple[str, str]:
@@ -96,6 +97,7 @@ class Event:
             and (event.family is None or (isinstance(event.family, str) and len(event.family) <= 32))
             and (event.reason is None or (isinstance(event.reason, str) and len(event.reason) <= 200))
             and DATA_CHECKS.get(event.kind, lambda data: data is None)(event.data)
+            and (event.by is None or (isinstance(event.by, str) and len(event.by) <= 64))
         )
         return event if ok else None
 
@@ -234,7 +236,7 @@ class SharedState:
         fresh = []
         while True:
             try:
-                fresh.append(self._outbox.get_nowait())
+                fresh.append(replace(self._outbox.get_nowait(), by=self.origin))
             except queue.Empty:
                 break
         now = time.time()
@@ -248,7 +250,7 @@ class SharedState:
         if self.down is not None:
             logger.info("claudeflare: %s reachable again, re-synced", self.name)
             self.down = None
-        events = [e for e in self.read_new() if e.until > now and not e.key.startswith(self.origin)]
+        events = [e for e in self.read_new() if e.until > now and e.by != self.origin]
         for event in events:
             self._remember(event)
         self.sync_credentials()

@@ -3,6 +3,7 @@ between two proxies' copies, and merging into Balancer and Health."""
 
 import json
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -102,7 +103,18 @@ def test_after_an_outage_everything_live_is_republished(tmp_path):
         shared.down = "OSError"
     fail[0] = False
     shared.sync_once()
-    assert written == [bind] and shared.down is None
+    assert written == [replace(bind, by=shared.origin)] and shared.down is None  # signed: it skips its own
+
+
+def test_a_proxy_skips_its_own_events_when_reading_them_back(tmp_path):
+    one, two = HomeState(tmp_path), HomeState(tmp_path)
+    applied = {one: [], two: []}
+    for shared in (one, two):
+        shared.apply = applied[shared].extend
+    one.publish(Event("bind", "c", "a", time.time() + 60))
+    one.sync_once()
+    two.sync_once()
+    assert applied[one] == [] and [e.key for e in applied[two]] == ["c"]
 
 
 def test_merge_binds_a_conversation_and_counts_it_once():
