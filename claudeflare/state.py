@@ -197,6 +197,7 @@ class SharedState:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.down: str | None = None  # why the store is unreachable, while it is
+        self._next_sweep = 0.0  # of expired events out of _known, once it is full
         self.origin = f"proxy-{secrets.token_hex(8)}/"  # the key prefix of this proxy's own `load` events
 
     # --- on the proxy's loop: never blocks --------------------------------------------------------
@@ -262,8 +263,10 @@ class SharedState:
         self._known[event.slot] = event
         if len(self._known) > MAX_KNOWN:
             now = time.time()
-            for slot in [s for s, e in self._known.items() if e.until <= now]:
-                del self._known[slot]
+            if now >= self._next_sweep:  # a full sweep at most once a minute, not on every event past the cap
+                for slot in [s for s, e in self._known.items() if e.until <= now]:
+                    del self._known[slot]
+                self._next_sweep = now + 60
             while len(self._known) > MAX_KNOWN:
                 del self._known[next(iter(self._known))]
 

@@ -243,3 +243,16 @@ def test_other_proxies_client_counts_hold_a_key_to_its_limits():
     assert clients.head_refusal("ci", Limits(rpm=2), now + 3.1) is None  # that proxy's counts lapsed
     clients.minute = (minute, Counter({"ci": 1}))
     assert state.counts(Balancer(), clients) == {("client", "ci"): {"n": 0, "minute": minute, "admitted": 1}}
+
+
+def test_live_events_kept_are_bounded_the_expired_swept_first(tmp_path, monkeypatch):
+    monkeypatch.setattr(state, "MAX_KNOWN", 3)
+    shared = HomeState(tmp_path)
+    now = time.time()
+    shared._remember(Event("bind", "old", "a", now - 1))  # expired
+    for key in ("k1", "k2", "k3"):
+        shared._remember(Event("bind", key, "a", now + 60))
+    assert [slot[1] for slot in shared._known] == ["k1", "k2", "k3"]  # the expired one went, not k1
+    for key in ("k4", "k5"):  # no sweep due again: the oldest live ones give way
+        shared._remember(Event("bind", key, "a", now + 60))
+    assert [slot[1] for slot in shared._known] == ["k3", "k4", "k5"]
