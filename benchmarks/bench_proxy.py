@@ -118,12 +118,14 @@ async def load(
 
 
 async def first_bytes(url: str, samples: int, lengths: tuple[int, ...], delay_ms: int) -> dict[int, list[float]]:
-    """One stream at a time on one connection, the lengths interleaved so drift hits them alike."""
+    """One stream at a time on one connection, the lengths interleaved so drift hits them alike, in
+    ABBA order: each length follows a long stream as often as a short one (what the previous stream
+    leaves behind, in the proxy or the fake, lands on both alike)."""
     ttfbs: dict[int, list[float]] = {n: [] for n in lengths}
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         await one(session, url, 10)
-        for _ in range(samples):
-            for n in lengths:
+        for i in range(samples):
+            for n in lengths if i % 2 == 0 else lengths[::-1]:
                 ttfbs[n].append(await one(session, url, n, delay_ms))
     return ttfbs
 
