@@ -25,9 +25,10 @@ def loads(data: bytes, yielding: bool = False):
     return json.loads(data, object_pairs_hook=_dict) if yielding else json.loads(data)
 
 
-async def off_loop(parse, *args, body: bytes | None):
-    """`parse(*args, body)` on the loop for a small body; in a worker thread, yielding, for a big one."""
-    if body is None or len(body) <= LOOP_PARSE_LIMIT:
+async def off_loop(parse, *args, body: bytes | None, always: bool = False):
+    """`parse(*args, body)` on the loop for a small body; in a worker thread, yielding, for a big one
+    (or for any, `always`: a compressed body is small until it is decoded)."""
+    if body is None or (len(body) <= LOOP_PARSE_LIMIT and not always):
         return parse(*args, body)
     return await asyncio.get_running_loop().run_in_executor(
         _PARSER, functools.partial(parse, *args, body, yielding=True)

@@ -28,7 +28,7 @@ MAX_JSON_BODY = 32 << 20  # largest decoded non-streamed body worth parsing
 
 _COUNT_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 _USAGE_EVENTS = frozenset({b"message_start", b"message_delta", b"error"})
-_DECODE_ERRORS = (zlib.error, brotli.error, zstd.ZstdError, EOFError)
+DECODE_ERRORS = (zlib.error, brotli.error, zstd.ZstdError, EOFError)
 
 
 @dataclass
@@ -214,7 +214,7 @@ class SSEUsageParser:
             else:
                 for piece in self._decoder.feed(chunk):
                     self._feed_text(piece)
-        except _DECODE_ERRORS as e:
+        except DECODE_ERRORS as e:
             logger.debug("stopped reading usage: undecodable body (%s)", e)
             self._stopped = True
         except Exception:
@@ -303,7 +303,9 @@ class SSEUsageParser:
 # --- Non-streamed replies -----------------------------------------------------------------------
 
 
-def _decode_body(body: bytes, content_encoding: str | None) -> bytes | None:
+def decode_body(body: bytes, content_encoding: str | None) -> bytes | None:
+    """`body` decoded, or None past MAX_JSON_BODY decoded (a bomb); ValueError for an unknown encoding,
+    one of DECODE_ERRORS for a corrupt body."""
     decoder = _new_decoder(content_encoding)
     if decoder is None:
         return body
@@ -319,9 +321,9 @@ def _decode_body(body: bytes, content_encoding: str | None) -> bytes | None:
 def usage_from_json(body: bytes, content_encoding: str | None = None) -> Usage | None:
     """Usage of a non-streamed reply, or the error of an error body; None when the body is no JSON object."""
     try:
-        data = _decode_body(body, content_encoding)
+        data = decode_body(body, content_encoding)
         parsed = json.loads(data) if data else None
-    except (ValueError, RecursionError, *_DECODE_ERRORS) as e:
+    except (ValueError, RecursionError, *DECODE_ERRORS) as e:
         logger.debug("no usage in reply body: %s", e)
         return None
     if not isinstance(parsed, dict):

@@ -2,6 +2,7 @@
 goes and how it is authenticated, and the 404 for a model no usable account serves."""
 
 import asyncio
+import gzip
 import json
 import re
 
@@ -462,6 +463,33 @@ def test_a_big_bedrock_body_is_hashed_off_the_loop_and_signed_as_botocore_would(
     headers = http.Headers(**{"content-type": "application/json"})
     bedrock.authenticate(headers, aws, None, request)
     assert signed_like_botocore(request, headers)
+
+
+def test_a_compressed_body_is_rewritten_plain_and_a_failover_gets_the_clients_own_again():
+    found = accounts()
+    flow, state = flow_for("claude-sonnet-4-5"), FlowState(id="x", started_at="now", model="claude-sonnet-4-5")
+    plain = flow.request.raw_content
+    flow.request.raw_content = client_body = gzip.compress(plain)
+    flow.request.headers["content-encoding"] = "GZIP"
+    request = flow.request
+
+    asyncio.run(providers.adapt(request, state, found["glm"]))  # its model mapping rewrites the body
+    assert json.loads(request.raw_content)["model"] == "glm-4.6"
+    assert "content-encoding" not in request.headers and request.headers["content-length"] == str(
+        len(request.raw_content)
+    )
+    asyncio.run(providers.adapt(request, state, found["sub"]))  # Anthropic: the client's bytes, as sent
+    assert request.raw_content == client_body and request.headers["content-encoding"] == "gzip"
+
+
+def test_a_compressed_body_that_is_a_bomb_or_corrupt_is_left_as_it_is():
+    found = accounts()
+    for body in (gzip.compress(b'{"model": "' + b"x" * (33 << 20) + b'"}'), b"\x1f\x8b not gzip"):
+        flow, state = flow_for("claude-sonnet-4-5"), FlowState(id="x", started_at="now", model="claude-sonnet-4-5")
+        flow.request.raw_content = body
+        flow.request.headers["content-encoding"] = "gzip"
+        asyncio.run(providers.adapt(flow.request, state, found["glm"]))
+        assert flow.request.raw_content == body and flow.request.headers["content-encoding"] == "gzip"
 
 
 def test_the_example_files_provider_accounts_parse_when_uncommented():

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ..offloop import loads, off_loop
+from ..usage import DECODE_ERRORS, decode_body
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class Origin:
     port: int
     path: str
     body: bytes | None
+    encoding: str | None = None  # the body's content-encoding, if the client compressed it
 
 
 class ProviderError(ValueError):
@@ -117,12 +119,19 @@ class Problems:
         self.now[account] = problem
 
 
-def rewritten(rewrite, body: bytes, yielding: bool = False) -> tuple[bytes, str | None] | None:
+def rewritten(
+    rewrite, body: bytes, yielding: bool = False, encoding: str | None = None
+) -> tuple[bytes, str | None] | None:
     """(`body` after `rewrite(data)`, what it returned), or None when the body is not a JSON object.
-    Encoded by the pure-Python encoder (`iterencode`), which lets the loop run when this runs off it."""
+    Encoded by the pure-Python encoder (`iterencode`), which lets the loop run when this runs off it.
+    `encoding`: the body's content-encoding, decoded first (at most MAX_JSON_BODY); the result is plain."""
     try:
+        if encoding:
+            body = decode_body(body, encoding)
+            if body is None:
+                return None
         data = loads(body, yielding)
-    except (ValueError, RecursionError):
+    except (ValueError, RecursionError, *DECODE_ERRORS):
         return None
     if not isinstance(data, dict):
         return None
@@ -163,19 +172,33 @@ async def adapt(request, state, account) -> None:
     """Give the flow's `request` the destination and body `account`'s provider needs, starting from
     the request as first routed (kept in `state.origin`). Headers and credentials are `attempt`'s."""
     if state.origin is None:
-        state.origin = Origin(request.scheme, request.host, request.port, request.path, request.raw_content)
+        encoding = request.headers.get("content-encoding", "").strip().lower()
+        state.origin = Origin(
+            request.scheme,
+            request.host,
+            request.port,
+            request.path,
+            request.raw_content,
+            encoding if encoding not in ("", "identity") else None,
+        )
     origin, provider = state.origin, of(account)
     where = provider.destination(account) or Destination(origin.scheme, origin.host, origin.port)
     if (request.scheme, request.host, request.port) != where[:3]:
         request.scheme, request.host, request.port = where[:3]  # in this order, the Host header follows
-    body, path = origin.body, origin.path
+    body, path, encoding = origin.body, origin.path, origin.encoding
     if body and provider.rewrites(account, state):
-        done = await off_loop(rewritten, functools.partial(provider.rewrite, account, state), body=body)
-        if done:
-            body, path = done[0], done[1] or path
+        rewrite = functools.partial(rewritten, functools.partial(provider.rewrite, account, state), encoding=encoding)
+        done = await off_loop(rewrite, body=body, always=encoding is not None)
+        if done:  # a compressed body is sent rewritten and plain
+            body, path, encoding = done[0], done[1] or path, None
     request.path = where.prefix + path
     if body is not request.raw_content:
         request.raw_content = body
         if "content-length" in request.headers:
             request.headers["content-length"] = str(len(body or b""))
+    compressed = "content-encoding" in request.headers
+    if origin.encoding and not encoding and compressed:
+        del request.headers["content-encoding"]  # rewritten, plain
+    elif encoding and not compressed:
+        request.headers["content-encoding"] = encoding  # the client's own body again (a failover)
     await provider.prepare(request)
