@@ -21,6 +21,8 @@ DEFAULT_REFRESH_MARGIN = 300
 DEFAULT_USAGE_INTERVAL = 300
 DEFAULT_MAX_BODY_MB = 32  # Anthropic's own cap is 32 MB
 DEFAULT_SUBSCRIPTION_CLIENTS = "claude-code"
+# `claudeflare serve` gives each worker its number, 1…N: worker n serves metrics on the port + n - 1.
+WORKER_ENV = "CLAUDEFLARE_WORKER"
 
 
 def default_home() -> Path:

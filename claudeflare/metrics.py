@@ -19,7 +19,7 @@ from mitmproxy import ctx, exceptions
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
-from .supervisor import WORKER_ENV
+from .config import WORKER_ENV
 
 logger = logging.getLogger(__name__)
 

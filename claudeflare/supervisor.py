@@ -24,11 +24,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import WORKER_ENV
+
 # addon/claudeflare.py: a link to it in a checkout, a copy of it in an installed wheel.
 ADDON = Path(__file__).parent / "entry" / "claudeflare.py"
 # Options the supervisor sets for every worker; mitmdump refuses an option given twice.
 OWN_OPTIONS = ("-p", "--listen-host", "--listen-port", "listen_host=", "listen_port=")
-WORKER_ENV = "CLAUDEFLARE_WORKER"  # each worker's number, 1…N: worker n serves metrics on the port + n - 1
 START_GRACE = 5.0  # a worker that exits sooner failed to start
 MAX_FAILED_STARTS = 3  # in a row, for one worker: then give up
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0  # seconds before a restart, doubling per failed start

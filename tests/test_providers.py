@@ -388,11 +388,25 @@ def test_an_aws_session_token_is_a_placeholder_in_the_flow():
     assert wire.on_wire(request).headers["x-amz-security-token"] == "FwoGZX-session"
 
 
-def test_a_stored_aws_key_pair_signs_instead_of_the_chain_and_never_shows(monkeypatch, caplog):
+def signed_like_botocore(request, headers, key_id: str, secret: str = "stored/secret+key0123456789") -> bool:
+    """Whether `headers` carry the SigV4 signature botocore makes of `request` with this key pair."""
     from botocore.auth import SigV4Auth
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
 
+    signed = AWSRequest(
+        "POST",
+        request.url,
+        data=request.raw_content,
+        headers={"content-type": "application/json", "accept": "*/*", "x-amz-date": headers["x-amz-date"]},
+    )
+    signed.context["timestamp"] = headers["x-amz-date"]
+    signer = SigV4Auth(Credentials(key_id, secret), "bedrock", "eu-west-1")
+    expected = signer.signature(signer.string_to_sign(signed, signer.canonical_request(signed)), signed)
+    return headers["authorization"].endswith(f"Signature={expected}")
+
+
+def test_a_stored_aws_key_pair_signs_instead_of_the_chain_and_never_shows(monkeypatch, caplog):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIACHAINCHAINCHAIN0")  # the chain's: must not be used
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "chain-secret-chain-secret")
     aws = accounts('[[accounts]]\nname = "aws-pair"\nprovider = "bedrock"\nregion = "eu-west-1"\n')["aws-pair"]
@@ -403,16 +417,7 @@ def test_a_stored_aws_key_pair_signs_instead_of_the_chain_and_never_shows(monkey
     headers = http.Headers(**{"content-type": "application/json"})
     bedrock.authenticate(headers, aws, None, request)
     assert "Credential=AKIASTOREDSTORED0001/" in headers["authorization"] and "x-amz-security-token" not in headers
-    signed = AWSRequest(
-        "POST",
-        request.url,
-        data=request.raw_content,
-        headers={"content-type": "application/json", "accept": "*/*", "x-amz-date": headers["x-amz-date"]},
-    )
-    signed.context["timestamp"] = headers["x-amz-date"]
-    signer = SigV4Auth(Credentials("AKIASTOREDSTORED0001", "stored/secret+key0123456789"), "bedrock", "eu-west-1")
-    expected = signer.signature(signer.string_to_sign(signed, signer.canonical_request(signed)), signed)
-    assert headers["authorization"].endswith(f"Signature={expected}")  # the stored secret signed it
+    assert signed_like_botocore(request, headers, "AKIASTOREDSTORED0001")  # the stored secret signed it
     shown = repr(pair) + repr(bedrock.held["aws-pair"]) + caplog.text
     assert "stored/secret" not in shown and "AKIASTORED" not in shown
 
@@ -423,10 +428,6 @@ def test_a_stored_aws_key_pair_signs_instead_of_the_chain_and_never_shows(monkey
 
 def test_a_big_bedrock_body_is_hashed_off_the_loop_and_signed_as_botocore_would(monkeypatch):
     import threading
-
-    from botocore.auth import SigV4Auth
-    from botocore.awsrequest import AWSRequest
-    from botocore.credentials import Credentials
 
     from claudeflare.providers import bedrock as bedrock_module
 
@@ -440,29 +441,17 @@ def test_a_big_bedrock_body_is_hashed_off_the_loop_and_signed_as_botocore_would(
         bedrock_module, "sha256_hex", lambda body, **kw: hashed_in.append(threading.current_thread()) or hash_body(body)
     )
 
-    def signed_like_botocore(request, headers) -> bool:
-        signed = AWSRequest(
-            "POST",
-            request.url,
-            data=request.raw_content,
-            headers={"content-type": "application/json", "accept": "*/*", "x-amz-date": headers["x-amz-date"]},
-        )
-        signed.context["timestamp"] = headers["x-amz-date"]
-        signer = SigV4Auth(Credentials("AKIASTOREDSTORED0002", "stored/secret+key0123456789"), "bedrock", "eu-west-1")
-        expected = signer.signature(signer.string_to_sign(signed, signer.canonical_request(signed)), signed)
-        return headers["authorization"].endswith(f"Signature={expected}")
-
     request = flow_for("claude-sonnet-4-5").request
     request.raw_content = b'{"messages": "' + b"x" * 400_000 + b'"}'  # past LOOP_PARSE_LIMIT
     asyncio.run(bedrock.prepare(request))
     assert [t is threading.main_thread() for t in hashed_in] == [False]  # the parser thread did it
     headers = http.Headers(**{"content-type": "application/json"})
     bedrock.authenticate(headers, aws, None, request)
-    assert signed_like_botocore(request, headers)
+    assert signed_like_botocore(request, headers, "AKIASTOREDSTORED0002")
     request.raw_content = b'{"changed": true}'  # since prepare: its digest no longer holds
     headers = http.Headers(**{"content-type": "application/json"})
     bedrock.authenticate(headers, aws, None, request)
-    assert signed_like_botocore(request, headers)
+    assert signed_like_botocore(request, headers, "AKIASTOREDSTORED0002")
 
 
 def test_a_compressed_body_is_rewritten_plain_and_a_failover_gets_the_clients_own_again():

@@ -5,6 +5,7 @@ Only claudeflare comes from the wheel: the fresh virtualenv sees this one's site
 dependencies) through a .pth file, which keeps the test offline and to seconds. A .pth line only adds
 a folder to sys.path, so the editable install's own hook in that folder stays inactive."""
 
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import sysconfig
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,22 @@ NOT_SOURCE = shutil.ignore_patterns(
     ".pytest_cache",
     ".hypothesis",
 )
+
+
+@contextlib.contextmanager
+def running(args: list, log: Path) -> Iterator[subprocess.Popen]:
+    """A process from the installed wheel, run from a folder without the checkout, stopped at the end."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(a) for a in args], stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def run(*args, **kwargs) -> subprocess.CompletedProcess:
@@ -116,26 +134,13 @@ def test_an_installed_wheel_serves_the_dashboard(venv, tmp_path):
     assert "--metadata" in help_text and str(metadata.parent) in help_text.replace("\n", "").replace(" ", "")
 
     port = free_port()
-    with open(tmp_path / "dashboard.log", "wb") as log:
-        dashboard = subprocess.Popen(
-            [str(claudeflare), "--home", str(tmp_path / "home"), "dashboard", "--port", str(port), "--public"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=tmp_path,
-        )
-    try:
+    dashboard_args = [claudeflare, "--home", tmp_path / "home", "dashboard", "--port", port, "--public"]
+    with running(dashboard_args, tmp_path / "dashboard.log") as dashboard:
         wait_for_port(port, 30, alive=lambda: dashboard.poll() is None)
         # Anonymous reading with --public is the packaged plugin's doing; the title is the packaged metadata's.
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/dashboards/pool", timeout=10) as reply:
             assert reply.status == 200
             assert "Claudeflare — account pool" in reply.read().decode()
-    finally:
-        dashboard.terminate()
-        try:
-            dashboard.wait(10)
-        except subprocess.TimeoutExpired:
-            dashboard.kill()
-            dashboard.wait()
 
 
 def test_an_installed_wheel_serves_the_pool(wheel, venv, tmp_path):
@@ -144,15 +149,8 @@ def test_an_installed_wheel_serves_the_pool(wheel, venv, tmp_path):
         zipfile.ZipFile(wheel).read("claudeflare/entry/claudeflare.py") == (ROOT / "addon/claudeflare.py").read_bytes()
     )
     port = free_port()
-    with open(tmp_path / "serve.log", "wb") as log:
-        serve = subprocess.Popen(
-            [str(venv / "bin" / "claudeflare"), "--home", str(tmp_path / "home"), "serve", "--workers", "1"]
-            + ["--listen-host", "127.0.0.1", "--listen-port", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=tmp_path,
-        )
-    try:
+    serve_args = [venv / "bin" / "claudeflare", "--home", tmp_path / "home", "serve", "--workers", 1]
+    with running([*serve_args, "--listen-host", "127.0.0.1", "--listen-port", port], tmp_path / "serve.log") as serve:
         wait_for_port(port, 60, alive=lambda: serve.poll() is None)
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/messages", data=b"{}", headers={"content-type": "application/json"}
@@ -168,10 +166,3 @@ def test_an_installed_wheel_serves_the_pool(wheel, venv, tmp_path):
             ).stdout
         )
         assert "Traceback" not in worker, worker
-    finally:
-        serve.terminate()
-        try:
-            serve.wait(30)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-            serve.wait()
