@@ -73,20 +73,25 @@ def start_fake(tmp: Path) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
+def headers(tokens: int, delay_ms: int = 0) -> dict:
+    """A streamed request's headers, for a reply of `tokens` paced at `delay_ms` each; a new
+    conversation each time, so none is pinned to an account."""
+    return {
+        "x-api-key": KEY,
+        "content-type": "application/json",
+        "anthropic-version": "2023-06-01",
+        "x-fake-tokens": str(tokens),
+        "x-fake-delay-ms": str(delay_ms),
+        "x-claude-code-session-id": str(uuid.uuid4()),
+    }
+
+
 async def one(session: aiohttp.ClientSession, url: str, tokens: int, delay_ms: int = 0) -> float:
     start = time.perf_counter()
     async with session.post(
         f"{url}/v1/messages",
         data=json.dumps(BODY),
-        headers={
-            "x-api-key": KEY,
-            "content-type": "application/json",
-            "anthropic-version": "2023-06-01",
-            "x-fake-tokens": str(tokens),
-            "x-fake-delay-ms": str(delay_ms),
-            # a new conversation each time, so none is pinned to an account
-            "x-claude-code-session-id": str(uuid.uuid4()),
-        },
+        headers=headers(tokens, delay_ms),
     ) as reply:
         assert reply.status == 200, await reply.text()
         first = None

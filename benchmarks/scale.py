@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from contextlib import closing
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
-from bench_proxy import BODY, KEY, start_fake  # noqa: E402  (main() is behind a __name__ guard)
+from bench_proxy import BODY, KEY, headers, start_fake  # noqa: E402  (main() is behind a __name__ guard)
 
 from harness import Serve, add_account  # noqa: E402
 
@@ -52,17 +51,6 @@ def pct(values: list[float], q: int) -> float:
     if not values:
         return float("nan")
     return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
-
-
-def headers(tokens: int, delay_ms: int = 0) -> dict:
-    return {
-        "x-api-key": KEY,
-        "content-type": "application/json",
-        "anthropic-version": "2023-06-01",
-        "x-fake-tokens": str(tokens),
-        "x-fake-delay-ms": str(delay_ms),
-        "x-claude-code-session-id": str(uuid.uuid4()),
-    }  # a new conversation each
 
 
 # --- the load generator (its own process: --generate SPEC, one JSON line out) ---
