@@ -310,3 +310,14 @@ class RedisServer:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+def raw_stream(url: str, model: str) -> requests.Response:
+    """A streamed /v1/messages request sent as raw HTTP (no SDK), its reply read whole."""
+    body = {"model": model, "max_tokens": 20, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    return requests.post(f"{url}/v1/messages", json=body, timeout=30)
+
+
+def sse_events(text: str) -> list[str]:
+    """The `event:` lines of an SSE body, in order."""
+    return [line for line in text.splitlines() if line.startswith("event: ")]

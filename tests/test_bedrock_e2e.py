@@ -15,7 +15,7 @@ from claudeflare.cli import cli
 from claudeflare.config import ensure_home
 
 from fake_bedrock import FakeBedrock
-from harness import CLAUDE_CODE_SYSTEM, add_account, db_rows
+from harness import CLAUDE_CODE_SYSTEM, add_account, db_rows, raw_stream, sse_events
 
 
 def add_bedrock(home, bedrock, priority=0):
@@ -39,20 +39,9 @@ def test_bedrock_serves_the_sdk_and_raw_streams_signed_with_sigv4(fake, home, st
             model="claude-haiku-4-5-20251001", max_tokens=20, messages=[{"role": "user", "content": "hi"}]
         ) as s:
             assert s.get_final_text() == "hello from bedrock"
-        with httpx.stream(
-            "POST",
-            f"{proxy.url}/v1/messages",
-            timeout=30,
-            json={
-                "model": "claude-sonnet-4-5",
-                "max_tokens": 20,
-                "stream": True,
-                "messages": [{"role": "user", "content": "hi"}],
-            },
-        ) as r:
-            text = r.read().decode()
+        r = raw_stream(proxy.url, "claude-sonnet-4-5")
         assert r.headers["content-type"] == "text/event-stream"
-        assert [line for line in text.splitlines() if line.startswith("event: ")] == [
+        assert sse_events(r.text) == [
             "event: message_start",
             "event: content_block_start",
             "event: content_block_delta",
@@ -61,7 +50,7 @@ def test_bedrock_serves_the_sdk_and_raw_streams_signed_with_sigv4(fake, home, st
             "event: message_delta",
             "event: message_stop",
         ]
-        assert "invocationMetrics" not in text
+        assert "invocationMetrics" not in r.text
 
         assert [(c["status"], c["model"], c["method"]) for c in bedrock.requests] == [
             (200, "anthropic.claude-sonnet-4-5-20250929-v1:0", "invoke"),

@@ -13,7 +13,7 @@ from claudeflare.credentials import Credential, CredentialStore
 from claudeflare.flowlog import account_status
 
 from fake_anthropic import FakeAnthropic
-from harness import CLAUDE_CODE_SYSTEM, add_account, db_rows, wait_until
+from harness import CLAUDE_CODE_SYSTEM, add_account, db_rows, raw_stream, sse_events, wait_until
 
 GLM_KEY = "glm-secret-key-0123456789"
 
@@ -44,18 +44,8 @@ def test_a_compatible_account_serves_mapped_models_with_its_own_key(fake, home, 
             model="claude-sonnet-4-5", max_tokens=20, messages=[{"role": "user", "content": "hi"}]
         )
         assert reply.model == "glm-4.6" and reply.usage.output_tokens > 0
-        with httpx.stream(
-            "POST",
-            f"{proxy.url}/v1/messages",
-            timeout=30,
-            json={
-                "model": "claude-haiku-4-5",
-                "max_tokens": 20,
-                "stream": True,
-                "messages": [{"role": "user", "content": "hi"}],
-            },
-        ) as r:
-            events = [line for line in r.iter_lines() if line.startswith("event: ")]
+        r = raw_stream(proxy.url, "claude-haiku-4-5")
+        events = sse_events(r.text)
         assert r.status_code == 200 and events[0] == "event: message_start" and events[-1] == "event: message_stop"
 
         seen = messages(other)

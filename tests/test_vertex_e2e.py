@@ -11,7 +11,7 @@ import httpx
 from claudeflare.config import ensure_home
 
 from fake_vertex import FakeVertex
-from harness import api_key_accounts, db_rows
+from harness import api_key_accounts, db_rows, raw_stream, sse_events
 
 
 def add_vertex(home, vertex, tmp_path, priority=0, adc=False):
@@ -42,18 +42,8 @@ def test_vertex_serves_the_sdk_and_raw_streams_with_a_google_token(fake, home, s
             model="claude-haiku-4-5-20251001", max_tokens=20, messages=[{"role": "user", "content": "hi"}]
         ) as s:
             assert s.get_final_text() == "hello from vertex"
-        with httpx.stream(
-            "POST",
-            f"{proxy.url}/v1/messages",
-            timeout=30,
-            json={
-                "model": "claude-opus-4-1",
-                "max_tokens": 20,
-                "stream": True,
-                "messages": [{"role": "user", "content": "hi"}],
-            },
-        ) as r:
-            events = [line for line in r.iter_lines() if line.startswith("event: ")]
+        r = raw_stream(proxy.url, "claude-opus-4-1")
+        events = sse_events(r.text)
         assert r.status_code == 200 and events[0] == "event: message_start" and events[-1] == "event: message_stop"
 
         assert [(c["region"], c["model"], c["method"]) for c in vertex.requests] == [
