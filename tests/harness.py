@@ -321,3 +321,19 @@ def raw_stream(url: str, model: str) -> requests.Response:
 def sse_events(text: str) -> list[str]:
     """The `event:` lines of an SSE body, in order."""
     return [line for line in text.splitlines() if line.startswith("event: ")]
+
+
+def claude_code_turn(proxy, stream=False, tokens=10, session=None, model="claude-sonnet-4-6") -> requests.Response:
+    """One turn of a Claude Code conversation (its system prompt; `session`: its session header),
+    for a reply of `tokens` tokens from the fake upstream."""
+    headers = {"x-fake-tokens": str(tokens)}
+    if session:
+        headers["x-claude-code-session-id"] = session
+    body = {
+        "model": model,
+        "max_tokens": 100,
+        "stream": stream,
+        "system": CLAUDE_CODE_SYSTEM,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    return requests.post(f"{proxy.url}/v1/messages", json=body, headers=headers, timeout=30)

@@ -5,12 +5,12 @@ import time
 from collections import Counter
 
 import anthropic
-import requests
 
 from claudeflare.clock import utc_now
 from claudeflare.flowlog import query_readonly
 
 from harness import CLAUDE_CODE_SYSTEM, add_account, db_rows, wait_until
+from harness import claude_code_turn as ask
 
 MODEL = "claude-sonnet-4-6"
 FAST_RETRY = ("--set", "claudeflare_retry_delay_ms=50", "--set", "claudeflare_retry_backoff=2")
@@ -21,20 +21,6 @@ def oauth_accounts(fake, home, *names, tier=5):
         access, refresh = f"sk-ant-oat01-{name}-access", f"sk-ant-ort01-{name}-refresh"
         fake.add_oauth(account=name, access_token=access, refresh_token=refresh, expires_in=7200)
         add_account(home, name, "max", tier, access_token=access, refresh_token=refresh, expires_at=time.time() + 7200)
-
-
-def ask(proxy, stream=False, tokens=10, session=None):
-    headers = {"x-fake-tokens": str(tokens)}
-    if session:
-        headers["x-claude-code-session-id"] = session
-    body = {
-        "model": MODEL,
-        "max_tokens": 100,
-        "stream": stream,
-        "system": CLAUDE_CODE_SYSTEM,
-        "messages": [{"role": "user", "content": "hi"}],
-    }
-    return requests.post(f"{proxy.url}/v1/messages", json=body, headers=headers, timeout=30)
 
 
 def upstream_seen(fake):

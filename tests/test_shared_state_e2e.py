@@ -12,7 +12,8 @@ from claudeflare import state
 from claudeflare.accounts import hash_client_key
 from claudeflare.credentials import CredentialStore
 
-from harness import CLAUDE_CODE_SYSTEM, USAGE_READS, RedisServer, add_account, api_key_accounts, db_rows, wait_until
+from harness import USAGE_READS, RedisServer, add_account, api_key_accounts, db_rows, wait_until
+from harness import claude_code_turn as ask
 
 MODEL = "claude-sonnet-4-6"
 SYNC = 1.0  # a few of the state thread's rounds (state.POLL): long enough for an event to cross
@@ -23,19 +24,6 @@ def redis_server(tmp_path):
     server = RedisServer(tmp_path).start()
     yield server
     server.stop()
-
-
-def ask(proxy, session=None, tokens=10):
-    headers = {"x-fake-tokens": str(tokens)}
-    if session:
-        headers["x-claude-code-session-id"] = session
-    body = {
-        "model": MODEL,
-        "max_tokens": 100,
-        "system": CLAUDE_CODE_SYSTEM,
-        "messages": [{"role": "user", "content": "hi"}],
-    }
-    return requests.post(f"{proxy.url}/v1/messages", json=body, headers=headers, timeout=30)
 
 
 def served_by(fake) -> list[tuple[str, int]]:
